@@ -1,0 +1,1 @@
+//! The gateway daemon: reads MQTT and serial sensors, pre-aggregates, buffers to disk, ships over QUIC.

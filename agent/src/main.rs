@@ -1,0 +1,13 @@
+//! `tributary-agent`: command-line entry point. The logic lives in the library.
+
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(name = "tributary-agent", version, about)]
+struct Cli {}
+
+fn main() -> anyhow::Result<()> {
+    let _cli = Cli::parse();
+    eprintln!("tributary-agent: not implemented yet; see the open issues");
+    std::process::exit(2);
+}

@@ -1,0 +1,1 @@
+//! The cloud side: QUIC ingest, durable log, window processor, store, query API.

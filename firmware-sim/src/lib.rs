@@ -1,0 +1,1 @@
+//! Simulated sensor fleets, fault injection and the ground-truth ledger.

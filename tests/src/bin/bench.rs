@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("bench: not implemented yet");
+    std::process::exit(2);
+}

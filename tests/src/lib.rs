@@ -1,0 +1,1 @@
+//! Shared helpers for Tributary's cross-process tests and the benchmark harness.

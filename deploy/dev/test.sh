@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with a Rust toolchain:
+#   1. installs the build dependencies (cmake, a C toolchain for librdkafka and zstd),
+#   2. installs and starts the real services on loopback (deploy/dev/services.sh up),
+#   3. runs every test of the workspace against them (with CI=true a missing service fails),
+#   4. stops the services again, also when a test fails.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$repo"
+
+log() { printf 'test.sh: %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "test.sh: cargo not found; install a Rust toolchain (https://rustup.rs) and run again" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in cmake pkg-config build-essential; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    log "installing build dependencies: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+started=$(date +%s)
+bash deploy/dev/services.sh up
+trap 'bash deploy/dev/services.sh down || true' EXIT
+# shellcheck disable=SC1091
+source "${TRIBUTARY_SERVICES_DIR:-$repo/.services}/env"
+log "services up in $(($(date +%s) - started))s"
+
+cargo fmt --all -- --check
+
+log "building the workspace and its tests"
+cargo test --workspace --locked --no-run
+
+# The service smoke tests first and uncaptured, so the log shows each service being used.
+log "service smoke tests"
+cargo test -p tributary-tests --locked --test 'services_*' -- --nocapture
+
+log "whole workspace"
+cargo test --workspace --locked
+log "all tests passed in $(($(date +%s) - started))s"

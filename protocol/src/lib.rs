@@ -10,7 +10,10 @@
 //! - [`frame`]: length-prefixed framing for untrusted byte streams, with hard limits.
 //! - [`session`]: the messages exchanged over a QUIC connection (hello, welcome, batch, ack, nack).
 
+pub mod frame;
 pub mod model;
+pub mod session;
+pub mod sketch;
 pub mod summary;
 
 pub use model::{Reading, SeriesDef, SeriesId, SeriesKey, WindowSummary};

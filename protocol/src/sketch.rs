@@ -1,0 +1,534 @@
+//! A mergeable quantile sketch (DDSketch) at 1% relative accuracy, written by hand.
+//!
+//! Why a sketch: dashboards want p50/p99 of a series over any time range, and the
+//! answer must be computable from the per-window summaries the agents ship, without the
+//! raw readings. DDSketch gives relative-error guarantees and merges by adding bucket
+//! counts, so merging is exact, associative and commutative.
+//!
+//! How it works: a value `v > 0` falls into bucket `i` when `L(v) * 35` lies in
+//! `(i - 1, i]`, where `L` approximates `log2` (the cubic interpolation of the exponent
+//! and mantissa bits used by DDSketch's `CubicallyInterpolatedMapping`). Between two
+//! bucket boundaries `ln v` grows by at most `0.7 / 35 = 0.02`, so the harmonic mean of a
+//! bucket's bounds is within 0.99997% of every value in it. The mapping uses only IEEE
+//! addition and multiplication (no `libm` logarithm), so it is fast (a few ns) and an
+//! ARM agent and an x86 collector put every value in exactly the same bucket.
+//!
+//! Negative values go to a second store indexed by their magnitude; zeros (and
+//! magnitudes below `f64::MIN_POSITIVE`, the subnormals) are counted apart.
+//!
+//! Memory bound: each store covers at most [`MAX_BUCKETS_PER_STORE`] consecutive bucket
+//! indices (a dense `Vec<u64>`), so a sketch never holds more than
+//! `2 * 2048 * 8 B = 32 KiB` of counts, whatever it is fed. When a store would span more,
+//! its lowest buckets (the magnitudes closest to zero) are collapsed into the lowest
+//! bucket it keeps. 2048 buckets span a factor of `e^(0.02 * 2047)`, about 6e17, so the
+//! accuracy guarantee holds for every magnitude within a factor 6e17 of the largest one;
+//! real sensor data spans far less and a 10 s window usually touches a handful of buckets.
+//! Collapsing depends only on the multiset of bucket indices (every index below
+//! `highest - 2047` ends in bucket `highest - 2047`), so merge stays associative and
+//! commutative even when it collapses.
+//!
+//! Wire form: each store is `(first_index, [(gap, count), ..])` over its non-empty
+//! buckets only, so a window with a few distinct values costs a few bytes in postcard.
+
+use serde::de::Error as _;
+use serde::ser::{SerializeSeq, SerializeTuple};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The relative accuracy every quantile answer is guaranteed within (for values in the
+/// non-collapsed range, see the module docs). The mapping actually achieves 0.99997%.
+pub const RELATIVE_ACCURACY: f64 = 0.01;
+
+/// The most consecutive bucket indices one store (positive or negative) spans.
+pub const MAX_BUCKETS_PER_STORE: usize = 2048;
+
+/// Buckets per unit of the approximate `log2`. `0.7 / ln((1 + 0.01) / (1 - 0.01))` is
+/// 34.9988; rounding up to 35 narrows the buckets a hair and keeps the bound.
+const INDEX_MULTIPLIER: f64 = 35.0;
+
+// Coefficients of the cubic `P(s) = A s^3 + B s^2 + C s`, with `P(0) = 0`, `P(1) = 1`,
+// strictly increasing on [0, 1]; `log2(1 + s)` is approximated by `P(s)`.
+const CUBIC_A: f64 = 6.0 / 35.0;
+const CUBIC_B: f64 = -3.0 / 5.0;
+const CUBIC_C: f64 = 10.0 / 7.0;
+
+/// Why a sketch read from the wire was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SketchError {
+    #[error(
+        "sketch bucket store spans {span_buckets} bucket indices, more than the limit of \
+         {max_buckets}; the sender is not a conforming Tributary encoder"
+    )]
+    TooManyBuckets { span_buckets: u64, max_buckets: usize },
+    #[error(
+        "sketch bucket {position} has an invalid gap {gap} (the first gap must be 0 and \
+         later gaps at least 1); the encoding is corrupt"
+    )]
+    InvalidGap { position: usize, gap: u32 },
+    #[error("sketch bucket {position} has a zero count; empty buckets are never encoded")]
+    ZeroCount { position: usize },
+    #[error("sketch bucket index overflows i32 at bucket {position}; the encoding is corrupt")]
+    IndexOverflow { position: usize },
+}
+
+/// Approximate `log2(value)` for a positive normal `value`, from its bits.
+#[inline]
+fn approximate_log2(value: f64) -> f64 {
+    let bits = value.to_bits();
+    let exponent = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    let mantissa_fraction = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000) - 1.0;
+    ((CUBIC_A * mantissa_fraction + CUBIC_B) * mantissa_fraction + CUBIC_C) * mantissa_fraction
+        + exponent as f64
+}
+
+/// `2^exponent` for exponents in `[-1074 + 64, 1023]`, exactly.
+fn power_of_two(exponent: i64) -> f64 {
+    if exponent > 1023 {
+        f64::INFINITY
+    } else if exponent >= -1022 {
+        f64::from_bits(((exponent + 1023) as u64) << 52)
+    } else {
+        // Subnormal result: scale up into the normal range, then down by 2^-64.
+        power_of_two(exponent + 64) * f64::from_bits(((1023 - 64) as u64) << 52)
+    }
+}
+
+/// The inverse of [`approximate_log2`]: `(exponent, 1 + s)` with `value = 2^exponent * (1 + s)`.
+fn inverse_approximate_log2(log: f64) -> (i64, f64) {
+    let exponent = log.floor();
+    let target = log - exponent;
+    // P is smooth with 0.74 <= P' <= 1.43 on [0, 1]: Newton converges in a few steps.
+    let mut s = target;
+    for _ in 0..8 {
+        let value = ((CUBIC_A * s + CUBIC_B) * s + CUBIC_C) * s - target;
+        let slope = (3.0 * CUBIC_A * s + 2.0 * CUBIC_B) * s + CUBIC_C;
+        s = (s - value / slope).clamp(0.0, 1.0);
+    }
+    (exponent as i64, 1.0 + s)
+}
+
+/// The bucket index of a positive normal magnitude.
+#[inline]
+fn bucket_index(magnitude: f64) -> i32 {
+    // Saturating float-to-int cast: cannot panic; finite normals give |index| < 36000.
+    (approximate_log2(magnitude) * INDEX_MULTIPLIER).ceil() as i32
+}
+
+/// The value reported for bucket `index`: the harmonic mean of its bounds, which is
+/// within the relative accuracy of both bounds.
+fn bucket_value(index: i32) -> f64 {
+    let (lower_exponent, lower_significand) =
+        inverse_approximate_log2((index as f64 - 1.0) / INDEX_MULTIPLIER);
+    let (upper_exponent, upper_significand) = inverse_approximate_log2(index as f64 / INDEX_MULTIPLIER);
+    let ratio = power_of_two(upper_exponent - lower_exponent) * upper_significand / lower_significand;
+    let value = power_of_two(lower_exponent) * lower_significand * (2.0 * ratio / (1.0 + ratio));
+    value.min(f64::MAX)
+}
+
+/// Counts of consecutive bucket indices `[offset, offset + counts.len())`.
+///
+/// Invariant: empty, or the first and last counts are non-zero (so derived equality is
+/// equality of the represented multiset) and `counts.len() <= MAX_BUCKETS_PER_STORE`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct BucketStore {
+    offset: i32,
+    counts: Vec<u64>,
+}
+
+impl BucketStore {
+    fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.iter().fold(0u64, |sum, count| sum.saturating_add(*count))
+    }
+
+    fn highest_index(&self) -> i64 {
+        self.offset as i64 + self.counts.len() as i64 - 1
+    }
+
+    #[inline]
+    fn add(&mut self, index: i32, count: u64) {
+        if count == 0 {
+            return;
+        }
+        let position = index as i64 - self.offset as i64;
+        if position >= 0 {
+            if let Some(slot) = self.counts.get_mut(position as usize) {
+                *slot = slot.saturating_add(count);
+                return;
+            }
+        }
+        self.add_slow(index as i64, index as i64, |counts, lowest| {
+            let position = (index as i64).max(lowest) - lowest;
+            if let Some(slot) = counts.get_mut(position as usize) {
+                *slot = slot.saturating_add(count);
+            }
+        });
+    }
+
+    fn merge(&mut self, other: &BucketStore) {
+        if other.is_empty() {
+            return;
+        }
+        let other_lowest = other.offset as i64;
+        let other_highest = other.highest_index();
+        self.add_slow(other_lowest, other_highest, |counts, lowest| {
+            for (position, count) in other.counts.iter().enumerate() {
+                let index = (other_lowest + position as i64).max(lowest);
+                if let Some(slot) = counts.get_mut((index - lowest) as usize) {
+                    *slot = slot.saturating_add(*count);
+                }
+            }
+        });
+    }
+
+    /// Widens the store to cover `[new_lowest, new_highest]` (collapsing whatever falls
+    /// below the kept range into its lowest bucket), then lets `fill` add counts into the
+    /// resized dense vector, given the index of its first slot.
+    fn add_slow(&mut self, new_lowest: i64, new_highest: i64, fill: impl FnOnce(&mut Vec<u64>, i64)) {
+        let (lowest, highest) = if self.is_empty() {
+            (new_lowest, new_highest)
+        } else {
+            (new_lowest.min(self.offset as i64), new_highest.max(self.highest_index()))
+        };
+        let lowest = lowest.max(highest - MAX_BUCKETS_PER_STORE as i64 + 1);
+        let length = (highest - lowest + 1) as usize;
+        if self.is_empty() {
+            self.counts = vec![0; length];
+        } else {
+            let old_offset = self.offset as i64;
+            let old_highest = self.highest_index();
+            // Collapse the old counts that fall below the new lowest index.
+            let collapsed: u64 = if old_offset < lowest {
+                let cut = ((lowest - old_offset) as usize).min(self.counts.len());
+                let sum = self.counts.drain(..cut).fold(0u64, |sum, count| sum.saturating_add(count));
+                sum
+            } else {
+                0
+            };
+            let kept_lowest = old_offset.max(lowest);
+            let leading_zeros = (kept_lowest - lowest).max(0) as usize;
+            if leading_zeros > 0 {
+                self.counts.splice(0..0, std::iter::repeat_n(0, leading_zeros));
+            }
+            let trailing_zeros = (highest - old_highest.max(lowest - 1)).max(0) as usize;
+            let target_length = self.counts.len() + trailing_zeros;
+            self.counts.resize(target_length, 0);
+            if let Some(first) = self.counts.first_mut() {
+                *first = first.saturating_add(collapsed);
+            }
+            debug_assert_eq!(self.counts.len(), length);
+        }
+        self.offset = lowest as i32;
+        fill(&mut self.counts, lowest);
+    }
+
+    /// Non-empty buckets as `(index, count)`, lowest index first.
+    fn buckets(&self) -> impl DoubleEndedIterator<Item = (i32, u64)> + '_ {
+        let offset = self.offset;
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, count)| **count > 0)
+            .map(move |(position, count)| (offset.wrapping_add(position as i32), *count))
+    }
+}
+
+/// Sparse wire form of a store: the first non-empty index, then `(gap, count)` pairs.
+struct SparseBuckets<'a>(&'a BucketStore);
+
+impl Serialize for SparseBuckets<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let non_empty = self.0.counts.iter().filter(|count| **count > 0).count();
+        let mut sequence = serializer.serialize_seq(Some(non_empty))?;
+        let mut previous = self.0.offset;
+        for (index, count) in self.0.buckets() {
+            let gap = index.wrapping_sub(previous) as u32;
+            previous = index;
+            sequence.serialize_element(&(gap, count))?;
+        }
+        sequence.end()
+    }
+}
+
+impl Serialize for BucketStore {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut tuple = serializer.serialize_tuple(2)?;
+        tuple.serialize_element(&self.offset)?;
+        tuple.serialize_element(&SparseBuckets(self))?;
+        tuple.end()
+    }
+}
+
+impl BucketStore {
+    fn from_sparse(first_index: i32, buckets: &[(u32, u64)]) -> Result<Self, SketchError> {
+        if buckets.is_empty() {
+            return Ok(BucketStore::default());
+        }
+        // Validate gaps and the span before allocating the dense vector.
+        let mut index = first_index as i64;
+        for (position, (gap, count)) in buckets.iter().enumerate() {
+            if (position == 0) != (*gap == 0) {
+                return Err(SketchError::InvalidGap { position, gap: *gap });
+            }
+            if *count == 0 {
+                return Err(SketchError::ZeroCount { position });
+            }
+            index += *gap as i64;
+            if index > i32::MAX as i64 {
+                return Err(SketchError::IndexOverflow { position });
+            }
+            let span = index - first_index as i64 + 1;
+            if span > MAX_BUCKETS_PER_STORE as i64 {
+                return Err(SketchError::TooManyBuckets {
+                    span_buckets: span as u64,
+                    max_buckets: MAX_BUCKETS_PER_STORE,
+                });
+            }
+        }
+        let span = (index - first_index as i64 + 1) as usize;
+        let mut counts = vec![0u64; span];
+        let mut position_in_store = 0usize;
+        for (gap, count) in buckets {
+            position_in_store += *gap as usize;
+            if let Some(slot) = counts.get_mut(position_in_store) {
+                *slot = *count;
+            }
+        }
+        Ok(BucketStore { offset: first_index, counts })
+    }
+}
+
+impl<'de> Deserialize<'de> for BucketStore {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // The pairs vector is bounded by the input (every pair is at least two bytes),
+        // and the dense vector is only allocated after the span check.
+        let (first_index, buckets): (i32, Vec<(u32, u64)>) = Deserialize::deserialize(deserializer)?;
+        if buckets.len() > MAX_BUCKETS_PER_STORE {
+            return Err(D::Error::custom(SketchError::TooManyBuckets {
+                span_buckets: buckets.len() as u64,
+                max_buckets: MAX_BUCKETS_PER_STORE,
+            }));
+        }
+        BucketStore::from_sparse(first_index, &buckets).map_err(D::Error::custom)
+    }
+}
+
+/// A DDSketch at 1% relative accuracy with bounded memory (see the module docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sketch {
+    zero_count: u64,
+    positive: BucketStore,
+    negative: BucketStore,
+}
+
+impl Sketch {
+    /// An empty sketch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A sketch holding one value.
+    pub fn from_value(value: f64) -> Self {
+        let mut sketch = Self::new();
+        sketch.add(value);
+        sketch
+    }
+
+    /// Adds one value. Non-finite values are not representable and are ignored
+    /// (returns false); callers reject them earlier, see [`crate::summary::check_value`].
+    #[inline]
+    pub fn add(&mut self, value: f64) -> bool {
+        self.add_count(value, 1)
+    }
+
+    /// Adds `count` occurrences of `value`; returns false (and adds nothing) for a
+    /// non-finite value.
+    #[inline]
+    pub fn add_count(&mut self, value: f64, count: u64) -> bool {
+        if !value.is_finite() {
+            return false;
+        }
+        let magnitude = value.abs();
+        if magnitude < f64::MIN_POSITIVE {
+            self.zero_count = self.zero_count.saturating_add(count);
+        } else if value > 0.0 {
+            self.positive.add(bucket_index(magnitude), count);
+        } else {
+            self.negative.add(bucket_index(magnitude), count);
+        }
+        true
+    }
+
+    /// Adds every count of `other` into `self`.
+    pub fn merge(&mut self, other: &Sketch) {
+        self.zero_count = self.zero_count.saturating_add(other.zero_count);
+        self.positive.merge(&other.positive);
+        self.negative.merge(&other.negative);
+    }
+
+    /// How many values the sketch holds.
+    pub fn count(&self) -> u64 {
+        self.zero_count.saturating_add(self.positive.total()).saturating_add(self.negative.total())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.zero_count == 0 && self.positive.is_empty() && self.negative.is_empty()
+    }
+
+    /// The value at quantile `q` in `[0, 1]`: an estimate of the element of rank
+    /// `floor(q * (count - 1))` (0-based) in sorted order, within [`RELATIVE_ACCURACY`].
+    /// `None` when the sketch is empty or `q` is outside `[0, 1]` (or NaN).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if !(0.0..=1.0).contains(&q) {
+            return None;
+        }
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * (total - 1) as f64).floor() as u64;
+        // Most negative values first: the negative store from its highest magnitude down.
+        let mut seen = 0u64;
+        for (index, count) in self.negative.buckets().rev() {
+            seen = seen.saturating_add(count);
+            if seen > rank {
+                return Some(-bucket_value(index));
+            }
+        }
+        seen = seen.saturating_add(self.zero_count);
+        if seen > rank {
+            return Some(0.0);
+        }
+        for (index, count) in self.positive.buckets() {
+            seen = seen.saturating_add(count);
+            if seen > rank {
+                return Some(bucket_value(index));
+            }
+        }
+        // Only reachable if counts saturated: answer with the largest value.
+        self.positive
+            .buckets()
+            .next_back()
+            .map(|(index, _)| bucket_value(index))
+            .or(if self.zero_count > 0 { Some(0.0) } else { None })
+            .or_else(|| self.negative.buckets().next().map(|(index, _)| -bucket_value(index)))
+    }
+
+    /// Number of non-empty buckets, for size accounting and tests.
+    pub fn bucket_count(&self) -> usize {
+        self.positive.buckets().count() + self.negative.buckets().count()
+    }
+
+    /// Non-empty buckets of the positive and negative stores as `(index, count)`, lowest
+    /// index first: for tests and debugging.
+    pub fn positive_buckets(&self) -> Vec<(i32, u64)> {
+        self.positive.buckets().collect()
+    }
+
+    pub fn negative_buckets(&self) -> Vec<(i32, u64)> {
+        self.negative.buckets().collect()
+    }
+
+    pub fn zero_count(&self) -> u64 {
+        self.zero_count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multiplier_keeps_the_accuracy_bound() {
+        let gamma = (1.0 + RELATIVE_ACCURACY) / (1.0 - RELATIVE_ACCURACY);
+        let exact = 0.7 / gamma.ln();
+        assert!(INDEX_MULTIPLIER >= exact && INDEX_MULTIPLIER - exact < 0.01);
+    }
+
+    #[test]
+    fn approximate_log2_is_exact_at_powers_of_two_and_monotone() {
+        for exponent in -1022..=1023 {
+            assert_eq!(approximate_log2(power_of_two(exponent)), exponent as f64);
+        }
+        let mut previous = f64::NEG_INFINITY;
+        let mut value = 1e-300;
+        while value < 1e300 {
+            let log = approximate_log2(value);
+            assert!(log >= previous, "not monotone at {value}");
+            previous = log;
+            value *= 1.001;
+        }
+    }
+
+    #[test]
+    fn every_bucket_value_is_within_accuracy_of_its_bounds() {
+        for index in (-35700..35800).step_by(7) {
+            let (lower_exponent, lower) = inverse_approximate_log2((index as f64 - 1.0) / INDEX_MULTIPLIER);
+            let (upper_exponent, upper) = inverse_approximate_log2(index as f64 / INDEX_MULTIPLIER);
+            let lower = power_of_two(lower_exponent) * lower;
+            let upper = power_of_two(upper_exponent) * upper;
+            let value = bucket_value(index);
+            for bound in [lower, upper] {
+                let error = (value - bound).abs() / bound;
+                assert!(error <= RELATIVE_ACCURACY + 1e-12, "bucket {index}: {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn values_land_in_a_bucket_whose_value_is_close() {
+        let mut value = f64::MIN_POSITIVE;
+        while value < 1e307 {
+            let estimate = bucket_value(bucket_index(value));
+            let error = (estimate - value).abs() / value;
+            assert!(error <= RELATIVE_ACCURACY + 1e-12, "{value}: {estimate} ({error})");
+            value *= 1.0173;
+        }
+        assert!(bucket_value(bucket_index(f64::MAX)).is_finite());
+    }
+
+    #[test]
+    fn collapsing_bounds_memory_and_keeps_high_quantiles() {
+        let mut sketch = Sketch::new();
+        let mut value = 1e-300;
+        while value < 1e300 {
+            sketch.add(value);
+            sketch.add(-value);
+            value *= 1.01;
+        }
+        assert!(sketch.positive.counts.len() <= MAX_BUCKETS_PER_STORE);
+        assert!(sketch.negative.counts.len() <= MAX_BUCKETS_PER_STORE);
+        let top = sketch.quantile(1.0).unwrap();
+        assert!((top - 1e300).abs() / 1e300 < 0.03, "{top}");
+    }
+
+    #[test]
+    fn sparse_encoding_is_small_and_round_trips() {
+        let mut sketch = Sketch::new();
+        for value in [21.5, 21.5, 21.51, 21.6, 21.5, 0.0, -3.0] {
+            sketch.add(value);
+        }
+        let bytes = postcard::to_allocvec(&sketch).unwrap();
+        assert!(bytes.len() <= 16, "{} bytes", bytes.len());
+        let decoded: Sketch = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(decoded, sketch);
+    }
+
+    #[test]
+    fn decoding_rejects_wide_or_corrupt_stores() {
+        let wide = (0u64, (0i32, vec![(0u32, 1u64), (5000, 1)]), (0i32, Vec::<(u32, u64)>::new()));
+        let bytes = postcard::to_allocvec(&wide).unwrap();
+        assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
+        let zero_gap = (0u64, (0i32, vec![(0u32, 1u64), (0, 1)]), (0i32, Vec::<(u32, u64)>::new()));
+        let bytes = postcard::to_allocvec(&zero_gap).unwrap();
+        assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
+        let zero_count = (0u64, (0i32, vec![(0u32, 0u64)]), (0i32, Vec::<(u32, u64)>::new()));
+        let bytes = postcard::to_allocvec(&zero_count).unwrap();
+        assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
+        let overflow = (0u64, (i32::MAX, vec![(0u32, 1u64), (1, 1)]), (0i32, Vec::<(u32, u64)>::new()));
+        let bytes = postcard::to_allocvec(&overflow).unwrap();
+        assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
+    }
+}

@@ -118,6 +118,8 @@ missing_debian_packages() {
     command -v curl >/dev/null || wanted+=(curl)
     command -v mvn >/dev/null || wanted+=(maven)
     if ! command -v javac >/dev/null || ! java_is_17_or_newer; then wanted+=(openjdk-17-jdk-headless); fi
+    # What the workspace needs to compile (rdkafka's bundled librdkafka), in the same apt call.
+    mapfile -t -O "${#wanted[@]}" wanted < <("$SCRIPT_DIR/build-deps.sh" --missing)
     for package in "${wanted[@]}"; do echo "$package"; done
 }
 

@@ -1,1 +1,3 @@
 //! The cloud side: QUIC ingest, durable log, window processor, store, query API.
+
+pub mod log;

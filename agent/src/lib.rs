@@ -1,1 +1,2 @@
 //! The gateway daemon: reads MQTT and serial sensors, pre-aggregates, buffers to disk, ships over QUIC.
+pub mod buffer;

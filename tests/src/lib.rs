@@ -1,1 +1,3 @@
 //! Shared helpers for Tributary's cross-process tests and the benchmark harness.
+
+pub mod services;

@@ -1,2 +1,4 @@
 //! The gateway daemon: reads MQTT and serial sensors, pre-aggregates, buffers to disk, ships over QUIC.
 pub mod buffer;
+pub mod config;
+pub mod source;

@@ -1,0 +1,230 @@
+//! Topic templates: how an MQTT topic names the device, the metric and tags.
+//!
+//! Sensors put identity in the topic (`site/berlin/dev/dev-7/temp`). A template such as
+//! `site/{site}/dev/{device}/{metric}` is compiled once into a matcher; every incoming topic is
+//! then matched level by level without allocating. The same template derives the MQTT
+//! subscription filter (`site/+/dev/+/+`), so users write the shape once.
+//!
+//! Rules:
+//! - A level is a literal (matched exactly), a placeholder `{name}` filling the whole level,
+//!   `+` or `{_}` (any single level, ignored), or `#` as the last level (any number of remaining
+//!   levels, ignored).
+//! - `{device}` is required: every reading must belong to a device. `{metric}` is optional; without
+//!   it the metric comes from the payload (JSON field names, SenML names, line-protocol fields).
+//!   Any other placeholder name becomes a tag.
+//! - Placeholders do not match empty levels (an empty device id is not an id), and, as in MQTT,
+//!   wildcard-like first levels do not match topics starting with `$` (broker-internal topics).
+
+use thiserror::Error;
+
+/// A template that does not compile, with what to change.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TemplateError {
+    #[error("topic template is empty; write one like `site/{{site}}/dev/{{device}}/{{metric}}`")]
+    Empty,
+    #[error("topic template `{template}`: level {level_number} `{level}` mixes a placeholder or wildcard with other text; a placeholder, `+` or `#` must fill a whole level")]
+    PartialLevel { template: String, level_number: usize, level: String },
+    #[error("topic template `{template}`: placeholder `{{{name}}}` has an invalid name; use letters, digits and `_`")]
+    BadPlaceholderName { template: String, name: String },
+    #[error("topic template `{template}`: placeholder `{{{name}}}` appears twice; each name may be used once")]
+    DuplicatePlaceholder { template: String, name: String },
+    #[error("topic template `{template}`: `#` may only be the last level")]
+    HashNotLast { template: String },
+    #[error("topic template `{template}` has no `{{device}}` placeholder; every reading needs a device id from the topic")]
+    MissingDevice { template: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Level {
+    Literal(String),
+    Device,
+    Metric,
+    Tag(String),
+    AnyOne,
+}
+
+/// A compiled topic template. See the module documentation for the syntax.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    template: String,
+    levels: Vec<Level>,
+    any_tail: bool,
+    subscription_filter: String,
+}
+
+/// What a topic said about a reading. Borrows from the template (tag names) and the topic (values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFields<'a> {
+    pub device_id: &'a str,
+    pub metric: Option<&'a str>,
+    /// Tag (name, value) pairs in template order.
+    pub tags: Vec<(&'a str, &'a str)>,
+}
+
+impl TopicTemplate {
+    pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        if template.is_empty() {
+            return Err(TemplateError::Empty);
+        }
+        let raw_levels: Vec<&str> = template.split('/').collect();
+        let mut levels = Vec::with_capacity(raw_levels.len());
+        let mut any_tail = false;
+        let mut seen_names: Vec<&str> = Vec::new();
+        let mut filter_levels: Vec<&str> = Vec::with_capacity(raw_levels.len());
+        for (index, raw) in raw_levels.iter().enumerate() {
+            let is_last = index + 1 == raw_levels.len();
+            if *raw == "#" {
+                if !is_last {
+                    return Err(TemplateError::HashNotLast { template: template.to_owned() });
+                }
+                any_tail = true;
+                filter_levels.push("#");
+                continue;
+            }
+            if *raw == "+" {
+                levels.push(Level::AnyOne);
+                filter_levels.push("+");
+                continue;
+            }
+            let level = if let Some(name) = raw.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')) {
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(TemplateError::BadPlaceholderName {
+                        template: template.to_owned(),
+                        name: name.to_owned(),
+                    });
+                }
+                if name != "_" {
+                    if seen_names.contains(&name) {
+                        return Err(TemplateError::DuplicatePlaceholder {
+                            template: template.to_owned(),
+                            name: name.to_owned(),
+                        });
+                    }
+                    seen_names.push(name);
+                }
+                filter_levels.push("+");
+                match name {
+                    "_" => Level::AnyOne,
+                    "device" => Level::Device,
+                    "metric" => Level::Metric,
+                    other => Level::Tag(other.to_owned()),
+                }
+            } else {
+                if raw.contains(['{', '}', '+', '#']) {
+                    return Err(TemplateError::PartialLevel {
+                        template: template.to_owned(),
+                        level_number: index + 1,
+                        level: (*raw).to_owned(),
+                    });
+                }
+                filter_levels.push(raw);
+                Level::Literal((*raw).to_owned())
+            };
+            levels.push(level);
+        }
+        if !levels.contains(&Level::Device) {
+            return Err(TemplateError::MissingDevice { template: template.to_owned() });
+        }
+        Ok(Self {
+            template: template.to_owned(),
+            levels,
+            any_tail,
+            subscription_filter: filter_levels.join("/"),
+        })
+    }
+
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.template
+    }
+
+    /// The MQTT subscription filter that receives every topic this template can match.
+    pub fn subscription_filter(&self) -> &str {
+        &self.subscription_filter
+    }
+
+    /// Whether the topic names the metric (otherwise the payload must).
+    pub fn has_metric(&self) -> bool {
+        self.levels.contains(&Level::Metric)
+    }
+
+    /// Matches a topic; `None` if the topic does not have this template's shape.
+    pub fn match_topic<'a>(&'a self, topic: &'a str) -> Option<TopicFields<'a>> {
+        let mut topic_levels = topic.split('/');
+        let mut device_id = None;
+        let mut metric = None;
+        let mut tags = Vec::new();
+        for (index, level) in self.levels.iter().enumerate() {
+            let value = topic_levels.next()?;
+            if index == 0 && value.starts_with('$') && !matches!(level, Level::Literal(_)) {
+                return None;
+            }
+            match level {
+                Level::Literal(literal) => {
+                    if literal != value {
+                        return None;
+                    }
+                }
+                Level::AnyOne => {}
+                Level::Device | Level::Metric | Level::Tag(_) if value.is_empty() => return None,
+                Level::Device => device_id = Some(value),
+                Level::Metric => metric = Some(value),
+                Level::Tag(name) => tags.push((name.as_str(), value)),
+            }
+        }
+        if self.any_tail {
+            // `a/#` also matches `a` itself in MQTT; the tail is ignored either way.
+            if self.levels.is_empty() && topic.starts_with('$') {
+                return None;
+            }
+        } else if topic_levels.next().is_some() {
+            return None;
+        }
+        Some(TopicFields { device_id: device_id?, metric, tags })
+    }
+}
+
+impl std::fmt::Display for TopicTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.template)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_levels_and_derives_filter() {
+        let template = TopicTemplate::parse("site/{site}/dev/{device}/{metric}").unwrap();
+        assert_eq!(template.subscription_filter(), "site/+/dev/+/+");
+        let fields = template.match_topic("site/berlin/dev/dev-7/temp").unwrap();
+        assert_eq!(fields.device_id, "dev-7");
+        assert_eq!(fields.metric, Some("temp"));
+        assert_eq!(fields.tags, vec![("site", "berlin")]);
+        assert!(template.match_topic("site/berlin/dev/dev-7").is_none());
+        assert!(template.match_topic("site/berlin/dev/dev-7/temp/x").is_none());
+        assert!(template.match_topic("site/berlin/device/dev-7/temp").is_none());
+        assert!(template.match_topic("site/berlin/dev//temp").is_none());
+    }
+
+    #[test]
+    fn wildcards_and_tail() {
+        let template = TopicTemplate::parse("+/sensors/{device}/#").unwrap();
+        assert_eq!(template.subscription_filter(), "+/sensors/+/#");
+        assert!(!template.has_metric());
+        assert_eq!(template.match_topic("x/sensors/d1/a/b").unwrap().device_id, "d1");
+        assert_eq!(template.match_topic("x/sensors/d1").unwrap().device_id, "d1");
+        assert!(template.match_topic("$SYS/sensors/d1").is_none());
+    }
+
+    #[test]
+    fn rejects_bad_templates() {
+        assert_eq!(TopicTemplate::parse(""), Err(TemplateError::Empty));
+        assert!(matches!(TopicTemplate::parse("a/{device}x"), Err(TemplateError::PartialLevel { level_number: 2, .. })));
+        assert!(matches!(TopicTemplate::parse("a/#/{device}"), Err(TemplateError::HashNotLast { .. })));
+        assert!(matches!(TopicTemplate::parse("a/{device}/{device}"), Err(TemplateError::DuplicatePlaceholder { .. })));
+        assert!(matches!(TopicTemplate::parse("a/{metric}"), Err(TemplateError::MissingDevice { .. })));
+        assert!(matches!(TopicTemplate::parse("a/{dev ice}"), Err(TemplateError::BadPlaceholderName { .. })));
+    }
+}

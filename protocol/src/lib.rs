@@ -10,11 +10,13 @@
 //! - [`frame`]: length-prefixed framing for untrusted byte streams, with hard limits.
 //! - [`session`]: the messages exchanged over a QUIC connection (hello, welcome, batch, ack, nack).
 
+pub mod batch;
 pub mod frame;
 pub mod model;
 pub mod session;
 pub mod sketch;
 pub mod summary;
 
+pub use batch::{decode_batch, encode_batch, Batch, BatchError, BatchLimits};
 pub use model::{Reading, SeriesDef, SeriesId, SeriesKey, WindowSummary};
 pub use summary::Summary;

@@ -1,0 +1,1033 @@
+//! The window engine: event-time tumbling rollups with per-agent watermarks, allowed
+//! lateness, early (running) emission, exact dedup and a checkpoint.
+//!
+//! Why it looks like this:
+//! - Sans-IO: the engine is fed decoded batches and a `now_ms`, and appends results to
+//!   an [`EngineOutput`]. `now_ms` should be the log append time of the record being
+//!   processed (and the wall clock only when the consumer has caught up with the log):
+//!   then every decision (lateness, idle flush, gap timeout, emission ticks) is a function
+//!   of the log, and a replay from a checkpoint reproduces the same output.
+//! - Windows belong to the agent that sent their data: window state is keyed by (agent,
+//!   series, resolution, window start) and closed by that agent's watermark only, so a
+//!   silent agent holds back nothing but its own windows. A series is expected to come
+//!   from one agent (its device's gateway); data for one series from two agents makes two
+//!   windows with the same storage key, which the `series_shared_between_agents` counter
+//!   reports.
+//! - A batch is judged as a whole against the watermark as it was before the batch, then
+//!   the watermark moves: the order of items inside a batch never matters.
+//! - Versions: a result's `version` is the number of readings merged into the window so
+//!   far, with [`FINAL_VERSION_BIT`] set on the final emission. Storage keeps the highest
+//!   version, so however a crash and replay interleave emissions, a fuller result is never
+//!   replaced by an emptier one, and the final result always wins.
+//! - Hot path: one hash lookup per item and resolution in a map keyed by small integers
+//!   with a fast hasher (skipped when consecutive items hit the same window, as sorted
+//!   batches do), summaries updated in place in a slab; no allocation per reading.
+
+use std::collections::{BTreeMap, HashMap};
+use std::mem::size_of;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tributary_protocol::{Batch, SeriesKey, Summary};
+
+use super::config::{EngineConfig, RollupSource};
+use super::hash::FastHashMap;
+use super::sequence::{SequenceEffects, SequenceTracker};
+use super::ProcessError;
+
+/// Set in [`WindowResult::version`] on a window's final emission.
+pub const FINAL_VERSION_BIT: u64 = 1 << 63;
+
+/// One emission of one rollup window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowResult {
+    pub agent_id: Arc<str>,
+    pub series: Arc<SeriesKey>,
+    pub resolution_ms: i64,
+    pub window_start_ms: i64,
+    pub summary: Summary,
+    /// Readings merged so far; [`FINAL_VERSION_BIT`] set when `is_final`.
+    pub version: u64,
+    /// No later emission of this window will follow.
+    pub is_final: bool,
+}
+
+/// What a refused item was.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LateItem {
+    Reading { time_ms: i64, value: f64 },
+    Summary { window_start_ms: i64, window_ms: u32, summary: Summary },
+}
+
+impl LateItem {
+    /// How many readings the item stands for.
+    pub fn readings_worth(&self) -> u64 {
+        match self {
+            LateItem::Reading { .. } => 1,
+            LateItem::Summary { summary, .. } => summary.count,
+        }
+    }
+}
+
+/// Why an item did not go into a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LateReason {
+    /// Its window had already closed (watermark past end plus allowed lateness, or the
+    /// agent's windows were flushed as idle).
+    WindowClosed,
+    /// Its event time was more than `max_event_time_ahead_ms` after the log time.
+    TooFarAhead,
+    /// Its value (or a summary field) was not a finite number, or a summary was
+    /// inconsistent (min above max).
+    Invalid,
+    /// Its event time is so extreme that window arithmetic overflows.
+    EventTimeOutOfRange,
+}
+
+/// An item reported instead of being windowed: rows for the late-data table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LateReading {
+    pub agent_id: Arc<str>,
+    pub batch_seq: u64,
+    pub series: Arc<SeriesKey>,
+    /// The resolution whose window refused it; `None` when refused before windowing (for
+    /// every resolution), see [`LateReason`].
+    pub resolution_ms: Option<i64>,
+    /// Start of the window it belonged to, when computable.
+    pub window_start_ms: Option<i64>,
+    pub item: LateItem,
+    pub reason: LateReason,
+}
+
+/// Where the engine appends what it emits. The caller drains it after each call.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct EngineOutput {
+    pub results: Vec<WindowResult>,
+    pub late: Vec<LateReading>,
+}
+
+impl EngineOutput {
+    pub fn clear(&mut self) {
+        self.results.clear();
+        self.late.clear();
+    }
+}
+
+/// What happened to a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    Processed,
+    /// `(agent_id, batch_seq)` was processed before; nothing changed.
+    Duplicate,
+}
+
+/// Counters the engine keeps; checkpointed with its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineCounters {
+    pub batches_processed: u64,
+    pub duplicate_batches: u64,
+    /// Readings' worth merged into windows, summed over resolutions.
+    pub readings_windowed: u64,
+    /// Readings' worth reported late because their window had closed (over resolutions).
+    pub readings_late: u64,
+    /// Readings' worth refused before windowing (too far ahead, invalid, out of range).
+    pub readings_refused: u64,
+    /// Items of the input not selected by `rollup_source` (they feed only the raw table).
+    pub items_not_rolled_up: u64,
+    /// Edge summaries whose window does not divide a resolution or does not start on its
+    /// own boundary; they are assigned by their window start.
+    pub misaligned_summaries: u64,
+    pub windows_opened: u64,
+    pub windows_finalised: u64,
+    pub windows_flushed_idle: u64,
+    pub running_emissions: u64,
+    pub sequence_numbers_skipped: u64,
+    pub sequence_numbers_assumed_seen: u64,
+    pub series_shared_between_agents: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct WindowKey {
+    agent: u32,
+    series: u32,
+    resolution_index: u8,
+    window_start_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+struct WindowSlot {
+    key: WindowKey,
+    summary: Summary,
+    dirty: bool,
+    occupied: bool,
+}
+
+#[derive(Debug)]
+struct AgentState {
+    id: Arc<str>,
+    sequences: SequenceTracker,
+    /// Per resolution: every window ending at or before this is closed.
+    closed_through_ms: Vec<i64>,
+    last_activity_ms: i64,
+    /// Per resolution: open windows by (start, series), to close them in order.
+    open: Vec<BTreeMap<(i64, u32), u32>>,
+}
+
+impl AgentState {
+    fn has_open_windows(&self) -> bool {
+        self.open.iter().any(|windows| !windows.is_empty())
+    }
+}
+
+#[derive(Debug, Default)]
+struct SeriesTable {
+    keys: Vec<Arc<SeriesKey>>,
+    owners: Vec<u32>,
+    index: HashMap<Arc<SeriesKey>, u32>,
+}
+
+/// The window slab, its index and the running-emission queue.
+#[derive(Debug, Default)]
+struct WindowStore {
+    index: FastHashMap<WindowKey, u32>,
+    slots: Vec<WindowSlot>,
+    free: Vec<u32>,
+    /// Slots that became dirty, in the order they did (may hold stale entries).
+    dirty: Vec<u32>,
+}
+
+impl WindowStore {
+    /// The slot of `key`, opened (and registered with the agent) if it does not exist.
+    #[inline]
+    fn slot_for(&mut self, key: WindowKey, agent: &mut AgentState, counters: &mut EngineCounters) -> u32 {
+        if let Some(slot) = self.index.get(&key) {
+            return *slot;
+        }
+        let fresh = WindowSlot { key, summary: Summary::empty(), dirty: false, occupied: true };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                if let Some(entry) = self.slots.get_mut(slot as usize) {
+                    *entry = fresh;
+                }
+                slot
+            }
+            None => {
+                self.slots.push(fresh);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.index.insert(key, slot);
+        if let Some(open) = agent.open.get_mut(usize::from(key.resolution_index)) {
+            open.insert((key.window_start_ms, key.series), slot);
+        }
+        counters.windows_opened += 1;
+        slot
+    }
+
+    #[inline]
+    fn mark_dirty(&mut self, slot: u32) -> Option<&mut Summary> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty.push(slot);
+        }
+        Some(&mut entry.summary)
+    }
+
+    /// Removes a slot, returning its key and summary.
+    fn release(&mut self, slot: u32) -> Option<(WindowKey, Summary)> {
+        let entry = self.slots.get_mut(slot as usize)?;
+        if !entry.occupied {
+            return None;
+        }
+        entry.occupied = false;
+        entry.dirty = false;
+        let summary = std::mem::take(&mut entry.summary);
+        let key = entry.key;
+        self.index.remove(&key);
+        self.free.push(slot);
+        Some((key, summary))
+    }
+}
+
+/// Floor of `time_ms` to a multiple of `resolution_ms`, or `None` on overflow.
+#[inline]
+fn window_start(time_ms: i64, resolution_ms: i64) -> Option<i64> {
+    time_ms.checked_sub(time_ms.rem_euclid(resolution_ms))
+}
+
+fn summary_is_valid(summary: &Summary) -> bool {
+    summary.sum.is_finite()
+        && summary.min.is_finite()
+        && summary.max.is_finite()
+        && summary.first_value.is_finite()
+        && summary.last_value.is_finite()
+        && summary.min <= summary.max
+}
+
+/// Event-time window engine for the partitions of one log consumer. See the module docs.
+///
+/// Run one engine per log partition, so that its checkpoint travels with that
+/// partition's offset when partitions move between processors.
+#[derive(Debug)]
+pub struct WindowEngine {
+    config: EngineConfig,
+    series: SeriesTable,
+    agents: Vec<AgentState>,
+    agent_index: HashMap<Arc<str>, u32>,
+    windows: WindowStore,
+    next_tick_ms: Option<i64>,
+    counters: EngineCounters,
+    /// Scratch: a batch's series ids to engine series numbers.
+    local_series: FastHashMap<u32, u32>,
+}
+
+impl WindowEngine {
+    /// An engine with empty state.
+    pub fn new(config: EngineConfig) -> Result<Self, ProcessError> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            series: SeriesTable::default(),
+            agents: Vec::new(),
+            agent_index: HashMap::new(),
+            windows: WindowStore::default(),
+            next_tick_ms: None,
+            counters: EngineCounters::default(),
+            local_series: FastHashMap::default(),
+        })
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.counters
+    }
+
+    /// Windows currently open, over all agents and resolutions.
+    pub fn open_windows(&self) -> usize {
+        self.windows.index.len()
+    }
+
+    /// Series interned so far.
+    pub fn series_count(&self) -> usize {
+        self.series.keys.len()
+    }
+
+    /// The largest event time inside `agent_id`'s contiguous batch-sequence prefix; the
+    /// watermark is this minus `out_of_orderness_ms`.
+    pub fn agent_prefix_max_event_ms(&self, agent_id: &str) -> Option<i64> {
+        let agent = self.agents.get(*self.agent_index.get(agent_id)? as usize)?;
+        agent.sequences.prefix_max_event_ms()
+    }
+
+    /// Processes one batch read from the log at log time `now_ms`.
+    ///
+    /// Errors leave the state unchanged (the batch is not recorded as seen): the caller
+    /// should report the record and move on (it can never succeed on retry).
+    pub fn ingest_batch(&mut self, batch: &Batch, now_ms: i64, out: &mut EngineOutput) -> Result<IngestOutcome, ProcessError> {
+        let known_agent = self.agent_index.get(batch.agent_id.as_str()).copied();
+        if let Some(agent) = known_agent {
+            if self.agents.get(agent as usize).is_some_and(|state| state.sequences.is_seen(batch.batch_seq)) {
+                self.counters.duplicate_batches += 1;
+                return Ok(IngestOutcome::Duplicate);
+            }
+        } else if self.agents.len() >= self.config.max_agents {
+            return Err(ProcessError::TooManyAgents { agent_id: batch.agent_id.clone(), max_agents: self.config.max_agents });
+        }
+        let agent = known_agent.unwrap_or(self.agents.len() as u32);
+        let uses_summaries = self.config.rollup_source == RollupSource::EdgeSummaries;
+        let rolled_up_items = if uses_summaries { batch.summaries.len() } else { batch.readings.len() };
+        if rolled_up_items > 0 {
+            self.resolve_series(batch, agent)?;
+        }
+        let agent = match known_agent {
+            Some(agent) => agent,
+            None => self.add_agent(&batch.agent_id),
+        };
+        let ignored_items = if uses_summaries { batch.readings.len() } else { batch.summaries.len() };
+        self.counters.items_not_rolled_up += ignored_items as u64;
+
+        let max_event_ms =
+            if uses_summaries { self.window_summaries(batch, agent, now_ms, out) } else { self.window_readings(batch, agent, now_ms, out) };
+
+        let Some(state) = self.agents.get_mut(agent as usize) else {
+            return Ok(IngestOutcome::Processed);
+        };
+        state.last_activity_ms = now_ms;
+        let effects = state.sequences.record(
+            batch.batch_seq,
+            max_event_ms,
+            now_ms,
+            self.config.max_dedup_intervals_per_agent,
+            self.config.max_pending_batches_per_agent,
+        );
+        self.counters.batches_processed += 1;
+        self.after_sequence_change(agent, effects, out);
+        self.tick(now_ms, out);
+        Ok(IngestOutcome::Processed)
+    }
+
+    /// Advances processing time without a batch: runs due gap timeouts, idle flushes and
+    /// running emissions. Call it with the wall clock when the consumer is caught up.
+    pub fn advance_time(&mut self, now_ms: i64, out: &mut EngineOutput) {
+        self.tick(now_ms, out);
+    }
+
+    /// Finalises every open window of every agent now (for a clean shutdown of a
+    /// processor whose partition is being retired, and for tests).
+    pub fn flush_all(&mut self, now_ms: i64, out: &mut EngineOutput) {
+        for agent in 0..self.agents.len() as u32 {
+            self.flush_agent(agent, now_ms, out);
+        }
+        self.emit_running(out);
+    }
+
+    fn add_agent(&mut self, agent_id: &str) -> u32 {
+        let id: Arc<str> = Arc::from(agent_id);
+        let number = self.agents.len() as u32;
+        let resolutions = self.config.resolutions_ms.len();
+        self.agents.push(AgentState {
+            id: id.clone(),
+            sequences: SequenceTracker::default(),
+            closed_through_ms: vec![i64::MIN; resolutions],
+            last_activity_ms: i64::MIN,
+            open: vec![BTreeMap::new(); resolutions],
+        });
+        self.agent_index.insert(id, number);
+        number
+    }
+
+    /// Fills `local_series` for the batch, interning new series; checks every used id
+    /// first so that an error changes nothing.
+    fn resolve_series(&mut self, batch: &Batch, agent: u32) -> Result<(), ProcessError> {
+        self.local_series.clear();
+        let mut new_series = 0usize;
+        for (position, definition) in batch.series.iter().enumerate() {
+            if let Some(previous) = self.local_series.insert(definition.id, position as u32) {
+                if batch.series.get(previous as usize).map(|def| &def.key) != Some(&definition.key) {
+                    return Err(ProcessError::ConflictingSeriesDefinition {
+                        agent_id: batch.agent_id.clone(),
+                        batch_seq: batch.batch_seq,
+                        series_id: definition.id,
+                    });
+                }
+            } else if !self.series.index.contains_key(&definition.key) {
+                new_series += 1;
+            }
+        }
+        let undefined = |series_id: u32| ProcessError::UndefinedSeries {
+            agent_id: batch.agent_id.clone(),
+            batch_seq: batch.batch_seq,
+            series_id,
+        };
+        let mut last_checked = None;
+        if self.config.rollup_source == RollupSource::EdgeSummaries {
+            for summary in &batch.summaries {
+                if last_checked != Some(summary.series) && !self.local_series.contains_key(&summary.series) {
+                    return Err(undefined(summary.series));
+                }
+                last_checked = Some(summary.series);
+            }
+        } else {
+            for reading in &batch.readings {
+                if last_checked != Some(reading.series) && !self.local_series.contains_key(&reading.series) {
+                    return Err(undefined(reading.series));
+                }
+                last_checked = Some(reading.series);
+            }
+        }
+        if self.series.keys.len().saturating_add(new_series) > self.config.max_series {
+            return Err(ProcessError::TooManySeries {
+                agent_id: batch.agent_id.clone(),
+                batch_seq: batch.batch_seq,
+                max_series: self.config.max_series,
+            });
+        }
+        for definition in &batch.series {
+            let number = match self.series.index.get(&definition.key) {
+                Some(number) => {
+                    if self.series.owners.get(*number as usize) != Some(&agent) {
+                        self.counters.series_shared_between_agents += 1;
+                    }
+                    *number
+                }
+                None => {
+                    let number = self.series.keys.len() as u32;
+                    let key = Arc::new(definition.key.clone());
+                    self.series.keys.push(key.clone());
+                    self.series.owners.push(agent);
+                    self.series.index.insert(key, number);
+                    number
+                }
+            };
+            self.local_series.insert(definition.id, number);
+        }
+        Ok(())
+    }
+
+    fn series_key(&self, series: u32) -> Arc<SeriesKey> {
+        self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", "")))
+    }
+
+    fn agent_id(&self, agent: u32) -> Arc<str> {
+        self.agents.get(agent as usize).map(|state| state.id.clone()).unwrap_or_else(|| Arc::from(""))
+    }
+
+    /// Raw-readings mode: each reading observed into its window at every resolution.
+    /// Returns the largest accepted event time.
+    fn window_readings(&mut self, batch: &Batch, agent: u32, now_ms: i64, out: &mut EngineOutput) -> Option<i64> {
+        let horizon_ms = now_ms.saturating_add(self.config.max_event_time_ahead_ms);
+        let mut max_event_ms: Option<i64> = None;
+        // Last window hit per resolution: (series, window start, slot).
+        let mut cache: [Option<(u32, i64, u32)>; 4] = [None; 4];
+        let mut last_local: Option<(u32, u32)> = None;
+        let Some(state) = self.agents.get_mut(agent as usize) else { return None };
+        for reading in &batch.readings {
+            let series = match last_local {
+                Some((local, series)) if local == reading.series => series,
+                _ => match self.local_series.get(&reading.series) {
+                    Some(series) => {
+                        last_local = Some((reading.series, *series));
+                        *series
+                    }
+                    None => continue, // unreachable: resolve_series checked every id
+                },
+            };
+            let refusal = if !reading.value.is_finite() {
+                Some(LateReason::Invalid)
+            } else if reading.time_ms > horizon_ms {
+                Some(LateReason::TooFarAhead)
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                self.counters.readings_refused += 1;
+                out.late.push(LateReading {
+                    agent_id: state.id.clone(),
+                    batch_seq: batch.batch_seq,
+                    series: self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                    resolution_ms: None,
+                    window_start_ms: None,
+                    item: LateItem::Reading { time_ms: reading.time_ms, value: reading.value },
+                    reason,
+                });
+                continue;
+            }
+            max_event_ms = Some(max_event_ms.map_or(reading.time_ms, |max| max.max(reading.time_ms)));
+            for (resolution_index, resolution_ms) in self.config.resolutions_ms.iter().enumerate() {
+                let Some(start_ms) = window_start(reading.time_ms, *resolution_ms) else {
+                    // Only i64::MIN-adjacent times overflow; report once per resolution.
+                    self.counters.readings_late += 1;
+                    out.late.push(LateReading {
+                        agent_id: state.id.clone(),
+                        batch_seq: batch.batch_seq,
+                        series: self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                        resolution_ms: Some(*resolution_ms),
+                        window_start_ms: None,
+                        item: LateItem::Reading { time_ms: reading.time_ms, value: reading.value },
+                        reason: LateReason::EventTimeOutOfRange,
+                    });
+                    continue;
+                };
+                let closed_through = state.closed_through_ms.get(resolution_index).copied().unwrap_or(i64::MIN);
+                if start_ms.saturating_add(*resolution_ms) <= closed_through {
+                    self.counters.readings_late += 1;
+                    out.late.push(LateReading {
+                        agent_id: state.id.clone(),
+                        batch_seq: batch.batch_seq,
+                        series: self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                        resolution_ms: Some(*resolution_ms),
+                        window_start_ms: Some(start_ms),
+                        item: LateItem::Reading { time_ms: reading.time_ms, value: reading.value },
+                        reason: LateReason::WindowClosed,
+                    });
+                    continue;
+                }
+                let cached = cache.get(resolution_index).copied().flatten();
+                let slot = match cached {
+                    Some((cached_series, cached_start, slot)) if cached_series == series && cached_start == start_ms => slot,
+                    _ => {
+                        let key = WindowKey { agent, series, resolution_index: resolution_index as u8, window_start_ms: start_ms };
+                        let slot = self.windows.slot_for(key, state, &mut self.counters);
+                        if let Some(entry) = cache.get_mut(resolution_index) {
+                            *entry = Some((series, start_ms, slot));
+                        }
+                        slot
+                    }
+                };
+                if let Some(summary) = self.windows.mark_dirty(slot) {
+                    summary.observe(reading.time_ms, reading.value);
+                    self.counters.readings_windowed += 1;
+                }
+            }
+        }
+        max_event_ms
+    }
+
+    /// Edge-summaries mode: each summary merged into the window containing its start at
+    /// every resolution. Returns the largest accepted event time (a summary's last
+    /// possible instant, `start + width - 1`).
+    fn window_summaries(&mut self, batch: &Batch, agent: u32, now_ms: i64, out: &mut EngineOutput) -> Option<i64> {
+        let horizon_ms = now_ms.saturating_add(self.config.max_event_time_ahead_ms);
+        let mut max_event_ms: Option<i64> = None;
+        let Some(state) = self.agents.get_mut(agent as usize) else { return None };
+        for edge in &batch.summaries {
+            if edge.summary.count == 0 {
+                continue;
+            }
+            let Some(series) = self.local_series.get(&edge.series).copied() else { continue };
+            let event_ms = edge.window_start_ms.saturating_add(i64::from(edge.window_ms.max(1)) - 1);
+            let refusal = if !summary_is_valid(&edge.summary) {
+                Some(LateReason::Invalid)
+            } else if event_ms > horizon_ms {
+                Some(LateReason::TooFarAhead)
+            } else {
+                None
+            };
+            let late_item = || LateItem::Summary {
+                window_start_ms: edge.window_start_ms,
+                window_ms: edge.window_ms,
+                summary: edge.summary.clone(),
+            };
+            let series_key = || self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", "")));
+            if let Some(reason) = refusal {
+                self.counters.readings_refused += edge.summary.count;
+                out.late.push(LateReading {
+                    agent_id: state.id.clone(),
+                    batch_seq: batch.batch_seq,
+                    series: series_key(),
+                    resolution_ms: None,
+                    window_start_ms: None,
+                    item: late_item(),
+                    reason,
+                });
+                continue;
+            }
+            max_event_ms = Some(max_event_ms.map_or(event_ms, |max| max.max(event_ms)));
+            let edge_width_ms = i64::from(edge.window_ms);
+            let mut misaligned = edge_width_ms == 0 || edge.window_start_ms.rem_euclid(edge_width_ms.max(1)) != 0;
+            for (resolution_index, resolution_ms) in self.config.resolutions_ms.iter().enumerate() {
+                if edge_width_ms == 0 || resolution_ms % edge_width_ms != 0 {
+                    misaligned = true;
+                }
+                let (start_ms, reason) = match window_start(edge.window_start_ms, *resolution_ms) {
+                    None => (None, Some(LateReason::EventTimeOutOfRange)),
+                    Some(start_ms) => {
+                        let closed_through = state.closed_through_ms.get(resolution_index).copied().unwrap_or(i64::MIN);
+                        if start_ms.saturating_add(*resolution_ms) <= closed_through {
+                            (Some(start_ms), Some(LateReason::WindowClosed))
+                        } else {
+                            (Some(start_ms), None)
+                        }
+                    }
+                };
+                match (start_ms, reason) {
+                    (Some(start_ms), None) => {
+                        let key = WindowKey { agent, series, resolution_index: resolution_index as u8, window_start_ms: start_ms };
+                        let slot = self.windows.slot_for(key, state, &mut self.counters);
+                        if let Some(summary) = self.windows.mark_dirty(slot) {
+                            summary.merge(&edge.summary);
+                            self.counters.readings_windowed += edge.summary.count;
+                        }
+                    }
+                    (window_start_ms, reason) => {
+                        self.counters.readings_late += edge.summary.count;
+                        out.late.push(LateReading {
+                            agent_id: state.id.clone(),
+                            batch_seq: batch.batch_seq,
+                            series: series_key(),
+                            resolution_ms: Some(*resolution_ms),
+                            window_start_ms,
+                            item: late_item(),
+                            reason: reason.unwrap_or(LateReason::WindowClosed),
+                        });
+                    }
+                }
+            }
+            if misaligned {
+                self.counters.misaligned_summaries += 1;
+            }
+        }
+        max_event_ms
+    }
+
+    /// After the agent's sequence prefix moved: counts, moves the closing frontier to
+    /// the watermark and emits the windows it closed.
+    fn after_sequence_change(&mut self, agent: u32, effects: SequenceEffects, out: &mut EngineOutput) {
+        self.counters.sequence_numbers_assumed_seen += effects.assumed_seen;
+        self.counters.sequence_numbers_skipped += effects.skipped;
+        let Some(state) = self.agents.get_mut(agent as usize) else { return };
+        if let Some(prefix_max_ms) = state.sequences.prefix_max_event_ms() {
+            let frontier_ms = prefix_max_ms
+                .saturating_sub(self.config.out_of_orderness_ms)
+                .saturating_sub(self.config.allowed_lateness_ms);
+            for closed_through in state.closed_through_ms.iter_mut() {
+                *closed_through = (*closed_through).max(frontier_ms);
+            }
+        }
+        self.close_windows(agent, out);
+    }
+
+    /// Emits and evicts the agent's windows that end at or before its frontier.
+    fn close_windows(&mut self, agent: u32, out: &mut EngineOutput) {
+        let Some(state) = self.agents.get_mut(agent as usize) else { return };
+        for (resolution_index, resolution_ms) in self.config.resolutions_ms.iter().enumerate() {
+            let (Some(open), Some(closed_through)) =
+                (state.open.get_mut(resolution_index), state.closed_through_ms.get(resolution_index))
+            else {
+                continue;
+            };
+            // Closed iff start + resolution <= closed_through.
+            let Some(last_closed_start) = closed_through.checked_sub(*resolution_ms) else { continue };
+            if open.first_key_value().is_none_or(|((start, _), _)| *start > last_closed_start) {
+                continue;
+            }
+            let closed = match last_closed_start.checked_add(1) {
+                Some(first_open_start) => {
+                    let still_open = open.split_off(&(first_open_start, 0));
+                    std::mem::replace(open, still_open)
+                }
+                None => std::mem::take(open),
+            };
+            for slot in closed.into_values() {
+                if let Some((key, summary)) = self.windows.release(slot) {
+                    self.counters.windows_finalised += 1;
+                    out.results.push(WindowResult {
+                        agent_id: state.id.clone(),
+                        series: self.series.keys.get(key.series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                        resolution_ms: *resolution_ms,
+                        window_start_ms: key.window_start_ms,
+                        version: summary.count | FINAL_VERSION_BIT,
+                        summary,
+                        is_final: true,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Treats the agent as idle: gives up its sequence gaps and finalises every open
+    /// window; data for those windows that still arrives is reported late.
+    fn flush_agent(&mut self, agent: u32, now_ms: i64, out: &mut EngineOutput) {
+        let Some(state) = self.agents.get_mut(agent as usize) else { return };
+        if !state.has_open_windows() {
+            return;
+        }
+        let effects = state.sequences.skip_all_gaps(now_ms);
+        for ((closed_through, open), resolution_ms) in
+            state.closed_through_ms.iter_mut().zip(&state.open).zip(&self.config.resolutions_ms)
+        {
+            if let Some(((last_start, _), _)) = open.last_key_value() {
+                *closed_through = (*closed_through).max(last_start.saturating_add(*resolution_ms));
+            }
+        }
+        let before = self.counters.windows_finalised;
+        self.after_sequence_change(agent, effects, out);
+        self.counters.windows_flushed_idle += self.counters.windows_finalised - before;
+    }
+
+    /// Periodic work, at most once per `emit_interval_ms` of log time.
+    fn tick(&mut self, now_ms: i64, out: &mut EngineOutput) {
+        if self.next_tick_ms.is_some_and(|next| now_ms < next) {
+            return;
+        }
+        self.next_tick_ms = Some(now_ms.saturating_add(self.config.emit_interval_ms));
+        for agent in 0..self.agents.len() as u32 {
+            let Some(state) = self.agents.get_mut(agent as usize) else { continue };
+            if state.has_open_windows() && now_ms.saturating_sub(state.last_activity_ms) >= self.config.idle_timeout_ms {
+                self.flush_agent(agent, now_ms, out);
+                continue;
+            }
+            if state.sequences.pending_batches() > 0 {
+                let effects = state.sequences.skip_stalled_gap(now_ms, self.config.sequence_gap_timeout_ms);
+                if effects != SequenceEffects::default() {
+                    self.after_sequence_change(agent, effects, out);
+                }
+            }
+        }
+        self.emit_running(out);
+    }
+
+    /// Emits every open window that changed since its last emission, in the order they
+    /// changed.
+    fn emit_running(&mut self, out: &mut EngineOutput) {
+        let mut queue = std::mem::take(&mut self.windows.dirty);
+        for slot in queue.drain(..) {
+            let Some(entry) = self.windows.slots.get_mut(slot as usize) else { continue };
+            if !entry.occupied || !entry.dirty {
+                continue;
+            }
+            entry.dirty = false;
+            let key = entry.key;
+            let summary = entry.summary.clone();
+            self.counters.running_emissions += 1;
+            out.results.push(WindowResult {
+                agent_id: self.agent_id(key.agent),
+                series: self.series_key(key.series),
+                resolution_ms: self.config.resolutions_ms.get(usize::from(key.resolution_index)).copied().unwrap_or(0),
+                window_start_ms: key.window_start_ms,
+                version: summary.count,
+                summary,
+                is_final: false,
+            });
+        }
+        // Keep the queue's allocation.
+        self.windows.dirty = queue;
+    }
+
+    /// Approximate heap bytes of the engine's state: window slab and index, per-agent
+    /// structures and the series table. Used to document memory per active series.
+    pub fn state_bytes(&self) -> usize {
+        let index_bytes = self.windows.index.capacity() * (size_of::<(WindowKey, u32)>() + 1);
+        let slab_bytes = self.windows.slots.capacity() * size_of::<WindowSlot>()
+            + self.windows.free.capacity() * 4
+            + self.windows.dirty.capacity() * 4;
+        let sketch_bytes: usize = self
+            .windows
+            .slots
+            .iter()
+            .filter(|slot| slot.occupied)
+            .map(|slot| sketch_heap_bytes(&slot.summary))
+            .sum();
+        const BTREE_OVERHEAD_PER_ENTRY: usize = 8;
+        let agent_bytes: usize = self
+            .agents
+            .iter()
+            .map(|agent| {
+                size_of::<AgentState>()
+                    + agent.id.len()
+                    + agent.closed_through_ms.capacity() * 8
+                    + agent.sequences.heap_bytes()
+                    + agent
+                        .open
+                        .iter()
+                        .map(|open| open.len() * (size_of::<((i64, u32), u32)>() + BTREE_OVERHEAD_PER_ENTRY))
+                        .sum::<usize>()
+            })
+            .sum();
+        let series_bytes: usize = self
+            .series
+            .keys
+            .iter()
+            .map(|key| {
+                16 + size_of::<SeriesKey>()
+                    + key.device_id.capacity()
+                    + key.metric.capacity()
+                    + key.tags.capacity() * size_of::<(String, String)>()
+                    + key.tags.iter().map(|(name, value)| name.capacity() + value.capacity()).sum::<usize>()
+            })
+            .sum::<usize>()
+            + self.series.keys.capacity() * size_of::<Arc<SeriesKey>>()
+            + self.series.owners.capacity() * 4
+            + self.series.index.capacity() * (size_of::<(Arc<SeriesKey>, u32)>() + 1);
+        index_bytes + slab_bytes + sketch_bytes + agent_bytes + series_bytes
+    }
+}
+
+/// Heap bytes of a summary's sketch: its dense bucket vectors span from the lowest to
+/// the highest non-empty bucket of each sign.
+fn sketch_heap_bytes(summary: &Summary) -> usize {
+    let span = |buckets: Vec<(i32, u64)>| match (buckets.first(), buckets.last()) {
+        (Some((low, _)), Some((high, _))) => (i64::from(*high) - i64::from(*low) + 1) as usize * 8,
+        _ => 0,
+    };
+    span(summary.sketch.positive_buckets()) + span(summary.sketch.negative_buckets())
+}
+
+// ---------------------------------------------------------------------------------------
+// Checkpoint
+
+const CHECKPOINT_MAGIC: [u8; 4] = *b"TRBW";
+const CHECKPOINT_FORMAT: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct AgentCheckpoint {
+    id: String,
+    sequences: SequenceTracker,
+    closed_through_ms: Vec<i64>,
+    last_activity_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WindowCheckpoint {
+    agent: u32,
+    series: u32,
+    resolution_index: u8,
+    window_start_ms: i64,
+    summary: Summary,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    config: EngineConfig,
+    series: Vec<(SeriesKey, u32)>,
+    agents: Vec<AgentCheckpoint>,
+    /// Sorted by (agent, series, resolution, start).
+    windows: Vec<WindowCheckpoint>,
+    /// Windows awaiting a running emission, in emission order, as indices into `windows`.
+    dirty: Vec<u32>,
+    next_tick_ms: Option<i64>,
+    counters: EngineCounters,
+}
+
+impl WindowEngine {
+    /// The whole engine state as bytes: dedup state, watermarks, open windows, series
+    /// table, emission schedule and counters. Store it atomically together with the log
+    /// position of the next record to process (see `docs/processor.md`). Deterministic:
+    /// the same state always gives the same bytes.
+    pub fn checkpoint(&self) -> Vec<u8> {
+        let mut slots: Vec<u32> = self.windows.index.values().copied().collect();
+        slots.sort_by_key(|slot| self.windows.slots.get(*slot as usize).map(|entry| entry.key));
+        let mut position_of_slot: FastHashMap<u32, u32> = FastHashMap::default();
+        let mut windows = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            if let Some(entry) = self.windows.slots.get(*slot as usize) {
+                position_of_slot.insert(*slot, windows.len() as u32);
+                windows.push(WindowCheckpoint {
+                    agent: entry.key.agent,
+                    series: entry.key.series,
+                    resolution_index: entry.key.resolution_index,
+                    window_start_ms: entry.key.window_start_ms,
+                    summary: entry.summary.clone(),
+                });
+            }
+        }
+        let mut dirty = Vec::new();
+        let mut queued = vec![false; windows.len()];
+        for slot in &self.windows.dirty {
+            let Some(entry) = self.windows.slots.get(*slot as usize) else { continue };
+            if !entry.occupied || !entry.dirty {
+                continue;
+            }
+            if let Some(position) = position_of_slot.get(slot) {
+                if let Some(seen) = queued.get_mut(*position as usize) {
+                    if !*seen {
+                        *seen = true;
+                        dirty.push(*position);
+                    }
+                }
+            }
+        }
+        let checkpoint = Checkpoint {
+            config: self.config.clone(),
+            series: self
+                .series
+                .keys
+                .iter()
+                .zip(&self.series.owners)
+                .map(|(key, owner)| (SeriesKey::clone(key), *owner))
+                .collect(),
+            agents: self
+                .agents
+                .iter()
+                .map(|agent| AgentCheckpoint {
+                    id: agent.id.to_string(),
+                    sequences: agent.sequences.clone(),
+                    closed_through_ms: agent.closed_through_ms.clone(),
+                    last_activity_ms: agent.last_activity_ms,
+                })
+                .collect(),
+            windows,
+            dirty,
+            next_tick_ms: self.next_tick_ms,
+            counters: self.counters.clone(),
+        };
+        let mut bytes = Vec::with_capacity(64);
+        bytes.extend_from_slice(&CHECKPOINT_MAGIC);
+        bytes.push(CHECKPOINT_FORMAT);
+        // Serialising plain data into a Vec cannot fail; an empty tail would be refused
+        // by `restore`, never misread.
+        if let Ok(body) = postcard::to_allocvec(&checkpoint) {
+            bytes.extend_from_slice(&body);
+        }
+        bytes
+    }
+
+    /// Rebuilds an engine from [`WindowEngine::checkpoint`] bytes. The checkpoint must
+    /// have been taken with the same `config`: windows and watermarks mean something
+    /// else under other resolutions or lateness.
+    pub fn restore(config: EngineConfig, bytes: &[u8]) -> Result<Self, ProcessError> {
+        let corrupt = |reason: String| ProcessError::CorruptCheckpoint { reason };
+        let body = match bytes {
+            [m0, m1, m2, m3, format, body @ ..] if [*m0, *m1, *m2, *m3] == CHECKPOINT_MAGIC => {
+                if *format != CHECKPOINT_FORMAT {
+                    return Err(corrupt(format!("format {format}, this build reads format {CHECKPOINT_FORMAT}")));
+                }
+                body
+            }
+            _ => return Err(corrupt("it does not start with the window-engine checkpoint magic".into())),
+        };
+        let checkpoint: Checkpoint = postcard::from_bytes(body).map_err(|error| corrupt(error.to_string()))?;
+        if checkpoint.config != config {
+            return Err(ProcessError::CheckpointConfigMismatch);
+        }
+        let mut engine = WindowEngine::new(config)?;
+        let resolutions = engine.config.resolutions_ms.len();
+        if checkpoint.series.len() > engine.config.max_series || checkpoint.agents.len() > engine.config.max_agents {
+            return Err(corrupt("it holds more series or agents than the configured limits".into()));
+        }
+        for (key, owner) in checkpoint.series {
+            if owner as usize >= checkpoint.agents.len() {
+                return Err(corrupt(format!("series owner {owner} is not a known agent")));
+            }
+            let number = engine.series.keys.len() as u32;
+            let key = Arc::new(key);
+            if engine.series.index.insert(key.clone(), number).is_some() {
+                return Err(corrupt("a series key is listed twice".into()));
+            }
+            engine.series.keys.push(key);
+            engine.series.owners.push(owner);
+        }
+        for agent in checkpoint.agents {
+            agent.sequences.validate().map_err(|reason| corrupt(format!("agent {:?}: {reason}", agent.id)))?;
+            if agent.closed_through_ms.len() != resolutions {
+                return Err(corrupt(format!("agent {:?} has frontiers for another number of resolutions", agent.id)));
+            }
+            if engine.agent_index.contains_key(agent.id.as_str()) {
+                return Err(corrupt(format!("agent {:?} is listed twice", agent.id)));
+            }
+            let number = engine.add_agent(&agent.id);
+            if let Some(state) = engine.agents.get_mut(number as usize) {
+                state.sequences = agent.sequences;
+                state.closed_through_ms = agent.closed_through_ms;
+                state.last_activity_ms = agent.last_activity_ms;
+            }
+        }
+        let mut slots = Vec::with_capacity(checkpoint.windows.len());
+        for window in checkpoint.windows {
+            if window.series as usize >= engine.series.keys.len() || usize::from(window.resolution_index) >= resolutions {
+                return Err(corrupt("a window refers to an unknown series or resolution".into()));
+            }
+            let key = WindowKey {
+                agent: window.agent,
+                series: window.series,
+                resolution_index: window.resolution_index,
+                window_start_ms: window.window_start_ms,
+            };
+            let Some(state) = engine.agents.get_mut(window.agent as usize) else {
+                return Err(corrupt("a window refers to an unknown agent".into()));
+            };
+            if engine.windows.index.contains_key(&key) {
+                return Err(corrupt("a window is listed twice".into()));
+            }
+            let mut counters = EngineCounters::default();
+            let slot = engine.windows.slot_for(key, state, &mut counters);
+            if let Some(entry) = engine.windows.slots.get_mut(slot as usize) {
+                entry.summary = window.summary;
+            }
+            slots.push(slot);
+        }
+        for position in checkpoint.dirty {
+            let Some(slot) = slots.get(position as usize) else {
+                return Err(corrupt("the emission queue refers to an unknown window".into()));
+            };
+            engine.windows.mark_dirty(*slot);
+        }
+        engine.next_tick_ms = checkpoint.next_tick_ms;
+        engine.counters = checkpoint.counters;
+        Ok(engine)
+    }
+}

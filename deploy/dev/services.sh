@@ -362,15 +362,29 @@ kafka_java() {
         -cp "$KAFKA_JARS_DIR/*" "$@"
 }
 
-# The admin helper is compiled once per source change into the state dir.
+# The admin helper is compiled once per source version into the cache (so a fresh state dir does
+# not pay for javac again); spawn_kafka compiles it while the broker boots.
+kafka_admin_classes() {
+    echo "$CACHE_DIR/kafka-admin/$(sha256sum "$SCRIPT_DIR/KafkaAdmin.java" | cut -c1-16)-$KAFKA_VERSION"
+}
+
+compile_kafka_admin() {
+    local classes
+    classes=$(kafka_admin_classes)
+    [[ -f $classes/KafkaAdmin.class ]] && return 0
+    mkdir -p "$classes.partial"
+    javac -nowarn -J-XX:TieredStopAtLevel=1 -cp "$KAFKA_JARS_DIR/*" -d "$classes.partial" "$SCRIPT_DIR/KafkaAdmin.java" ||
+        fail kafka "could not compile $SCRIPT_DIR/KafkaAdmin.java against $KAFKA_JARS_DIR"
+    rm -rf "$classes"
+    mv "$classes.partial" "$classes"
+}
+
 kafka_admin() {
-    local classes=$STATE_DIR/kafka/admin-classes
-    if [[ ! -f $classes/KafkaAdmin.class || $SCRIPT_DIR/KafkaAdmin.java -nt $classes/KafkaAdmin.class ]]; then
-        mkdir -p "$classes"
-        javac -nowarn -cp "$KAFKA_JARS_DIR/*" -d "$classes" "$SCRIPT_DIR/KafkaAdmin.java"
-    fi
-    java -Xmx128m -Dlog4j2.configurationFile="$STATE_DIR/kafka/log4j2-tools.properties" \
-        -cp "$classes:$KAFKA_JARS_DIR/*" KafkaAdmin "127.0.0.1:$KAFKA_PORT" "$@"
+    compile_kafka_admin
+    # Short-lived JVM: C1 only and a small heap start faster.
+    java -Xmx128m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC \
+        -Dlog4j2.configurationFile="$STATE_DIR/kafka/log4j2-tools.properties" \
+        -cp "$(kafka_admin_classes):$KAFKA_JARS_DIR/*" KafkaAdmin "127.0.0.1:$KAFKA_PORT" "$@"
 }
 
 write_kafka_config() {
@@ -434,7 +448,7 @@ spawn_kafka() {
     if [[ ! -f $dir/data/meta.properties ]]; then
         local cluster_id
         cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
-        if ! kafka_java kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
+        if ! kafka_java -XX:TieredStopAtLevel=1 kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
             --config "$dir/server.properties" >"$dir/logs/format.log" 2>&1; then
             fail kafka "formatting KRaft storage in $dir/data failed" "$dir/logs/format.log"
         fi
@@ -442,6 +456,7 @@ spawn_kafka() {
     spawn kafka "$dir/logs/stdout.log" java $KAFKA_HEAP -XX:+UseG1GC -Djava.awt.headless=true \
         -Dlog4j2.configurationFile="$dir/log4j2.properties" -Dkafka.logs.dir="$dir/logs" \
         -cp "$KAFKA_JARS_DIR/*" kafka.Kafka "$dir/server.properties"
+    compile_kafka_admin
 }
 
 await_kafka() {

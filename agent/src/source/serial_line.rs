@@ -3,7 +3,7 @@
 //! Wire format (full specification in `docs/serial-protocol.md`):
 //!
 //! ```text
-//! dev-7 temp=21.53 hum=40.1 t=1764284000123 *5A\r\n
+//! dev-7 temp=21.53 hum=40.1 t=1764284000123 *20\r\n
 //! ```
 //!
 //! A device id, one or more `metric=value` pairs, an optional `t=` event time in ms since the

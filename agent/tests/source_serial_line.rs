@@ -262,3 +262,19 @@ proptest! {
         }
     }
 }
+
+/// The example in docs/serial-protocol.md must stay a valid line, checksum included.
+#[test]
+fn documented_example_in_the_protocol_doc_is_valid() {
+    let doc_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/serial-protocol.md");
+    let doc = std::fs::read_to_string(&doc_path).unwrap();
+    let example = doc.lines().find(|line| line.starts_with("dev-7 temp=21.53")).expect("example line in the doc");
+    let line = example.trim_end_matches("\\r\\n");
+    assert_eq!(
+        parse(line).unwrap(),
+        vec![
+            reading("dev-7", "temp", Some(1_764_284_000_123), 21.53),
+            reading("dev-7", "hum", Some(1_764_284_000_123), 40.1),
+        ]
+    );
+}

@@ -154,6 +154,17 @@ async fn torn_tail_is_truncated_and_offsets_continue() {
     assert_eq!(std::fs::metadata(&segment).expect("stat").len(), length_before, "torn tail truncated");
     assert_eq!(read_all(&log, 0, 0).await.len(), 5);
     assert_eq!(log.append(record("gw", 5, 10)).await.expect("append").offset, 5);
+    drop(log);
+
+    // A crash while rolling to a new segment can leave it empty, without its magic.
+    let empty_segment = directory.path().join("partition-0000").join(format!("{:020}.log", 6));
+    std::fs::write(&empty_segment, b"").expect("create empty segment");
+    let log = open(EmbeddedLogConfig::new(directory.path()), &clock);
+    assert_eq!(log.append(record("gw", 6, 10)).await.expect("append").offset, 6);
+    drop(log);
+    let log = open(EmbeddedLogConfig::new(directory.path()), &clock);
+    let seqs: Vec<u64> = read_all(&log, 0, 0).await.iter().map(|r| r.headers.batch_seq).collect();
+    assert_eq!(seqs, (0..7).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -336,6 +347,10 @@ fn config_parses_with_defaults_and_rejects_unknown_fields() {
     let mut bad = config.clone();
     bad.max_unflushed_bytes = 10;
     assert!(bad.validate().is_err());
+    use serde::de::value::{Error, MapDeserializer};
+    use serde::Deserialize;
+    let unknown = MapDeserializer::<_, Error>::new([("directory", "/x"), ("segment_bytes", "1")].into_iter());
+    assert!(EmbeddedLogConfig::deserialize(unknown).is_err(), "a misspelt setting must not be ignored");
 }
 
 /// Builds a config through serde (the path real config files take) without pulling a

@@ -370,9 +370,10 @@ fn scan_segment_file(path: PathBuf, file: Arc<File>, base_offset: u64, index_int
     let mut segment = Segment::new(base_offset, path, file);
     let magic_len = SEGMENT_MAGIC.len() as u64;
     if file_bytes < magic_len {
+        // A segment whose creation was cut short (even a 0-byte file): no magic, so
+        // it must be rewritten before anything is appended to it.
         segment.size_bytes = 0;
-        let stop = (file_bytes > 0).then_some(ScanStop::NeedMore { needed_bytes: SEGMENT_MAGIC.len() });
-        return Ok((segment, stop));
+        return Ok((segment, Some(ScanStop::NeedMore { needed_bytes: SEGMENT_MAGIC.len() })));
     }
     let mut magic = [0u8; SEGMENT_MAGIC.len()];
     segment.file.read_exact_at(&mut magic, 0).map_err(io_error("read segment", &segment.path))?;

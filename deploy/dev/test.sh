@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine with a Rust toolchain:
-#   1. installs the build dependencies (cmake, a C toolchain for librdkafka and zstd),
-#   2. installs and starts the real services on loopback (deploy/dev/services.sh up),
+#   1. installs what is missing and starts the real services on loopback (deploy/dev/services.sh up;
+#      it also installs the build dependencies of deploy/dev/build-deps.sh, which librdkafka needs),
+#   2. checks formatting,
 #   3. runs every test of the workspace against them (with CI=true a missing service fails),
 #   4. stops the services again, also when a test fails.
 set -euo pipefail
@@ -13,16 +14,6 @@ log() { printf 'test.sh: %s\n' "$*"; }
 if ! command -v cargo >/dev/null 2>&1; then
     echo "test.sh: cargo not found; install a Rust toolchain (https://rustup.rs) and run again" >&2
     exit 1
-fi
-
-missing=()
-for pkg in cmake pkg-config build-essential; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    log "installing build dependencies: ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 started=$(date +%s)

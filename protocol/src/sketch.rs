@@ -109,8 +109,14 @@ fn inverse_approximate_log2(log: f64) -> (i64, f64) {
 /// The bucket index of a positive normal magnitude.
 #[inline]
 fn bucket_index(magnitude: f64) -> i32 {
-    // Saturating float-to-int cast: cannot panic; finite normals give |index| < 36000.
-    (approximate_log2(magnitude) * INDEX_MULTIPLIER).ceil() as i32
+    // A hand-written ceil: `f64::ceil` is a libm call on baseline x86-64 (no SSE4.1).
+    // Finite normals give |scaled| < 36000, so `CEIL_OFFSET - scaled` is positive and
+    // truncating it is `floor`; `ceil(x) = CEIL_OFFSET - floor(CEIL_OFFSET - x)`. The
+    // subtraction may round a value within 1e-11 of a boundary onto it: a deterministic,
+    // monotone shift of the boundary that changes no guarantee.
+    const CEIL_OFFSET: i32 = 1 << 16;
+    let scaled = approximate_log2(magnitude) * INDEX_MULTIPLIER;
+    CEIL_OFFSET.wrapping_sub((CEIL_OFFSET as f64 - scaled) as i32)
 }
 
 /// The value reported for bucket `index`: the harmonic mean of its bounds, which is

@@ -394,3 +394,12 @@ proptest! {
         prop_assert_eq!(readings, expected);
     }
 }
+
+#[test]
+fn wrong_json_shape_messages_read_well() {
+    let json = parser_with(PayloadOptions::with_format(PayloadFormat::Json));
+    assert_eq!(parse(&json, "dev/a", "[1]").unwrap_err().to_string(), "payload is a JSON array, expected a JSON object of metric fields");
+    assert_eq!(parse(&json, "dev/a", "  ").unwrap_err().to_string(), "payload is empty, expected a JSON object of metric fields");
+    let senml = parser_with(PayloadOptions::with_format(PayloadFormat::Senml));
+    assert_eq!(parse(&senml, "dev/a", "{}").unwrap_err().to_string(), "payload is a JSON object, expected a SenML JSON array of records");
+}

@@ -259,6 +259,9 @@ proptest! {
                     prop_assert!(line.bytes.len() <= max_line_bytes);
                 }
             }
+            // Drained: only an incomplete line may remain, and never more than the limit
+            // (+1 for a `\r` waiting for its `\n`).
+            prop_assert!(decoder.buffered_bytes() <= max_line_bytes + 1, "{} bytes buffered", decoder.buffered_bytes());
         }
     }
 }

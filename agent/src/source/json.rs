@@ -20,12 +20,12 @@ pub const MAX_JSON_DEPTH: usize = 8;
 /// What the first significant byte of a document says it is, for "expected an object" messages.
 pub(crate) fn json_kind(text: &str) -> &'static str {
     match text.trim_start().as_bytes().first() {
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b'"') => "a string",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        Some(b'-' | b'0'..=b'9') => "a number",
+        Some(b'{') => "a JSON object",
+        Some(b'[') => "a JSON array",
+        Some(b'"') => "a JSON string",
+        Some(b't' | b'f') => "a JSON boolean",
+        Some(b'n') => "JSON null",
+        Some(b'-' | b'0'..=b'9') => "a JSON number",
         None => "empty",
         Some(_) => "not JSON",
     }
@@ -274,7 +274,7 @@ impl<'de> Visitor<'de> for TopObject<'_, '_, '_, '_> {
 
 pub(crate) fn parse_json(text: &str, options: &PayloadOptions, emitter: &mut Emitter<'_, '_>) -> Result<(), PayloadError> {
     let kind = json_kind(text);
-    if kind != "an object" {
+    if kind != "a JSON object" {
         if kind == "not JSON" {
             // Let serde_json describe the syntax error with its position.
             if let Err(error) = serde_json::from_str::<IgnoredAny>(text) {

@@ -90,7 +90,7 @@ impl TimeUnit {
         }
         .round();
         // 2^63 is exactly representable; anything at or beyond it does not fit.
-        if ms.is_finite() && ms >= -9_223_372_036_854_775_808.0 && ms < 9_223_372_036_854_775_808.0 {
+        if (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&ms) {
             Some(ms as i64)
         } else {
             None
@@ -158,11 +158,11 @@ pub enum PayloadError {
     EmptyMetricName { field: String },
     #[error("payload is not valid JSON: {detail}")]
     JsonSyntax { line: usize, column: usize, detail: String },
-    #[error("payload is JSON {found}, expected an object of metric fields")]
+    #[error("payload is {found}, expected a JSON object of metric fields")]
     JsonNotObject { found: &'static str },
     #[error("{field}: objects nested deeper than {max_depth} levels are rejected")]
     JsonTooDeep { field: String, max_depth: usize },
-    #[error("payload is JSON {found}, expected a SenML array of records")]
+    #[error("payload is {found}, expected a SenML JSON array of records")]
     SenmlNotArray { found: &'static str },
     #[error("SenML record {record_index} is not an object")]
     SenmlBadRecord { record_index: usize },

@@ -202,7 +202,7 @@ pub(crate) fn parse_senml(
     emitter: &mut Emitter<'_, '_>,
 ) -> Result<(), PayloadError> {
     let kind = json_kind(text);
-    if kind != "an array" {
+    if kind != "a JSON array" {
         if kind == "not JSON" {
             if let Err(error) = serde_json::from_str::<de::IgnoredAny>(text) {
                 return Err(syntax_error(&error));

@@ -160,6 +160,11 @@ impl LineDecoder {
         self.stats
     }
 
+    /// Bytes held for lines not yet complete or not yet handed out.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffer.len() - self.consumed
+    }
+
     /// Appends bytes read from the port.
     pub fn push(&mut self, chunk: &[u8]) {
         if self.consumed > 0 {

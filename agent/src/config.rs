@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::source::{
-    MessageParser, PayloadFormat, PayloadOptions, SerialLineOptions, TimePolicy, TopicTemplate,
+    MessageParser, PayloadFormat, PayloadOptions, SerialLineOptions, TimePolicy, TopicRouter,
+    TopicTemplate,
 };
 
 /// Baud rates every Linux serial driver understands (termios `Bxxx` constants).
@@ -212,6 +213,13 @@ fn default_true() -> bool {
 }
 fn default_keep_alive_s() -> u32 {
     30
+}
+
+/// Compiles a source's topic list into a router (validation has already reported any error,
+/// with its field path; this returns the first one).
+pub fn topic_router(topics: &[TopicConfig]) -> Result<TopicRouter, String> {
+    let parsers = topics.iter().map(TopicConfig::message_parser).collect::<Result<Vec<_>, _>>()?;
+    Ok(TopicRouter::new(parsers))
 }
 
 /// Run an MQTT broker inside the agent that sensors publish to directly.

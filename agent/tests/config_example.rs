@@ -23,6 +23,13 @@ fn example_config_parses_and_validates() {
     assert_eq!(subscribe.topics[1].payload.format, PayloadFormat::Json);
     let parser = subscribe.topics[0].message_parser().unwrap();
     assert_eq!(parser.template().subscription_filter(), "site/+/dev/+/+");
+    let router = tributary_agent::config::topic_router(&subscribe.topics).unwrap();
+    assert_eq!(router.subscription_filters(), vec!["site/+/dev/+/+", "zigbee2mqtt/+"]);
+    let mut readings = Vec::new();
+    assert_eq!(router.parse("zigbee2mqtt/plug-3", br#"{"power": 5, "state": "ON"}"#, 0, &mut readings), Ok(1));
+    assert_eq!(router.parse("site/b/dev/d/temp", b"21.5", 0, &mut readings), Ok(1));
+    assert_eq!(readings[1].key.tags, vec![("site".to_owned(), "b".to_owned())]);
+    assert_eq!(router.parse("other/topic", b"1", 0, &mut readings).unwrap_err().reason(), "topic_mismatch");
     assert!(matches!(config.sources[1].kind(), Some(SourceKind::MqttBroker(_))));
     assert_eq!(config.sources[1].aggregation.raw, RawPolicy::EveryNth { n: 6 });
     let Some(SourceKind::Serial(serial)) = config.sources[2].kind() else {

@@ -389,3 +389,47 @@ impl MessageParser {
         parse_payload(&self.options, &fields, payload, receive_ms, out)
     }
 }
+
+/// All templates of one MQTT source: finds the template a topic matches and parses with it.
+///
+/// Templates are tried in configuration order and the first match wins, so put specific
+/// templates before general ones (`dev/{device}/status` before `dev/{device}/{metric}`).
+#[derive(Debug, Clone, Default)]
+pub struct TopicRouter {
+    parsers: Vec<MessageParser>,
+}
+
+impl TopicRouter {
+    pub fn new(parsers: Vec<MessageParser>) -> Self {
+        Self { parsers }
+    }
+
+    /// The MQTT subscription filters to subscribe to, one per template, duplicates removed.
+    pub fn subscription_filters(&self) -> Vec<&str> {
+        let mut filters: Vec<&str> = Vec::with_capacity(self.parsers.len());
+        for parser in &self.parsers {
+            let filter = parser.template().subscription_filter();
+            if !filters.contains(&filter) {
+                filters.push(filter);
+            }
+        }
+        filters
+    }
+
+    /// Parses a message with the first template its topic matches; `TopicMismatch` if none does.
+    pub fn parse(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        receive_ms: i64,
+        out: &mut Vec<ParsedReading>,
+    ) -> Result<usize, PayloadError> {
+        for parser in &self.parsers {
+            if let Some(fields) = parser.template().match_topic(topic) {
+                return parse_payload(parser.options(), &fields, payload, receive_ms, out);
+            }
+        }
+        let templates: Vec<&str> = self.parsers.iter().map(|parser| parser.template().as_str()).collect();
+        Err(PayloadError::TopicMismatch { topic: excerpt(topic), template: templates.join(" | ") })
+    }
+}

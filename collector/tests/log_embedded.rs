@@ -270,6 +270,21 @@ async fn replay_from_a_time() {
 }
 
 #[tokio::test]
+async fn a_caught_up_consumer_is_woken_by_new_durable_records() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(0));
+    let log = Arc::new(open(EmbeddedLogConfig::new(directory.path()), &clock));
+    let mut durable = log.watch_durable_offset(0).expect("watch");
+    assert_eq!(*durable.borrow_and_update(), 0);
+    let writer = log.clone();
+    let append = tokio::spawn(async move { writer.append(record("gw", 0, 10)).await });
+    tokio::time::timeout(std::time::Duration::from_secs(10), durable.changed()).await.expect("woken before the deadline").expect("sender alive");
+    assert_eq!(*durable.borrow(), 1);
+    assert_eq!(log.read(0, 0, 1024).await.expect("read").len(), 1, "visible once the watch says so");
+    append.await.expect("join").expect("append");
+}
+
+#[tokio::test]
 async fn concurrent_appends_share_fsyncs() {
     let directory = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(0));

@@ -44,7 +44,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use serde::Deserialize;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::io_error;
 use super::positions::{sync_directory, PositionStore};
@@ -286,6 +286,9 @@ struct Partition {
     index_interval_bytes: u64,
     fsyncs: AtomicU64,
     records_flushed: AtomicU64,
+    /// The partition's next offset, updated after each group commit, so consumers can
+    /// wait for new records instead of polling.
+    durable_next_offset: watch::Sender<u64>,
 }
 
 /// Counters for metrics and for checking that group commit groups.
@@ -527,6 +530,7 @@ impl Partition {
                 segment.note_record(location, self.index_interval_bytes);
             }
         }
+        self.durable_next_offset.send_replace(set.range().next);
     }
 
     fn run_flusher(self: Arc<Self>, mut active: ActiveSegment) {
@@ -710,6 +714,7 @@ impl EmbeddedLog {
                 size_bytes: last.size_bytes,
                 first_timestamp_ms: last.index.first().map(|entry| entry.timestamp_ms),
             };
+            let durable_next_offset = last.next_offset;
             let queue = AppendQueue {
                 next_offset: last.next_offset,
                 last_timestamp_ms: set.segments.iter().rev().find_map(|segment| segment.last_timestamp_ms).unwrap_or(i64::MIN),
@@ -731,6 +736,7 @@ impl EmbeddedLog {
                 index_interval_bytes: config.index_interval_bytes,
                 fsyncs: AtomicU64::new(0),
                 records_flushed: AtomicU64::new(0),
+                durable_next_offset: watch::Sender::new(durable_next_offset),
             });
             let flusher_partition = partition.clone();
             let handle = std::thread::Builder::new()
@@ -837,6 +843,12 @@ impl EmbeddedLog {
         let partition = self.partition(partition)?;
         let set = partition.segments.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok((set.segments.iter().map(|segment| segment.size_bytes).sum(), set.segments.len()))
+    }
+
+    /// Watches a partition's next durable offset: a consumer that has caught up awaits
+    /// `changed()` instead of polling `read`.
+    pub fn watch_durable_offset(&self, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
+        Ok(self.partition(partition)?.durable_next_offset.subscribe())
     }
 
     /// Counters summed over all partitions since open.

@@ -306,17 +306,51 @@ impl BucketStore {
     }
 }
 
+/// The `(gap, count)` pairs of a store, refused as soon as the declared length (or the
+/// element count) passes [`MAX_BUCKETS_PER_STORE`], so a hostile length allocates nothing.
+struct BoundedPairs(Vec<(u32, u64)>);
+
+impl<'de> Deserialize<'de> for BoundedPairs {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PairsVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for PairsVisitor {
+            type Value = BoundedPairs;
+
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(formatter, "at most {MAX_BUCKETS_PER_STORE} (gap, count) pairs")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut sequence: A) -> Result<BoundedPairs, A::Error> {
+                let too_many = |declared: usize| {
+                    A::Error::custom(SketchError::TooManyBuckets {
+                        span_buckets: declared as u64,
+                        max_buckets: MAX_BUCKETS_PER_STORE,
+                    })
+                };
+                let declared = sequence.size_hint().unwrap_or(0);
+                if declared > MAX_BUCKETS_PER_STORE {
+                    return Err(too_many(declared));
+                }
+                let mut pairs = Vec::with_capacity(declared);
+                while let Some(pair) = sequence.next_element::<(u32, u64)>()? {
+                    if pairs.len() >= MAX_BUCKETS_PER_STORE {
+                        return Err(too_many(pairs.len() + 1));
+                    }
+                    pairs.push(pair);
+                }
+                Ok(BoundedPairs(pairs))
+            }
+        }
+
+        deserializer.deserialize_seq(PairsVisitor)
+    }
+}
+
 impl<'de> Deserialize<'de> for BucketStore {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        // The pairs vector is bounded by the input (every pair is at least two bytes),
-        // and the dense vector is only allocated after the span check.
-        let (first_index, buckets): (i32, Vec<(u32, u64)>) = Deserialize::deserialize(deserializer)?;
-        if buckets.len() > MAX_BUCKETS_PER_STORE {
-            return Err(D::Error::custom(SketchError::TooManyBuckets {
-                span_buckets: buckets.len() as u64,
-                max_buckets: MAX_BUCKETS_PER_STORE,
-            }));
-        }
+        // The dense vector is only allocated after the span check in `from_sparse`.
+        let (first_index, BoundedPairs(buckets)): (i32, BoundedPairs) = Deserialize::deserialize(deserializer)?;
         BucketStore::from_sparse(first_index, &buckets).map_err(D::Error::custom)
     }
 }
@@ -533,6 +567,12 @@ mod tests {
         let zero_count = (0u64, (0i32, vec![(0u32, 0u64)]), (0i32, Vec::<(u32, u64)>::new()));
         let bytes = postcard::to_allocvec(&zero_count).unwrap();
         assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
+        // A declared pair count over the bound is refused from the length alone (postcard
+        // hints the length when the input is long enough to hold it; otherwise the loop
+        // stops after the bound).
+        let mut many_pairs = vec![0u8, 0, 0x88, 0x27]; // zero count, first index, 5000 pairs
+        many_pairs.extend(std::iter::repeat_n(1u8, 10_000));
+        assert_eq!(postcard::from_bytes::<Sketch>(&many_pairs), Err(postcard::Error::SerdeDeCustom));
         let overflow = (0u64, (i32::MAX, vec![(0u32, 1u64), (1, 1)]), (0i32, Vec::<(u32, u64)>::new()));
         let bytes = postcard::to_allocvec(&overflow).unwrap();
         assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());

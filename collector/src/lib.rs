@@ -1,4 +1,6 @@
 //! The cloud side: QUIC ingest, durable log, window processor, store, query API.
 
+pub mod config;
+pub mod ingest;
 pub mod log;
 pub mod process;

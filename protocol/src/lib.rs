@@ -11,6 +11,7 @@
 //! - [`session`]: the messages exchanged over a QUIC connection (hello, welcome, batch, ack, nack).
 
 pub mod batch;
+pub mod close;
 pub mod frame;
 pub mod model;
 pub mod session;

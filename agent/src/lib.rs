@@ -1,4 +1,5 @@
 //! The gateway daemon: reads MQTT and serial sensors, pre-aggregates, buffers to disk, ships over QUIC.
+pub mod aggregate;
 pub mod buffer;
 pub mod config;
 pub mod source;

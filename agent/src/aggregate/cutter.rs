@@ -1,0 +1,156 @@
+//! Cutting the aggregator's output into batches.
+//!
+//! Raw readings and window summaries go into *separate* batches: the buffer's overflow
+//! policy drops whole raw batches first and keeps summaries, which only works if a batch
+//! is one or the other. A batch is cut when it holds `max_items` readings (or summaries)
+//! or its oldest item has waited `max_age_ms` of processing time; the defaults give about
+//! one second of live data per batch, which keeps the collector's dashboards fresh while
+//! amortising compression and per-batch overhead.
+
+use tributary_protocol::model::{Reading, WindowSummary};
+
+use super::window::{ClosedWindow, ForwardedReading, NOT_JOURNALED};
+use crate::buffer::BatchClass;
+
+/// Default cap on readings (or summaries) per batch.
+pub const DEFAULT_MAX_ITEMS_PER_BATCH: usize = 50_000;
+/// Default age at which a non-empty batch is cut.
+pub const DEFAULT_MAX_BATCH_AGE_MS: i64 = 1_000;
+
+/// The content of one batch, before it gets a sequence number and is encoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CutBatch {
+    pub class: BatchClass,
+    pub readings: Vec<Reading>,
+    pub summaries: Vec<WindowSummary>,
+    /// Smallest journal sequence number of what the batch holds ([`NOT_JOURNALED`] if none).
+    pub min_journal_seq: u64,
+}
+
+impl CutBatch {
+    /// Event time of the oldest reading or window start in the batch.
+    pub fn oldest_event_ms(&self) -> i64 {
+        let readings = self.readings.iter().map(|reading| reading.time_ms);
+        let summaries = self.summaries.iter().map(|summary| summary.window_start_ms);
+        readings.chain(summaries).min().unwrap_or(0)
+    }
+
+    pub fn item_count(&self) -> usize {
+        self.readings.len() + self.summaries.len()
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    batch: CutBatch,
+    started_ms: Option<i64>,
+}
+
+impl Pending {
+    fn new(class: BatchClass) -> Self {
+        Self {
+            batch: CutBatch { class, readings: Vec::new(), summaries: Vec::new(), min_journal_seq: NOT_JOURNALED },
+            started_ms: None,
+        }
+    }
+
+    fn take(&mut self) -> CutBatch {
+        let class = self.batch.class;
+        self.started_ms = None;
+        std::mem::replace(&mut self.batch, CutBatch { class, readings: Vec::new(), summaries: Vec::new(), min_journal_seq: NOT_JOURNALED })
+    }
+}
+
+/// Collects raw readings and summaries and cuts them into batches by size and age.
+#[derive(Debug)]
+pub struct BatchCutter {
+    max_items: usize,
+    max_age_ms: i64,
+    raw: Pending,
+    summary: Pending,
+}
+
+impl Default for BatchCutter {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_ITEMS_PER_BATCH, DEFAULT_MAX_BATCH_AGE_MS)
+    }
+}
+
+impl BatchCutter {
+    pub fn new(max_items: usize, max_age_ms: i64) -> Self {
+        Self { max_items: max_items.max(1), max_age_ms, raw: Pending::new(BatchClass::Raw), summary: Pending::new(BatchClass::Summary) }
+    }
+
+    pub fn push_raw(&mut self, forwarded: ForwardedReading, now_ms: i64, cut: &mut Vec<CutBatch>) {
+        let pending = &mut self.raw;
+        pending.started_ms.get_or_insert(now_ms);
+        pending.batch.readings.push(forwarded.reading);
+        pending.batch.min_journal_seq = pending.batch.min_journal_seq.min(forwarded.journal_seq);
+        if pending.batch.item_count() >= self.max_items {
+            cut.push(pending.take());
+        }
+    }
+
+    pub fn push_summary(&mut self, closed: ClosedWindow, now_ms: i64, cut: &mut Vec<CutBatch>) {
+        let pending = &mut self.summary;
+        pending.started_ms.get_or_insert(now_ms);
+        pending.batch.summaries.push(closed.summary);
+        pending.batch.min_journal_seq = pending.batch.min_journal_seq.min(closed.min_journal_seq);
+        if pending.batch.item_count() >= self.max_items {
+            cut.push(pending.take());
+        }
+    }
+
+    /// Cuts the pending batches that are old enough, or all non-empty ones with `force`.
+    pub fn cut_due(&mut self, now_ms: i64, force: bool, cut: &mut Vec<CutBatch>) {
+        for pending in [&mut self.raw, &mut self.summary] {
+            if let Some(started_ms) = pending.started_ms {
+                if force || now_ms.saturating_sub(started_ms) >= self.max_age_ms {
+                    cut.push(pending.take());
+                }
+            }
+        }
+    }
+
+    /// Smallest journal sequence number not yet in a cut batch.
+    pub fn min_pending_journal_seq(&self) -> u64 {
+        self.raw.batch.min_journal_seq.min(self.summary.batch.min_journal_seq)
+    }
+
+    /// When the next batch becomes due by age, if any is pending.
+    pub fn next_due_ms(&self) -> Option<i64> {
+        [self.raw.started_ms, self.summary.started_ms].into_iter().flatten().min().map(|started| started.saturating_add(self.max_age_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forwarded(time_ms: i64, journal_seq: u64) -> ForwardedReading {
+        ForwardedReading { reading: Reading { series: 0, time_ms, value: 1.0, flags: 0 }, journal_seq }
+    }
+
+    #[test]
+    fn cuts_by_size_and_age_and_keeps_classes_apart() {
+        let mut cutter = BatchCutter::new(3, 1_000);
+        let mut cut = Vec::new();
+        cutter.push_raw(forwarded(1, 10), 0, &mut cut);
+        cutter.push_raw(forwarded(2, 11), 10, &mut cut);
+        assert!(cut.is_empty());
+        assert_eq!(cutter.min_pending_journal_seq(), 10);
+        cutter.push_raw(forwarded(3, 12), 20, &mut cut);
+        assert_eq!(cut.len(), 1);
+        assert_eq!(cut[0].readings.len(), 3);
+        assert_eq!(cut[0].min_journal_seq, 10);
+        assert_eq!(cutter.min_pending_journal_seq(), NOT_JOURNALED);
+        cutter.push_raw(forwarded(4, 13), 100, &mut cut);
+        cutter.cut_due(1_099, false, &mut cut);
+        assert_eq!(cut.len(), 1);
+        assert_eq!(cutter.next_due_ms(), Some(1_100));
+        cutter.cut_due(1_100, false, &mut cut);
+        assert_eq!(cut.len(), 2);
+        assert_eq!(cut[1].class, BatchClass::Raw);
+        assert!(cut.iter().all(|batch| batch.summaries.is_empty()));
+    }
+}

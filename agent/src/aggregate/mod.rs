@@ -1,0 +1,157 @@
+//! Edge pre-aggregation: readings in, raw and summary batches out.
+//!
+//! The stage between the sources and the disk buffer, sans-IO apart from the series
+//! registry's sled tree. Per source, a [`WindowAggregator`] keeps per-series event-time
+//! tumbling windows and applies the raw-forwarding policy; the [`BatchCutter`] groups raw
+//! readings and window summaries into separate batches; [`AggregationStage::encode`] turns
+//! a cut batch into the protocol's columnar bytes with every series definition it uses
+//! (the buffer's contract with the shipper: each stored batch is self-contained).
+//!
+//! - [`window`]: windows, watermark and idle close, raw policies;
+//! - [`registry`]: stable series ids, persisted across restarts;
+//! - [`cutter`]: size- and age-based batch cutting.
+
+pub mod cutter;
+pub mod registry;
+pub mod window;
+
+pub use cutter::{BatchCutter, CutBatch, DEFAULT_MAX_BATCH_AGE_MS, DEFAULT_MAX_ITEMS_PER_BATCH};
+pub use registry::{RegistryError, SeriesRegistry};
+pub use window::{
+    AggregateOutput, AggregatorCounters, ClosedWindow, ForwardedReading, WindowAggregator, WindowConfig,
+    DEFAULT_ALLOWED_DISORDER_MS, NOT_JOURNALED,
+};
+
+use tributary_protocol::batch::{series_ids_used, BatchEncoder, DEFAULT_ZSTD_LEVEL};
+use tributary_protocol::model::{Reading, SeriesId, SeriesKey};
+use tributary_protocol::Batch;
+
+use crate::buffer::BatchInfo;
+
+/// Index of a source within the stage (order of `add_source`).
+pub type SourceIndex = usize;
+
+/// All sources' aggregators, the shared registry and the batch cutter.
+pub struct AggregationStage {
+    registry: SeriesRegistry,
+    sources: Vec<WindowAggregator>,
+    cutter: BatchCutter,
+    output: AggregateOutput,
+    encoder: BatchEncoder,
+}
+
+impl std::fmt::Debug for AggregationStage {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("AggregationStage")
+            .field("series", &self.registry.len())
+            .field("sources", &self.sources.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AggregationStage {
+    pub fn new(registry: SeriesRegistry, cutter: BatchCutter) -> Self {
+        Self { registry, sources: Vec::new(), cutter, output: AggregateOutput::default(), encoder: BatchEncoder::new(DEFAULT_ZSTD_LEVEL) }
+    }
+
+    pub fn add_source(&mut self, config: WindowConfig) -> SourceIndex {
+        self.sources.push(WindowAggregator::new(config));
+        self.sources.len() - 1
+    }
+
+    pub fn registry(&self) -> &SeriesRegistry {
+        &self.registry
+    }
+
+    pub fn source(&self, source: SourceIndex) -> Option<&WindowAggregator> {
+        self.sources.get(source)
+    }
+
+    /// One reading of `source` (event time and flags already resolved), arrived at `now_ms`.
+    /// Completed batches are appended to `cut`. An unknown `source` index is ignored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn observe(
+        &mut self,
+        source: SourceIndex,
+        key: &SeriesKey,
+        time_ms: i64,
+        value: f64,
+        flags: u8,
+        journal_seq: u64,
+        now_ms: i64,
+        cut: &mut Vec<CutBatch>,
+    ) -> Result<SeriesId, RegistryError> {
+        let series = self.registry.intern(key)?;
+        if let Some(aggregator) = self.sources.get_mut(source) {
+            aggregator.observe(Reading { series, time_ms, value, flags }, journal_seq, now_ms, &mut self.output);
+            self.drain_output(now_ms, cut);
+        }
+        Ok(series)
+    }
+
+    /// Closes idle windows and cuts batches that are due by age.
+    pub fn poll(&mut self, now_ms: i64, cut: &mut Vec<CutBatch>) {
+        for aggregator in &mut self.sources {
+            aggregator.poll(now_ms, &mut self.output);
+        }
+        self.drain_output(now_ms, cut);
+        self.cutter.cut_due(now_ms, false, cut);
+    }
+
+    /// Closes every window and cuts everything pending (shutdown).
+    pub fn close_all(&mut self, now_ms: i64, cut: &mut Vec<CutBatch>) {
+        for aggregator in &mut self.sources {
+            aggregator.close_all(&mut self.output);
+        }
+        self.drain_output(now_ms, cut);
+        self.cutter.cut_due(now_ms, true, cut);
+    }
+
+    /// Cuts everything pending without closing windows.
+    pub fn cut_pending(&mut self, now_ms: i64, cut: &mut Vec<CutBatch>) {
+        self.cutter.cut_due(now_ms, true, cut);
+    }
+
+    /// Smallest journal sequence number whose reading is not yet in a cut batch: every
+    /// journal entry below it is covered by batches once those are durable.
+    pub fn min_unfinished_journal_seq(&self) -> u64 {
+        let open = self.sources.iter().map(WindowAggregator::min_open_journal_seq).min().unwrap_or(NOT_JOURNALED);
+        open.min(self.cutter.min_pending_journal_seq())
+    }
+
+    /// When [`AggregationStage::poll`] next has batch work by age.
+    pub fn next_cut_due_ms(&self) -> Option<i64> {
+        self.cutter.next_due_ms()
+    }
+
+    fn drain_output(&mut self, now_ms: i64, cut: &mut Vec<CutBatch>) {
+        for forwarded in self.output.raw.drain(..) {
+            self.cutter.push_raw(forwarded, now_ms, cut);
+        }
+        for closed in self.output.closed.drain(..) {
+            self.cutter.push_summary(closed, now_ms, cut);
+        }
+    }
+
+    /// Encodes a cut batch under `batch_seq`, with the definitions of every series it uses,
+    /// and the header the buffer stores with it.
+    pub fn encode(&mut self, cut: CutBatch, agent_id: &str, batch_seq: u64, created_ms: i64) -> (Vec<u8>, BatchInfo) {
+        let info = BatchInfo {
+            class: cut.class,
+            created_ms,
+            oldest_event_ms: cut.oldest_event_ms(),
+            reading_count: u32::try_from(cut.item_count()).unwrap_or(u32::MAX),
+        };
+        let mut batch = Batch {
+            agent_id: agent_id.to_owned(),
+            batch_seq,
+            created_ms,
+            series: Vec::new(),
+            readings: cut.readings,
+            summaries: cut.summaries,
+        };
+        batch.series = self.registry.definitions(&series_ids_used(&batch));
+        (self.encoder.encode(&batch), info)
+    }
+}

@@ -1,0 +1,330 @@
+//! Per-series event-time tumbling windows and the raw-forwarding policy of one source.
+//!
+//! Sans-IO: every call takes the processing time (`now_ms`) as an argument, so tests drive
+//! the engine with any clock they like. A window `[start, start + window_ms)` stays open
+//! while readings for it may still arrive: it closes when the series' event-time watermark
+//! (the largest event time seen minus `allowed_disorder_ms`) reaches its end, or when the
+//! series has been silent for `idle_timeout_ms` of processing time (a sensor that stopped
+//! reporting must not hold its last window open forever).
+//!
+//! A reading later than the watermark is not dropped: its window is opened again as a
+//! fresh, partial summary and closed at once. Summaries are mergeable, so the collector
+//! folds the partial into the earlier one exactly; the reading is counted as late.
+//!
+//! Every reading may carry a journal sequence number (the MQTT acknowledgement chain's
+//! write-ahead journal, see `run.rs`); a window remembers the smallest one it holds so the
+//! journal can be truncated exactly below everything still open.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tributary_protocol::model::{Reading, SeriesId, WindowSummary};
+use tributary_protocol::Summary;
+
+use crate::config::RawPolicy;
+
+/// Journal sequence number of a reading that is not journaled.
+pub const NOT_JOURNALED: u64 = u64::MAX;
+
+/// How one source's readings are windowed and forwarded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowConfig {
+    pub window_ms: u64,
+    /// How far behind the newest event time of a series a reading may arrive and still
+    /// land in its (still open) window.
+    pub allowed_disorder_ms: i64,
+    /// Processing time of silence after which a series' open windows are closed.
+    pub idle_timeout_ms: i64,
+    pub raw: RawPolicy,
+}
+
+/// Default disorder allowance: sensors behind one broker rarely reorder by more.
+pub const DEFAULT_ALLOWED_DISORDER_MS: i64 = 2_000;
+
+impl WindowConfig {
+    /// The defaults for a configured window width and raw policy: 2 s of disorder, and a
+    /// silent series closes its windows after one window width plus the disorder.
+    pub fn new(window_ms: u64, raw: RawPolicy) -> Self {
+        let window_ms = window_ms.max(1);
+        let allowed_disorder_ms = DEFAULT_ALLOWED_DISORDER_MS;
+        let idle_timeout_ms = i64::try_from(window_ms).unwrap_or(i64::MAX).saturating_add(allowed_disorder_ms);
+        Self { window_ms, allowed_disorder_ms, idle_timeout_ms, raw }
+    }
+
+    fn window_width_ms(&self) -> i64 {
+        i64::try_from(self.window_ms.max(1)).unwrap_or(i64::MAX)
+    }
+
+    /// Start of the window holding `time_ms` (windows are aligned to the Unix epoch).
+    pub fn window_start_ms(&self, time_ms: i64) -> i64 {
+        time_ms - time_ms.rem_euclid(self.window_width_ms())
+    }
+}
+
+/// A closed window, ready for a summary batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosedWindow {
+    pub summary: WindowSummary,
+    /// Smallest journal sequence number of the readings in it ([`NOT_JOURNALED`] if none).
+    pub min_journal_seq: u64,
+}
+
+/// A raw reading the policy forwards.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForwardedReading {
+    pub reading: Reading,
+    pub journal_seq: u64,
+}
+
+/// Where [`WindowAggregator`] puts what it produces; the caller drains it into batches.
+#[derive(Debug, Default)]
+pub struct AggregateOutput {
+    pub raw: Vec<ForwardedReading>,
+    pub closed: Vec<ClosedWindow>,
+}
+
+impl AggregateOutput {
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty() && self.closed.is_empty()
+    }
+}
+
+/// Counters of one aggregator (exported as metrics by the shell).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AggregatorCounters {
+    pub readings_in: u64,
+    /// Readings that arrived after their window had closed (emitted as partial summaries).
+    pub late_readings: u64,
+    /// Non-finite values refused (parsers already reject them; kept as a guard).
+    pub non_finite_values: u64,
+    pub raw_forwarded: u64,
+    pub windows_closed: u64,
+}
+
+#[derive(Debug)]
+struct OpenWindow {
+    summary: Summary,
+    min_journal_seq: u64,
+}
+
+#[derive(Debug)]
+struct SeriesState {
+    open: BTreeMap<i64, OpenWindow>,
+    max_event_ms: i64,
+    last_arrival_ms: i64,
+    readings_seen: u64,
+    last_forwarded_value: Option<f64>,
+}
+
+/// The windows and raw policy of every series of one source.
+#[derive(Debug)]
+pub struct WindowAggregator {
+    config: WindowConfig,
+    series: HashMap<SeriesId, SeriesState>,
+    counters: AggregatorCounters,
+    open_windows: usize,
+}
+
+impl WindowAggregator {
+    pub fn new(config: WindowConfig) -> Self {
+        Self { config, series: HashMap::new(), counters: AggregatorCounters::default(), open_windows: 0 }
+    }
+
+    pub fn config(&self) -> &WindowConfig {
+        &self.config
+    }
+
+    pub fn counters(&self) -> AggregatorCounters {
+        self.counters
+    }
+
+    /// Windows currently open over all series.
+    pub fn open_windows(&self) -> usize {
+        self.open_windows
+    }
+
+    /// Smallest journal sequence number held by an open window ([`NOT_JOURNALED`] if none).
+    pub fn min_open_journal_seq(&self) -> u64 {
+        self.series
+            .values()
+            .flat_map(|state| state.open.values())
+            .map(|window| window.min_journal_seq)
+            .min()
+            .unwrap_or(NOT_JOURNALED)
+    }
+
+    /// Takes one reading that arrived at processing time `now_ms`: forwards it raw if the
+    /// policy says so, adds it to its window, and closes the windows the series' watermark
+    /// has passed.
+    pub fn observe(&mut self, reading: Reading, journal_seq: u64, now_ms: i64, out: &mut AggregateOutput) {
+        if !reading.value.is_finite() {
+            self.counters.non_finite_values += 1;
+            return;
+        }
+        self.counters.readings_in += 1;
+        let config = self.config;
+        let state = self.series.entry(reading.series).or_insert_with(|| SeriesState {
+            open: BTreeMap::new(),
+            max_event_ms: i64::MIN,
+            last_arrival_ms: now_ms,
+            readings_seen: 0,
+            last_forwarded_value: None,
+        });
+        state.last_arrival_ms = now_ms;
+        state.readings_seen += 1;
+
+        let forward = match config.raw {
+            RawPolicy::All => true,
+            RawPolicy::None => false,
+            RawPolicy::EveryNth { n } => (state.readings_seen - 1) % u64::from(n.max(1)) == 0,
+            RawPolicy::Deadband { threshold } => match state.last_forwarded_value {
+                None => true,
+                Some(last) => (reading.value - last).abs() > threshold,
+            },
+        };
+        if forward {
+            state.last_forwarded_value = Some(reading.value);
+            self.counters.raw_forwarded += 1;
+            out.raw.push(ForwardedReading { reading, journal_seq });
+        }
+
+        let watermark_before = watermark(state.max_event_ms, config.allowed_disorder_ms);
+        let start_ms = config.window_start_ms(reading.time_ms);
+        let end_ms = start_ms.saturating_add(config.window_width_ms());
+        if end_ms <= watermark_before {
+            self.counters.late_readings += 1;
+        }
+        let window = state.open.entry(start_ms).or_insert_with(|| {
+            self.open_windows += 1;
+            OpenWindow { summary: Summary::empty(), min_journal_seq: NOT_JOURNALED }
+        });
+        window.summary.observe(reading.time_ms, reading.value);
+        window.min_journal_seq = window.min_journal_seq.min(journal_seq);
+        state.max_event_ms = state.max_event_ms.max(reading.time_ms);
+
+        let watermark_now = watermark(state.max_event_ms, config.allowed_disorder_ms);
+        let closed = close_windows_ending_by(reading.series, state, &config, watermark_now, out);
+        self.open_windows -= closed;
+        self.counters.windows_closed += closed as u64;
+    }
+
+    /// Closes the windows of series silent for `idle_timeout_ms` of processing time.
+    pub fn poll(&mut self, now_ms: i64, out: &mut AggregateOutput) {
+        let config = self.config;
+        let mut closed_total = 0;
+        for (series, state) in &mut self.series {
+            if !state.open.is_empty() && now_ms.saturating_sub(state.last_arrival_ms) >= config.idle_timeout_ms {
+                closed_total += close_windows_ending_by(*series, state, &config, i64::MAX, out);
+            }
+        }
+        self.open_windows -= closed_total;
+        self.counters.windows_closed += closed_total as u64;
+    }
+
+    /// Closes every open window (shutdown).
+    pub fn close_all(&mut self, out: &mut AggregateOutput) {
+        let config = self.config;
+        let mut closed_total = 0;
+        for (series, state) in &mut self.series {
+            closed_total += close_windows_ending_by(*series, state, &config, i64::MAX, out);
+        }
+        self.open_windows -= closed_total;
+        self.counters.windows_closed += closed_total as u64;
+    }
+}
+
+fn watermark(max_event_ms: i64, allowed_disorder_ms: i64) -> i64 {
+    if max_event_ms == i64::MIN {
+        i64::MIN
+    } else {
+        max_event_ms.saturating_sub(allowed_disorder_ms)
+    }
+}
+
+/// Closes (in start order) the windows of one series whose end is at or before `watermark_ms`;
+/// `i64::MAX` closes them all. Returns how many closed.
+fn close_windows_ending_by(
+    series: SeriesId,
+    state: &mut SeriesState,
+    config: &WindowConfig,
+    watermark_ms: i64,
+    out: &mut AggregateOutput,
+) -> usize {
+    let width_ms = config.window_width_ms();
+    let window_ms = u32::try_from(config.window_ms).unwrap_or(u32::MAX);
+    let mut closed = 0;
+    while let Some(entry) = state.open.first_entry() {
+        let start_ms = *entry.key();
+        if watermark_ms != i64::MAX && start_ms.saturating_add(width_ms) > watermark_ms {
+            break;
+        }
+        let window = entry.remove();
+        closed += 1;
+        out.closed.push(ClosedWindow {
+            summary: WindowSummary { series, window_start_ms: start_ms, window_ms, summary: window.summary },
+            min_journal_seq: window.min_journal_seq,
+        });
+    }
+    closed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(series: SeriesId, time_ms: i64, value: f64) -> Reading {
+        Reading { series, time_ms, value, flags: 0 }
+    }
+
+    #[test]
+    fn closes_on_watermark_and_idle_timeout() {
+        let config = WindowConfig { window_ms: 1_000, allowed_disorder_ms: 100, idle_timeout_ms: 5_000, raw: RawPolicy::None };
+        let mut aggregator = WindowAggregator::new(config);
+        let mut out = AggregateOutput::default();
+        aggregator.observe(reading(1, 10, 1.0), NOT_JOURNALED, 0, &mut out);
+        aggregator.observe(reading(1, 1_050, 2.0), NOT_JOURNALED, 0, &mut out);
+        assert!(out.closed.is_empty(), "watermark 950 has not reached the end 1000");
+        aggregator.observe(reading(1, 990, 3.0), NOT_JOURNALED, 0, &mut out);
+        aggregator.observe(reading(1, 1_100, 4.0), NOT_JOURNALED, 0, &mut out);
+        assert_eq!(out.closed.len(), 1);
+        assert_eq!(out.closed[0].summary.summary.count, 2);
+        assert_eq!(out.closed[0].summary.window_start_ms, 0);
+        aggregator.poll(4_999, &mut out);
+        assert_eq!(out.closed.len(), 1);
+        aggregator.poll(5_000, &mut out);
+        assert_eq!(out.closed.len(), 2);
+        assert_eq!(out.closed[1].summary.summary.count, 2);
+        assert_eq!(aggregator.open_windows(), 0);
+    }
+
+    #[test]
+    fn late_reading_becomes_a_partial_summary() {
+        let config = WindowConfig { window_ms: 1_000, allowed_disorder_ms: 0, idle_timeout_ms: 5_000, raw: RawPolicy::None };
+        let mut aggregator = WindowAggregator::new(config);
+        let mut out = AggregateOutput::default();
+        aggregator.observe(reading(1, 500, 1.0), 7, 0, &mut out);
+        aggregator.observe(reading(1, 2_500, 1.0), 8, 0, &mut out);
+        aggregator.observe(reading(1, 600, 5.0), 9, 0, &mut out);
+        assert_eq!(aggregator.counters().late_readings, 1);
+        let starts: Vec<(i64, u64, u64)> =
+            out.closed.iter().map(|closed| (closed.summary.window_start_ms, closed.summary.summary.count, closed.min_journal_seq)).collect();
+        assert_eq!(starts, vec![(0, 1, 7), (0, 1, 9)]);
+        assert_eq!(aggregator.min_open_journal_seq(), 8);
+    }
+
+    #[test]
+    fn raw_policies() {
+        let run = |raw: RawPolicy, values: &[f64]| -> Vec<f64> {
+            let mut aggregator = WindowAggregator::new(WindowConfig::new(10_000, raw));
+            let mut out = AggregateOutput::default();
+            for (index, value) in values.iter().enumerate() {
+                aggregator.observe(reading(1, index as i64, *value), NOT_JOURNALED, 0, &mut out);
+            }
+            out.raw.iter().map(|forwarded| forwarded.reading.value).collect()
+        };
+        let values = [1.0, 1.2, 1.6, 1.7, 0.9, 5.0];
+        assert_eq!(run(RawPolicy::All, &values), values.to_vec());
+        assert!(run(RawPolicy::None, &values).is_empty());
+        assert_eq!(run(RawPolicy::EveryNth { n: 2 }, &values), vec![1.0, 1.6, 0.9]);
+        assert_eq!(run(RawPolicy::Deadband { threshold: 0.5 }, &values), vec![1.0, 1.6, 0.9, 5.0]);
+    }
+}

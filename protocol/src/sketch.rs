@@ -20,8 +20,9 @@
 //! indices (a dense `Vec<u64>`), so a sketch never holds more than
 //! `2 * 2048 * 8 B = 32 KiB` of counts, whatever it is fed. When a store would span more,
 //! its lowest buckets (the magnitudes closest to zero) are collapsed into the lowest
-//! bucket it keeps. 2048 buckets span a factor of `e^(0.02 * 2047)`, about 6e17, so the
-//! accuracy guarantee holds for every magnitude within a factor 6e17 of the largest one;
+//! bucket it keeps. A bucket is 0.0192 to 0.02 wide in `ln v`, so 2048 buckets span at least
+//! `e^(0.0192 * 2047)`, about 1e17: the accuracy guarantee holds for every magnitude within a
+//! factor 1e17 of the largest one;
 //! real sensor data spans far less and a 10 s window usually touches a handful of buckets.
 //! Collapsing depends only on the multiset of bucket indices (every index below
 //! `highest - 2047` ends in bucket `highest - 2047`), so merge stays associative and

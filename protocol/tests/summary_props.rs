@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use tributary_protocol::Summary;
 
 /// Readings with deliberate ties in time and in value, both signs, zeros and wide
-/// magnitudes (the sketch's collapsing never kicks in below a factor of ~6e17).
+/// magnitudes (the sketch's collapsing never kicks in below a factor of ~1e17).
 fn reading() -> impl Strategy<Value = (i64, f64)> {
     let value = prop_oneof![
         3 => -1_000_000.0f64..1_000_000.0,

@@ -3,3 +3,4 @@ pub mod aggregate;
 pub mod buffer;
 pub mod config;
 pub mod source;
+pub mod ship;

@@ -50,7 +50,7 @@ pub const FORMAT_VERSION: u8 = 1;
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_ZSTD: u8 = 1;
 /// The zstd level [`encode_batch`] uses; chosen by measurement (docs/benchmarks.md).
-pub const DEFAULT_ZSTD_LEVEL: i32 = 9;
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// One shipment from an agent: readings and window summaries, plus the series
 /// definitions the receiver may not know yet.
@@ -392,22 +392,54 @@ pub fn decode_batch_header(bytes: &[u8], limits: &BatchLimits) -> Result<BatchHe
 }
 
 /// Decodes an untrusted batch. Never panics; allocates only within `limits`.
+/// For many batches, keep a [`BatchDecoder`] to reuse its zstd context and buffer.
 pub fn decode_batch(bytes: &[u8], limits: &BatchLimits) -> Result<Batch, BatchError> {
-    check_encoded_size(bytes, limits)?;
-    let mut reader = Reader::new(bytes, "envelope");
-    let start = read_envelope_start(&mut reader, limits)?;
-    let counts = read_counts(&mut reader, limits)?;
-    let payload = reader.remaining();
+    BatchDecoder::new().decode(bytes, limits)
+}
 
-    let decompressed;
-    let body: &[u8] = if counts.compression == COMPRESSION_ZSTD {
-        decompressed = zstd::bulk::decompress(payload, counts.body_bytes).map_err(|source| {
-            BatchError::Decompress { declared_bytes: counts.body_bytes as u64, source }
-        })?;
-        &decompressed
-    } else {
-        payload
-    };
+/// Decodes batches, reusing its zstd context and body buffer between calls (a
+/// fresh zstd context per 1 s batch costs more than decoding its readings).
+#[derive(Default)]
+pub struct BatchDecoder {
+    decompressor: Option<zstd::bulk::Decompressor<'static>>,
+    body: Vec<u8>,
+}
+
+impl BatchDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decodes an untrusted batch. Never panics; allocates only within `limits`.
+    pub fn decode(&mut self, bytes: &[u8], limits: &BatchLimits) -> Result<Batch, BatchError> {
+        check_encoded_size(bytes, limits)?;
+        let mut reader = Reader::new(bytes, "envelope");
+        let start = read_envelope_start(&mut reader, limits)?;
+        let counts = read_counts(&mut reader, limits)?;
+        let payload = reader.remaining();
+        let body: &[u8] = if counts.compression == COMPRESSION_ZSTD {
+            let decompressor = match self.decompressor.as_mut() {
+                Some(decompressor) => decompressor,
+                None => self.decompressor.insert(zstd::bulk::Decompressor::new().map_err(|source| {
+                    BatchError::Decompress { declared_bytes: counts.body_bytes as u64, source }
+                })?),
+            };
+            self.body.clear();
+            // The declared size was checked against the limit; zstd writes at most
+            // the buffer's capacity and fails past it.
+            self.body.reserve_exact(counts.body_bytes);
+            decompressor.decompress_to_buffer(payload, &mut self.body).map_err(|source| {
+                BatchError::Decompress { declared_bytes: counts.body_bytes as u64, source }
+            })?;
+            &self.body
+        } else {
+            payload
+        };
+        decode_body(start, &counts, body)
+    }
+}
+
+fn decode_body(start: EnvelopeStart<'_>, counts: &Counts, body: &[u8]) -> Result<Batch, BatchError> {
     if body.len() != counts.body_bytes {
         return Err(BatchError::BodySizeMismatch {
             declared_bytes: counts.body_bytes as u64,

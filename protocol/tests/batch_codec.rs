@@ -208,3 +208,15 @@ fn receiver_dictionary_is_bounded() {
     assert!(matches!(receiver.accept(&batch), Err(DictionaryError::TooManySeries { would_know: 2, limit: 1 })));
     assert!(receiver.is_empty());
 }
+
+#[test]
+fn a_reused_decoder_decodes_each_batch_independently() {
+    let mut decoder = tributary_protocol::batch::BatchDecoder::new();
+    let limits = BatchLimits::default();
+    let large = encode_batch(&sample_batch(5000));
+    let small = encode_batch(&sample_batch(3));
+    assert_eq!(decoder.decode(&large, &limits).expect("valid").readings.len(), 5000);
+    assert!(decoder.decode(&large[..large.len() / 2], &limits).is_err());
+    assert_eq!(decoder.decode(&small, &limits).expect("valid").readings.len(), 3);
+    assert_eq!(decoder.decode(&large, &limits).expect("valid"), decode_batch(&large, &limits).expect("valid"));
+}

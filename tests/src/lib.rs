@@ -1,3 +1,4 @@
 //! Shared helpers for Tributary's cross-process tests and the benchmark harness.
 
+pub mod bench;
 pub mod services;

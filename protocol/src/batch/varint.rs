@@ -62,12 +62,18 @@ impl<'a> Reader<'a> {
 
     #[inline]
     pub(crate) fn read_u64(&mut self) -> Result<u64, BatchError> {
-        // Fast path: one-byte varints dominate (deltas of zero, small ids).
-        if let Some(&byte) = self.bytes.get(self.position) {
-            if byte < 0x80 {
+        // Fast paths: one- and two-byte varints dominate (deltas, small ids, the
+        // first value of a run of quantised readings).
+        match self.bytes.get(self.position..self.position.saturating_add(2)) {
+            Some(&[first, _]) if first < 0x80 => {
                 self.position += 1;
-                return Ok(u64::from(byte));
+                return Ok(u64::from(first));
             }
+            Some(&[first, second]) if second < 0x80 => {
+                self.position += 2;
+                return Ok(u64::from(first & 0x7f) | (u64::from(second) << 7));
+            }
+            _ => {}
         }
         let mut value: u64 = 0;
         let mut shift = 0u32;

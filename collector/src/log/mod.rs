@@ -25,6 +25,7 @@
 //! [`embedded::EmbeddedLog::enforce_retention`].
 
 pub mod embedded;
+pub mod kafka;
 mod positions;
 pub mod record;
 
@@ -113,6 +114,10 @@ pub enum LogError {
     InvalidConfig(String),
     #[error("durable log is closed")]
     Closed,
+    #[error("Kafka {operation} on topic {topic} failed: {detail}; the agent keeps the batch and retries; check that the brokers in the collector config are reachable and the topic exists")]
+    Kafka { operation: &'static str, topic: String, detail: String },
+    #[error("record at partition {partition} offset {offset} was not written by Tributary: {reason}; skip it by committing offset {offset} + 1 for the consumer group")]
+    ForeignRecord { partition: u32, offset: u64, reason: String },
 }
 
 impl LogError {

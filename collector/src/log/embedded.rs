@@ -265,6 +265,10 @@ struct AppendQueue {
     failure: Option<String>,
 }
 
+/// A record the flusher wrote, and the segment (path, file) it opened, if it is the
+/// first record of a new one.
+type WrittenRecord = (RecordLocation, Option<(PathBuf, Arc<File>)>);
+
 /// The flusher's view of the segment it appends to.
 struct ActiveSegment {
     base_offset: u64,
@@ -471,13 +475,7 @@ impl Partition {
     /// Writes one group of encoded records (offset order) and fsyncs, rolling to new
     /// segments as needed. Returns each record's location and, for records that start
     /// a new segment, that segment's path and file.
-    #[allow(clippy::type_complexity)]
-    fn write_group(
-        &self,
-        active: &mut ActiveSegment,
-        encoded: &[u8],
-        records: &[PendingRecord],
-    ) -> Result<Vec<(RecordLocation, Option<(PathBuf, Arc<File>)>)>, LogError> {
+    fn write_group(&self, active: &mut ActiveSegment, encoded: &[u8], records: &[PendingRecord]) -> Result<Vec<WrittenRecord>, LogError> {
         let mut locations = Vec::with_capacity(records.len());
         let mut run_start = 0usize;
         let mut cursor = 0usize;
@@ -520,7 +518,7 @@ impl Partition {
         Ok(locations)
     }
 
-    fn publish(&self, locations: Vec<(RecordLocation, Option<(PathBuf, Arc<File>)>)>) {
+    fn publish(&self, locations: Vec<WrittenRecord>) {
         let mut set = self.segments.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (location, new_segment) in locations {
             if let Some((path, file)) = new_segment {

@@ -184,12 +184,10 @@ fn a_checkpoint_is_refused_under_another_configuration() {
 
 #[test]
 fn invalid_configurations_name_the_field() {
-    let mut bad = EngineConfig::default();
-    bad.resolutions_ms = vec![60_000, 0];
+    let bad = EngineConfig { resolutions_ms: vec![60_000, 0], ..EngineConfig::default() };
     let error = WindowEngine::new(bad).unwrap_err();
     assert!(error.to_string().contains("resolutions_ms"), "{error}");
-    let mut bad = EngineConfig::default();
-    bad.emit_interval_ms = 0;
+    let bad = EngineConfig { emit_interval_ms: 0, ..EngineConfig::default() };
     assert!(WindowEngine::new(bad).unwrap_err().to_string().contains("emit_interval_ms"));
 }
 
@@ -206,11 +204,10 @@ fn state_per_active_series_is_bounded_and_measured() {
     let mut engine = WindowEngine::new(config).unwrap();
     let mut output = EngineOutput::default();
     let start_ms = 1_700_000_040_000; // 40 s into an hour window and at a minute boundary
-    let mut seq = 0;
-    for chunk in (0..SERIES).collect::<Vec<_>>().chunks(500) {
+    for (seq, chunk) in (0..SERIES).collect::<Vec<_>>().chunks(500).enumerate() {
         let mut batch = Batch {
             agent_id: "gateway".into(),
-            batch_seq: seq,
+            batch_seq: seq as u64,
             created_ms: start_ms,
             series: chunk
                 .iter()
@@ -229,7 +226,6 @@ fn state_per_active_series_is_bounded_and_measured() {
                 batch.readings.push(Reading { series: *id, time_ms: start_ms + second * 1_000, value, flags: 0 });
             }
         }
-        seq += 1;
         engine.ingest_batch(&batch, start_ms + 59_000, &mut output).unwrap();
     }
     assert_eq!(engine.open_windows(), 2 * SERIES as usize);

@@ -557,7 +557,8 @@ fn coarse_windows_re_derived_from_fine_ones_equal_the_engine_s() {
     }
     engine.flush_all(BASE_MS + 1_000 * 60_000, &mut output);
     assert!(output.late.is_empty());
-    let mut by_series: BTreeMap<String, (Vec<(i64, Summary)>, Vec<(i64, Summary)>)> = BTreeMap::new();
+    type Windows = Vec<(i64, Summary)>;
+    let mut by_series: BTreeMap<String, (Windows, Windows)> = BTreeMap::new();
     for result in finals(&output) {
         let entry = by_series.entry(result.series.metric.clone()).or_default();
         let list = if result.resolution_ms == 60_000 { &mut entry.0 } else { &mut entry.1 };

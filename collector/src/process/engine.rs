@@ -160,6 +160,10 @@ struct WindowSlot {
     summary: Summary,
     dirty: bool,
     occupied: bool,
+    /// Bumped each time the slot is reused, so that a stale entry in the emission queue
+    /// never stands for the slot's next window (emission order must not depend on slot
+    /// reuse, which differs after a restore).
+    generation: u32,
 }
 
 #[derive(Debug)]
@@ -183,7 +187,7 @@ impl AgentState {
 struct SeriesTable {
     keys: Vec<Arc<SeriesKey>>,
     owners: Vec<u32>,
-    index: HashMap<Arc<SeriesKey>, u32>,
+    index: FastHashMap<Arc<SeriesKey>, u32>,
 }
 
 /// The window slab, its index and the running-emission queue.
@@ -192,8 +196,9 @@ struct WindowStore {
     index: FastHashMap<WindowKey, u32>,
     slots: Vec<WindowSlot>,
     free: Vec<u32>,
-    /// Slots that became dirty, in the order they did (may hold stale entries).
-    dirty: Vec<u32>,
+    /// `(slot, generation)` of windows that became dirty, in the order they did (may hold
+    /// stale entries).
+    dirty: Vec<(u32, u32)>,
 }
 
 impl WindowStore {
@@ -203,16 +208,19 @@ impl WindowStore {
         if let Some(slot) = self.index.get(&key) {
             return *slot;
         }
-        let fresh = WindowSlot { key, summary: Summary::empty(), dirty: false, occupied: true };
         let slot = match self.free.pop() {
             Some(slot) => {
                 if let Some(entry) = self.slots.get_mut(slot as usize) {
-                    *entry = fresh;
+                    entry.key = key;
+                    entry.summary = Summary::empty();
+                    entry.dirty = false;
+                    entry.occupied = true;
+                    entry.generation = entry.generation.wrapping_add(1);
                 }
                 slot
             }
             None => {
-                self.slots.push(fresh);
+                self.slots.push(WindowSlot { key, summary: Summary::empty(), dirty: false, occupied: true, generation: 0 });
                 (self.slots.len() - 1) as u32
             }
         };
@@ -229,7 +237,7 @@ impl WindowStore {
         let entry = self.slots.get_mut(slot as usize)?;
         if !entry.dirty {
             entry.dirty = true;
-            self.dirty.push(slot);
+            self.dirty.push((slot, entry.generation));
         }
         Some(&mut entry.summary)
     }
@@ -484,7 +492,7 @@ impl WindowEngine {
         // Last window hit per resolution: (series, window start, slot).
         let mut cache: [Option<(u32, i64, u32)>; 4] = [None; 4];
         let mut last_local: Option<(u32, u32)> = None;
-        let Some(state) = self.agents.get_mut(agent as usize) else { return None };
+        let state = self.agents.get_mut(agent as usize)?;
         for reading in &batch.readings {
             let series = match last_local {
                 Some((local, series)) if local == reading.series => series,
@@ -573,7 +581,7 @@ impl WindowEngine {
     fn window_summaries(&mut self, batch: &Batch, agent: u32, now_ms: i64, out: &mut EngineOutput) -> Option<i64> {
         let horizon_ms = now_ms.saturating_add(self.config.max_event_time_ahead_ms);
         let mut max_event_ms: Option<i64> = None;
-        let Some(state) = self.agents.get_mut(agent as usize) else { return None };
+        let state = self.agents.get_mut(agent as usize)?;
         for edge in &batch.summaries {
             if edge.summary.count == 0 {
                 continue;
@@ -755,9 +763,9 @@ impl WindowEngine {
     /// changed.
     fn emit_running(&mut self, out: &mut EngineOutput) {
         let mut queue = std::mem::take(&mut self.windows.dirty);
-        for slot in queue.drain(..) {
+        for (slot, generation) in queue.drain(..) {
             let Some(entry) = self.windows.slots.get_mut(slot as usize) else { continue };
-            if !entry.occupied || !entry.dirty {
+            if !entry.occupied || !entry.dirty || entry.generation != generation {
                 continue;
             }
             entry.dirty = false;
@@ -897,9 +905,9 @@ impl WindowEngine {
         }
         let mut dirty = Vec::new();
         let mut queued = vec![false; windows.len()];
-        for slot in &self.windows.dirty {
+        for (slot, generation) in &self.windows.dirty {
             let Some(entry) = self.windows.slots.get(*slot as usize) else { continue };
-            if !entry.occupied || !entry.dirty {
+            if !entry.occupied || !entry.dirty || entry.generation != *generation {
                 continue;
             }
             if let Some(position) = position_of_slot.get(slot) {

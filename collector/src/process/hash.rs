@@ -1,12 +1,14 @@
 //! A fast hasher for the engine's small integer keys.
 //!
 //! Why not `std`'s SipHash: the hot path does one lookup per reading and resolution, and
-//! SipHash costs more than the rest of that work. Keys are a few integers (agent and
-//! series numbers the engine assigns itself, a window start); the hasher multiplies each
-//! word in (Fx-style) and finishes with a full 64-bit avalanche so that window starts,
-//! which are multiples of the resolution, still spread over the table's low bits.
-//! Accepted risk: an agent that can choose event times could aim for collisions; it can
-//! only slow its own partition's engine, and it must hold a valid token to send at all.
+//! SipHash costs more than the rest of that work. Window keys are a few integers (agent
+//! and series numbers the engine assigns itself, a window start); series keys, looked up
+//! once per definition per batch, are short strings. The hasher multiplies each word in
+//! (Fx-style) and finishes with a full 64-bit avalanche so that window starts, which are
+//! multiples of the resolution, still spread over the table's low bits.
+//! Accepted risk: an agent that can choose event times or series names could aim for
+//! collisions; it can only slow its own partition's engine, and it must hold a valid
+//! token to send at all.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};

@@ -30,7 +30,7 @@ pub enum DictionaryError {
         "batch redefines series id {id} as {new:?}, but this session already maps it to {known:?}; \
          series ids must stay stable for a session (start a new session after renumbering)"
     )]
-    ConflictingDefinition { id: SeriesId, known: SeriesKey, new: SeriesKey },
+    ConflictingDefinition { id: SeriesId, known: Box<SeriesKey>, new: Box<SeriesKey> },
     #[error(
         "session would know {would_know} series, limit is {limit}; raise the limit or split the \
          agent's series over sessions"
@@ -118,8 +118,8 @@ impl ReceiverSessionDictionary {
                 Some(known) if *known != def.key => {
                     return Err(DictionaryError::ConflictingDefinition {
                         id: def.id,
-                        known: known.clone(),
-                        new: def.key.clone(),
+                        known: Box::new(known.clone()),
+                        new: Box::new(def.key.clone()),
                     })
                 }
                 Some(_) => {}

@@ -28,7 +28,7 @@ use std::mem::size_of;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tributary_protocol::{Batch, SeriesKey, Summary};
+use tributary_protocol::{Batch, SeriesDef, SeriesKey, Summary};
 
 use super::config::{EngineConfig, RollupSource};
 use super::hash::FastHashMap;
@@ -175,6 +175,25 @@ struct AgentState {
     last_activity_ms: i64,
     /// Per resolution: open windows by (start, series), to close them in order.
     open: Vec<BTreeMap<(i64, u32), u32>>,
+    /// The agent's series ids to engine series numbers, as last resolved. Only a cache
+    /// (not checkpointed): every hit is confirmed by comparing the series key, which is
+    /// cheaper than hashing it.
+    series_cache: FastHashMap<u32, u32>,
+}
+
+/// Agent series ids cached per agent before the cache is dropped and rebuilt.
+const MAX_CACHED_SERIES_IDS_PER_AGENT: usize = 1 << 20;
+
+/// The engine number of a known series: from the agent's cache when the key matches,
+/// else from the series index.
+#[inline]
+fn known_series(series: &SeriesTable, cache: Option<&FastHashMap<u32, u32>>, definition: &SeriesDef) -> Option<u32> {
+    if let Some(number) = cache.and_then(|cache| cache.get(&definition.id)) {
+        if series.keys.get(*number as usize).is_some_and(|key| **key == definition.key) {
+            return Some(*number);
+        }
+    }
+    series.index.get(&definition.key).copied()
 }
 
 impl AgentState {
@@ -348,13 +367,19 @@ impl WindowEngine {
         let agent = known_agent.unwrap_or(self.agents.len() as u32);
         let uses_summaries = self.config.rollup_source == RollupSource::EdgeSummaries;
         let rolled_up_items = if uses_summaries { batch.summaries.len() } else { batch.readings.len() };
-        if rolled_up_items > 0 {
-            self.resolve_series(batch, agent)?;
-        }
+        let cache_missed = rolled_up_items > 0 && self.resolve_series(batch, agent)?;
         let agent = match known_agent {
             Some(agent) => agent,
             None => self.add_agent(&batch.agent_id),
         };
+        if cache_missed {
+            if let Some(state) = self.agents.get_mut(agent as usize) {
+                if state.series_cache.len() > MAX_CACHED_SERIES_IDS_PER_AGENT {
+                    state.series_cache.clear();
+                }
+                state.series_cache.extend(self.local_series.iter().map(|(id, number)| (*id, *number)));
+            }
+        }
         let ignored_items = if uses_summaries { batch.readings.len() } else { batch.summaries.len() };
         self.counters.items_not_rolled_up += ignored_items as u64;
 
@@ -403,15 +428,18 @@ impl WindowEngine {
             closed_through_ms: vec![i64::MIN; resolutions],
             last_activity_ms: i64::MIN,
             open: vec![BTreeMap::new(); resolutions],
+            series_cache: FastHashMap::default(),
         });
         self.agent_index.insert(id, number);
         number
     }
 
     /// Fills `local_series` for the batch, interning new series; checks every used id
-    /// first so that an error changes nothing.
-    fn resolve_series(&mut self, batch: &Batch, agent: u32) -> Result<(), ProcessError> {
+    /// first so that an error changes nothing. Returns whether the agent's series cache
+    /// missed (and should learn `local_series`).
+    fn resolve_series(&mut self, batch: &Batch, agent: u32) -> Result<bool, ProcessError> {
         self.local_series.clear();
+        let cache = self.agents.get(agent as usize).map(|state| &state.series_cache);
         let mut new_series = 0usize;
         for (position, definition) in batch.series.iter().enumerate() {
             if let Some(previous) = self.local_series.insert(definition.id, position as u32) {
@@ -422,7 +450,7 @@ impl WindowEngine {
                         series_id: definition.id,
                     });
                 }
-            } else if !self.series.index.contains_key(&definition.key) {
+            } else if known_series(&self.series, cache, definition).is_none() {
                 new_series += 1;
             }
         }
@@ -454,13 +482,16 @@ impl WindowEngine {
                 max_series: self.config.max_series,
             });
         }
+        let mut cache_missed = false;
         for definition in &batch.series {
-            let number = match self.series.index.get(&definition.key) {
+            let cached = cache.and_then(|cache| cache.get(&definition.id)).copied();
+            let number = match known_series(&self.series, cache, definition) {
                 Some(number) => {
-                    if self.series.owners.get(*number as usize) != Some(&agent) {
+                    if self.series.owners.get(number as usize) != Some(&agent) {
                         self.counters.series_shared_between_agents += 1;
                     }
-                    *number
+                    cache_missed |= cached != Some(number);
+                    number
                 }
                 None => {
                     let number = self.series.keys.len() as u32;
@@ -468,12 +499,13 @@ impl WindowEngine {
                     self.series.keys.push(key.clone());
                     self.series.owners.push(agent);
                     self.series.index.insert(key, number);
+                    cache_missed = true;
                     number
                 }
             };
             self.local_series.insert(definition.id, number);
         }
-        Ok(())
+        Ok(cache_missed)
     }
 
     fn series_key(&self, series: u32) -> Arc<SeriesKey> {
@@ -808,6 +840,7 @@ impl WindowEngine {
                 size_of::<AgentState>()
                     + agent.id.len()
                     + agent.closed_through_ms.capacity() * 8
+                    + agent.series_cache.capacity() * (size_of::<(u32, u32)>() + 1)
                     + agent.sequences.heap_bytes()
                     + agent
                         .open

@@ -2,5 +2,7 @@
 pub mod aggregate;
 pub mod buffer;
 pub mod config;
+pub mod metrics;
+pub mod run;
 pub mod source;
 pub mod ship;

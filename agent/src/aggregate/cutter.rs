@@ -117,6 +117,11 @@ impl BatchCutter {
         self.raw.batch.min_journal_seq.min(self.summary.batch.min_journal_seq)
     }
 
+    /// Smallest journal sequence number among raw readings not yet in a cut batch.
+    pub fn min_pending_raw_journal_seq(&self) -> u64 {
+        self.raw.batch.min_journal_seq
+    }
+
     /// When the next batch becomes due by age, if any is pending.
     pub fn next_due_ms(&self) -> Option<i64> {
         [self.raw.started_ms, self.summary.started_ms].into_iter().flatten().min().map(|started| started.saturating_add(self.max_age_ms))

@@ -90,6 +90,27 @@ impl AggregationStage {
         Ok(series)
     }
 
+    /// Re-observes a journaled reading after a restart (its series id is already
+    /// registered); `allow_raw` false when its raw batch is known to be durable.
+    pub fn replay(&mut self, source: SourceIndex, reading: Reading, journal_seq: u64, allow_raw: bool, now_ms: i64, cut: &mut Vec<CutBatch>) {
+        if let Some(aggregator) = self.sources.get_mut(source) {
+            aggregator.observe_with(reading, journal_seq, now_ms, allow_raw, &mut self.output);
+            self.drain_output(now_ms, cut);
+        }
+    }
+
+    /// Smallest journal sequence number among raw readings not yet in a cut batch.
+    pub fn min_pending_raw_journal_seq(&self) -> u64 {
+        self.cutter.min_pending_raw_journal_seq()
+    }
+
+    /// Open windows and late readings over all sources.
+    pub fn window_counts(&self) -> (u64, u64) {
+        let open = self.sources.iter().map(|source| source.open_windows() as u64).sum();
+        let late = self.sources.iter().map(|source| source.counters().late_readings).sum();
+        (open, late)
+    }
+
     /// Closes idle windows and cuts batches that are due by age.
     pub fn poll(&mut self, now_ms: i64, cut: &mut Vec<CutBatch>) {
         for aggregator in &mut self.sources {

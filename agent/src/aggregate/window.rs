@@ -156,6 +156,13 @@ impl WindowAggregator {
     /// policy says so, adds it to its window, and closes the windows the series' watermark
     /// has passed.
     pub fn observe(&mut self, reading: Reading, journal_seq: u64, now_ms: i64, out: &mut AggregateOutput) {
+        self.observe_with(reading, journal_seq, now_ms, true, out);
+    }
+
+    /// [`WindowAggregator::observe`], with raw forwarding suppressed when `allow_raw` is
+    /// false: replaying the journal after a restart must not forward again readings whose
+    /// raw batch was already durable.
+    pub fn observe_with(&mut self, reading: Reading, journal_seq: u64, now_ms: i64, allow_raw: bool, out: &mut AggregateOutput) {
         if !reading.value.is_finite() {
             self.counters.non_finite_values += 1;
             return;
@@ -181,7 +188,7 @@ impl WindowAggregator {
                 Some(last) => (reading.value - last).abs() > threshold,
             },
         };
-        if forward {
+        if forward && allow_raw {
             state.last_forwarded_value = Some(reading.value);
             self.counters.raw_forwarded += 1;
             out.raw.push(ForwardedReading { reading, journal_seq });

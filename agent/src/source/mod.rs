@@ -13,7 +13,9 @@
 //!   decoder with a length bound and the per-line parser.
 //! - [`time`]: substitution of implausible device timestamps by the receive time.
 
+pub mod mqtt;
 pub mod payload;
+pub mod serial;
 pub mod serial_line;
 pub mod time;
 pub mod topic;

@@ -1,0 +1,456 @@
+//! The run loop: sources -> aggregation -> disk buffer, with the acknowledgement journal.
+//!
+//! One pipeline task owns the [`AggregationStage`] and is the only writer of batches; the
+//! source shells (MQTT, serial) parse on their own tasks and send [`PipelineInput`]s over a
+//! bounded channel, so a slow disk back-pressures the sources instead of growing memory.
+//!
+//! # The acknowledgement chain (MQTT QoS 1)
+//!
+//! Batches are cut about once a second, but the broker must get its PUBACK within about
+//! one group-commit interval (50 ms) or its in-flight window throttles us. And a reading in
+//! an open window is in no batch at all. So the guarantee rests on a write-ahead *journal*:
+//!
+//! 1. every reading of a message that wants an acknowledgement is written to the `journal`
+//!    tree of the agent's state database (`<buffer.path>.state`, sled), keyed by a journal
+//!    sequence number, and new series ids go to its `series` tree;
+//! 2. each commit (every `group_commit_interval_ms`) appends the batches cut since the last
+//!    one to the buffer, flushes the state database, then flushes the buffer, and only
+//!    then lets the MQTT shell acknowledge the messages ingested before the commit;
+//! 3. after the flush, journal entries below the smallest journal sequence number still in
+//!    an open window or an uncut batch are deleted: their data is in durable batches.
+//!
+//! After a crash, the journal is replayed into the windows before any source starts.
+//! Readings whose raw batch was already durable (journal seq below the persisted
+//! `raw_durable_below` mark) are not forwarded raw again. So kill -9 loses nothing a broker
+//! was told was delivered. The one gap we know of: a crash in the instant after a buffer
+//! flush and before the next state flush records the journal truncation can replay readings
+//! that are already in durable batches (duplicates, never losses) — at most one commit
+//! interval's worth.
+//!
+//! Serial lines and QoS 0 messages are not journaled: there is nobody to acknowledge to,
+//! so a crash loses their open windows (at most one window width) and uncut raw readings
+//! (at most one batch age).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tributary_protocol::model::Reading;
+
+use crate::aggregate::{AggregationStage, BatchCutter, CutBatch, RegistryError, SeriesRegistry, SourceIndex, WindowConfig, NOT_JOURNALED};
+use crate::buffer::{self, BatchClass, DiskBuffer, Durability};
+use crate::config::{AgentConfig, FsyncPolicy, SourceKind};
+use crate::metrics::{Metrics, SourceMetrics};
+use crate::source::{ParsedReading, TimePolicy};
+
+/// Wall-clock milliseconds since the Unix epoch: the shells' clock (cores take time as input).
+pub fn now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a source hands the pipeline: the readings of one message or line.
+#[derive(Debug)]
+pub struct PipelineInput {
+    pub source: SourceIndex,
+    pub readings: Vec<ParsedReading>,
+    pub receive_ms: i64,
+    /// Set for messages that need an acknowledgement: the readings are journaled, and the
+    /// sender fires once they are durable. Dropped without firing if the commit failed.
+    pub durable: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("cannot open the agent state database at {}: {source}; check permissions and free space, or move a damaged directory aside", path.display())]
+    StateOpen { path: PathBuf, source: sled::Error },
+    #[error("agent state database at {}: {source}", path.display())]
+    State { path: PathBuf, source: sled::Error },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("journal entry {journal_seq} is damaged ({reason}); move {} aside to start without it (its readings are lost)", path.display())]
+    JournalCorrupt { journal_seq: String, reason: String, path: PathBuf },
+    #[error(transparent)]
+    Buffer(#[from] buffer::BufferError),
+}
+
+/// Where the state database (series registry, journal) lives: beside the buffer.
+pub fn state_path(buffer_path: &Path) -> PathBuf {
+    let mut name = buffer_path.file_name().map(|name| name.to_os_string()).unwrap_or_else(|| "buffer".into());
+    name.push(".state");
+    buffer_path.with_file_name(name)
+}
+
+/// The buffer settings of the config file, in the buffer module's terms.
+pub fn buffer_config(config: &crate::config::BufferConfig) -> buffer::BufferConfig {
+    let fsync = match config.fsync {
+        FsyncPolicy::EveryBatch => buffer::FsyncPolicy::EveryBatch,
+        FsyncPolicy::Group => buffer::FsyncPolicy::Group { interval_ms: config.group_commit_interval_ms },
+        FsyncPolicy::Os => buffer::FsyncPolicy::Os { interval_ms: config.group_commit_interval_ms.max(1) },
+    };
+    buffer::BufferConfig { path: config.path.clone(), max_buffer_bytes: config.max_buffer_bytes, fsync, ..buffer::BufferConfig::default() }
+}
+
+const JOURNAL_VALUE_BYTES: usize = 2 + 4 + 8 + 8 + 1;
+const META_RAW_DURABLE_BELOW: &[u8] = b"raw_durable_below";
+
+fn encode_journal_value(source: SourceIndex, reading: &Reading) -> [u8; JOURNAL_VALUE_BYTES] {
+    let mut value = [0u8; JOURNAL_VALUE_BYTES];
+    value[0..2].copy_from_slice(&u16::try_from(source).unwrap_or(u16::MAX).to_be_bytes());
+    value[2..6].copy_from_slice(&reading.series.to_be_bytes());
+    value[6..14].copy_from_slice(&reading.time_ms.to_be_bytes());
+    value[14..22].copy_from_slice(&reading.value.to_bits().to_be_bytes());
+    value[22] = reading.flags;
+    value
+}
+
+fn decode_journal_value(value: &[u8]) -> Option<(SourceIndex, Reading)> {
+    let value: &[u8; JOURNAL_VALUE_BYTES] = value.try_into().ok()?;
+    let source = u16::from_be_bytes([value[0], value[1]]) as usize;
+    let series = u32::from_be_bytes([value[2], value[3], value[4], value[5]]);
+    let time_ms = i64::from_be_bytes(value[6..14].try_into().ok()?);
+    let bits = u64::from_be_bytes(value[14..22].try_into().ok()?);
+    Some((source, Reading { series, time_ms, value: f64::from_bits(bits), flags: value[22] }))
+}
+
+/// The pipeline task's state.
+pub struct Pipeline {
+    agent_id: String,
+    stage: AggregationStage,
+    buffer: DiskBuffer,
+    state_path: PathBuf,
+    state_db: sled::Db,
+    journal: sled::Tree,
+    meta: sled::Tree,
+    time_policies: Vec<TimePolicy>,
+    source_metrics: Vec<Arc<SourceMetrics>>,
+    metrics: Arc<Metrics>,
+    next_journal_seq: u64,
+    journal_low: u64,
+    journal_dirty: bool,
+    pending_acks: Vec<oneshot::Sender<()>>,
+    cut: Vec<CutBatch>,
+    commit_interval: Duration,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.debug_struct("Pipeline").field("agent_id", &self.agent_id).finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Opens the state database, builds the stage for `config.sources` and replays the
+    /// journal left by a previous run. Returns the pipeline and how many readings it replayed.
+    pub fn open(config: &AgentConfig, buffer: DiskBuffer, metrics: Arc<Metrics>) -> Result<(Pipeline, u64), RunError> {
+        let path = state_path(&config.buffer.path);
+        let state_error = |source| RunError::State { path: path.clone(), source };
+        let state_db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(4 * 1024 * 1024)
+            .open()
+            .map_err(|source| RunError::StateOpen { path: path.clone(), source })?;
+        let registry = SeriesRegistry::open(state_db.open_tree("series").map_err(state_error)?)?;
+        let journal = state_db.open_tree("journal").map_err(state_error)?;
+        let meta = state_db.open_tree("meta").map_err(state_error)?;
+        let mut stage = AggregationStage::new(registry, BatchCutter::default());
+        let mut time_policies = Vec::new();
+        for source in &config.sources {
+            stage.add_source(WindowConfig::new(source.aggregation.window_ms, source.aggregation.raw));
+            time_policies.push(source.time);
+        }
+        let raw_durable_below = meta
+            .get(META_RAW_DURABLE_BELOW)
+            .map_err(state_error)?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let now = now_ms();
+        let mut cut = Vec::new();
+        let mut replayed = 0u64;
+        let mut next_journal_seq = raw_durable_below;
+        let mut journal_low = NOT_JOURNALED;
+        for entry in journal.iter() {
+            let (key, value) = entry.map_err(state_error)?;
+            let journal_seq = <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes).map_err(|_| RunError::JournalCorrupt {
+                journal_seq: format!("{:?}", key.as_ref()),
+                reason: "key is not 8 bytes".to_owned(),
+                path: path.clone(),
+            })?;
+            let (source, reading) = decode_journal_value(&value).ok_or_else(|| RunError::JournalCorrupt {
+                journal_seq: journal_seq.to_string(),
+                reason: format!("value is {} bytes, expected {JOURNAL_VALUE_BYTES}", value.len()),
+                path: path.clone(),
+            })?;
+            if source >= config.sources.len() {
+                tracing::warn!(journal_seq, source, "journaled reading names a source that is no longer configured; replaying it into source 0");
+            }
+            let source = if source < config.sources.len() { source } else { 0 };
+            stage.replay(source, reading, journal_seq, journal_seq >= raw_durable_below, now, &mut cut);
+            journal_low = journal_low.min(journal_seq);
+            next_journal_seq = next_journal_seq.max(journal_seq.saturating_add(1));
+            replayed += 1;
+        }
+        if replayed > 0 {
+            tracing::info!(replayed, "replayed the acknowledgement journal of the previous run into the windows");
+        }
+        let source_metrics = metrics.sources.clone();
+        let commit_interval = Duration::from_millis(config.buffer.group_commit_interval_ms.clamp(1, 1000));
+        metrics.pipeline.journal_entries.store(replayed, Ordering::Relaxed);
+        let pipeline = Pipeline {
+            agent_id: config.agent_id.clone(),
+            stage,
+            buffer,
+            state_path: path,
+            state_db,
+            journal,
+            meta,
+            time_policies,
+            source_metrics,
+            metrics,
+            next_journal_seq,
+            journal_low: journal_low.min(next_journal_seq),
+            journal_dirty: replayed > 0,
+            pending_acks: Vec::new(),
+            cut,
+            commit_interval,
+        };
+        Ok((pipeline, replayed))
+    }
+
+    pub fn stage(&self) -> &AggregationStage {
+        &self.stage
+    }
+
+    /// Takes one message's readings.
+    pub fn ingest(&mut self, input: PipelineInput, now_ms: i64) {
+        let policy = self.time_policies.get(input.source).copied().unwrap_or_default();
+        let journaled = input.durable.is_some();
+        if let Some(metrics) = self.source_metrics.get(input.source) {
+            metrics.readings_in.fetch_add(input.readings.len() as u64, Ordering::Relaxed);
+        }
+        for parsed in input.readings {
+            let (time_ms, flags) = policy.resolve(parsed.time_ms, input.receive_ms);
+            let journal_seq = if journaled { self.next_journal_seq } else { NOT_JOURNALED };
+            match self.stage.observe(input.source, &parsed.key, time_ms, parsed.value, flags, journal_seq, now_ms, &mut self.cut) {
+                Ok(series) => {
+                    if journaled {
+                        let reading = Reading { series, time_ms, value: parsed.value, flags };
+                        let value = encode_journal_value(input.source, &reading);
+                        if let Err(error) = self.journal.insert(journal_seq.to_be_bytes(), &value[..]) {
+                            // The commit's state flush will fail too, so nothing gets acknowledged.
+                            tracing::error!(%error, "cannot write the acknowledgement journal");
+                        }
+                        self.next_journal_seq += 1;
+                        self.journal_dirty = true;
+                    }
+                }
+                Err(error) => {
+                    if let Some(metrics) = self.source_metrics.get(input.source) {
+                        metrics.reject("series_registry", &error);
+                    }
+                }
+            }
+        }
+        if let Some(durable) = input.durable {
+            self.pending_acks.push(durable);
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.cut.is_empty() || !self.pending_acks.is_empty() || self.journal_dirty
+    }
+
+    /// Appends cut batches, flushes state and buffer, releases acknowledgements, truncates
+    /// the journal. On any failure nothing is acknowledged (the broker redelivers).
+    pub async fn commit(&mut self, now_ms: i64) {
+        let metrics = Arc::clone(&self.metrics);
+        let pipeline = &metrics.pipeline;
+        for cut in std::mem::take(&mut self.cut) {
+            let class = cut.class;
+            let batch_seq = match self.buffer.allocate_seq() {
+                Ok(batch_seq) => batch_seq,
+                Err(error) => {
+                    pipeline.append_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, "cannot allocate a batch sequence number; batch lost");
+                    self.pending_acks.clear();
+                    continue;
+                }
+            };
+            let (bytes, info) = self.stage.encode(cut, &self.agent_id, batch_seq, now_ms);
+            match self.buffer.append(batch_seq, info, &bytes) {
+                Ok(_) => {
+                    let counter = if class == BatchClass::Raw { &pipeline.batches_appended_raw } else { &pipeline.batches_appended_summary };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    pipeline.bytes_appended.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    pipeline.append_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%error, batch_seq, "the buffer refused a batch");
+                }
+            }
+        }
+        let state_flushed = self.state_db.flush_async().await;
+        let buffer_flushed = self.buffer.flush_async().await;
+        pipeline.commits.fetch_add(1, Ordering::Relaxed);
+        let durable = match (&state_flushed, &buffer_flushed) {
+            (Ok(_), Ok(Durability::Durable | Durability::Deferred)) => true,
+            (Err(error), _) => {
+                tracing::error!(%error, path = %self.state_path.display(), "flushing the agent state failed; not acknowledging");
+                false
+            }
+            (_, Err(error)) => {
+                tracing::error!(%error, "flushing the buffer failed; not acknowledging");
+                false
+            }
+            (_, Ok(Durability::MemoryOnly)) => {
+                tracing::warn!("the buffer is memory-only; holding acknowledgements until the disk is back");
+                false
+            }
+        };
+        if !durable {
+            pipeline.commit_errors.fetch_add(1, Ordering::Relaxed);
+            if !matches!(buffer_flushed, Ok(Durability::MemoryOnly)) {
+                self.pending_acks.clear();
+            }
+            return;
+        }
+        let released = self.pending_acks.len() as u64;
+        for durable in self.pending_acks.drain(..) {
+            let _ = durable.send(());
+        }
+        pipeline.acks_sent.fetch_add(released, Ordering::Relaxed);
+        self.truncate_journal();
+        self.journal_dirty = false;
+        let (open, late) = self.stage.window_counts();
+        pipeline.open_windows.store(open, Ordering::Relaxed);
+        pipeline.late_readings.store(late, Ordering::Relaxed);
+        pipeline.series.store(self.stage.registry().len() as u64, Ordering::Relaxed);
+    }
+
+    fn truncate_journal(&mut self) {
+        let covered_below = self.stage.min_unfinished_journal_seq().min(self.next_journal_seq);
+        if covered_below > self.journal_low {
+            let mut removed = 0u64;
+            for key in self.journal.range(self.journal_low.to_be_bytes()..covered_below.to_be_bytes()).keys() {
+                match key.and_then(|key| self.journal.remove(key)) {
+                    Ok(_) => removed += 1,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot truncate the acknowledgement journal; will retry");
+                        return;
+                    }
+                }
+            }
+            self.journal_low = covered_below;
+            let entries = &self.metrics.pipeline.journal_entries;
+            let _ = entries.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| Some(value.saturating_sub(removed)));
+        }
+        let raw_durable_below = self.stage.min_pending_raw_journal_seq().min(self.next_journal_seq);
+        if let Err(error) = self.meta.insert(META_RAW_DURABLE_BELOW, &raw_durable_below.to_be_bytes()) {
+            tracing::error!(%error, "cannot record the raw-durable mark");
+        }
+        self.metrics.pipeline.journal_entries.store(self.journal.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Runs until every sender of `inputs` is gone, then closes all windows and commits.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<PipelineInput>) {
+        let mut ticker = tokio::time::interval(self.commit_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                input = inputs.recv() => match input {
+                    Some(input) => {
+                        let now = now_ms();
+                        self.ingest(input, now);
+                        // Drain what is already queued before the next tick, without waiting.
+                        while let Ok(input) = inputs.try_recv() {
+                            self.ingest(input, now);
+                        }
+                    }
+                    None => break,
+                },
+                _ = ticker.tick() => {
+                    let now = now_ms();
+                    self.stage.poll(now, &mut self.cut);
+                    if self.has_work() {
+                        self.commit(now).await;
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        self.stage.close_all(now, &mut self.cut);
+        self.commit(now).await;
+        tracing::info!("pipeline stopped: windows closed, buffer flushed");
+    }
+}
+
+/// Runs the whole agent until `shutdown` is cancelled.
+pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let buffer = DiskBuffer::open(buffer_config(&config.buffer))?;
+    let source_metrics: Vec<Arc<SourceMetrics>> = config
+        .sources
+        .iter()
+        .map(|source| {
+            let kind = match source.kind() {
+                Some(SourceKind::MqttSubscribe(_)) => "mqtt_subscribe",
+                Some(SourceKind::MqttBroker(_)) => "mqtt_broker",
+                Some(SourceKind::Serial(_)) => "serial",
+                None => "none",
+            };
+            Arc::new(SourceMetrics::new(&source.name, kind))
+        })
+        .collect();
+    let metrics = Arc::new(Metrics::new(source_metrics.clone()));
+    let (pipeline, _) = Pipeline::open(&config, buffer.clone(), Arc::clone(&metrics))?;
+    let (sender, receiver) = mpsc::channel::<PipelineInput>(4096);
+    let pipeline_task = tokio::spawn(pipeline.run(receiver));
+
+    let sources_stop = CancellationToken::new();
+    let mut source_tasks = Vec::new();
+    for (index, source) in config.sources.iter().enumerate() {
+        let source_metrics = Arc::clone(&source_metrics[index]);
+        let sender = sender.clone();
+        let stop = sources_stop.clone();
+        match source.kind() {
+            Some(SourceKind::MqttSubscribe(mqtt)) => {
+                let router = crate::config::topic_router(&mqtt.topics).map_err(anyhow::Error::msg)?;
+                source_tasks.push(tokio::spawn(crate::source::mqtt::run_subscribe(index, mqtt.clone(), router, source_metrics, sender, stop)));
+            }
+            Some(SourceKind::Serial(serial)) => {
+                source_tasks.push(tokio::spawn(crate::source::serial::run_serial(index, serial.clone(), source_metrics, sender, stop)));
+            }
+            Some(SourceKind::MqttBroker(_)) => {
+                tracing::error!(source = %source.name, "the embedded MQTT broker is not available in this build; this source stays idle");
+            }
+            None => {}
+        }
+    }
+    drop(sender);
+
+    let metrics_stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(&config.metrics.listen_address)
+        .await
+        .with_context(|| format!("cannot listen for /metrics on {} (metrics.listen_address); is another agent running?", config.metrics.listen_address))?;
+    tracing::info!(address = %config.metrics.listen_address, "serving /metrics");
+    let render_metrics = Arc::clone(&metrics);
+    let render_buffer = buffer.clone();
+    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || render_metrics.render(&render_buffer.stats(now_ms()), ""));
+    let metrics_task = tokio::spawn(crate::metrics::serve(listener, render, metrics_stop.clone()));
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: stopping sources, closing windows, flushing the buffer");
+    sources_stop.cancel();
+    for task in source_tasks {
+        let _ = task.await;
+    }
+    let _ = pipeline_task.await;
+    metrics_stop.cancel();
+    let _ = metrics_task.await;
+    buffer.flush()?;
+    Ok(())
+}

@@ -203,7 +203,9 @@ struct PartitionReader {
 struct Inner {
     config: KafkaLogConfig,
     partition_count: u32,
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (an idempotent producer that can
+    /// no longer guarantee order or exactly-once is unusable until recreated).
+    producer: std::sync::RwLock<FutureProducer>,
     /// FIFO lock around enqueueing: keeps per-key order when appends wait on QueueFull.
     enqueue: tokio::sync::Mutex<()>,
     /// Created on first use; `None` until then.
@@ -247,7 +249,7 @@ impl KafkaLog {
             inner: Arc::new(Inner {
                 config,
                 partition_count,
-                producer,
+                producer: std::sync::RwLock::new(producer),
                 enqueue: tokio::sync::Mutex::new(()),
                 readers,
                 groups: Mutex::new(HashMap::new()),
@@ -274,7 +276,7 @@ impl KafkaLog {
     /// shutdown).
     pub async fn flush(&self, timeout: Duration) -> Result<(), LogError> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || inner.producer.flush(timeout).map_err(|error| kafka_error("flush", &inner.config.topic, error))).await
+        blocking(move || inner.current_producer()?.flush(timeout).map_err(|error| kafka_error("flush", &inner.config.topic, error))).await
     }
 
     /// Appends a record and resolves once the brokers acknowledged it (`acks=all`).
@@ -321,6 +323,7 @@ impl KafkaLog {
 
         let delivery = {
             let _enqueue_turn = inner.enqueue.lock().await;
+            let producer = inner.usable_producer()?;
             let mut waiting_since: Option<Instant> = None;
             let delivery = loop {
                 let kafka_record = FutureRecord::to(topic)
@@ -328,7 +331,7 @@ impl KafkaLog {
                     .key(headers.agent_id.as_bytes())
                     .payload(record.value.as_ref())
                     .headers(kafka_headers.clone());
-                match inner.producer.send_result(kafka_record) {
+                match producer.send_result(kafka_record) {
                     Ok(delivery) => break delivery,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         if waiting_since.is_none() {
@@ -440,10 +443,32 @@ impl Inner {
         Duration::from_millis(self.config.request_timeout_ms)
     }
 
+    fn current_producer(&self) -> Result<FutureProducer, LogError> {
+        self.producer.read().map(|producer| producer.clone()).map_err(|_| LogError::Closed)
+    }
+
+    /// The producer, recreated first if librdkafka reported a fatal error. Records still
+    /// queued in the old producer fail (retryably) when it is dropped; agents resend them.
+    fn usable_producer(&self) -> Result<FutureProducer, LogError> {
+        let current = self.current_producer()?;
+        let Some((code, reason)) = current.client().fatal_error() else {
+            return Ok(current);
+        };
+        tracing::error!(topic = %self.config.topic, ?code, %reason, "kafka producer hit a fatal error; recreating it");
+        let replacement: FutureProducer = self
+            .config
+            .producer_config()
+            .create()
+            .map_err(|error| kafka_error("recreate producer after a fatal error", &self.config.topic, error))?;
+        let mut slot = self.producer.write().map_err(|_| LogError::Closed)?;
+        *slot = replacement.clone();
+        Ok(replacement)
+    }
+
     fn watermarks(&self, partition: u32) -> Result<OffsetRange, LogError> {
         let topic = self.config.topic.as_str();
         let (low, high) = self
-            .producer
+            .current_producer()?
             .client()
             .fetch_watermarks(topic, partition as i32, self.request_timeout())
             .map_err(|error| kafka_error("fetch watermarks", topic, error))?;

@@ -1,4 +1,20 @@
 //! Simulated sensor fleets, fault injection and the ground-truth ledger.
+//!
+//! Data flows fleet -> sim (faults) -> actions for the IO shells, and every emitted reading is
+//! accounted in the ledger. `docs/simulator.md` states the ledger's accounting rules.
+//! - [`fleet`], [`signal`]: deterministic device signals.
+//! - [`format`]: payload and serial line encoders.
+//! - [`faults`]: which faults are on.
+//! - [`sim`]: the sans-IO simulation core.
+//! - [`ledger`]: the ground truth; [`verify`]: comparing it with the store.
+//! - [`run`], [`serial`]: the IO shells (MQTT publisher, pseudo-terminal).
 
+pub mod faults;
 pub mod fleet;
+pub mod format;
+pub mod ledger;
+pub mod run;
+pub mod serial;
 pub mod signal;
+pub mod sim;
+pub mod verify;

@@ -4,3 +4,4 @@ pub mod config;
 pub mod ingest;
 pub mod log;
 pub mod process;
+pub mod store;

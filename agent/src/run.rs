@@ -446,7 +446,12 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
     tracing::info!("shutting down: stopping sources, closing windows, flushing the buffer");
     sources_stop.cancel();
     for task in source_tasks {
-        let _ = task.await;
+        // A source that does not stop in time must not keep the windows from closing.
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            tracing::warn!("a source did not stop within 5 s; aborting it");
+            abort.abort();
+        }
     }
     let _ = pipeline_task.await;
     metrics_stop.cancel();

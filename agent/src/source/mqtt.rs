@@ -181,7 +181,8 @@ pub async fn run_subscribe(
     drop(ack_sender);
     drop(pipeline);
     let _ = tokio::time::timeout(Duration::from_secs(2), ack_task).await;
-    let _ = client.disconnect().await;
+    // Bounded: the request channel may be full of acknowledgements nobody polls out anymore.
+    let _ = tokio::time::timeout(Duration::from_millis(500), client.disconnect()).await;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(event) = event_loop.poll().await {
             if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {

@@ -475,6 +475,11 @@ async fn handle_batch_stream<L: DurableLog>(shared: &Arc<Shared<L>>, session: &A
             protocol_violation(shared, &session.connection, &format!("batch stream: {error}"));
             return;
         }
+        Err(StreamReadError::EndedEarly) => {
+            let nack = Nack::new(0, NackReason::Malformed, false, "the batch stream ended in the middle of a frame");
+            respond(shared, session, &mut send, Outcome::Nack(nack)).await;
+            return;
+        }
         Err(error) => {
             tracing::debug!(agent_id = %session.agent_id, %error, "batch stream abandoned");
             let _ = recv.stop(VarInt::from_u32(0));

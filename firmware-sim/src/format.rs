@@ -119,7 +119,7 @@ pub fn malformed_message(format: MessageFormat, site: &str, device: &str, metric
             (MqttMessage { topic, payload: format!("[{{\"n\":\"{metric}\",\"v\":").into_bytes() }, "json_syntax")
         }
         MessageFormat::Line => {
-            (MqttMessage { topic, payload: format!("{LINE_MEASUREMENT} {metric}=abc").into_bytes() }, "line_protocol_syntax")
+            (MqttMessage { topic, payload: format!("{LINE_MEASUREMENT} {metric}=abc").into_bytes() }, "not_a_number")
         }
     }
 }
@@ -168,12 +168,15 @@ pub fn serial_line_with_bad_checksum(device: &str, time_ms: i64, readings: &[(&s
     line
 }
 
-/// Line noise: control and high bytes then a line end (the agent rejects it as `garbage`).
+/// Line noise: control and high bytes with a valid checksum, so the agent rejects it as
+/// `garbage` (not a record) rather than for its checksum.
 pub fn serial_garbage(noise: &[u8]) -> Vec<u8> {
-    let mut line: Vec<u8> = noise.iter().map(|byte| if *byte == b'\n' || *byte == b'\r' { 0x07 } else { *byte }).collect();
-    // At least one control byte, so the line can never parse by accident.
-    line.push(0x01);
-    line.extend_from_slice(b"\r\n");
+    // A leading control byte: the line can neither parse by accident nor pass as a `#` comment.
+    let mut line = vec![0x01];
+    line.extend(noise.iter().map(|byte| if *byte == b'\n' || *byte == b'\r' { 0x07 } else { *byte }));
+    line.push(b' ');
+    let checksum = crc8(&line);
+    line.extend_from_slice(format!("*{checksum:02X}\r\n").as_bytes());
     line
 }
 

@@ -348,7 +348,7 @@ mod tests {
         assert_eq!(windowed_readings_of(&ledger, &["dev-0006", "dev-0013"]), 0);
         assert!(ledger.windows().iter().all(|w| w.metric.starts_with("fleet.") || w.device == "dev-0014"));
         let rejected = ledger.rejected();
-        assert!(rejected.iter().any(|r| r.reason == "mqtt/line_protocol_syntax"));
+        assert!(rejected.iter().any(|r| r.reason == "mqtt/not_a_number"));
         assert!(rejected.iter().any(|r| r.reason == "serial/bad_checksum"));
         assert_eq!(actions.iter().filter(|a| **a == Action::Reconnect).count(), 2, "at 2 s and 4 s");
         let (_, plain) = run(config(MessageFormat::Plain, ""), 1000);

@@ -2,11 +2,14 @@
 //!
 //! Scheduling per session, in this order whenever a slot is free:
 //! 1. retries that are due (nacked or failed batches, with backoff);
-//! 2. live batches, newest first: those appended since the session started;
-//! 3. the backlog, oldest first, optionally capped in bytes/s.
+//! 2. live batches: those appended since the session started, in order;
+//! 3. the backlog (what was buffered when the session started), oldest first,
+//!    optionally capped in bytes/s.
 //!
 //! So after an outage the newest data goes out at once while the backlog drains in
-//! parallel in the remaining slots. A batch leaves the buffer only on an ack (or a
+//! parallel in the remaining slots. Both kinds are read through cursors that only move
+//! forward, so picking the next batch costs one buffer lookup however many batches are
+//! in flight. A batch leaves the buffer only on an ack (or a
 //! non-retryable nack, see below). All decisions are made by the sans-IO
 //! [`super::state`] machines; this file moves bytes and reads clocks.
 //!
@@ -327,6 +330,7 @@ impl Shipper {
             book: InFlightBook::new(max_in_flight, Backoff { min_ms: self.config.retry_min_ms, max_ms: self.config.retry_max_ms }),
             dictionary: SenderSessionDictionary::new(),
             live_boundary: self.buffer.next_seq(),
+            live_cursor: None,
             backlog_cursor: None,
             backlog_done: false,
             drain: DrainRate::new(self.config.backlog_max_bytes_per_second),
@@ -346,14 +350,15 @@ impl Shipper {
             tokio::select! {
                 biased;
                 _ = inner.stop.cancelled() => return SessionEnd::Stopped,
-                reason = connection.closed() => {
-                    tasks.abort_all();
-                    return SessionEnd::Lost(reason.to_string());
-                }
+                // Answers before the close: acks that arrived are not thrown away.
                 Some(joined) = tasks.join_next() => {
                     if let Ok((batch_seq, defined, result)) = joined {
                         self.on_answer(&mut session, batch_seq, defined, result);
                     }
+                }
+                reason = connection.closed() => {
+                    tasks.abort_all();
+                    return SessionEnd::Lost(reason.to_string());
                 }
                 _ = inner.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
@@ -413,12 +418,22 @@ impl Shipper {
     }
 
     fn next_live(&self, session: &mut SessionState) -> Option<StoredBatch> {
-        let replay = self.buffer.replay_range(ReplayOrder::NewestFirst, session.live_boundary.checked_sub(1), None);
+        let after = session.live_cursor.or(session.live_boundary.checked_sub(1));
+        let replay = self.buffer.replay_range(ReplayOrder::OldestFirst, after, None);
         for entry in replay {
             match entry {
-                Ok(stored) if !session.book.is_tracked(stored.batch_seq) => return Some(stored),
-                Ok(_) => {}
-                Err(bad) => session.report_bad(&bad),
+                Ok(stored) => {
+                    session.live_cursor = Some(stored.batch_seq);
+                    if !session.book.is_tracked(stored.batch_seq) {
+                        return Some(stored);
+                    }
+                }
+                Err(bad) => {
+                    if let Some(batch_seq) = bad.batch_seq {
+                        session.live_cursor = Some(batch_seq);
+                    }
+                    session.report_bad(&bad);
+                }
             }
         }
         None
@@ -520,6 +535,8 @@ struct SessionState {
     dictionary: SenderSessionDictionary,
     /// Batches at or above this sequence were appended during this session: live.
     live_boundary: u64,
+    /// Last live sequence handed out (oldest-first cursor from `live_boundary`).
+    live_cursor: Option<u64>,
     /// Last backlog sequence handed out (oldest-first cursor below `live_boundary`).
     backlog_cursor: Option<u64>,
     backlog_done: bool,
@@ -569,10 +586,16 @@ async fn send_batch(connection: &Connection, payload: &[u8], limits: &FrameLimit
         Err(error) => return Ok(Message::Nack(Nack::new(batch_seq, NackReason::TooLarge, false, format!("not sent: {error}")))),
     };
     let (mut send, mut recv) = connection.open_bi().await.map_err(|error| format!("opening a batch stream: {error}"))?;
-    send.write_all(&header).await.map_err(|error| format!("sending batch {batch_seq}: {error}"))?;
-    send.write_all(payload).await.map_err(|error| format!("sending batch {batch_seq}: {error}"))?;
+    let written = match send.write_all(&header).await {
+        Ok(()) => send.write_all(payload).await,
+        Err(error) => Err(error),
+    };
     let _ = send.finish();
-    let frame = read_control_frame(&mut recv).await?;
+    // Even when the collector stopped the stream early, its answer says why.
+    let frame = read_control_frame(&mut recv).await.map_err(|read_error| match &written {
+        Err(write_error) => format!("sending batch {batch_seq}: {write_error}"),
+        Ok(()) => read_error,
+    })?;
     Message::decode(frame.as_ref()).map_err(|error| format!("answer to batch {batch_seq}: {error}"))
 }
 

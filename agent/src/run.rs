@@ -135,6 +135,7 @@ pub struct Pipeline {
     pending_acks: Vec<oneshot::Sender<()>>,
     cut: Vec<CutBatch>,
     commit_interval: Duration,
+    shipper: Option<crate::ship::ShipperHandle>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -217,8 +218,14 @@ impl Pipeline {
             pending_acks: Vec::new(),
             cut,
             commit_interval,
+            shipper: None,
         };
         Ok((pipeline, replayed))
+    }
+
+    /// Wakes `shipper` after every commit that appended batches (live data goes out at once).
+    pub fn set_shipper(&mut self, shipper: crate::ship::ShipperHandle) {
+        self.shipper = Some(shipper);
     }
 
     pub fn stage(&self) -> &AggregationStage {
@@ -269,6 +276,7 @@ impl Pipeline {
     pub async fn commit(&mut self, now_ms: i64) {
         let metrics = Arc::clone(&self.metrics);
         let pipeline = &metrics.pipeline;
+        let appended_any = !self.cut.is_empty();
         for cut in std::mem::take(&mut self.cut) {
             let class = cut.class;
             let batch_seq = match self.buffer.allocate_seq() {
@@ -317,6 +325,11 @@ impl Pipeline {
                 self.pending_acks.clear();
             }
             return;
+        }
+        if appended_any {
+            if let Some(shipper) = &self.shipper {
+                shipper.wake();
+            }
         }
         let released = self.pending_acks.len() as u64;
         for durable in self.pending_acks.drain(..) {
@@ -406,7 +419,16 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
         })
         .collect();
     let metrics = Arc::new(Metrics::new(source_metrics.clone()));
-    let (pipeline, _) = Pipeline::open(&config, buffer.clone(), Arc::clone(&metrics))?;
+    let (mut pipeline, _) = Pipeline::open(&config, buffer.clone(), Arc::clone(&metrics))?;
+    let shipper = crate::ship::Shipper::new(ship_config(&config)?, buffer.clone())
+        .context("cannot set up shipping to the collector (check the [collector] section)")?;
+    let shipper_handle = shipper.handle();
+    pipeline.set_shipper(shipper_handle.clone());
+    let shipper_task = tokio::spawn(async move {
+        if let Err(error) = shipper.run().await {
+            tracing::error!(%error, "shipping stopped for good; batches keep buffering until the problem is fixed and the agent restarted");
+        }
+    });
     let (sender, receiver) = mpsc::channel::<PipelineInput>(4096);
     let pipeline_task = tokio::spawn(pipeline.run(receiver));
 
@@ -439,7 +461,9 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
     tracing::info!(address = %config.metrics.listen_address, "serving /metrics");
     let render_metrics = Arc::clone(&metrics);
     let render_buffer = buffer.clone();
-    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || render_metrics.render(&render_buffer.stats(now_ms()), ""));
+    let ship_stats = Arc::clone(shipper_handle.stats());
+    let render: Arc<dyn Fn() -> String + Send + Sync> =
+        Arc::new(move || render_metrics.render(&render_buffer.stats(now_ms()), &render_ship_stats(&ship_stats)));
     let metrics_task = tokio::spawn(crate::metrics::serve(listener, render, metrics_stop.clone()));
 
     shutdown.cancelled().await;
@@ -454,8 +478,59 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
         }
     }
     let _ = pipeline_task.await;
+    shipper_handle.stop();
+    if tokio::time::timeout(Duration::from_secs(5), shipper_task).await.is_err() {
+        tracing::warn!("the shipper did not stop within 5 s");
+    }
     metrics_stop.cancel();
     let _ = metrics_task.await;
     buffer.flush()?;
     Ok(())
+}
+
+/// The shipper's settings from the `[collector]` section.
+pub fn ship_config(config: &AgentConfig) -> anyhow::Result<crate::ship::ShipConfig> {
+    use anyhow::Context as _;
+    let collector = &config.collector;
+    let token = match (&collector.token, &collector.token_file) {
+        (Some(token), _) => token.0.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read collector.token_file {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => String::new(),
+    };
+    Ok(crate::ship::ShipConfig {
+        collector_address: collector.address.clone(),
+        server_name: collector.effective_server_name().to_owned(),
+        agent_id: config.agent_id.clone(),
+        token,
+        server_fingerprint_sha256: collector.cert_fingerprint_sha256.clone(),
+        ca_file: collector.ca_file.clone(),
+        max_in_flight_batches: collector.max_batches_in_flight,
+        backlog_max_bytes_per_second: collector.backlog_max_bytes_per_s,
+        ..crate::ship::ShipConfig::default()
+    })
+}
+
+fn render_ship_stats(stats: &crate::ship::ShipStats) -> String {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let counters = [
+        ("tributary_agent_ship_sessions_total", "counter", stats.sessions.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_reconnects_total", "counter", stats.reconnects.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_connect_failures_total", "counter", stats.connect_failures.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_batches_sent_total", "counter", stats.batches_sent.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_bytes_sent_total", "counter", stats.bytes_sent.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_batches_acked_total", "counter", stats.batches_acked.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_nacks_retryable_total", "counter", stats.nacks_retryable.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_dead_lettered_total", "counter", stats.dead_lettered.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_stream_failures_total", "counter", stats.stream_failures.load(Ordering::Relaxed)),
+        ("tributary_agent_ship_connected", "gauge", u64::from(stats.connected.load(Ordering::Relaxed))),
+        ("tributary_agent_ship_rtt_ms", "gauge", stats.rtt_ms.load(Ordering::Relaxed)),
+    ];
+    for (name, kind, value) in counters {
+        let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");
+    }
+    text
 }

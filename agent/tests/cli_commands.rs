@@ -180,6 +180,7 @@ reconnect_interval_ms = 50
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("tributary_agent_source_connected{source=\"missing-tty\"} 0"), "{metrics}");
     assert!(metrics.contains("tributary_agent_buffer_batches 0"), "{metrics}");
+    assert!(metrics.contains("tributary_agent_ship_connected 0"), "the shipper's counters are exported: {metrics}");
     // SAFETY: signalling our own child process by its id.
     let signalled = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(signalled, 0);

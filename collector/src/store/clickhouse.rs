@@ -58,6 +58,8 @@ impl Default for ClickHouseStoreConfig {
 /// The ClickHouse implementation of [`Store`], plus the dashboard's queries.
 pub struct ClickHouseStore {
     client: Client,
+    /// Bound to the store's database: the insert API quotes the table name as one identifier.
+    insert_client: Client,
     config: ClickHouseStoreConfig,
     dialect: Dialect,
     server_version: String,
@@ -99,6 +101,7 @@ impl ClickHouseStore {
             client = client.with_password(password);
         }
         let mut store = Self {
+            insert_client: client.clone().with_database(&config.schema.database),
             client,
             resolutions_ms: config.schema.rollups.iter().map(|rollup| rollup.resolution_ms).collect(),
             config,
@@ -196,9 +199,8 @@ impl ClickHouseStore {
         T: RowOwned + RowWrite + Serialize + Sync,
     {
         let operation = format!("insert {} rows into {table}", rows.len());
-        let qualified = format!("{}.{table}", self.database());
         let attempt = async {
-            let mut insert = self.client.insert::<T>(&qualified).await?;
+            let mut insert = self.insert_client.insert::<T>(table).await?;
             if self.dialect == Dialect::Modern {
                 insert = insert.with_setting("insert_deduplication_token", token);
             }
@@ -232,6 +234,7 @@ impl ClickHouseStore {
                     report.rows_written += rows.len();
                     return Ok(());
                 }
+                Err(error) if !error.is_transient() => return Err(error),
                 Err(error) => {
                     let delay_ms = self.config.retry.delay_ms(attempt);
                     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -60,6 +60,31 @@ pub enum StoreError {
     SchemaTooNew { database: String, found: u32, supported: u32 },
 }
 
+/// Server exception codes worth retrying: overload, timeouts, network, read-only replicas.
+const TRANSIENT_SERVER_CODES: [u32; 10] = [159, 164, 202, 203, 209, 210, 241, 242, 252, 425];
+
+impl StoreError {
+    /// Whether retrying the same request may succeed: network failures and timeouts, and
+    /// server exceptions that mean overload; not schema or syntax errors, which would only
+    /// repeat.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Timeout { .. } => true,
+            StoreError::ClickHouse { source, .. } => {
+                let message = source.to_string();
+                match message.split("Code: ").nth(1) {
+                    Some(rest) => {
+                        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                        digits.parse::<u32>().is_ok_and(|code| TRANSIENT_SERVER_CODES.contains(&code))
+                    }
+                    None => true,
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Renders tags as `name=value,name=value` (sorted as in [`SeriesKey`]); `%`, `,` and `=`
 /// inside names and values are percent-escaped so the rendering is unambiguous.
 pub fn render_tags(tags: &[(String, String)]) -> String {

@@ -66,6 +66,9 @@ struct RunArgs {
     serial_link: Option<PathBuf>,
     #[arg(long, default_value = "tributary-sim")]
     client_id: String,
+    /// Prepended to every topic (`PREFIX/site/...`).
+    #[arg(long)]
+    topic_prefix: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -128,6 +131,7 @@ fn main() -> anyhow::Result<()> {
                 ledger_path: args.ledger,
                 serial_link: args.serial_link,
                 client_id: args.client_id,
+                topic_prefix: args.topic_prefix,
                 drain_timeout: Duration::from_secs(30),
             };
             let summary = run(config, &options, |path| {

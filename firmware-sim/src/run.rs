@@ -29,6 +29,8 @@ pub struct RunOptions {
     /// A stable symlink to the serial device's tty.
     pub serial_link: Option<PathBuf>,
     pub client_id: String,
+    /// Prepended to every topic (`PREFIX/site/...`), so parallel runs and tests stay apart.
+    pub topic_prefix: Option<String>,
     /// How long to wait for acknowledgements and for a serial reader at the end.
     pub drain_timeout: Duration,
 }
@@ -195,7 +197,11 @@ pub fn run(config: SimConfig, options: &RunOptions, on_serial_ready: impl FnOnce
             match action {
                 Action::Publish(message) => {
                     if let Some(publisher) = publisher.as_mut() {
-                        publisher.publish(message.topic, message.payload)?;
+                        let topic = match &options.topic_prefix {
+                            Some(prefix) => format!("{prefix}/{}", message.topic),
+                            None => message.topic,
+                        };
+                        publisher.publish(topic, message.payload)?;
                     }
                 }
                 Action::SerialWrite(line) => {

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -86,7 +86,8 @@ impl PseudoTerminal {
 /// Writes lines to a pseudo-terminal from a thread of its own.
 pub struct SerialWriter {
     sender: Option<mpsc::Sender<Vec<u8>>>,
-    done: mpsc::Receiver<io::Result<u64>>,
+    /// The writer's result and the controller side, handed back so it stays open until drained.
+    done: mpsc::Receiver<(io::Result<u64>, File)>,
     thread: Option<JoinHandle<()>>,
     pub device_path: PathBuf,
     _terminal_device: Option<OwnedFd>,
@@ -107,7 +108,7 @@ impl SerialWriter {
                 controller.flush()?;
                 Ok(written_lines)
             })();
-            let _ = done_sender.send(result);
+            let _ = done_sender.send((result, controller));
         });
         Self { sender: Some(sender), done, thread: Some(thread), device_path, _terminal_device: Some(_device) }
     }
@@ -124,9 +125,37 @@ impl SerialWriter {
         self.sender = None;
         let deadline = Instant::now() + timeout;
         match self.done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(result) => {
+            Ok((result, _controller)) => {
                 if let Some(thread) = self.thread.take() {
                     let _ = thread.join();
+                }
+                // Closing the controller side hangs the tty up and may discard what the reader
+                // has not read yet: give the reader until the deadline to drain it.
+                // The kernel moves written bytes to the reader's queue asynchronously, so the
+                // queue must stay empty for a while, not just once.
+                if let Some(device) = &self._terminal_device {
+                    let mut empty_since: Option<Instant> = None;
+                    loop {
+                        let mut unread: libc::c_int = 0;
+                        // SAFETY: FIONREAD writes one int for a valid tty fd we own.
+                        let status = unsafe { libc::ioctl(device.as_raw_fd(), libc::FIONREAD, &mut unread) };
+                        if status != 0 {
+                            break;
+                        }
+                        if unread == 0 {
+                            let since = *empty_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= Duration::from_millis(100) {
+                                break;
+                            }
+                        } else {
+                            empty_since = None;
+                        }
+                        if Instant::now() >= deadline {
+                            tracing::warn!(unread_bytes = unread, path = %self.device_path.display(), "nobody read the serial device's last lines");
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
                 }
                 result
             }

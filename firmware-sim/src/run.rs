@@ -230,7 +230,6 @@ pub fn run(config: SimConfig, options: &RunOptions, on_serial_ready: impl FnOnce
         summary_ticks += 1;
     }
     execute(sim.finish(), &mut publisher)?;
-    drop(execute);
     if let Some(publisher) = publisher {
         publisher.close(options.drain_timeout)?;
     }

@@ -632,8 +632,7 @@ mod tests {
         let mut config = SchemaConfig::default();
         config.rollups.push(RollupSpec { resolution_ms: 60_000, retention_days: 1 });
         assert!(config.validate().is_err());
-        let mut config = SchemaConfig::default();
-        config.raw_retention_days = 0;
+        let config = SchemaConfig { raw_retention_days: 0, ..SchemaConfig::default() };
         assert!(config.validate().is_err());
     }
 

@@ -88,7 +88,10 @@ impl CollectorConfig {
         if let Some(name) = &self.server_name {
             return name;
         }
-        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(host, _)| host);
+        let host = self
+            .address
+            .rsplit_once(':')
+            .map_or(self.address.as_str(), |(host, _)| host);
         host.trim_start_matches('[').trim_end_matches(']')
     }
 }
@@ -135,7 +138,9 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { listen_address: "127.0.0.1:9464".to_owned() }
+        Self {
+            listen_address: "127.0.0.1:9464".to_owned(),
+        }
     }
 }
 
@@ -218,7 +223,10 @@ fn default_keep_alive_s() -> u32 {
 /// Compiles a source's topic list into a router (validation has already reported any error,
 /// with its field path; this returns the first one).
 pub fn topic_router(topics: &[TopicConfig]) -> Result<TopicRouter, String> {
-    let parsers = topics.iter().map(TopicConfig::message_parser).collect::<Result<Vec<_>, _>>()?;
+    let parsers = topics
+        .iter()
+        .map(TopicConfig::message_parser)
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(TopicRouter::new(parsers))
 }
 
@@ -337,7 +345,10 @@ pub struct AggregationConfig {
 
 impl Default for AggregationConfig {
     fn default() -> Self {
-        Self { window_ms: 10_000, raw: RawPolicy::All }
+        Self {
+            window_ms: 10_000,
+            raw: RawPolicy::All,
+        }
     }
 }
 
@@ -358,11 +369,22 @@ impl fmt::Display for ConfigProblem {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read config file {}: {source}", path.display())]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}:{line}:{column}: {message}")]
-    Syntax { origin: String, line: usize, column: usize, message: String },
+    Syntax {
+        origin: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{} problem(s) in {origin}:\n{}", problems.len(), problems.iter().map(|problem| format!("  {problem}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { origin: String, problems: Vec<ConfigProblem> },
+    Invalid {
+        origin: String,
+        problems: Vec<ConfigProblem>,
+    },
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -371,7 +393,10 @@ fn line_and_column(text: &str, byte_offset: usize) -> (usize, usize) {
     let before = text.get(..offset).unwrap_or(text);
     let line = before.matches('\n').count() + 1;
     let line_start = before.rfind('\n').map_or(0, |index| index + 1);
-    let column = before.get(line_start..).map_or(0, |rest| rest.chars().count()) + 1;
+    let column = before
+        .get(line_start..)
+        .map_or(0, |rest| rest.chars().count())
+        + 1;
     (line, column)
 }
 
@@ -379,7 +404,9 @@ impl AgentConfig {
     /// Parses TOML text without checking meaning. `origin` names the text in messages (a path).
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|error| {
-            let (line, column) = error.span().map_or((1, 1), |span| line_and_column(text, span.start));
+            let (line, column) = error
+                .span()
+                .map_or((1, 1), |span| line_and_column(text, span.start));
             ConfigError::Syntax {
                 origin: origin.to_owned(),
                 line,
@@ -396,14 +423,19 @@ impl AgentConfig {
         if problems.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigError::Invalid { origin: origin.to_owned(), problems })
+            Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            })
         }
     }
 
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::from_toml_str_validated(&text, &path.display().to_string())
     }
 
@@ -413,14 +445,30 @@ impl AgentConfig {
         check_name(&mut problems, "agent_id", &self.agent_id);
         self.collector.validate(&mut problems);
         self.buffer.validate(&mut problems);
-        check_socket_address(&mut problems, "metrics.listen_address", &self.metrics.listen_address);
+        check_socket_address(
+            &mut problems,
+            "metrics.listen_address",
+            &self.metrics.listen_address,
+        );
         if self.sources.is_empty() {
-            problems.push("sources", "no sources configured; add at least one [[sources]] table".to_owned());
+            problems.push(
+                "sources",
+                "no sources configured; add at least one [[sources]] table".to_owned(),
+            );
         }
         for (index, source) in self.sources.iter().enumerate() {
             let path = format!("sources[{index}]");
-            if self.sources[..index].iter().any(|earlier| earlier.name == source.name) {
-                problems.push(format!("{path}.name"), format!("`{}` is used by an earlier source; names must be unique", source.name));
+            if self.sources[..index]
+                .iter()
+                .any(|earlier| earlier.name == source.name)
+            {
+                problems.push(
+                    format!("{path}.name"),
+                    format!(
+                        "`{}` is used by an earlier source; names must be unique",
+                        source.name
+                    ),
+                );
             }
             source.validate(&path, &mut problems);
         }
@@ -433,13 +481,24 @@ struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
     fn push(&mut self, path: impl Into<String>, message: String) {
-        self.0.push(ConfigProblem { path: path.into(), message });
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message,
+        });
     }
 }
 
 fn check_name(problems: &mut Problems, path: &str, name: &str) {
-    if name.is_empty() || name.len() > 64 || !name.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.')) {
-        problems.push(path, format!("`{name}` is not a valid name; use 1-64 characters of A-Z a-z 0-9 _ - ."));
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'))
+    {
+        problems.push(
+            path,
+            format!("`{name}` is not a valid name; use 1-64 characters of A-Z a-z 0-9 _ - ."),
+        );
     }
 }
 
@@ -448,13 +507,21 @@ fn check_host_port(problems: &mut Problems, path: &str, address: &str) {
         !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
     });
     if !valid {
-        problems.push(path, format!("`{address}` is not host:port (e.g. `collector.example.com:4433` or `[::1]:4433`)"));
+        problems.push(
+            path,
+            format!(
+                "`{address}` is not host:port (e.g. `collector.example.com:4433` or `[::1]:4433`)"
+            ),
+        );
     }
 }
 
 fn check_socket_address(problems: &mut Problems, path: &str, address: &str) {
     if address.parse::<std::net::SocketAddr>().is_err() {
-        problems.push(path, format!("`{address}` is not an IP address and port (e.g. `127.0.0.1:9464`)"));
+        problems.push(
+            path,
+            format!("`{address}` is not an IP address and port (e.g. `127.0.0.1:9464`)"),
+        );
     }
 }
 
@@ -468,7 +535,10 @@ impl CollectorConfig {
     fn validate(&self, problems: &mut Problems) {
         check_host_port(problems, "collector.address", &self.address);
         if self.server_name.as_deref() == Some("") {
-            problems.push("collector.server_name", "is empty; remove it to use the host of `address`".to_owned());
+            problems.push(
+                "collector.server_name",
+                "is empty; remove it to use the host of `address`".to_owned(),
+            );
         }
         match (&self.cert_fingerprint_sha256, &self.ca_file) {
             (None, None) => problems.push(
@@ -491,14 +561,32 @@ impl CollectorConfig {
             }
         }
         match (&self.token, &self.token_file) {
-            (None, None) => problems.push("collector", "set `token` or `token_file` (the collector authenticates agents by token)".to_owned()),
-            (Some(_), Some(_)) => problems.push("collector.token_file", "set either `token` or `token_file`, not both".to_owned()),
-            (Some(token), None) if token.0.is_empty() => problems.push("collector.token", "is empty".to_owned()),
+            (None, None) => problems.push(
+                "collector",
+                "set `token` or `token_file` (the collector authenticates agents by token)"
+                    .to_owned(),
+            ),
+            (Some(_), Some(_)) => problems.push(
+                "collector.token_file",
+                "set either `token` or `token_file`, not both".to_owned(),
+            ),
+            (Some(token), None) if token.0.is_empty() => {
+                problems.push("collector.token", "is empty".to_owned())
+            }
             _ => {}
         }
-        check_range(problems, "collector.max_batches_in_flight", self.max_batches_in_flight.into(), 1, 1024);
+        check_range(
+            problems,
+            "collector.max_batches_in_flight",
+            self.max_batches_in_flight.into(),
+            1,
+            1024,
+        );
         if self.backlog_max_bytes_per_s == Some(0) {
-            problems.push("collector.backlog_max_bytes_per_s", "0 would never drain the backlog; remove it for no cap".to_owned());
+            problems.push(
+                "collector.backlog_max_bytes_per_s",
+                "0 would never drain the backlog; remove it for no cap".to_owned(),
+            );
         }
     }
 }
@@ -506,14 +594,29 @@ impl CollectorConfig {
 impl BufferConfig {
     fn validate(&self, problems: &mut Problems) {
         if self.path.as_os_str().is_empty() {
-            problems.push("buffer.path", "is empty; give a directory on persistent storage".to_owned());
+            problems.push(
+                "buffer.path",
+                "is empty; give a directory on persistent storage".to_owned(),
+            );
         }
         const MIN_BUFFER_BYTES: u64 = 1024 * 1024;
         if self.max_buffer_bytes < MIN_BUFFER_BYTES {
-            problems.push("buffer.max_buffer_bytes", format!("{} is below the minimum of {MIN_BUFFER_BYTES} (1 MiB)", self.max_buffer_bytes));
+            problems.push(
+                "buffer.max_buffer_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_BUFFER_BYTES} (1 MiB)",
+                    self.max_buffer_bytes
+                ),
+            );
         }
         if self.fsync == FsyncPolicy::Group {
-            check_range(problems, "buffer.group_commit_interval_ms", self.group_commit_interval_ms, 1, 1000);
+            check_range(
+                problems,
+                "buffer.group_commit_interval_ms",
+                self.group_commit_interval_ms,
+                1,
+                1000,
+            );
         }
     }
 }
@@ -521,7 +624,11 @@ impl BufferConfig {
 impl SourceConfig {
     fn validate(&self, path: &str, problems: &mut Problems) {
         check_name(problems, &format!("{path}.name"), &self.name);
-        let kinds = [self.mqtt_subscribe.is_some(), self.mqtt_broker.is_some(), self.serial.is_some()];
+        let kinds = [
+            self.mqtt_subscribe.is_some(),
+            self.mqtt_broker.is_some(),
+            self.serial.is_some(),
+        ];
         match kinds.iter().filter(|set| **set).count() {
             0 => problems.push(path, "no source kind; add one of [mqtt_subscribe], [mqtt_broker], [serial]".to_owned()),
             1 => {}
@@ -529,65 +636,134 @@ impl SourceConfig {
         }
         if let Some(config) = &self.mqtt_subscribe {
             let path = format!("{path}.mqtt_subscribe");
-            check_host_port(problems, &format!("{path}.broker_address"), &config.broker_address);
+            check_host_port(
+                problems,
+                &format!("{path}.broker_address"),
+                &config.broker_address,
+            );
             if config.client_id.is_empty() {
-                problems.push(format!("{path}.client_id"), "is empty; a persistent session needs a stable client id".to_owned());
+                problems.push(
+                    format!("{path}.client_id"),
+                    "is empty; a persistent session needs a stable client id".to_owned(),
+                );
             }
             if config.qos > 1 {
                 problems.push(format!("{path}.qos"), format!("{} is not supported; use 0 or 1 (1 gives the durable acknowledgement chain)", config.qos));
             }
-            check_range(problems, &format!("{path}.receive_maximum"), config.receive_maximum.into(), 1, 65_535);
-            check_range(problems, &format!("{path}.keep_alive_s"), config.keep_alive_s.into(), 5, 65_535);
+            check_range(
+                problems,
+                &format!("{path}.receive_maximum"),
+                config.receive_maximum.into(),
+                1,
+                65_535,
+            );
+            check_range(
+                problems,
+                &format!("{path}.keep_alive_s"),
+                config.keep_alive_s.into(),
+                5,
+                65_535,
+            );
             validate_topics(&config.topics, &format!("{path}.topics"), problems);
         }
         if let Some(config) = &self.mqtt_broker {
             let path = format!("{path}.mqtt_broker");
-            check_socket_address(problems, &format!("{path}.listen_address"), &config.listen_address);
-            check_range(problems, &format!("{path}.max_connections"), config.max_connections.into(), 1, 100_000);
+            check_socket_address(
+                problems,
+                &format!("{path}.listen_address"),
+                &config.listen_address,
+            );
+            check_range(
+                problems,
+                &format!("{path}.max_connections"),
+                config.max_connections.into(),
+                1,
+                100_000,
+            );
             validate_topics(&config.topics, &format!("{path}.topics"), problems);
         }
         if let Some(config) = &self.serial {
             let path = format!("{path}.serial");
             if config.path.as_os_str().is_empty() {
-                problems.push(format!("{path}.path"), "is empty; give the tty, e.g. /dev/ttyUSB0".to_owned());
+                problems.push(
+                    format!("{path}.path"),
+                    "is empty; give the tty, e.g. /dev/ttyUSB0".to_owned(),
+                );
             }
             if !STANDARD_BAUD_RATES.contains(&config.baud_rate) {
                 let rates: Vec<String> = STANDARD_BAUD_RATES.iter().map(u32::to_string).collect();
                 problems.push(
                     format!("{path}.baud_rate"),
-                    format!("{} is not a standard rate; use one of {}", config.baud_rate, rates.join(", ")),
+                    format!(
+                        "{} is not a standard rate; use one of {}",
+                        config.baud_rate,
+                        rates.join(", ")
+                    ),
                 );
             }
             if !(5..=8).contains(&config.data_bits) {
-                problems.push(format!("{path}.data_bits"), format!("{} is not possible; use 5, 6, 7 or 8", config.data_bits));
+                problems.push(
+                    format!("{path}.data_bits"),
+                    format!("{} is not possible; use 5, 6, 7 or 8", config.data_bits),
+                );
             }
             if !(1..=2).contains(&config.stop_bits) {
-                problems.push(format!("{path}.stop_bits"), format!("{} is not possible; use 1 or 2", config.stop_bits));
+                problems.push(
+                    format!("{path}.stop_bits"),
+                    format!("{} is not possible; use 1 or 2", config.stop_bits),
+                );
             }
-            check_range(problems, &format!("{path}.reconnect_interval_ms"), config.reconnect_interval_ms, 10, 600_000);
-            check_range(problems, &format!("{path}.line.max_line_bytes"), config.line.max_line_bytes as u64, 16, 65_536);
+            check_range(
+                problems,
+                &format!("{path}.reconnect_interval_ms"),
+                config.reconnect_interval_ms,
+                10,
+                600_000,
+            );
+            check_range(
+                problems,
+                &format!("{path}.line.max_line_bytes"),
+                config.line.max_line_bytes as u64,
+                16,
+                65_536,
+            );
         }
         let aggregation_path = format!("{path}.aggregation");
-        check_range(problems, &format!("{aggregation_path}.window_ms"), self.aggregation.window_ms, 100, 86_400_000);
+        check_range(
+            problems,
+            &format!("{aggregation_path}.window_ms"),
+            self.aggregation.window_ms,
+            100,
+            86_400_000,
+        );
         match self.aggregation.raw {
-            RawPolicy::EveryNth { n: 0 } => {
-                problems.push(format!("{aggregation_path}.raw.n"), "0 is not possible; use 1 or more (1 forwards every reading)".to_owned())
-            }
-            RawPolicy::Deadband { threshold } if !(threshold.is_finite() && threshold >= 0.0) => problems.push(
-                format!("{aggregation_path}.raw.threshold"),
-                format!("{threshold} is not possible; use a finite value >= 0"),
+            RawPolicy::EveryNth { n: 0 } => problems.push(
+                format!("{aggregation_path}.raw.n"),
+                "0 is not possible; use 1 or more (1 forwards every reading)".to_owned(),
             ),
+            RawPolicy::Deadband { threshold } if !(threshold.is_finite() && threshold >= 0.0) => {
+                problems.push(
+                    format!("{aggregation_path}.raw.threshold"),
+                    format!("{threshold} is not possible; use a finite value >= 0"),
+                )
+            }
             _ => {}
         }
         if self.time.max_future_ms < 0 {
-            problems.push(format!("{path}.time.max_future_ms"), format!("{} is negative; use 0 or more", self.time.max_future_ms));
+            problems.push(
+                format!("{path}.time.max_future_ms"),
+                format!("{} is negative; use 0 or more", self.time.max_future_ms),
+            );
         }
     }
 }
 
 fn validate_topics(topics: &[TopicConfig], path: &str, problems: &mut Problems) {
     if topics.is_empty() {
-        problems.push(path, "no topics; add at least one [[...topics]] with a template".to_owned());
+        problems.push(
+            path,
+            "no topics; add at least one [[...topics]] with a template".to_owned(),
+        );
     }
     for (index, topic) in topics.iter().enumerate() {
         let path = format!("{path}[{index}]");
@@ -596,23 +772,43 @@ fn validate_topics(topics: &[TopicConfig], path: &str, problems: &mut Problems) 
         }
         let payload = &topic.payload;
         let payload_path = format!("{path}.payload");
-        check_range(problems, &format!("{payload_path}.max_payload_bytes"), payload.max_payload_bytes as u64, 1, 16 * 1024 * 1024);
+        check_range(
+            problems,
+            &format!("{payload_path}.max_payload_bytes"),
+            payload.max_payload_bytes as u64,
+            1,
+            16 * 1024 * 1024,
+        );
         if payload.timestamp_field.is_some() && payload.format != PayloadFormat::Json {
             problems.push(
                 format!("{payload_path}.timestamp_field"),
-                format!("only applies to format `json`, not `{}`", payload.format.name()),
+                format!(
+                    "only applies to format `json`, not `{}`",
+                    payload.format.name()
+                ),
             );
         }
-        if payload.timestamp_unit.is_some() && !matches!(payload.format, PayloadFormat::Json | PayloadFormat::LineProtocol) {
+        if payload.timestamp_unit.is_some()
+            && !matches!(
+                payload.format,
+                PayloadFormat::Json | PayloadFormat::LineProtocol
+            )
+        {
             problems.push(
                 format!("{payload_path}.timestamp_unit"),
-                format!("only applies to formats `json` and `line_protocol`, not `{}`", payload.format.name()),
+                format!(
+                    "only applies to formats `json` and `line_protocol`, not `{}`",
+                    payload.format.name()
+                ),
             );
         }
         if payload.senml_unit_as_tag && payload.format != PayloadFormat::Senml {
             problems.push(
                 format!("{payload_path}.senml_unit_as_tag"),
-                format!("only applies to format `senml`, not `{}`", payload.format.name()),
+                format!(
+                    "only applies to format `senml`, not `{}`",
+                    payload.format.name()
+                ),
             );
         }
     }

@@ -4,5 +4,5 @@ pub mod buffer;
 pub mod config;
 pub mod metrics;
 pub mod run;
-pub mod source;
 pub mod ship;
+pub mod source;

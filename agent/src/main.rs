@@ -18,7 +18,11 @@ use tributary_agent::config::{AgentConfig, ConfigError};
 use tributary_agent::run::{buffer_config, run_agent};
 
 #[derive(Parser, Debug)]
-#[command(name = "tributary-agent", version, about = "The Tributary gateway agent: sensors in, buffered batches out")]
+#[command(
+    name = "tributary-agent",
+    version,
+    about = "The Tributary gateway agent: sensors in, buffered batches out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,15 +70,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::CheckConfig { config } => check_config(&config),
-        Command::Buffer { command: BufferCommand::Inspect(location) } => inspect(&location),
-        Command::Buffer { command: BufferCommand::Verify(location) } => verify(&location),
+        Command::Buffer {
+            command: BufferCommand::Inspect(location),
+        } => inspect(&location),
+        Command::Buffer {
+            command: BufferCommand::Verify(location),
+        } => verify(&location),
     };
     match result {
         Ok(code) => code,
@@ -86,13 +95,23 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &Path) -> anyhow::Result<AgentConfig> {
-    AgentConfig::load(path).map_err(|error| anyhow::anyhow!("{error}\n(run `tributary-agent check-config --config {}` for details)", path.display()))
+    AgentConfig::load(path).map_err(|error| {
+        anyhow::anyhow!(
+            "{error}\n(run `tributary-agent check-config --config {}` for details)",
+            path.display()
+        )
+    })
 }
 
 fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
     match AgentConfig::load(path) {
         Ok(config) => {
-            println!("{}: OK ({} source(s), agent_id {})", path.display(), config.sources.len(), config.agent_id);
+            println!(
+                "{}: OK ({} source(s), agent_id {})",
+                path.display(),
+                config.sources.len(),
+                config.agent_id
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(ConfigError::Invalid { origin, problems }) => {
@@ -111,7 +130,10 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
 
 fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         let signal_shutdown = shutdown.clone();
@@ -147,11 +169,22 @@ fn open_buffer(location: &BufferLocation) -> anyhow::Result<DiskBuffer> {
         (None, None) => anyhow::bail!("give --config or --path"),
     };
     if !path.exists() {
-        anyhow::bail!("no buffer at {}: the directory does not exist (check buffer.path)", path.display());
+        anyhow::bail!(
+            "no buffer at {}: the directory does not exist (check buffer.path)",
+            path.display()
+        );
     }
-    let mut config = buffer_config(&tributary_agent::config::BufferConfig { path: path.clone(), ..Default::default() });
+    let mut config = buffer_config(&tributary_agent::config::BufferConfig {
+        path: path.clone(),
+        ..Default::default()
+    });
     config.path = path.clone();
-    DiskBuffer::open(config).with_context(|| format!("cannot open the buffer at {} (is the agent running? stop it first)", path.display()))
+    DiskBuffer::open(config).with_context(|| {
+        format!(
+            "cannot open the buffer at {} (is the agent running? stop it first)",
+            path.display()
+        )
+    })
 }
 
 fn format_class(name: &str, class: &ClassInspection) -> String {
@@ -173,7 +206,12 @@ fn format_class(name: &str, class: &ClassInspection) -> String {
 fn print_inspection(inspection: &BufferInspection) {
     println!("{}", format_class("raw", &inspection.raw));
     println!("{}", format_class("summary", &inspection.summary));
-    println!("total    batches {:>8}  bytes {:>12}  next_seq {}", inspection.batches(), inspection.bytes(), inspection.next_seq);
+    println!(
+        "total    batches {:>8}  bytes {:>12}  next_seq {}",
+        inspection.batches(),
+        inspection.bytes(),
+        inspection.next_seq
+    );
 }
 
 fn inspect(location: &BufferLocation) -> anyhow::Result<ExitCode> {
@@ -192,8 +230,14 @@ fn verify(location: &BufferLocation) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for bad in &report.bad_entries {
-        let seq = bad.batch_seq.map_or_else(|| "?".to_owned(), |seq| seq.to_string());
-        println!("bad entry: seq {seq} in {}: {}", bad.stored_in.name(), bad.defect);
+        let seq = bad
+            .batch_seq
+            .map_or_else(|| "?".to_owned(), |seq| seq.to_string());
+        println!(
+            "bad entry: seq {seq} in {}: {}",
+            bad.stored_in.name(),
+            bad.defect
+        );
     }
     println!("{} bad entries", report.bad_entries.len());
     Ok(ExitCode::FAILURE)

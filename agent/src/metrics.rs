@@ -51,11 +51,17 @@ impl SourceMetrics {
     /// Counts one rejected message or line, and logs `detail` if this reason has not been
     /// sampled within [`REJECT_SAMPLE_INTERVAL`].
     pub fn reject(&self, reason: &'static str, detail: &dyn std::fmt::Display) {
-        let mut rejected = self.rejected.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let entry = rejected.entry(reason).or_insert((0, None));
         entry.0 += 1;
         let now = Instant::now();
-        if entry.1.is_none_or(|last| now.duration_since(last) >= REJECT_SAMPLE_INTERVAL) {
+        if entry
+            .1
+            .is_none_or(|last| now.duration_since(last) >= REJECT_SAMPLE_INTERVAL)
+        {
             entry.1 = Some(now);
             tracing::warn!(source = %self.name, reason, total = entry.0, "rejected input (sampled): {detail}");
         }
@@ -63,8 +69,14 @@ impl SourceMetrics {
 
     /// Rejections so far by reason.
     pub fn rejected(&self) -> BTreeMap<&'static str, u64> {
-        let rejected = self.rejected.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        rejected.iter().map(|(reason, (count, _))| (*reason, *count)).collect()
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        rejected
+            .iter()
+            .map(|(reason, (count, _))| (*reason, *count))
+            .collect()
     }
 
     pub fn rejected_total(&self) -> u64 {
@@ -96,12 +108,18 @@ pub struct Metrics {
 }
 
 fn escape_label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
     pub fn new(sources: Vec<Arc<SourceMetrics>>) -> Self {
-        Self { sources, pipeline: PipelineMetrics::default() }
+        Self {
+            sources,
+            pipeline: PipelineMetrics::default(),
+        }
     }
 
     /// Prometheus text exposition of every counter; `buffer` is the buffer's snapshot and
@@ -111,37 +129,128 @@ impl Metrics {
         let mut family = |name: &str, kind: &str, help: &str| {
             let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        family("tributary_agent_messages_in_total", "counter", "Messages (MQTT) or lines (serial) received, by source.");
-        family("tributary_agent_readings_in_total", "counter", "Readings parsed, by source.");
-        family("tributary_agent_rejected_total", "counter", "Rejected messages or lines, by source and reason.");
-        family("tributary_agent_source_connected", "gauge", "1 while the source is connected or open.");
-        family("tributary_agent_source_reconnects_total", "counter", "Reconnects or reopen attempts, by source.");
+        family(
+            "tributary_agent_messages_in_total",
+            "counter",
+            "Messages (MQTT) or lines (serial) received, by source.",
+        );
+        family(
+            "tributary_agent_readings_in_total",
+            "counter",
+            "Readings parsed, by source.",
+        );
+        family(
+            "tributary_agent_rejected_total",
+            "counter",
+            "Rejected messages or lines, by source and reason.",
+        );
+        family(
+            "tributary_agent_source_connected",
+            "gauge",
+            "1 while the source is connected or open.",
+        );
+        family(
+            "tributary_agent_source_reconnects_total",
+            "counter",
+            "Reconnects or reopen attempts, by source.",
+        );
         let mut lines = String::new();
         for source in &self.sources {
             let name = escape_label(&source.name);
             let kind = source.kind;
-            let _ = writeln!(lines, "tributary_agent_messages_in_total{{source=\"{name}\",kind=\"{kind}\"}} {}", source.messages_in.load(Ordering::Relaxed));
-            let _ = writeln!(lines, "tributary_agent_readings_in_total{{source=\"{name}\",kind=\"{kind}\"}} {}", source.readings_in.load(Ordering::Relaxed));
+            let _ = writeln!(
+                lines,
+                "tributary_agent_messages_in_total{{source=\"{name}\",kind=\"{kind}\"}} {}",
+                source.messages_in.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                lines,
+                "tributary_agent_readings_in_total{{source=\"{name}\",kind=\"{kind}\"}} {}",
+                source.readings_in.load(Ordering::Relaxed)
+            );
             for (reason, count) in source.rejected() {
                 let _ = writeln!(lines, "tributary_agent_rejected_total{{source=\"{name}\",reason=\"{reason}\"}} {count}");
             }
-            let _ = writeln!(lines, "tributary_agent_source_connected{{source=\"{name}\"}} {}", source.connected.load(Ordering::Relaxed));
-            let _ = writeln!(lines, "tributary_agent_source_reconnects_total{{source=\"{name}\"}} {}", source.reconnects.load(Ordering::Relaxed));
+            let _ = writeln!(
+                lines,
+                "tributary_agent_source_connected{{source=\"{name}\"}} {}",
+                source.connected.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                lines,
+                "tributary_agent_source_reconnects_total{{source=\"{name}\"}} {}",
+                source.reconnects.load(Ordering::Relaxed)
+            );
         }
         text.push_str(&lines);
         let pipeline = &self.pipeline;
         let counters: [(&str, &str, &str, u64); 11] = [
-            ("tributary_agent_batches_appended_total{class=\"raw\"}", "counter", "Batches appended to the buffer.", pipeline.batches_appended_raw.load(Ordering::Relaxed)),
-            ("tributary_agent_batches_appended_total{class=\"summary\"}", "", "", pipeline.batches_appended_summary.load(Ordering::Relaxed)),
-            ("tributary_agent_bytes_appended_total", "counter", "Encoded batch bytes appended to the buffer.", pipeline.bytes_appended.load(Ordering::Relaxed)),
-            ("tributary_agent_append_errors_total", "counter", "Batches the buffer refused.", pipeline.append_errors.load(Ordering::Relaxed)),
-            ("tributary_agent_commits_total", "counter", "Group commits (journal + buffer flush).", pipeline.commits.load(Ordering::Relaxed)),
-            ("tributary_agent_commit_errors_total", "counter", "Group commits that failed (nothing acknowledged).", pipeline.commit_errors.load(Ordering::Relaxed)),
-            ("tributary_agent_journal_entries", "gauge", "Readings held in the acknowledgement journal.", pipeline.journal_entries.load(Ordering::Relaxed)),
-            ("tributary_agent_late_readings_total", "counter", "Readings that arrived after their window closed.", pipeline.late_readings.load(Ordering::Relaxed)),
-            ("tributary_agent_open_windows", "gauge", "Aggregation windows open.", pipeline.open_windows.load(Ordering::Relaxed)),
-            ("tributary_agent_series", "gauge", "Series known to the registry.", pipeline.series.load(Ordering::Relaxed)),
-            ("tributary_agent_mqtt_acks_total", "counter", "MQTT messages acknowledged after being made durable.", pipeline.acks_sent.load(Ordering::Relaxed)),
+            (
+                "tributary_agent_batches_appended_total{class=\"raw\"}",
+                "counter",
+                "Batches appended to the buffer.",
+                pipeline.batches_appended_raw.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_batches_appended_total{class=\"summary\"}",
+                "",
+                "",
+                pipeline.batches_appended_summary.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_bytes_appended_total",
+                "counter",
+                "Encoded batch bytes appended to the buffer.",
+                pipeline.bytes_appended.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_append_errors_total",
+                "counter",
+                "Batches the buffer refused.",
+                pipeline.append_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_commits_total",
+                "counter",
+                "Group commits (journal + buffer flush).",
+                pipeline.commits.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_commit_errors_total",
+                "counter",
+                "Group commits that failed (nothing acknowledged).",
+                pipeline.commit_errors.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_journal_entries",
+                "gauge",
+                "Readings held in the acknowledgement journal.",
+                pipeline.journal_entries.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_late_readings_total",
+                "counter",
+                "Readings that arrived after their window closed.",
+                pipeline.late_readings.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_open_windows",
+                "gauge",
+                "Aggregation windows open.",
+                pipeline.open_windows.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_series",
+                "gauge",
+                "Series known to the registry.",
+                pipeline.series.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_mqtt_acks_total",
+                "counter",
+                "MQTT messages acknowledged after being made durable.",
+                pipeline.acks_sent.load(Ordering::Relaxed),
+            ),
         ];
         for (series, kind, help, value) in counters {
             if !kind.is_empty() {
@@ -151,18 +260,54 @@ impl Metrics {
             let _ = writeln!(text, "{series} {value}");
         }
         let buffer_lines: [(&str, &str, String); 9] = [
-            ("tributary_agent_buffer_batches", "gauge", buffer.batches_buffered.to_string()),
-            ("tributary_agent_buffer_bytes", "gauge", buffer.bytes_used.to_string()),
-            ("tributary_agent_buffer_memory_only", "gauge", u8::from(buffer.memory_only).to_string()),
-            ("tributary_agent_buffer_dropped_batches_total{class=\"raw\"}", "counter", buffer.dropped_batches_raw.to_string()),
-            ("tributary_agent_buffer_dropped_batches_total{class=\"summary\"}", "", buffer.dropped_batches_summary.to_string()),
-            ("tributary_agent_buffer_dropped_readings_total{class=\"raw\"}", "counter", buffer.dropped_readings_raw.to_string()),
-            ("tributary_agent_buffer_dropped_readings_total{class=\"summary\"}", "", buffer.dropped_readings_summary.to_string()),
-            ("tributary_agent_buffer_storage_errors_total", "counter", buffer.storage_errors.to_string()),
+            (
+                "tributary_agent_buffer_batches",
+                "gauge",
+                buffer.batches_buffered.to_string(),
+            ),
+            (
+                "tributary_agent_buffer_bytes",
+                "gauge",
+                buffer.bytes_used.to_string(),
+            ),
+            (
+                "tributary_agent_buffer_memory_only",
+                "gauge",
+                u8::from(buffer.memory_only).to_string(),
+            ),
+            (
+                "tributary_agent_buffer_dropped_batches_total{class=\"raw\"}",
+                "counter",
+                buffer.dropped_batches_raw.to_string(),
+            ),
+            (
+                "tributary_agent_buffer_dropped_batches_total{class=\"summary\"}",
+                "",
+                buffer.dropped_batches_summary.to_string(),
+            ),
+            (
+                "tributary_agent_buffer_dropped_readings_total{class=\"raw\"}",
+                "counter",
+                buffer.dropped_readings_raw.to_string(),
+            ),
+            (
+                "tributary_agent_buffer_dropped_readings_total{class=\"summary\"}",
+                "",
+                buffer.dropped_readings_summary.to_string(),
+            ),
+            (
+                "tributary_agent_buffer_storage_errors_total",
+                "counter",
+                buffer.storage_errors.to_string(),
+            ),
             (
                 "tributary_agent_buffer_oldest_unacked_age_seconds",
                 "gauge",
-                buffer.oldest_unacked_age_ms.map_or("0".to_owned(), |age_ms| format!("{:.3}", age_ms as f64 / 1000.0)),
+                buffer
+                    .oldest_unacked_age_ms
+                    .map_or("0".to_owned(), |age_ms| {
+                        format!("{:.3}", age_ms as f64 / 1000.0)
+                    }),
             ),
         ];
         for (series, kind, value) in buffer_lines {
@@ -178,24 +323,38 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`; `render` builds the body.
-pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
-        let Ok((mut stream, _)) = accepted else { continue };
+        let Ok((mut stream, _)) = accepted else {
+            continue;
+        };
         let render = Arc::clone(&render);
         tokio::spawn(async move {
             let mut request = vec![0u8; 2048];
             let mut filled = 0;
             // Read the request head (bounded): we only need the request line.
             while filled < request.len() {
-                match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request[filled..])).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    stream.read(&mut request[filled..]),
+                )
+                .await
+                {
                     Ok(Ok(0)) | Err(_) | Ok(Err(_)) => break,
                     Ok(Ok(read)) => {
                         filled += read;
-                        if request[..filled].windows(4).any(|window| window == b"\r\n\r\n") {
+                        if request[..filled]
+                            .windows(4)
+                            .any(|window| window == b"\r\n\r\n")
+                        {
                             break;
                         }
                     }

@@ -41,7 +41,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tributary_protocol::model::Reading;
 
-use crate::aggregate::{AggregationStage, BatchCutter, CutBatch, RegistryError, SeriesRegistry, SourceIndex, WindowConfig, NOT_JOURNALED};
+use crate::aggregate::{
+    AggregationStage, BatchCutter, CutBatch, RegistryError, SeriesRegistry, SourceIndex,
+    WindowConfig, NOT_JOURNALED,
+};
 use crate::buffer::{self, BatchClass, DiskBuffer, Durability};
 use crate::config::{AgentConfig, FsyncPolicy, SourceKind};
 use crate::metrics::{Metrics, SourceMetrics};
@@ -49,7 +52,9 @@ use crate::source::{ParsedReading, TimePolicy};
 
 /// Wall-clock milliseconds since the Unix epoch: the shells' clock (cores take time as input).
 pub fn now_ms() -> i64 {
-    let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
@@ -73,14 +78,21 @@ pub enum RunError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error("journal entry {journal_seq} is damaged ({reason}); move {} aside to start without it (its readings are lost)", path.display())]
-    JournalCorrupt { journal_seq: String, reason: String, path: PathBuf },
+    JournalCorrupt {
+        journal_seq: String,
+        reason: String,
+        path: PathBuf,
+    },
     #[error(transparent)]
     Buffer(#[from] buffer::BufferError),
 }
 
 /// Where the state database (series registry, journal) lives: beside the buffer.
 pub fn state_path(buffer_path: &Path) -> PathBuf {
-    let mut name = buffer_path.file_name().map(|name| name.to_os_string()).unwrap_or_else(|| "buffer".into());
+    let mut name = buffer_path
+        .file_name()
+        .map(|name| name.to_os_string())
+        .unwrap_or_else(|| "buffer".into());
     name.push(".state");
     buffer_path.with_file_name(name)
 }
@@ -89,10 +101,19 @@ pub fn state_path(buffer_path: &Path) -> PathBuf {
 pub fn buffer_config(config: &crate::config::BufferConfig) -> buffer::BufferConfig {
     let fsync = match config.fsync {
         FsyncPolicy::EveryBatch => buffer::FsyncPolicy::EveryBatch,
-        FsyncPolicy::Group => buffer::FsyncPolicy::Group { interval_ms: config.group_commit_interval_ms },
-        FsyncPolicy::Os => buffer::FsyncPolicy::Os { interval_ms: config.group_commit_interval_ms.max(1) },
+        FsyncPolicy::Group => buffer::FsyncPolicy::Group {
+            interval_ms: config.group_commit_interval_ms,
+        },
+        FsyncPolicy::Os => buffer::FsyncPolicy::Os {
+            interval_ms: config.group_commit_interval_ms.max(1),
+        },
     };
-    buffer::BufferConfig { path: config.path.clone(), max_buffer_bytes: config.max_buffer_bytes, fsync, ..buffer::BufferConfig::default() }
+    buffer::BufferConfig {
+        path: config.path.clone(),
+        max_buffer_bytes: config.max_buffer_bytes,
+        fsync,
+        ..buffer::BufferConfig::default()
+    }
 }
 
 const JOURNAL_VALUE_BYTES: usize = 2 + 4 + 8 + 8 + 1;
@@ -114,7 +135,15 @@ fn decode_journal_value(value: &[u8]) -> Option<(SourceIndex, Reading)> {
     let series = u32::from_be_bytes([value[2], value[3], value[4], value[5]]);
     let time_ms = i64::from_be_bytes(value[6..14].try_into().ok()?);
     let bits = u64::from_be_bytes(value[14..22].try_into().ok()?);
-    Some((source, Reading { series, time_ms, value: f64::from_bits(bits), flags: value[22] }))
+    Some((
+        source,
+        Reading {
+            series,
+            time_ms,
+            value: f64::from_bits(bits),
+            flags: value[22],
+        },
+    ))
 }
 
 /// The pipeline task's state.
@@ -140,28 +169,44 @@ pub struct Pipeline {
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Pipeline").field("agent_id", &self.agent_id).finish_non_exhaustive()
+        formatter
+            .debug_struct("Pipeline")
+            .field("agent_id", &self.agent_id)
+            .finish_non_exhaustive()
     }
 }
 
 impl Pipeline {
     /// Opens the state database, builds the stage for `config.sources` and replays the
     /// journal left by a previous run. Returns the pipeline and how many readings it replayed.
-    pub fn open(config: &AgentConfig, buffer: DiskBuffer, metrics: Arc<Metrics>) -> Result<(Pipeline, u64), RunError> {
+    pub fn open(
+        config: &AgentConfig,
+        buffer: DiskBuffer,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Pipeline, u64), RunError> {
         let path = state_path(&config.buffer.path);
-        let state_error = |source| RunError::State { path: path.clone(), source };
+        let state_error = |source| RunError::State {
+            path: path.clone(),
+            source,
+        };
         let state_db = sled::Config::new()
             .path(&path)
             .cache_capacity(4 * 1024 * 1024)
             .open()
-            .map_err(|source| RunError::StateOpen { path: path.clone(), source })?;
+            .map_err(|source| RunError::StateOpen {
+                path: path.clone(),
+                source,
+            })?;
         let registry = SeriesRegistry::open(state_db.open_tree("series").map_err(state_error)?)?;
         let journal = state_db.open_tree("journal").map_err(state_error)?;
         let meta = state_db.open_tree("meta").map_err(state_error)?;
         let mut stage = AggregationStage::new(registry, BatchCutter::default());
         let mut time_policies = Vec::new();
         for source in &config.sources {
-            stage.add_source(WindowConfig::new(source.aggregation.window_ms, source.aggregation.raw));
+            stage.add_source(WindowConfig::new(
+                source.aggregation.window_ms,
+                source.aggregation.raw,
+            ));
             time_policies.push(source.time);
         }
         let raw_durable_below = meta
@@ -176,31 +221,55 @@ impl Pipeline {
         let mut journal_low = NOT_JOURNALED;
         for entry in journal.iter() {
             let (key, value) = entry.map_err(state_error)?;
-            let journal_seq = <[u8; 8]>::try_from(key.as_ref()).map(u64::from_be_bytes).map_err(|_| RunError::JournalCorrupt {
-                journal_seq: format!("{:?}", key.as_ref()),
-                reason: "key is not 8 bytes".to_owned(),
-                path: path.clone(),
-            })?;
-            let (source, reading) = decode_journal_value(&value).ok_or_else(|| RunError::JournalCorrupt {
-                journal_seq: journal_seq.to_string(),
-                reason: format!("value is {} bytes, expected {JOURNAL_VALUE_BYTES}", value.len()),
-                path: path.clone(),
-            })?;
+            let journal_seq = <[u8; 8]>::try_from(key.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| RunError::JournalCorrupt {
+                    journal_seq: format!("{:?}", key.as_ref()),
+                    reason: "key is not 8 bytes".to_owned(),
+                    path: path.clone(),
+                })?;
+            let (source, reading) =
+                decode_journal_value(&value).ok_or_else(|| RunError::JournalCorrupt {
+                    journal_seq: journal_seq.to_string(),
+                    reason: format!(
+                        "value is {} bytes, expected {JOURNAL_VALUE_BYTES}",
+                        value.len()
+                    ),
+                    path: path.clone(),
+                })?;
             if source >= config.sources.len() {
                 tracing::warn!(journal_seq, source, "journaled reading names a source that is no longer configured; replaying it into source 0");
             }
-            let source = if source < config.sources.len() { source } else { 0 };
-            stage.replay(source, reading, journal_seq, journal_seq >= raw_durable_below, now, &mut cut);
+            let source = if source < config.sources.len() {
+                source
+            } else {
+                0
+            };
+            stage.replay(
+                source,
+                reading,
+                journal_seq,
+                journal_seq >= raw_durable_below,
+                now,
+                &mut cut,
+            );
             journal_low = journal_low.min(journal_seq);
             next_journal_seq = next_journal_seq.max(journal_seq.saturating_add(1));
             replayed += 1;
         }
         if replayed > 0 {
-            tracing::info!(replayed, "replayed the acknowledgement journal of the previous run into the windows");
+            tracing::info!(
+                replayed,
+                "replayed the acknowledgement journal of the previous run into the windows"
+            );
         }
         let source_metrics = metrics.sources.clone();
-        let commit_interval = Duration::from_millis(config.buffer.group_commit_interval_ms.clamp(1, 1000));
-        metrics.pipeline.journal_entries.store(replayed, Ordering::Relaxed);
+        let commit_interval =
+            Duration::from_millis(config.buffer.group_commit_interval_ms.clamp(1, 1000));
+        metrics
+            .pipeline
+            .journal_entries
+            .store(replayed, Ordering::Relaxed);
         let pipeline = Pipeline {
             agent_id: config.agent_id.clone(),
             stage,
@@ -234,20 +303,46 @@ impl Pipeline {
 
     /// Takes one message's readings.
     pub fn ingest(&mut self, input: PipelineInput, now_ms: i64) {
-        let policy = self.time_policies.get(input.source).copied().unwrap_or_default();
+        let policy = self
+            .time_policies
+            .get(input.source)
+            .copied()
+            .unwrap_or_default();
         let journaled = input.durable.is_some();
         if let Some(metrics) = self.source_metrics.get(input.source) {
-            metrics.readings_in.fetch_add(input.readings.len() as u64, Ordering::Relaxed);
+            metrics
+                .readings_in
+                .fetch_add(input.readings.len() as u64, Ordering::Relaxed);
         }
         for parsed in input.readings {
             let (time_ms, flags) = policy.resolve(parsed.time_ms, input.receive_ms);
-            let journal_seq = if journaled { self.next_journal_seq } else { NOT_JOURNALED };
-            match self.stage.observe(input.source, &parsed.key, time_ms, parsed.value, flags, journal_seq, now_ms, &mut self.cut) {
+            let journal_seq = if journaled {
+                self.next_journal_seq
+            } else {
+                NOT_JOURNALED
+            };
+            match self.stage.observe(
+                input.source,
+                &parsed.key,
+                time_ms,
+                parsed.value,
+                flags,
+                journal_seq,
+                now_ms,
+                &mut self.cut,
+            ) {
                 Ok(series) => {
                     if journaled {
-                        let reading = Reading { series, time_ms, value: parsed.value, flags };
+                        let reading = Reading {
+                            series,
+                            time_ms,
+                            value: parsed.value,
+                            flags,
+                        };
                         let value = encode_journal_value(input.source, &reading);
-                        if let Err(error) = self.journal.insert(journal_seq.to_be_bytes(), &value[..]) {
+                        if let Err(error) =
+                            self.journal.insert(journal_seq.to_be_bytes(), &value[..])
+                        {
                             // The commit's state flush will fail too, so nothing gets acknowledged.
                             tracing::error!(%error, "cannot write the acknowledgement journal");
                         }
@@ -291,9 +386,15 @@ impl Pipeline {
             let (bytes, info) = self.stage.encode(cut, &self.agent_id, batch_seq, now_ms);
             match self.buffer.append(batch_seq, info, &bytes) {
                 Ok(_) => {
-                    let counter = if class == BatchClass::Raw { &pipeline.batches_appended_raw } else { &pipeline.batches_appended_summary };
+                    let counter = if class == BatchClass::Raw {
+                        &pipeline.batches_appended_raw
+                    } else {
+                        &pipeline.batches_appended_summary
+                    };
                     counter.fetch_add(1, Ordering::Relaxed);
-                    pipeline.bytes_appended.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    pipeline
+                        .bytes_appended
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                 }
                 Err(error) => {
                     pipeline.append_errors.fetch_add(1, Ordering::Relaxed);
@@ -315,7 +416,9 @@ impl Pipeline {
                 false
             }
             (_, Ok(Durability::MemoryOnly)) => {
-                tracing::warn!("the buffer is memory-only; holding acknowledgements until the disk is back");
+                tracing::warn!(
+                    "the buffer is memory-only; holding acknowledgements until the disk is back"
+                );
                 false
             }
         };
@@ -341,14 +444,23 @@ impl Pipeline {
         let (open, late) = self.stage.window_counts();
         pipeline.open_windows.store(open, Ordering::Relaxed);
         pipeline.late_readings.store(late, Ordering::Relaxed);
-        pipeline.series.store(self.stage.registry().len() as u64, Ordering::Relaxed);
+        pipeline
+            .series
+            .store(self.stage.registry().len() as u64, Ordering::Relaxed);
     }
 
     fn truncate_journal(&mut self) {
-        let covered_below = self.stage.min_unfinished_journal_seq().min(self.next_journal_seq);
+        let covered_below = self
+            .stage
+            .min_unfinished_journal_seq()
+            .min(self.next_journal_seq);
         if covered_below > self.journal_low {
             let mut removed = 0u64;
-            for key in self.journal.range(self.journal_low.to_be_bytes()..covered_below.to_be_bytes()).keys() {
+            for key in self
+                .journal
+                .range(self.journal_low.to_be_bytes()..covered_below.to_be_bytes())
+                .keys()
+            {
                 match key.and_then(|key| self.journal.remove(key)) {
                     Ok(_) => removed += 1,
                     Err(error) => {
@@ -359,13 +471,24 @@ impl Pipeline {
             }
             self.journal_low = covered_below;
             let entries = &self.metrics.pipeline.journal_entries;
-            let _ = entries.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| Some(value.saturating_sub(removed)));
+            let _ = entries.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| {
+                Some(value.saturating_sub(removed))
+            });
         }
-        let raw_durable_below = self.stage.min_pending_raw_journal_seq().min(self.next_journal_seq);
-        if let Err(error) = self.meta.insert(META_RAW_DURABLE_BELOW, &raw_durable_below.to_be_bytes()) {
+        let raw_durable_below = self
+            .stage
+            .min_pending_raw_journal_seq()
+            .min(self.next_journal_seq);
+        if let Err(error) = self
+            .meta
+            .insert(META_RAW_DURABLE_BELOW, &raw_durable_below.to_be_bytes())
+        {
             tracing::error!(%error, "cannot record the raw-durable mark");
         }
-        self.metrics.pipeline.journal_entries.store(self.journal.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .pipeline
+            .journal_entries
+            .store(self.journal.len() as u64, Ordering::Relaxed);
     }
 
     /// Runs until every sender of `inputs` is gone, then closes all windows and commits.
@@ -440,11 +563,25 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
         let stop = sources_stop.clone();
         match source.kind() {
             Some(SourceKind::MqttSubscribe(mqtt)) => {
-                let router = crate::config::topic_router(&mqtt.topics).map_err(anyhow::Error::msg)?;
-                source_tasks.push(tokio::spawn(crate::source::mqtt::run_subscribe(index, mqtt.clone(), router, source_metrics, sender, stop)));
+                let router =
+                    crate::config::topic_router(&mqtt.topics).map_err(anyhow::Error::msg)?;
+                source_tasks.push(tokio::spawn(crate::source::mqtt::run_subscribe(
+                    index,
+                    mqtt.clone(),
+                    router,
+                    source_metrics,
+                    sender,
+                    stop,
+                )));
             }
             Some(SourceKind::Serial(serial)) => {
-                source_tasks.push(tokio::spawn(crate::source::serial::run_serial(index, serial.clone(), source_metrics, sender, stop)));
+                source_tasks.push(tokio::spawn(crate::source::serial::run_serial(
+                    index,
+                    serial.clone(),
+                    source_metrics,
+                    sender,
+                    stop,
+                )));
             }
             Some(SourceKind::MqttBroker(_)) => {
                 tracing::error!(source = %source.name, "the embedded MQTT broker is not available in this build; this source stays idle");
@@ -462,9 +599,17 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
     let render_metrics = Arc::clone(&metrics);
     let render_buffer = buffer.clone();
     let ship_stats = Arc::clone(shipper_handle.stats());
-    let render: Arc<dyn Fn() -> String + Send + Sync> =
-        Arc::new(move || render_metrics.render(&render_buffer.stats(now_ms()), &render_ship_stats(&ship_stats)));
-    let metrics_task = tokio::spawn(crate::metrics::serve(listener, render, metrics_stop.clone()));
+    let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+        render_metrics.render(
+            &render_buffer.stats(now_ms()),
+            &render_ship_stats(&ship_stats),
+        )
+    });
+    let metrics_task = tokio::spawn(crate::metrics::serve(
+        listener,
+        render,
+        metrics_stop.clone(),
+    ));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: stopping sources, closing windows, flushing the buffer");
@@ -472,14 +617,20 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
     for task in source_tasks {
         // A source that does not stop in time must not keep the windows from closing.
         let abort = task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
             tracing::warn!("a source did not stop within 5 s; aborting it");
             abort.abort();
         }
     }
     let _ = pipeline_task.await;
     shipper_handle.stop();
-    if tokio::time::timeout(Duration::from_secs(5), shipper_task).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), shipper_task)
+        .await
+        .is_err()
+    {
         tracing::warn!("the shipper did not stop within 5 s");
     }
     metrics_stop.cancel();
@@ -517,17 +668,61 @@ fn render_ship_stats(stats: &crate::ship::ShipStats) -> String {
     use std::fmt::Write as _;
     let mut text = String::new();
     let counters = [
-        ("tributary_agent_ship_sessions_total", "counter", stats.sessions.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_reconnects_total", "counter", stats.reconnects.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_connect_failures_total", "counter", stats.connect_failures.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_batches_sent_total", "counter", stats.batches_sent.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_bytes_sent_total", "counter", stats.bytes_sent.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_batches_acked_total", "counter", stats.batches_acked.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_nacks_retryable_total", "counter", stats.nacks_retryable.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_dead_lettered_total", "counter", stats.dead_lettered.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_stream_failures_total", "counter", stats.stream_failures.load(Ordering::Relaxed)),
-        ("tributary_agent_ship_connected", "gauge", u64::from(stats.connected.load(Ordering::Relaxed))),
-        ("tributary_agent_ship_rtt_ms", "gauge", stats.rtt_ms.load(Ordering::Relaxed)),
+        (
+            "tributary_agent_ship_sessions_total",
+            "counter",
+            stats.sessions.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_reconnects_total",
+            "counter",
+            stats.reconnects.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_connect_failures_total",
+            "counter",
+            stats.connect_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_batches_sent_total",
+            "counter",
+            stats.batches_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_bytes_sent_total",
+            "counter",
+            stats.bytes_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_batches_acked_total",
+            "counter",
+            stats.batches_acked.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_nacks_retryable_total",
+            "counter",
+            stats.nacks_retryable.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_dead_lettered_total",
+            "counter",
+            stats.dead_lettered.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_stream_failures_total",
+            "counter",
+            stats.stream_failures.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_connected",
+            "gauge",
+            u64::from(stats.connected.load(Ordering::Relaxed)),
+        ),
+        (
+            "tributary_agent_ship_rtt_ms",
+            "gauge",
+            stats.rtt_ms.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, value) in counters {
         let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");

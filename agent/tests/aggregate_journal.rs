@@ -48,7 +48,10 @@ raw = {{ policy = "none" }}
 fn open(config: &AgentConfig) -> (Pipeline, u64, DiskBuffer, Arc<Metrics>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = Arc::new(Metrics::new(vec![Arc::new(SourceMetrics::new("broker", "mqtt_subscribe"))]));
+        let metrics = Arc::new(Metrics::new(vec![Arc::new(SourceMetrics::new(
+            "broker",
+            "mqtt_subscribe",
+        ))]));
         let attempt = DiskBuffer::open(buffer_config(&config.buffer))
             .map_err(|error| error.to_string())
             .and_then(|buffer| {
@@ -68,8 +71,20 @@ fn open(config: &AgentConfig) -> (Pipeline, u64, DiskBuffer, Arc<Metrics>) {
 
 fn message(time_ms: i64, value: f64) -> (PipelineInput, oneshot::Receiver<()>) {
     let (sender, receiver) = oneshot::channel();
-    let reading = ParsedReading { key: SeriesKey::new("dev-1", "temp"), time_ms: Some(time_ms), value };
-    (PipelineInput { source: 0, readings: vec![reading], receive_ms: T0_MS + 10_000, durable: Some(sender) }, receiver)
+    let reading = ParsedReading {
+        key: SeriesKey::new("dev-1", "temp"),
+        time_ms: Some(time_ms),
+        value,
+    };
+    (
+        PipelineInput {
+            source: 0,
+            readings: vec![reading],
+            receive_ms: T0_MS + 10_000,
+            durable: Some(sender),
+        },
+        receiver,
+    )
 }
 
 #[tokio::test]
@@ -86,17 +101,27 @@ async fn journal_replays_open_windows_after_a_crash_and_empties_once_durable() {
             receivers.push(receiver);
         }
         for receiver in &mut receivers {
-            assert!(receiver.try_recv().is_err(), "acknowledged before the commit");
+            assert!(
+                receiver.try_recv().is_err(),
+                "acknowledged before the commit"
+            );
         }
         pipeline.commit(T0_MS).await;
         for receiver in receivers {
             receiver.await.expect("acknowledged after the commit");
         }
-        assert_eq!(metrics.pipeline.journal_entries.load(Ordering::Relaxed), 10, "the window is still open");
+        assert_eq!(
+            metrics.pipeline.journal_entries.load(Ordering::Relaxed),
+            10,
+            "the window is still open"
+        );
         // Crash: the pipeline goes away without closing its window.
     }
     let (mut pipeline, replayed, buffer, metrics) = open(&config);
-    assert_eq!(replayed, 10, "the open window's readings come back from the journal");
+    assert_eq!(
+        replayed, 10,
+        "the open window's readings come back from the journal"
+    );
     // A reading far later closes the replayed window (watermark) and opens another.
     let (input, receiver) = message(T0_MS + 5_000, 100.0);
     pipeline.ingest(input, T0_MS);
@@ -110,14 +135,27 @@ async fn journal_replays_open_windows_after_a_crash_and_empties_once_durable() {
     let mut counts = Vec::new();
     for stored in buffer.replay(ReplayOrder::OldestFirst) {
         let stored = stored.expect("intact");
-        assert_eq!(stored.header.class, BatchClass::Summary, "raw policy none buffers no raw batches");
+        assert_eq!(
+            stored.header.class,
+            BatchClass::Summary,
+            "raw policy none buffers no raw batches"
+        );
         let batch = decode_batch(&stored.payload, &BatchLimits::default()).expect("decodes");
-        counts.extend(batch.summaries.iter().map(|summary| (summary.window_start_ms, summary.summary.count, summary.summary.sum)));
+        counts.extend(batch.summaries.iter().map(|summary| {
+            (
+                summary.window_start_ms,
+                summary.summary.count,
+                summary.summary.sum,
+            )
+        }));
     }
     counts.sort_by_key(|(start, _, _)| *start);
     assert_eq!(counts, vec![(T0_MS, 10, 45.0), (T0_MS + 5_000, 1, 100.0)]);
     drop(buffer);
     drop(metrics);
     let (_pipeline, replayed, _buffer, _metrics) = open(&config);
-    assert_eq!(replayed, 0, "nothing left to replay once the summaries are durable");
+    assert_eq!(
+        replayed, 0,
+        "nothing left to replay once the summaries are durable"
+    );
 }

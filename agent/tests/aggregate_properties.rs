@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use tributary_agent::aggregate::{
-    AggregateOutput, AggregationStage, BatchCutter, SeriesRegistry, WindowAggregator, WindowConfig, NOT_JOURNALED,
+    AggregateOutput, AggregationStage, BatchCutter, SeriesRegistry, WindowAggregator, WindowConfig,
+    NOT_JOURNALED,
 };
 use tributary_agent::buffer::BatchClass;
 use tributary_agent::config::RawPolicy;
@@ -18,15 +19,34 @@ const WINDOW_MS: u64 = 1_000;
 const DISORDER_MS: i64 = 500;
 
 fn config() -> WindowConfig {
-    WindowConfig { window_ms: WINDOW_MS, allowed_disorder_ms: DISORDER_MS, idle_timeout_ms: i64::MAX, raw: RawPolicy::None }
+    WindowConfig {
+        window_ms: WINDOW_MS,
+        allowed_disorder_ms: DISORDER_MS,
+        idle_timeout_ms: i64::MAX,
+        raw: RawPolicy::None,
+    }
 }
 
 /// Readings (series, time, integer value: sums stay exact in any order) with an arrival jitter.
 fn readings_with_jitter() -> impl Strategy<Value = Vec<(Reading, i64)>> {
-    prop::collection::vec((0u32..3, -3_000i64..20_000, -50i32..50, 0..=DISORDER_MS), 1..200).prop_map(|items| {
+    prop::collection::vec(
+        (0u32..3, -3_000i64..20_000, -50i32..50, 0..=DISORDER_MS),
+        1..200,
+    )
+    .prop_map(|items| {
         items
             .into_iter()
-            .map(|(series, time_ms, value, jitter)| (Reading { series, time_ms, value: f64::from(value), flags: 0 }, jitter))
+            .map(|(series, time_ms, value, jitter)| {
+                (
+                    Reading {
+                        series,
+                        time_ms,
+                        value: f64::from(value),
+                        flags: 0,
+                    },
+                    jitter,
+                )
+            })
             .collect()
     })
 }
@@ -38,7 +58,10 @@ fn reference(readings: &[Reading]) -> BTreeMap<(u32, i64), Summary> {
     let mut windows: BTreeMap<(u32, i64), Summary> = BTreeMap::new();
     for reading in sorted {
         let start = config().window_start_ms(reading.time_ms);
-        windows.entry((reading.series, start)).or_insert_with(Summary::empty).observe(reading.time_ms, reading.value);
+        windows
+            .entry((reading.series, start))
+            .or_insert_with(Summary::empty)
+            .observe(reading.time_ms, reading.value);
     }
     windows
 }
@@ -99,29 +122,66 @@ proptest! {
 
 #[test]
 fn stage_cuts_separate_self_contained_batches() {
-    let mut stage = AggregationStage::new(SeriesRegistry::in_memory(), BatchCutter::new(1_000, 1_000));
+    let mut stage =
+        AggregationStage::new(SeriesRegistry::in_memory(), BatchCutter::new(1_000, 1_000));
     let source = stage.add_source(WindowConfig::new(1_000, RawPolicy::All));
     let mut cut = Vec::new();
-    let keys = [SeriesKey::new("dev-1", "temp"), SeriesKey::new("dev-2", "temp").with_tags([("site", "a")])];
+    let keys = [
+        SeriesKey::new("dev-1", "temp"),
+        SeriesKey::new("dev-2", "temp").with_tags([("site", "a")]),
+    ];
     for time_ms in 0..50i64 {
         for key in &keys {
-            stage.observe(source, key, 1_700_000_000_000 + time_ms * 100, time_ms as f64, 0, NOT_JOURNALED, time_ms, &mut cut).expect("observe");
+            stage
+                .observe(
+                    source,
+                    key,
+                    1_700_000_000_000 + time_ms * 100,
+                    time_ms as f64,
+                    0,
+                    NOT_JOURNALED,
+                    time_ms,
+                    &mut cut,
+                )
+                .expect("observe");
         }
     }
     stage.close_all(100, &mut cut);
-    let raw: Vec<_> = cut.iter().filter(|batch| batch.class == BatchClass::Raw).collect();
-    let summaries: Vec<_> = cut.iter().filter(|batch| batch.class == BatchClass::Summary).collect();
-    assert_eq!(raw.iter().map(|batch| batch.readings.len()).sum::<usize>(), 100);
+    let raw: Vec<_> = cut
+        .iter()
+        .filter(|batch| batch.class == BatchClass::Raw)
+        .collect();
+    let summaries: Vec<_> = cut
+        .iter()
+        .filter(|batch| batch.class == BatchClass::Summary)
+        .collect();
+    assert_eq!(
+        raw.iter().map(|batch| batch.readings.len()).sum::<usize>(),
+        100
+    );
     assert!(raw.iter().all(|batch| batch.summaries.is_empty()));
     assert!(summaries.iter().all(|batch| batch.readings.is_empty()));
-    assert_eq!(summaries.iter().flat_map(|batch| &batch.summaries).map(|summary| summary.summary.count).sum::<u64>(), 100);
+    assert_eq!(
+        summaries
+            .iter()
+            .flat_map(|batch| &batch.summaries)
+            .map(|summary| summary.summary.count)
+            .sum::<u64>(),
+        100
+    );
     for (index, batch) in cut.into_iter().enumerate() {
         let (bytes, info) = stage.encode(batch, "gw-1", index as u64, 5);
         let decoded = decode_batch(&bytes, &BatchLimits::default()).expect("decode");
         assert_eq!(decoded.batch_seq, index as u64);
-        assert_eq!(info.reading_count as usize, decoded.readings.len() + decoded.summaries.len());
+        assert_eq!(
+            info.reading_count as usize,
+            decoded.readings.len() + decoded.summaries.len()
+        );
         for id in tributary_protocol::batch::series_ids_used(&decoded) {
-            assert!(decoded.series.iter().any(|def| def.id == id), "batch uses series {id} without defining it");
+            assert!(
+                decoded.series.iter().any(|def| def.id == id),
+                "batch uses series {id} without defining it"
+            );
         }
     }
 }

@@ -1,27 +1,43 @@
 //! Behaviour of the disk buffer against a real sled database in a temporary directory.
 
 use tributary_agent::buffer::{
-    accounted_bytes, AckOutcome, BatchClass, BatchInfo, BufferConfig, BufferError, DiskBuffer, Durability,
-    EntryDefect, FaultInjector, FsyncPolicy, ReplayOrder, Tier,
+    accounted_bytes, AckOutcome, BatchClass, BatchInfo, BufferConfig, BufferError, DiskBuffer,
+    Durability, EntryDefect, FaultInjector, FsyncPolicy, ReplayOrder, Tier,
 };
 
 fn info(class: BatchClass, created_ms: i64, reading_count: u32) -> BatchInfo {
-    BatchInfo { class, created_ms, oldest_event_ms: created_ms - 1_000, reading_count }
+    BatchInfo {
+        class,
+        created_ms,
+        oldest_event_ms: created_ms - 1_000,
+        reading_count,
+    }
 }
 
 fn payload_for(batch_seq: u64, bytes: usize) -> Vec<u8> {
-    (0..bytes).map(|index| (batch_seq as usize * 31 + index) as u8).collect()
+    (0..bytes)
+        .map(|index| (batch_seq as usize * 31 + index) as u8)
+        .collect()
 }
 
 /// Allocates, appends and returns the sequence number.
 fn append(buffer: &DiskBuffer, class: BatchClass, created_ms: i64, payload_bytes: usize) -> u64 {
     let batch_seq = buffer.allocate_seq().unwrap();
-    buffer.append(batch_seq, info(class, created_ms, 10), &payload_for(batch_seq, payload_bytes)).unwrap();
+    buffer
+        .append(
+            batch_seq,
+            info(class, created_ms, 10),
+            &payload_for(batch_seq, payload_bytes),
+        )
+        .unwrap();
     batch_seq
 }
 
 fn seqs(buffer: &DiskBuffer, order: ReplayOrder) -> Vec<u64> {
-    buffer.replay(order).map(|item| item.unwrap().batch_seq).collect()
+    buffer
+        .replay(order)
+        .map(|item| item.unwrap().batch_seq)
+        .collect()
 }
 
 #[test]
@@ -41,7 +57,11 @@ fn ack_removes_only_the_acked_batch() {
     assert_eq!(stats.bytes_used, 2 * accounted_bytes(100));
     assert_eq!(stats.acked_batches, 1);
 
-    let stored = buffer.replay(ReplayOrder::OldestFirst).next().unwrap().unwrap();
+    let stored = buffer
+        .replay(ReplayOrder::OldestFirst)
+        .next()
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.payload, payload_for(first, 100));
     assert_eq!(stored.header.info(), info(BatchClass::Raw, 1_000, 10));
 }
@@ -50,7 +70,10 @@ fn ack_removes_only_the_acked_batch() {
 fn overflow_drops_oldest_raw_then_oldest_summary_and_counts() {
     let dir = tempfile::tempdir().unwrap();
     let entry_bytes = accounted_bytes(100);
-    let config = BufferConfig { max_buffer_bytes: 4 * entry_bytes, ..BufferConfig::at(dir.path()) };
+    let config = BufferConfig {
+        max_buffer_bytes: 4 * entry_bytes,
+        ..BufferConfig::at(dir.path())
+    };
     let buffer = DiskBuffer::open(config).unwrap();
     let summary_a = append(&buffer, BatchClass::Summary, 1, 100);
     let raw_a = append(&buffer, BatchClass::Raw, 2, 100);
@@ -60,26 +83,53 @@ fn overflow_drops_oldest_raw_then_oldest_summary_and_counts() {
 
     // Full: the next batch (a summary) pushes out the oldest raw batch, not the older summary.
     let summary_c = append(&buffer, BatchClass::Summary, 5, 100);
-    assert_eq!(seqs(&buffer, ReplayOrder::OldestFirst), vec![summary_a, summary_b, raw_b, summary_c]);
+    assert_eq!(
+        seqs(&buffer, ReplayOrder::OldestFirst),
+        vec![summary_a, summary_b, raw_b, summary_c]
+    );
     let summary_d = append(&buffer, BatchClass::Summary, 6, 100);
-    assert_eq!(seqs(&buffer, ReplayOrder::OldestFirst), vec![summary_a, summary_b, summary_c, summary_d]);
+    assert_eq!(
+        seqs(&buffer, ReplayOrder::OldestFirst),
+        vec![summary_a, summary_b, summary_c, summary_d]
+    );
     let stats = buffer.stats(6);
-    assert_eq!((stats.dropped_batches_raw, stats.dropped_readings_raw), (2, 20));
+    assert_eq!(
+        (stats.dropped_batches_raw, stats.dropped_readings_raw),
+        (2, 20)
+    );
     assert_eq!(stats.dropped_batches_summary, 0);
 
     // No raw left: now the oldest summary goes, and newest data (raw) is still accepted.
     let raw_c = append(&buffer, BatchClass::Raw, 7, 100);
-    assert_eq!(seqs(&buffer, ReplayOrder::OldestFirst), vec![summary_b, summary_c, summary_d, raw_c]);
+    assert_eq!(
+        seqs(&buffer, ReplayOrder::OldestFirst),
+        vec![summary_b, summary_c, summary_d, raw_c]
+    );
     let stats = buffer.stats(7);
-    assert_eq!((stats.dropped_batches_summary, stats.dropped_readings_summary), (1, 10));
+    assert_eq!(
+        (
+            stats.dropped_batches_summary,
+            stats.dropped_readings_summary
+        ),
+        (1, 10)
+    );
     assert!(stats.bytes_used <= 4 * entry_bytes);
     assert_eq!(stats.batches_buffered, 4);
     let _ = raw_a;
 
     // A batch larger than the whole cap is refused, with nothing dropped for it.
     let batch_seq = buffer.allocate_seq().unwrap();
-    let error = buffer.append(batch_seq, info(BatchClass::Raw, 8, 1), &vec![0; 4 * entry_bytes as usize]).unwrap_err();
-    assert!(matches!(error, BufferError::BatchTooLarge { .. }), "{error}");
+    let error = buffer
+        .append(
+            batch_seq,
+            info(BatchClass::Raw, 8, 1),
+            &vec![0; 4 * entry_bytes as usize],
+        )
+        .unwrap_err();
+    assert!(
+        matches!(error, BufferError::BatchTooLarge { .. }),
+        "{error}"
+    );
     assert_eq!(buffer.stats(8).rejected_too_large, 1);
     assert_eq!(buffer.stats(8).batches_buffered, 4);
 }
@@ -87,7 +137,10 @@ fn overflow_drops_oldest_raw_then_oldest_summary_and_counts() {
 #[test]
 fn sequences_stay_monotonic_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let config = BufferConfig { seq_block_size: 4, ..BufferConfig::at(dir.path()) };
+    let config = BufferConfig {
+        seq_block_size: 4,
+        ..BufferConfig::at(dir.path())
+    };
     let mut allocated = Vec::new();
     for _ in 0..3 {
         let buffer = DiskBuffer::open(config.clone()).unwrap();
@@ -105,7 +158,11 @@ fn sequences_stay_monotonic_across_reopen() {
     allocated.sort_unstable();
     let before = allocated.len();
     allocated.dedup();
-    assert_eq!(allocated.len(), before, "a sequence number was handed out twice");
+    assert_eq!(
+        allocated.len(),
+        before,
+        "a sequence number was handed out twice"
+    );
     assert!(buffer.allocate_seq().unwrap() > *allocated.last().unwrap());
 }
 
@@ -113,8 +170,19 @@ fn sequences_stay_monotonic_across_reopen() {
 fn appending_an_unallocated_sequence_number_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let buffer = DiskBuffer::open(BufferConfig::at(dir.path())).unwrap();
-    let error = buffer.append(5, info(BatchClass::Raw, 1, 1), b"x").unwrap_err();
-    assert!(matches!(error, BufferError::UnallocatedSeq { batch_seq: 5, next_seq: 0 }), "{error}");
+    let error = buffer
+        .append(5, info(BatchClass::Raw, 1, 1), b"x")
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            BufferError::UnallocatedSeq {
+                batch_seq: 5,
+                next_seq: 0
+            }
+        ),
+        "{error}"
+    );
 }
 
 #[test]
@@ -123,7 +191,11 @@ fn replay_orders_and_ranges() {
     let buffer = DiskBuffer::open(BufferConfig::at(dir.path())).unwrap();
     let all: Vec<u64> = (0..10)
         .map(|index| {
-            let class = if index % 3 == 0 { BatchClass::Summary } else { BatchClass::Raw };
+            let class = if index % 3 == 0 {
+                BatchClass::Summary
+            } else {
+                BatchClass::Raw
+            };
             append(&buffer, class, index, 20)
         })
         .collect();
@@ -173,15 +245,26 @@ fn verify_and_replay_report_a_corrupted_entry() {
         .unwrap()
         .payload;
     garbage.insert(0, 1);
-    buffer.write_raw_entry_for_test(BatchClass::Raw, &damaged.to_be_bytes(), &garbage).unwrap();
-    buffer.write_raw_entry_for_test(BatchClass::Summary, b"bad", b"\x01\x02").unwrap();
+    buffer
+        .write_raw_entry_for_test(BatchClass::Raw, &damaged.to_be_bytes(), &garbage)
+        .unwrap();
+    buffer
+        .write_raw_entry_for_test(BatchClass::Summary, b"bad", b"\x01\x02")
+        .unwrap();
 
     let report = buffer.verify().unwrap();
     assert_eq!(report.entries_checked, 4);
     assert_eq!(report.bad_entries.len(), 2, "{report:?}");
-    let damaged_report = report.bad_entries.iter().find(|bad| bad.batch_seq == Some(damaged)).unwrap();
+    let damaged_report = report
+        .bad_entries
+        .iter()
+        .find(|bad| bad.batch_seq == Some(damaged))
+        .unwrap();
     assert_eq!(damaged_report.stored_in, BatchClass::Raw);
-    assert!(report.bad_entries.iter().any(|bad| bad.defect == EntryDefect::BadKey { key_bytes: 3 }));
+    assert!(report
+        .bad_entries
+        .iter()
+        .any(|bad| bad.defect == EntryDefect::BadKey { key_bytes: 3 }));
 
     // Replay hands the damaged entry back as an error and carries on.
     let items: Vec<_> = buffer.replay(ReplayOrder::OldestFirst).collect();
@@ -205,7 +288,10 @@ fn inspect_summarises_by_class() {
     assert_eq!(inspection.batches(), 3);
     assert_eq!(inspection.bytes(), 3 * accounted_bytes(40));
     assert_eq!(inspection.raw.readings, 20);
-    assert_eq!((inspection.oldest_seq(), inspection.newest_seq()), (Some(first), Some(last)));
+    assert_eq!(
+        (inspection.oldest_seq(), inspection.newest_seq()),
+        (Some(first), Some(last))
+    );
     assert_eq!(inspection.raw.oldest_created_ms, Some(5_000));
     assert_eq!(inspection.raw.newest_created_ms, Some(7_000));
     assert_eq!(inspection.raw.oldest_event_ms, Some(4_000));
@@ -229,16 +315,28 @@ fn degrades_to_memory_on_storage_failure_and_recovers() {
 
     faults.fail_storage(true);
     let seq = buffer.allocate_seq().unwrap();
-    let receipt = buffer.append(seq, info(BatchClass::Raw, 10, 10), &payload_for(seq, 100)).unwrap();
+    let receipt = buffer
+        .append(seq, info(BatchClass::Raw, 10, 10), &payload_for(seq, 100))
+        .unwrap();
     assert_eq!(receipt.tier, Tier::Memory);
     assert!(buffer.is_memory_only());
     assert_eq!(buffer.flush().unwrap(), Durability::MemoryOnly);
     let mut in_memory = vec![seq];
     // More than the memory cap: the oldest memory batches are dropped, raw first.
     for created_ms in [20, 30, 40] {
-        let class = if created_ms == 20 { BatchClass::Summary } else { BatchClass::Raw };
+        let class = if created_ms == 20 {
+            BatchClass::Summary
+        } else {
+            BatchClass::Raw
+        };
         let seq = buffer.allocate_seq().unwrap();
-        assert_eq!(buffer.append(seq, info(class, created_ms, 10), &payload_for(seq, 100)).unwrap().tier, Tier::Memory);
+        assert_eq!(
+            buffer
+                .append(seq, info(class, created_ms, 10), &payload_for(seq, 100))
+                .unwrap()
+                .tier,
+            Tier::Memory
+        );
         in_memory.push(seq);
     }
     assert_eq!(buffer.ack(acked_while_down).unwrap(), AckOutcome::Deferred);
@@ -248,13 +346,19 @@ fn degrades_to_memory_on_storage_failure_and_recovers() {
     assert_eq!(stats.memory_batches, 3);
     assert_eq!(stats.dropped_batches_raw, 1);
     // While down, replay serves memory (the disk backlog waits for recovery).
-    assert_eq!(seqs(&buffer, ReplayOrder::OldestFirst), in_memory[1..].to_vec());
+    assert_eq!(
+        seqs(&buffer, ReplayOrder::OldestFirst),
+        in_memory[1..].to_vec()
+    );
 
     // Retry before the interval does nothing; still failing stays memory-only.
     assert!(!buffer.retry_storage(500));
     assert!(!buffer.retry_storage(1_500));
     faults.fail_storage(false);
-    assert!(!buffer.retry_storage(2_000), "retried before storage_retry_interval_ms passed");
+    assert!(
+        !buffer.retry_storage(2_000),
+        "retried before storage_retry_interval_ms passed"
+    );
     assert!(buffer.retry_storage(2_500));
 
     let stats = buffer.stats(2_500);
@@ -276,12 +380,18 @@ fn degrades_to_memory_on_storage_failure_and_recovers() {
 #[test]
 fn every_batch_policy_flushes_on_append_and_os_policy_defers() {
     let dir = tempfile::tempdir().unwrap();
-    let config = BufferConfig { fsync: FsyncPolicy::EveryBatch, ..BufferConfig::at(dir.path().join("every")) };
+    let config = BufferConfig {
+        fsync: FsyncPolicy::EveryBatch,
+        ..BufferConfig::at(dir.path().join("every"))
+    };
     let buffer = DiskBuffer::open(config).unwrap();
     append(&buffer, BatchClass::Raw, 1, 10);
     assert_eq!(buffer.flush().unwrap(), Durability::Durable);
 
-    let config = BufferConfig { fsync: FsyncPolicy::Os { interval_ms: 1_000 }, ..BufferConfig::at(dir.path().join("os")) };
+    let config = BufferConfig {
+        fsync: FsyncPolicy::Os { interval_ms: 1_000 },
+        ..BufferConfig::at(dir.path().join("os"))
+    };
     let buffer = DiskBuffer::open(config).unwrap();
     append(&buffer, BatchClass::Raw, 1, 10);
     assert_eq!(buffer.flush().unwrap(), Durability::Deferred);

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
-use tributary_agent::buffer::{BatchClass, BatchInfo, BufferConfig, DiskBuffer, Durability, ReplayOrder};
+use tributary_agent::buffer::{
+    BatchClass, BatchInfo, BufferConfig, DiskBuffer, Durability, ReplayOrder,
+};
 
 struct ThreadWaker(std::thread::Thread);
 
@@ -32,13 +34,22 @@ fn block_on<F: Future>(future: F) -> F::Output {
 }
 
 fn info(class: BatchClass) -> BatchInfo {
-    BatchInfo { class, created_ms: 1, oldest_event_ms: 0, reading_count: 3 }
+    BatchInfo {
+        class,
+        created_ms: 1,
+        oldest_event_ms: 0,
+        reading_count: 3,
+    }
 }
 
 #[test]
 fn producers_and_an_acking_shipper_agree_on_every_batch() {
     let dir = tempfile::tempdir().unwrap();
-    let buffer = DiskBuffer::open(BufferConfig { seq_block_size: 64, ..BufferConfig::at(dir.path()) }).unwrap();
+    let buffer = DiskBuffer::open(BufferConfig {
+        seq_block_size: 64,
+        ..BufferConfig::at(dir.path())
+    })
+    .unwrap();
     let produced = Arc::new(Mutex::new(Vec::new()));
     let producers_done = Arc::new(AtomicBool::new(false));
 
@@ -61,7 +72,10 @@ fn producers_and_an_acking_shipper_agree_on_every_batch() {
                 if done && !saw_any {
                     return acked;
                 }
-                assert!(Instant::now() < deadline, "shipper did not drain the buffer in time");
+                assert!(
+                    Instant::now() < deadline,
+                    "shipper did not drain the buffer in time"
+                );
             }
         })
     };
@@ -71,11 +85,17 @@ fn producers_and_an_acking_shipper_agree_on_every_batch() {
             let buffer = buffer.clone();
             let produced = produced.clone();
             std::thread::spawn(move || {
-                let class = if producer % 2 == 0 { BatchClass::Raw } else { BatchClass::Summary };
+                let class = if producer % 2 == 0 {
+                    BatchClass::Raw
+                } else {
+                    BatchClass::Summary
+                };
                 let mut group = Vec::new();
                 for _ in 0..150 {
                     let batch_seq = buffer.allocate_seq().unwrap();
-                    buffer.append(batch_seq, info(class), &batch_seq.to_be_bytes().repeat(8)).unwrap();
+                    buffer
+                        .append(batch_seq, info(class), &batch_seq.to_be_bytes().repeat(8))
+                        .unwrap();
                     group.push(batch_seq);
                     if group.len() == 10 {
                         assert_eq!(block_on(buffer.flush_async()).unwrap(), Durability::Durable);
@@ -95,7 +115,10 @@ fn producers_and_an_acking_shipper_agree_on_every_batch() {
     produced.sort_unstable();
     acked.sort_unstable();
     assert_eq!(produced.len(), 600);
-    assert_eq!(acked, produced, "every batch is replayed and acked exactly once");
+    assert_eq!(
+        acked, produced,
+        "every batch is replayed and acked exactly once"
+    );
     let stats = buffer.stats(1);
     assert_eq!((stats.batches_buffered, stats.bytes_used), (0, 0));
     assert_eq!(stats.acked_batches, 600);
@@ -107,7 +130,9 @@ fn producers_and_an_acking_shipper_agree_on_every_batch() {
 #[test]
 #[ignore]
 fn group_commit_latency() {
-    let dir = tempfile::tempdir_in(std::env::var("BUFFER_BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var("BUFFER_BENCH_DIR").unwrap_or_else(|_| ".".into()))
+            .unwrap();
     let buffer = DiskBuffer::open(BufferConfig::at(dir.path())).unwrap();
     let payload = vec![7u8; 2048];
     for batches_per_group in [1usize, 10, 50] {
@@ -117,7 +142,9 @@ fn group_commit_latency() {
         for _ in 0..groups {
             for _ in 0..batches_per_group {
                 let batch_seq = buffer.allocate_seq().unwrap();
-                buffer.append(batch_seq, info(BatchClass::Raw), &payload).unwrap();
+                buffer
+                    .append(batch_seq, info(BatchClass::Raw), &payload)
+                    .unwrap();
             }
             let flush_started = Instant::now();
             buffer.flush().unwrap();
@@ -125,7 +152,8 @@ fn group_commit_latency() {
         }
         let seconds = started.elapsed().as_secs_f64();
         flush_ms.sort_by(f64::total_cmp);
-        let percentile = |fraction: f64| flush_ms[((flush_ms.len() - 1) as f64 * fraction) as usize];
+        let percentile =
+            |fraction: f64| flush_ms[((flush_ms.len() - 1) as f64 * fraction) as usize];
         println!(
             "{{\"bench\":\"buffer_group_commit\",\"batches_per_group\":{batches_per_group},\"batch_bytes\":2048,\
              \"flush_p50_ms\":{:.3},\"flush_p99_ms\":{:.3},\"batches_per_s\":{:.0}}}",

@@ -14,12 +14,17 @@ const CHILD_DIR_ENV: &str = "TRIBUTARY_BUFFER_CRASH_CHILD_DIR";
 const FLUSHED_PREFIX: &str = "flushed ";
 
 fn config(dir: &str) -> BufferConfig {
-    BufferConfig { seq_block_size: 16, ..BufferConfig::at(dir) }
+    BufferConfig {
+        seq_block_size: 16,
+        ..BufferConfig::at(dir)
+    }
 }
 
 fn payload_for(batch_seq: u64) -> Vec<u8> {
     let bytes = 64 + (batch_seq % 700) as usize;
-    (0..bytes).map(|index| (batch_seq.wrapping_mul(131) as usize + index * 7) as u8).collect()
+    (0..bytes)
+        .map(|index| (batch_seq.wrapping_mul(131) as usize + index * 7) as u8)
+        .collect()
 }
 
 fn class_for(batch_seq: u64) -> BatchClass {
@@ -44,8 +49,15 @@ fn crash_child() {
         let mut group = Vec::new();
         for _ in 0..3 {
             let batch_seq = buffer.allocate_seq().expect("allocate");
-            let info = BatchInfo { class: class_for(batch_seq), created_ms: 1, oldest_event_ms: 0, reading_count: 5 };
-            buffer.append(batch_seq, info, &payload_for(batch_seq)).expect("append");
+            let info = BatchInfo {
+                class: class_for(batch_seq),
+                created_ms: 1,
+                oldest_event_ms: 0,
+                reading_count: 5,
+            };
+            buffer
+                .append(batch_seq, info, &payload_for(batch_seq))
+                .expect("append");
             group.push(batch_seq);
         }
         buffer.flush().expect("flush");
@@ -64,7 +76,10 @@ fn crash_child() {
 fn kill_9_loses_nothing_that_was_flushed() {
     let dir = tempfile::tempdir().unwrap();
     let dir_text = dir.path().to_str().unwrap().to_string();
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
     println!("kill -9 test seed {seed}");
     let mut all_flushed: Vec<u64> = Vec::new();
 
@@ -82,7 +97,10 @@ fn kill_9_loses_nothing_that_was_flushed() {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(batch_seq) = line.strip_prefix(FLUSHED_PREFIX).and_then(|seq| seq.trim().parse().ok()) {
+                if let Some(batch_seq) = line
+                    .strip_prefix(FLUSHED_PREFIX)
+                    .and_then(|seq| seq.trim().parse().ok())
+                {
                     if sender.send(batch_seq).is_err() {
                         break;
                     }
@@ -120,17 +138,24 @@ fn kill_9_loses_nothing_that_was_flushed() {
             })
             .collect();
         for batch_seq in &all_flushed {
-            let batch = stored
-                .get(batch_seq)
-                .unwrap_or_else(|| panic!("round {round}, seed {seed}: flushed batch {batch_seq} lost"));
-            assert_eq!(batch.payload, payload_for(*batch_seq), "batch {batch_seq} damaged");
+            let batch = stored.get(batch_seq).unwrap_or_else(|| {
+                panic!("round {round}, seed {seed}: flushed batch {batch_seq} lost")
+            });
+            assert_eq!(
+                batch.payload,
+                payload_for(*batch_seq),
+                "batch {batch_seq} damaged"
+            );
             assert_eq!(batch.header.class, class_for(*batch_seq));
         }
         assert!(buffer.verify().unwrap().is_clean());
         let highest_flushed = all_flushed.iter().max().copied().unwrap();
         let highest_stored = stored.keys().max().copied().unwrap();
         let next = buffer.allocate_seq().unwrap();
-        assert!(next > highest_flushed && next > highest_stored, "next seq {next} would reuse a number");
+        assert!(
+            next > highest_flushed && next > highest_stored,
+            "next seq {next} would reuse a number"
+        );
         println!(
             "round {round}: killed after {seen} reported batches; {} flushed so far all present, next seq {next}",
             all_flushed.len()

@@ -16,16 +16,22 @@ struct TmpfsMount {
 
 impl TmpfsMount {
     fn mount(path: &Path, size: &str) -> Result<TmpfsMount, String> {
-        std::fs::create_dir_all(path).map_err(|error| format!("cannot create {}: {error}", path.display()))?;
+        std::fs::create_dir_all(path)
+            .map_err(|error| format!("cannot create {}: {error}", path.display()))?;
         let output = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
             .arg(path)
             .output()
             .map_err(|error| format!("cannot run mount: {error}"))?;
         if !output.status.success() {
-            return Err(format!("mount -t tmpfs failed: {}", String::from_utf8_lossy(&output.stderr).trim()));
+            return Err(format!(
+                "mount -t tmpfs failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
         }
-        Ok(TmpfsMount { path: path.to_path_buf() })
+        Ok(TmpfsMount {
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -36,11 +42,18 @@ impl Drop for TmpfsMount {
 }
 
 fn payload_for(batch_seq: u64) -> Vec<u8> {
-    (0..16 * 1024).map(|index| (batch_seq as usize * 17 + index / 3) as u8).collect()
+    (0..16 * 1024)
+        .map(|index| (batch_seq as usize * 17 + index / 3) as u8)
+        .collect()
 }
 
 fn info(created_ms: i64) -> BatchInfo {
-    BatchInfo { class: BatchClass::Raw, created_ms, oldest_event_ms: created_ms, reading_count: 100 }
+    BatchInfo {
+        class: BatchClass::Raw,
+        created_ms,
+        oldest_event_ms: created_ms,
+        reading_count: 100,
+    }
 }
 
 #[test]
@@ -71,7 +84,9 @@ fn full_filesystem_degrades_to_memory_and_recovers_when_space_returns() {
     for _ in 0..2_000 {
         now_ms += 10;
         let batch_seq = buffer.allocate_seq().unwrap();
-        let receipt = buffer.append(batch_seq, info(now_ms), &payload_for(batch_seq)).unwrap();
+        let receipt = buffer
+            .append(batch_seq, info(now_ms), &payload_for(batch_seq))
+            .unwrap();
         if receipt.tier == Tier::Memory {
             degraded = true;
             break;
@@ -87,7 +102,10 @@ fn full_filesystem_degrades_to_memory_and_recovers_when_space_returns() {
         }
     }
     assert!(degraded, "the 6 MiB filesystem never filled up");
-    assert!(!durable.is_empty(), "nothing fit on the filesystem before it filled");
+    assert!(
+        !durable.is_empty(),
+        "nothing fit on the filesystem before it filled"
+    );
     assert!(buffer.is_memory_only());
     let stats = buffer.stats(now_ms);
     assert!(stats.memory_only);
@@ -98,7 +116,13 @@ fn full_filesystem_degrades_to_memory_and_recovers_when_space_returns() {
     for _ in 0..5 {
         now_ms += 10;
         let batch_seq = buffer.allocate_seq().unwrap();
-        assert_eq!(buffer.append(batch_seq, info(now_ms), &payload_for(batch_seq)).unwrap().tier, Tier::Memory);
+        assert_eq!(
+            buffer
+                .append(batch_seq, info(now_ms), &payload_for(batch_seq))
+                .unwrap()
+                .tier,
+            Tier::Memory
+        );
         in_memory.push(batch_seq);
     }
 
@@ -114,7 +138,10 @@ fn full_filesystem_degrades_to_memory_and_recovers_when_space_returns() {
         if buffer.retry_storage(now_ms) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "storage did not recover after space was freed");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "storage did not recover after space was freed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     println!("storage recovered after {attempts} retry attempts");
@@ -141,5 +168,9 @@ fn full_filesystem_degrades_to_memory_and_recovers_when_space_returns() {
         assert_eq!(payload, &payload_for(*batch_seq));
     }
     assert!(reopened.verify().unwrap().is_clean());
-    println!("{} durable batches before the disk filled, {} moved back from memory", durable.len(), in_memory.len());
+    println!(
+        "{} durable batches before the disk filled, {} moved back from memory",
+        durable.len(),
+        in_memory.len()
+    );
 }

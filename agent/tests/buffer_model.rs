@@ -5,13 +5,20 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use tributary_agent::buffer::{accounted_bytes, BatchClass, BatchInfo, BufferConfig, DiskBuffer, ReplayOrder};
+use tributary_agent::buffer::{
+    accounted_bytes, BatchClass, BatchInfo, BufferConfig, DiskBuffer, ReplayOrder,
+};
 
 #[derive(Debug, Clone)]
 enum Operation {
-    Append { raw: bool, payload_bytes: usize },
+    Append {
+        raw: bool,
+        payload_bytes: usize,
+    },
     /// Acks the n-th (modulo) buffered batch.
-    Ack { index: usize },
+    Ack {
+        index: usize,
+    },
     Reopen,
 }
 
@@ -36,9 +43,15 @@ impl Model {
     fn append(&mut self, batch_seq: u64, class: BatchClass, payload: Vec<u8>, cap_bytes: u64) {
         let bytes = accounted_bytes(payload.len());
         while self.bytes() + bytes > cap_bytes {
-            let victim = [BatchClass::Raw, BatchClass::Summary].into_iter().find_map(|victim_class| {
-                self.entries.iter().find(|(_, (class, _, _))| *class == victim_class).map(|(seq, _)| *seq)
-            });
+            let victim =
+                [BatchClass::Raw, BatchClass::Summary]
+                    .into_iter()
+                    .find_map(|victim_class| {
+                        self.entries
+                            .iter()
+                            .find(|(_, (class, _, _))| *class == victim_class)
+                            .map(|(seq, _)| *seq)
+                    });
             let victim = victim.expect("something to drop");
             let (class, _, _) = self.entries.remove(&victim).expect("victim present");
             self.dropped[class.index()] += 1;

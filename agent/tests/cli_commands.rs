@@ -14,7 +14,10 @@ fn agent() -> Command {
 }
 
 fn run_agent_command(arguments: &[&str]) -> Output {
-    agent().args(arguments).output().expect("run tributary-agent")
+    agent()
+        .args(arguments)
+        .output()
+        .expect("run tributary-agent")
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -24,9 +27,22 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn check_config_accepts_the_example() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
-    let output = run_agent_command(&["check-config", "--config", example.to_str().expect("utf-8 path")]);
-    assert!(output.status.success(), "stdout: {}\nstderr: {}", text(&output.stdout), text(&output.stderr));
-    assert!(text(&output.stdout).contains("OK (3 source(s)"), "{}", text(&output.stdout));
+    let output = run_agent_command(&[
+        "check-config",
+        "--config",
+        example.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        output.status.success(),
+        "stdout: {}\nstderr: {}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    assert!(
+        text(&output.stdout).contains("OK (3 source(s)"),
+        "{}",
+        text(&output.stdout)
+    );
 }
 
 #[test]
@@ -54,7 +70,11 @@ raw = { policy = "every_nth", n = 0 }
 "#,
     )
     .expect("write config");
-    let output = run_agent_command(&["check-config", "--config", path.to_str().expect("utf-8 path")]);
+    let output = run_agent_command(&[
+        "check-config",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
     for field in [
@@ -72,15 +92,30 @@ raw = { policy = "every_nth", n = 0 }
 fn check_config_points_at_syntax_errors_and_unknown_fields() {
     let directory = tempfile::tempdir().expect("tempdir");
     let path = directory.path().join("agent.toml");
-    std::fs::write(&path, "agent_id = \"gw\"\n[collector]\naddress = \"c:1\"\nadress = \"typo\"\n").expect("write config");
-    let output = run_agent_command(&["check-config", "--config", path.to_str().expect("utf-8 path")]);
+    std::fs::write(
+        &path,
+        "agent_id = \"gw\"\n[collector]\naddress = \"c:1\"\nadress = \"typo\"\n",
+    )
+    .expect("write config");
+    let output = run_agent_command(&[
+        "check-config",
+        "--config",
+        path.to_str().expect("utf-8 path"),
+    ]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = text(&output.stderr);
-    assert!(stderr.contains("agent.toml:4:1") && stderr.contains("adress"), "{stderr}");
+    assert!(
+        stderr.contains("agent.toml:4:1") && stderr.contains("adress"),
+        "{stderr}"
+    );
 
     let output = run_agent_command(&["check-config", "--config", "/nonexistent/agent.toml"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(text(&output.stderr).contains("cannot read config file /nonexistent/agent.toml"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("cannot read config file /nonexistent/agent.toml"),
+        "{}",
+        text(&output.stderr)
+    );
 }
 
 #[test]
@@ -91,7 +126,12 @@ fn buffer_inspect_and_verify() {
         let buffer = DiskBuffer::open(BufferConfig::at(&buffer_path)).expect("open buffer");
         for class in [BatchClass::Raw, BatchClass::Raw, BatchClass::Summary] {
             let seq = buffer.allocate_seq().expect("seq");
-            let info = BatchInfo { class, created_ms: 1_000 + seq as i64, oldest_event_ms: 900, reading_count: 10 };
+            let info = BatchInfo {
+                class,
+                created_ms: 1_000 + seq as i64,
+                oldest_event_ms: 900,
+                reading_count: 10,
+            };
             buffer.append(seq, info, b"payload bytes").expect("append");
         }
         buffer.flush().expect("flush");
@@ -100,34 +140,60 @@ fn buffer_inspect_and_verify() {
     let output = run_agent_command(&["buffer", "inspect", "--path", path_argument]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     let stdout = text(&output.stdout);
-    assert!(stdout.lines().any(|line| line.starts_with("raw") && line.contains("batches        2")), "{stdout}");
-    assert!(stdout.lines().any(|line| line.starts_with("summary") && line.contains("batches        1")), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("raw") && line.contains("batches        2")),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("summary") && line.contains("batches        1")),
+        "{stdout}"
+    );
     let output = run_agent_command(&["buffer", "verify", "--path", path_argument]);
     assert!(output.status.success(), "{}", text(&output.stdout));
     assert!(text(&output.stdout).contains("all entries intact"));
 
     {
         let buffer = DiskBuffer::open(BufferConfig::at(&buffer_path)).expect("reopen buffer");
-        buffer.write_raw_entry_for_test(BatchClass::Raw, &77u64.to_be_bytes(), b"garbage").expect("corrupt");
+        buffer
+            .write_raw_entry_for_test(BatchClass::Raw, &77u64.to_be_bytes(), b"garbage")
+            .expect("corrupt");
         buffer.flush().expect("flush");
     }
     let output = run_agent_command(&["buffer", "verify", "--path", path_argument]);
     assert_eq!(output.status.code(), Some(1), "{}", text(&output.stdout));
-    assert!(text(&output.stdout).contains("bad entry: seq 77 in raw"), "{}", text(&output.stdout));
+    assert!(
+        text(&output.stdout).contains("bad entry: seq 77 in raw"),
+        "{}",
+        text(&output.stdout)
+    );
 
     let output = run_agent_command(&["buffer", "inspect", "--path", "/nonexistent/buffer"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(text(&output.stderr).contains("no buffer at /nonexistent/buffer"), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("no buffer at /nonexistent/buffer"),
+        "{}",
+        text(&output.stderr)
+    );
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
 }
 
 fn get_metrics(port: u16) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     Some(response)
@@ -174,13 +240,25 @@ reconnect_interval_ms = 50
             break response;
         }
         assert!(Instant::now() < deadline, "no /metrics within 30 s");
-        assert!(child.try_wait().expect("wait").is_none(), "agent exited early");
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "agent exited early"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
-    assert!(metrics.contains("tributary_agent_source_connected{source=\"missing-tty\"} 0"), "{metrics}");
-    assert!(metrics.contains("tributary_agent_buffer_batches 0"), "{metrics}");
-    assert!(metrics.contains("tributary_agent_ship_connected 0"), "the shipper's counters are exported: {metrics}");
+    assert!(
+        metrics.contains("tributary_agent_source_connected{source=\"missing-tty\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tributary_agent_buffer_batches 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tributary_agent_ship_connected 0"),
+        "the shipper's counters are exported: {metrics}"
+    );
     // SAFETY: signalling our own child process by its id.
     let signalled = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(signalled, 0);
@@ -189,7 +267,10 @@ reconnect_interval_ms = 50
         if let Some(status) = child.try_wait().expect("wait") {
             break status;
         }
-        assert!(Instant::now() < deadline, "agent did not stop within 20 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "agent did not stop within 20 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut stderr = String::new();

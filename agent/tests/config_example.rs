@@ -14,7 +14,10 @@ fn example_path() -> std::path::PathBuf {
 fn example_config_parses_and_validates() {
     let config = AgentConfig::load(&example_path()).unwrap_or_else(|error| panic!("{error}"));
     assert_eq!(config.agent_id, "gw-berlin-01");
-    assert_eq!(config.collector.effective_server_name(), "collector.example.com");
+    assert_eq!(
+        config.collector.effective_server_name(),
+        "collector.example.com"
+    );
     assert_eq!(config.buffer.fsync, FsyncPolicy::Group);
     assert_eq!(config.sources.len(), 3);
     let Some(SourceKind::MqttSubscribe(subscribe)) = config.sources[0].kind() else {
@@ -24,14 +27,43 @@ fn example_config_parses_and_validates() {
     let parser = subscribe.topics[0].message_parser().unwrap();
     assert_eq!(parser.template().subscription_filter(), "site/+/dev/+/+");
     let router = tributary_agent::config::topic_router(&subscribe.topics).unwrap();
-    assert_eq!(router.subscription_filters(), vec!["site/+/dev/+/+", "zigbee2mqtt/+"]);
+    assert_eq!(
+        router.subscription_filters(),
+        vec!["site/+/dev/+/+", "zigbee2mqtt/+"]
+    );
     let mut readings = Vec::new();
-    assert_eq!(router.parse("zigbee2mqtt/plug-3", br#"{"power": 5, "state": "ON"}"#, 0, &mut readings), Ok(1));
-    assert_eq!(router.parse("site/b/dev/d/temp", b"21.5", 0, &mut readings), Ok(1));
-    assert_eq!(readings[1].key.tags, vec![("site".to_owned(), "b".to_owned())]);
-    assert_eq!(router.parse("other/topic", b"1", 0, &mut readings).unwrap_err().reason(), "topic_mismatch");
-    assert!(matches!(config.sources[1].kind(), Some(SourceKind::MqttBroker(_))));
-    assert_eq!(config.sources[1].aggregation.raw, RawPolicy::EveryNth { n: 6 });
+    assert_eq!(
+        router.parse(
+            "zigbee2mqtt/plug-3",
+            br#"{"power": 5, "state": "ON"}"#,
+            0,
+            &mut readings
+        ),
+        Ok(1)
+    );
+    assert_eq!(
+        router.parse("site/b/dev/d/temp", b"21.5", 0, &mut readings),
+        Ok(1)
+    );
+    assert_eq!(
+        readings[1].key.tags,
+        vec![("site".to_owned(), "b".to_owned())]
+    );
+    assert_eq!(
+        router
+            .parse("other/topic", b"1", 0, &mut readings)
+            .unwrap_err()
+            .reason(),
+        "topic_mismatch"
+    );
+    assert!(matches!(
+        config.sources[1].kind(),
+        Some(SourceKind::MqttBroker(_))
+    ));
+    assert_eq!(
+        config.sources[1].aggregation.raw,
+        RawPolicy::EveryNth { n: 6 }
+    );
     let Some(SourceKind::Serial(serial)) = config.sources[2].kind() else {
         panic!("third source should be serial");
     };
@@ -52,15 +84,21 @@ serial = { path = "/dev/ttyUSB0" }
 
 #[test]
 fn minimal_config_gets_sane_defaults() {
-    let config = AgentConfig::from_toml_str_validated(MINIMAL, "minimal.toml").unwrap_or_else(|error| panic!("{error}"));
+    let config = AgentConfig::from_toml_str_validated(MINIMAL, "minimal.toml")
+        .unwrap_or_else(|error| panic!("{error}"));
     assert_eq!(config.collector.effective_server_name(), "127.0.0.1");
     assert_eq!(config.buffer.max_buffer_bytes, 256 * 1024 * 1024);
     assert_eq!(config.buffer.group_commit_interval_ms, 50);
     assert_eq!(config.metrics.listen_address, "127.0.0.1:9464");
     assert_eq!(config.sources[0].aggregation.window_ms, 10_000);
     assert_eq!(config.sources[0].aggregation.raw, RawPolicy::All);
-    let Some(SourceKind::Serial(serial)) = config.sources[0].kind() else { panic!("serial source") };
-    assert_eq!((serial.baud_rate, serial.data_bits, serial.stop_bits), (115_200, 8, 1));
+    let Some(SourceKind::Serial(serial)) = config.sources[0].kind() else {
+        panic!("serial source")
+    };
+    assert_eq!(
+        (serial.baud_rate, serial.data_bits, serial.stop_bits),
+        (115_200, 8, 1)
+    );
     assert_eq!(serial.line.max_line_bytes, 512);
     // The token never shows up in debug output (logs).
     assert!(!format!("{config:?}").contains("secret"));
@@ -129,30 +167,72 @@ fn broken_config_reports_every_problem_with_its_path() {
         "sources[2]",
     ];
     for path in expected_paths {
-        assert!(problems.iter().any(|problem| problem.path == path), "no problem at `{path}` in:\n{}", rendered.join("\n"));
+        assert!(
+            problems.iter().any(|problem| problem.path == path),
+            "no problem at `{path}` in:\n{}",
+            rendered.join("\n")
+        );
     }
-    assert_eq!(problems.len(), expected_paths.len(), "unexpected problems:\n{}", rendered.join("\n"));
-    let baud = problems.iter().find(|problem| problem.path == "sources[1].serial.baud_rate").unwrap();
+    assert_eq!(
+        problems.len(),
+        expected_paths.len(),
+        "unexpected problems:\n{}",
+        rendered.join("\n")
+    );
+    let baud = problems
+        .iter()
+        .find(|problem| problem.path == "sources[1].serial.baud_rate")
+        .unwrap();
     assert!(
-        baud.to_string().starts_with("sources[1].serial.baud_rate: 12345 is not a standard rate; use one of 300, 600,"),
+        baud.to_string().starts_with(
+            "sources[1].serial.baud_rate: 12345 is not a standard rate; use one of 300, 600,"
+        ),
         "{baud}"
     );
-    let no_metric = problems.iter().find(|problem| problem.path == "sources[0].mqtt_subscribe.topics[0].template").unwrap();
+    let no_metric = problems
+        .iter()
+        .find(|problem| problem.path == "sources[0].mqtt_subscribe.topics[0].template")
+        .unwrap();
     assert!(no_metric.message.contains("{metric}"), "{no_metric}");
-    let hash = problems.iter().find(|problem| problem.path == "sources[0].mqtt_subscribe.topics[1].template").unwrap();
-    assert!(hash.message.contains("`#` may only be the last level"), "{hash}");
-    assert!(rendered.contains(&"sources[1].name: `mqtt` is used by an earlier source; names must be unique".to_owned()));
+    let hash = problems
+        .iter()
+        .find(|problem| problem.path == "sources[0].mqtt_subscribe.topics[1].template")
+        .unwrap();
+    assert!(
+        hash.message.contains("`#` may only be the last level"),
+        "{hash}"
+    );
+    assert!(rendered.contains(
+        &"sources[1].name: `mqtt` is used by an earlier source; names must be unique".to_owned()
+    ));
 
     let error = AgentConfig::from_toml_str_validated(BROKEN, "broken.toml").unwrap_err();
     let message = error.to_string();
-    assert!(message.starts_with(&format!("{} problem(s) in broken.toml:\n  agent_id: ", expected_paths.len())), "{message}");
+    assert!(
+        message.starts_with(&format!(
+            "{} problem(s) in broken.toml:\n  agent_id: ",
+            expected_paths.len()
+        )),
+        "{message}"
+    );
 }
 
 #[test]
 fn unknown_field_is_a_syntax_error_with_line_and_column() {
-    let text = MINIMAL.replace("token = \"secret\"", "token = \"secret\"\ntokn_file = \"x\"");
+    let text = MINIMAL.replace(
+        "token = \"secret\"",
+        "token = \"secret\"\ntokn_file = \"x\"",
+    );
     let error = AgentConfig::from_toml_str(&text, "typo.toml").unwrap_err();
-    let ConfigError::Syntax { line, column, message, .. } = &error else { panic!("{error:?}") };
+    let ConfigError::Syntax {
+        line,
+        column,
+        message,
+        ..
+    } = &error
+    else {
+        panic!("{error:?}")
+    };
     assert_eq!((*line, *column), (7, 1), "{error}");
     assert!(message.contains("tokn_file"), "{message}");
     assert!(error.to_string().starts_with("typo.toml:7:1: "), "{error}");
@@ -160,21 +240,39 @@ fn unknown_field_is_a_syntax_error_with_line_and_column() {
 
 #[test]
 fn wrong_type_and_unknown_policy_fields_are_syntax_errors() {
-    let text = MINIMAL.replace("serial = { path = \"/dev/ttyUSB0\" }", "serial = { path = \"/dev/ttyUSB0\", baud_rate = \"fast\" }");
+    let text = MINIMAL.replace(
+        "serial = { path = \"/dev/ttyUSB0\" }",
+        "serial = { path = \"/dev/ttyUSB0\", baud_rate = \"fast\" }",
+    );
     let error = AgentConfig::from_toml_str(&text, "t.toml").unwrap_err();
-    assert!(matches!(error, ConfigError::Syntax { line: 9, .. }), "{error}");
+    assert!(
+        matches!(error, ConfigError::Syntax { line: 9, .. }),
+        "{error}"
+    );
 
-    let text = format!("{MINIMAL}aggregation = {{ raw = {{ policy = \"deadband\", treshold = 1.0 }} }}\n");
+    let text =
+        format!("{MINIMAL}aggregation = {{ raw = {{ policy = \"deadband\", treshold = 1.0 }} }}\n");
     let error = AgentConfig::from_toml_str(&text, "t.toml").unwrap_err();
-    assert!(matches!(error, ConfigError::Syntax { line: 10, .. }), "{error}");
+    assert!(
+        matches!(error, ConfigError::Syntax { line: 10, .. }),
+        "{error}"
+    );
     assert!(error.to_string().contains("treshold"), "{error}");
 
     let text = MINIMAL.replace("agent_id = \"gw-1\"", "agent_id = ");
-    assert!(matches!(AgentConfig::from_toml_str(&text, "t.toml"), Err(ConfigError::Syntax { line: 2, .. })));
+    assert!(matches!(
+        AgentConfig::from_toml_str(&text, "t.toml"),
+        Err(ConfigError::Syntax { line: 2, .. })
+    ));
 }
 
 #[test]
 fn missing_file_says_which() {
     let error = AgentConfig::load(Path::new("/nonexistent/agent.toml")).unwrap_err();
-    assert!(error.to_string().starts_with("cannot read config file /nonexistent/agent.toml: "), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("cannot read config file /nonexistent/agent.toml: "),
+        "{error}"
+    );
 }

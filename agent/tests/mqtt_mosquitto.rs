@@ -32,12 +32,15 @@ fn service_env(name: &str) -> Option<String> {
                 let line = line.trim();
                 let line = line.strip_prefix("export ").unwrap_or(line);
                 let (key, value) = line.split_once('=')?;
-                (key.trim() == name).then(|| value.trim().trim_matches('"').trim_matches('\'').to_owned()).filter(|value| !value.is_empty())
+                (key.trim() == name)
+                    .then(|| value.trim().trim_matches('"').trim_matches('\'').to_owned())
+                    .filter(|value| !value.is_empty())
             })
         })
     });
     if found.is_none() {
-        let message = format!("{name} is not set; start the services with `deploy/dev/services.sh up`");
+        let message =
+            format!("{name} is not set; start the services with `deploy/dev/services.sh up`");
         if std::env::var("CI").is_ok_and(|value| value == "true" || value == "1") {
             panic!("CI=true and a required service is missing: {message}");
         }
@@ -47,7 +50,9 @@ fn service_env(name: &str) -> Option<String> {
 }
 
 fn unique_suffix() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
     format!("{}-{nanos}", std::process::id())
 }
 
@@ -55,20 +60,29 @@ const MESSAGE_COUNT: u32 = 3_000;
 const KILL_AFTER: u32 = 1_000;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
 }
 
 fn get_metrics(port: u16) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     Some(response)
 }
 
 fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
 }
 
 fn spawn_agent(config: &Path) -> Child {
@@ -82,7 +96,13 @@ fn spawn_agent(config: &Path) -> Child {
 }
 
 /// Waits until `condition` holds for the agent's /metrics, failing after `limit`.
-async fn wait_for_metrics(port: u16, child: &mut Child, limit: Duration, what: &str, condition: impl Fn(&str) -> bool) {
+async fn wait_for_metrics(
+    port: u16,
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+    condition: impl Fn(&str) -> bool,
+) {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(text) = get_metrics(port) {
@@ -90,8 +110,14 @@ async fn wait_for_metrics(port: u16, child: &mut Child, limit: Duration, what: &
                 return;
             }
         }
-        assert!(child.try_wait().expect("wait").is_none(), "agent exited while waiting for {what}");
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "agent exited while waiting for {what}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -140,9 +166,13 @@ raw = {{ policy = "all" }}
     .expect("write config");
 
     let mut agent = spawn_agent(&config_path);
-    wait_for_metrics(metrics_port, &mut agent, Duration::from_secs(60), "the MQTT connection", |text| {
-        metric(text, "tributary_agent_source_connected{source=\"broker\"}") == Some(1.0)
-    })
+    wait_for_metrics(
+        metrics_port,
+        &mut agent,
+        Duration::from_secs(60),
+        "the MQTT connection",
+        |text| metric(text, "tributary_agent_source_connected{source=\"broker\"}") == Some(1.0),
+    )
     .await;
 
     let mut options = MqttOptions::new(format!("tributary-test-pub-{suffix}"), host, port);
@@ -166,18 +196,37 @@ raw = {{ policy = "all" }}
     // Probe until the agent's subscription is live (a probe is rejected: not a number).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        publisher.publish(format!("{prefix}/probe/temp"), QoS::AtLeastOnce, false, "probe").await.expect("publish probe");
-        let seen = get_metrics(metrics_port).and_then(|text| metric(&text, "tributary_agent_messages_in_total{source=\"broker\",kind=\"mqtt_subscribe\"}"));
+        publisher
+            .publish(
+                format!("{prefix}/probe/temp"),
+                QoS::AtLeastOnce,
+                false,
+                "probe",
+            )
+            .await
+            .expect("publish probe");
+        let seen = get_metrics(metrics_port).and_then(|text| {
+            metric(
+                &text,
+                "tributary_agent_messages_in_total{source=\"broker\",kind=\"mqtt_subscribe\"}",
+            )
+        });
         if seen.unwrap_or(0.0) >= 1.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the agent never received a probe message");
+        assert!(
+            Instant::now() < deadline,
+            "the agent never received a probe message"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     for index in 0..MESSAGE_COUNT {
         let topic = format!("{prefix}/dev-{}/temp", index % 10);
-        publisher.publish(topic, QoS::AtLeastOnce, false, index.to_string()).await.expect("publish");
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, index.to_string())
+            .await
+            .expect("publish");
         if index == KILL_AFTER {
             // Mid-stream: make sure the agent has taken some messages, then kill it hard.
             wait_for_metrics(metrics_port, &mut agent, Duration::from_secs(30), "some readings", |text| {
@@ -191,21 +240,44 @@ raw = {{ policy = "all" }}
     }
     // The sentinel is not a number: once the agent counts it rejected, everything the broker
     // queued before it has been delivered.
-    publisher.publish(format!("{prefix}/sentinel/temp"), QoS::AtLeastOnce, false, "end").await.expect("publish sentinel");
+    publisher
+        .publish(
+            format!("{prefix}/sentinel/temp"),
+            QoS::AtLeastOnce,
+            false,
+            "end",
+        )
+        .await
+        .expect("publish sentinel");
     let deadline = Instant::now() + Duration::from_secs(60);
     while *acked_receiver.borrow_and_update() < MESSAGE_COUNT + 1 {
-        assert!(Instant::now() < deadline, "Mosquitto did not acknowledge all publishes");
+        assert!(
+            Instant::now() < deadline,
+            "Mosquitto did not acknowledge all publishes"
+        );
         let _ = tokio::time::timeout(Duration::from_secs(1), acked_receiver.changed()).await;
     }
-    wait_for_metrics(metrics_port, &mut agent, Duration::from_secs(60), "the sentinel", |text| {
-        text.lines().any(|line| line.starts_with("tributary_agent_rejected_total{source=\"broker\"") && !line.ends_with(" 0"))
-    })
+    wait_for_metrics(
+        metrics_port,
+        &mut agent,
+        Duration::from_secs(60),
+        "the sentinel",
+        |text| {
+            text.lines().any(|line| {
+                line.starts_with("tributary_agent_rejected_total{source=\"broker\"")
+                    && !line.ends_with(" 0")
+            })
+        },
+    )
     .await;
     driver.abort();
 
     // Graceful stop: windows close, buffer flushes.
     // SAFETY: signalling our own child process by its id.
-    assert_eq!(unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    assert_eq!(
+        unsafe { libc::kill(agent.id() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = agent.try_wait().expect("wait") {
@@ -222,7 +294,8 @@ raw = {{ policy = "all" }}
     let mut summarised = 0u64;
     for stored in buffer.replay(ReplayOrder::OldestFirst) {
         let stored = stored.expect("intact entry");
-        let batch = decode_batch(&stored.payload, &BatchLimits::default()).expect("decodable batch");
+        let batch =
+            decode_batch(&stored.payload, &BatchLimits::default()).expect("decodable batch");
         match stored.header.class {
             BatchClass::Raw => {
                 for reading in &batch.readings {
@@ -230,12 +303,31 @@ raw = {{ policy = "all" }}
                     raw_values.insert(reading.value as u32);
                 }
             }
-            BatchClass::Summary => summarised += batch.summaries.iter().map(|summary| summary.summary.count).sum::<u64>(),
+            BatchClass::Summary => {
+                summarised += batch
+                    .summaries
+                    .iter()
+                    .map(|summary| summary.summary.count)
+                    .sum::<u64>()
+            }
         }
     }
-    let missing: Vec<u32> = (0..MESSAGE_COUNT).filter(|value| !raw_values.contains(value)).collect();
-    assert!(missing.is_empty(), "{} of {MESSAGE_COUNT} messages lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(20)]);
+    let missing: Vec<u32> = (0..MESSAGE_COUNT)
+        .filter(|value| !raw_values.contains(value))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {MESSAGE_COUNT} messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
     assert!(raw_readings >= u64::from(MESSAGE_COUNT));
-    assert!(summarised >= u64::from(MESSAGE_COUNT), "summaries cover {summarised} readings, expected at least {MESSAGE_COUNT}");
-    eprintln!("raw readings {raw_readings} (duplicates from redelivery: {}), summarised {summarised}", raw_readings - u64::from(MESSAGE_COUNT));
+    assert!(
+        summarised >= u64::from(MESSAGE_COUNT),
+        "summaries cover {summarised} readings, expected at least {MESSAGE_COUNT}"
+    );
+    eprintln!(
+        "raw readings {raw_readings} (duplicates from redelivery: {}), summarised {summarised}",
+        raw_readings - u64::from(MESSAGE_COUNT)
+    );
 }

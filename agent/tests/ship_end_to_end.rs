@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use ship_support::*;
 use tributary_agent::ship::ShipError;
-use tributary_protocol::session::RejectReason;
 use tributary_protocol::batch::series_ids_used;
+use tributary_protocol::session::RejectReason;
 use tributary_protocol::{decode_batch, BatchLimits};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -16,33 +16,60 @@ const DEADLINE: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_batch_is_acked_written_once_and_removed_from_the_buffer() {
     let state = temp_dir();
-    let collector = start_collector(state.path(), loopback_any_port(), tokens_for(&["gw-1".to_owned()]));
+    let collector = start_collector(
+        state.path(),
+        loopback_any_port(),
+        tokens_for(&["gw-1".to_owned()]),
+    );
     let buffer_dir = temp_dir();
     let buffer = open_buffer(buffer_dir.path());
     let seqs = fill_buffer(&buffer, "gw-1", 40, 8, 500);
-    let (handle, task) = spawn_shipper(ship_config("gw-1", collector.address, &collector.fingerprint), buffer.clone());
+    let (handle, task) = spawn_shipper(
+        ship_config("gw-1", collector.address, &collector.fingerprint),
+        buffer.clone(),
+    );
     wait_for("all batches acked", DEADLINE, || buffered(&buffer) == 0).await;
     handle.stop();
     task.await.unwrap().unwrap();
 
     let stats = handle.stats();
-    assert_eq!(stats.batches_acked.load(std::sync::atomic::Ordering::Relaxed), 40);
-    assert_eq!(stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        stats
+            .batches_acked
+            .load(std::sync::atomic::Ordering::Relaxed),
+        40
+    );
+    assert_eq!(
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     let records = all_records(&collector.log);
     assert_eq!(records.len(), 40, "one record per batch");
-    let mut logged: Vec<u64> = records.iter().map(|record| record.headers.batch_seq).collect();
+    let mut logged: Vec<u64> = records
+        .iter()
+        .map(|record| record.headers.batch_seq)
+        .collect();
     logged.sort_unstable();
     assert_eq!(logged, seqs);
     for record in &records {
         assert_eq!(record.headers.agent_id, "gw-1");
-        assert_eq!(record.headers.protocol_version, tributary_protocol::session::PROTOCOL_VERSION);
+        assert_eq!(
+            record.headers.protocol_version,
+            tributary_protocol::session::PROTOCOL_VERSION
+        );
         // Self-contained: every series the record uses is defined in it, with its key,
         // although the shipper sent most batches without definitions.
         let batch = decode_batch(&record.value, &BatchLimits::default()).unwrap();
         assert_eq!(batch.batch_seq, record.headers.batch_seq);
         assert_eq!(batch.readings.len(), 500);
         for id in series_ids_used(&batch) {
-            let def = batch.series.iter().find(|def| def.id == id).expect("definition present");
+            let def = batch
+                .series
+                .iter()
+                .find(|def| def.id == id)
+                .expect("definition present");
             assert_eq!(def.key, series_key(id));
         }
     }
@@ -50,21 +77,39 @@ async fn every_batch_is_acked_written_once_and_removed_from_the_buffer() {
     assert_eq!(agent.batches_acked, 40);
     assert_eq!(agent.readings_acked, 40 * 500);
     // Stripping definitions worked: later batches were smaller on the wire than stored.
-    assert!(collector.metrics.acks.load(std::sync::atomic::Ordering::Relaxed) >= 40);
+    assert!(
+        collector
+            .metrics
+            .acks
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 40
+    );
     collector.server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_is_a_hard_error_with_the_collectors_reason() {
     let state = temp_dir();
-    let collector = start_collector(state.path(), loopback_any_port(), tokens_for(&["gw-1".to_owned()]));
+    let collector = start_collector(
+        state.path(),
+        loopback_any_port(),
+        tokens_for(&["gw-1".to_owned()]),
+    );
     let buffer_dir = temp_dir();
     let mut config = ship_config("gw-1", collector.address, &collector.fingerprint);
     config.token = "not-the-token".to_owned();
     let (_handle, task) = spawn_shipper(config, open_buffer(buffer_dir.path()));
-    let error = tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap_err();
+    let error = tokio::time::timeout(DEADLINE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     match &error {
-        ShipError::Rejected { reason: RejectReason::Unauthorized, message, .. } => assert!(message.contains("wrong token"), "{message}"),
+        ShipError::Rejected {
+            reason: RejectReason::Unauthorized,
+            message,
+            ..
+        } => assert!(message.contains("wrong token"), "{message}"),
         other => panic!("expected an unauthorized reject, got {other}"),
     }
     assert!(error.is_fatal());
@@ -73,27 +118,60 @@ async fn a_wrong_token_is_a_hard_error_with_the_collectors_reason() {
     config.token = TOKEN.to_owned();
     let buffer_dir = temp_dir();
     let (_handle, task) = spawn_shipper(config, open_buffer(buffer_dir.path()));
-    let error = tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap_err();
-    assert!(error.to_string().contains("not in the collector's tokens file"), "{error}");
-    assert_eq!(collector.metrics.hellos_rejected.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let error = tokio::time::timeout(DEADLINE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("not in the collector's tokens file"),
+        "{error}"
+    );
+    assert_eq!(
+        collector
+            .metrics
+            .hellos_rejected
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     collector.server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_pinned_fingerprint_fails_with_both_fingerprints_named() {
     let state = temp_dir();
-    let collector = start_collector(state.path(), loopback_any_port(), tokens_for(&["gw-1".to_owned()]));
+    let collector = start_collector(
+        state.path(),
+        loopback_any_port(),
+        tokens_for(&["gw-1".to_owned()]),
+    );
     let buffer_dir = temp_dir();
     let pinned = "ab".repeat(32);
-    let (_handle, task) = spawn_shipper(ship_config("gw-1", collector.address, &pinned), open_buffer(buffer_dir.path()));
-    let error = tokio::time::timeout(DEADLINE, task).await.unwrap().unwrap().unwrap_err();
+    let (_handle, task) = spawn_shipper(
+        ship_config("gw-1", collector.address, &pinned),
+        open_buffer(buffer_dir.path()),
+    );
+    let error = tokio::time::timeout(DEADLINE, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
     match &error {
-        ShipError::FingerprintMismatch { presented, pinned: configured, .. } => {
+        ShipError::FingerprintMismatch {
+            presented,
+            pinned: configured,
+            ..
+        } => {
             assert_eq!(presented, &collector.fingerprint);
             assert_eq!(configured, &pinned);
         }
         other => panic!("expected a fingerprint mismatch, got {other}"),
     }
-    assert!(error.to_string().contains("server_fingerprint_sha256"), "{error}");
+    assert!(
+        error.to_string().contains("server_fingerprint_sha256"),
+        "{error}"
+    );
     collector.server.shutdown().await;
 }

@@ -4,7 +4,8 @@
 
 use proptest::prelude::*;
 use tributary_agent::source::{
-    MessageParser, ParsedReading, PayloadError, PayloadFormat, PayloadOptions, TimeUnit, TopicTemplate,
+    MessageParser, ParsedReading, PayloadError, PayloadFormat, PayloadOptions, TimeUnit,
+    TopicTemplate,
 };
 use tributary_protocol::model::SeriesKey;
 
@@ -14,14 +15,24 @@ fn parser(template: &str, options: PayloadOptions) -> MessageParser {
     MessageParser::new(TopicTemplate::parse(template).unwrap(), options).unwrap()
 }
 
-fn parse(parser: &MessageParser, topic: &str, payload: &str) -> Result<Vec<ParsedReading>, PayloadError> {
+fn parse(
+    parser: &MessageParser,
+    topic: &str,
+    payload: &str,
+) -> Result<Vec<ParsedReading>, PayloadError> {
     let mut out = Vec::new();
     let count = parser.parse(topic, payload.as_bytes(), RECEIVE_MS, &mut out)?;
     assert_eq!(count, out.len());
     Ok(out)
 }
 
-fn reading(device: &str, metric: &str, tags: &[(&str, &str)], time_ms: Option<i64>, value: f64) -> ParsedReading {
+fn reading(
+    device: &str,
+    metric: &str,
+    tags: &[(&str, &str)],
+    time_ms: Option<i64>,
+    value: f64,
+) -> ParsedReading {
     ParsedReading {
         key: SeriesKey::new(device, metric).with_tags(tags.iter().copied()),
         time_ms,
@@ -35,15 +46,40 @@ fn reason(result: Result<Vec<ParsedReading>, PayloadError>) -> &'static str {
 
 #[test]
 fn plain_number_takes_device_metric_and_tags_from_topic() {
-    let parser = parser("site/{site}/dev/{device}/{metric}", PayloadOptions::default());
+    let parser = parser(
+        "site/{site}/dev/{device}/{metric}",
+        PayloadOptions::default(),
+    );
     let readings = parse(&parser, "site/berlin/dev/dev-7/temp", " 21.5\n").unwrap();
-    assert_eq!(readings, vec![reading("dev-7", "temp", &[("site", "berlin")], None, 21.5)]);
-    assert_eq!(reason(parse(&parser, "site/berlin/dev/dev-7/temp", "warm")), "not_a_number");
-    assert_eq!(reason(parse(&parser, "site/berlin/dev/dev-7/temp", "NaN")), "nan_or_inf");
-    assert_eq!(reason(parse(&parser, "site/berlin/dev/dev-7/temp", "-inf")), "nan_or_inf");
-    assert_eq!(reason(parse(&parser, "site/berlin/other/dev-7/temp", "1")), "topic_mismatch");
+    assert_eq!(
+        readings,
+        vec![reading("dev-7", "temp", &[("site", "berlin")], None, 21.5)]
+    );
+    assert_eq!(
+        reason(parse(&parser, "site/berlin/dev/dev-7/temp", "warm")),
+        "not_a_number"
+    );
+    assert_eq!(
+        reason(parse(&parser, "site/berlin/dev/dev-7/temp", "NaN")),
+        "nan_or_inf"
+    );
+    assert_eq!(
+        reason(parse(&parser, "site/berlin/dev/dev-7/temp", "-inf")),
+        "nan_or_inf"
+    );
+    assert_eq!(
+        reason(parse(&parser, "site/berlin/other/dev-7/temp", "1")),
+        "topic_mismatch"
+    );
     let mut out = Vec::new();
-    let error = parser.parse("site/berlin/dev/dev-7/temp", b"\xff21", RECEIVE_MS, &mut out).unwrap_err();
+    let error = parser
+        .parse(
+            "site/berlin/dev/dev-7/temp",
+            b"\xff21",
+            RECEIVE_MS,
+            &mut out,
+        )
+        .unwrap_err();
     assert_eq!(error, PayloadError::NotUtf8 { byte_offset: 0 });
 }
 
@@ -57,10 +93,19 @@ fn plain_needs_a_metric_in_the_template() {
 
 #[test]
 fn oversized_payload_is_rejected_before_parsing() {
-    let options = PayloadOptions { max_payload_bytes: 8, ..PayloadOptions::with_format(PayloadFormat::Json) };
+    let options = PayloadOptions {
+        max_payload_bytes: 8,
+        ..PayloadOptions::with_format(PayloadFormat::Json)
+    };
     let parser = parser("dev/{device}", options);
     let error = parse(&parser, "dev/a", "{\"temperature\": 1}").unwrap_err();
-    assert_eq!(error, PayloadError::TooLarge { payload_bytes: 18, max_payload_bytes: 8 });
+    assert_eq!(
+        error,
+        PayloadError::TooLarge {
+            payload_bytes: 18,
+            max_payload_bytes: 8
+        }
+    );
 }
 
 #[test]
@@ -71,7 +116,12 @@ fn json_fields_nested_objects_timestamp_and_booleans() {
         ..PayloadOptions::with_format(PayloadFormat::Json)
     };
     let parser = parser("zigbee/{device}", options);
-    let readings = parse(&parser, "zigbee/plug-1", r#"{"power": 12, "env": {"temp": 21.5, "ok": true}, "ts": 1764284000123}"#).unwrap();
+    let readings = parse(
+        &parser,
+        "zigbee/plug-1",
+        r#"{"power": 12, "env": {"temp": 21.5, "ok": true}, "ts": 1764284000123}"#,
+    )
+    .unwrap();
     let time = Some(1_764_284_000_123);
     assert_eq!(
         readings,
@@ -85,22 +135,45 @@ fn json_fields_nested_objects_timestamp_and_booleans() {
 
 #[test]
 fn json_rejections_name_the_field() {
-    let parser = parser("dev/{device}", PayloadOptions::with_format(PayloadFormat::Json));
+    let parser = parser(
+        "dev/{device}",
+        PayloadOptions::with_format(PayloadFormat::Json),
+    );
     let error = parse(&parser, "dev/a", r#"{"temp": 1, "state": "on"}"#).unwrap_err();
     assert_eq!(error.reason(), "not_a_number");
-    assert_eq!(error.to_string(), "state: expected a number, found string \"on\"");
+    assert_eq!(
+        error.to_string(),
+        "state: expected a number, found string \"on\""
+    );
     let error = parse(&parser, "dev/a", r#"{"temp": 1,}"#).unwrap_err();
     assert_eq!(error.reason(), "json_syntax");
-    assert!(matches!(error, PayloadError::JsonSyntax { line: 1, .. }), "{error:?}");
+    assert!(
+        matches!(error, PayloadError::JsonSyntax { line: 1, .. }),
+        "{error:?}"
+    );
     assert_eq!(reason(parse(&parser, "dev/a", "[1, 2]")), "json_not_object");
     assert_eq!(reason(parse(&parser, "dev/a", "{}")), "no_readings");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"{"a": true}"#)), "not_a_number");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"{"a": 1e999}"#)), "json_syntax");
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"{"a": true}"#)),
+        "not_a_number"
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"{"a": 1e999}"#)),
+        "json_syntax"
+    );
     let deep = format!("{}1{}", r#"{"a":"#.repeat(9), "}".repeat(9));
     assert_eq!(reason(parse(&parser, "dev/a", &deep)), "json_too_deep");
 
-    let skipping = parser_with(PayloadOptions { skip_non_numeric: true, ..PayloadOptions::with_format(PayloadFormat::Json) });
-    let readings = parse(&skipping, "dev/a", r#"{"temp": 1, "state": "on", "list": [1], "n": null}"#).unwrap();
+    let skipping = parser_with(PayloadOptions {
+        skip_non_numeric: true,
+        ..PayloadOptions::with_format(PayloadFormat::Json)
+    });
+    let readings = parse(
+        &skipping,
+        "dev/a",
+        r#"{"temp": 1, "state": "on", "list": [1], "n": null}"#,
+    )
+    .unwrap();
     assert_eq!(readings, vec![reading("a", "temp", &[], None, 1.0)]);
 }
 
@@ -110,7 +183,10 @@ fn parser_with(options: PayloadOptions) -> MessageParser {
 
 #[test]
 fn json_under_a_topic_metric_is_prefixed() {
-    let parser = parser("dev/{device}/{metric}", PayloadOptions::with_format(PayloadFormat::Json));
+    let parser = parser(
+        "dev/{device}/{metric}",
+        PayloadOptions::with_format(PayloadFormat::Json),
+    );
     let readings = parse(&parser, "dev/a/env", r#"{"temp": 3}"#).unwrap();
     assert_eq!(readings, vec![reading("a", "env.temp", &[], None, 3.0)]);
 }
@@ -132,23 +208,54 @@ fn json_timestamp_units_and_bad_timestamps() {
 
 #[test]
 fn senml_resolves_base_fields_and_times() {
-    let parser = parser_with(PayloadOptions { senml_unit_as_tag: true, ..PayloadOptions::with_format(PayloadFormat::Senml) });
+    let parser = parser_with(PayloadOptions {
+        senml_unit_as_tag: true,
+        ..PayloadOptions::with_format(PayloadFormat::Senml)
+    });
     let payload = r#"[
         {"bn": "urn:dev:ow:10e2073a01080063:", "bt": 1764284000, "bu": "Cel", "n": "temp", "v": 23.1},
         {"n": "temp", "t": 10, "v": 23.5},
         {"n": "hum", "u": "%RH", "t": 10.25, "v": 40},
         {"n": "door", "vb": true}
     ]"#;
-    let options_with_bools = PayloadOptions { booleans_as_numbers: true, senml_unit_as_tag: true, ..PayloadOptions::with_format(PayloadFormat::Senml) };
+    let options_with_bools = PayloadOptions {
+        booleans_as_numbers: true,
+        senml_unit_as_tag: true,
+        ..PayloadOptions::with_format(PayloadFormat::Senml)
+    };
     let readings = parse(&parser_with(options_with_bools), "dev/gw", payload).unwrap();
     let base = "urn:dev:ow:10e2073a01080063:";
     assert_eq!(
         readings,
         vec![
-            reading("gw", &format!("{base}temp"), &[("unit", "Cel")], Some(1_764_284_000_000), 23.1),
-            reading("gw", &format!("{base}temp"), &[("unit", "Cel")], Some(1_764_284_010_000), 23.5),
-            reading("gw", &format!("{base}hum"), &[("unit", "%RH")], Some(1_764_284_010_250), 40.0),
-            reading("gw", &format!("{base}door"), &[("unit", "Cel")], Some(1_764_284_000_000), 1.0),
+            reading(
+                "gw",
+                &format!("{base}temp"),
+                &[("unit", "Cel")],
+                Some(1_764_284_000_000),
+                23.1
+            ),
+            reading(
+                "gw",
+                &format!("{base}temp"),
+                &[("unit", "Cel")],
+                Some(1_764_284_010_000),
+                23.5
+            ),
+            reading(
+                "gw",
+                &format!("{base}hum"),
+                &[("unit", "%RH")],
+                Some(1_764_284_010_250),
+                40.0
+            ),
+            reading(
+                "gw",
+                &format!("{base}door"),
+                &[("unit", "Cel")],
+                Some(1_764_284_000_000),
+                1.0
+            ),
         ]
     );
     // Booleans are not numbers unless configured.
@@ -158,10 +265,18 @@ fn senml_resolves_base_fields_and_times() {
 #[test]
 fn senml_relative_times_and_base_value() {
     let parser = parser_with(PayloadOptions::with_format(PayloadFormat::Senml));
-    let readings = parse(&parser, "dev/a", r#"[{"bv": 100, "n": "c", "v": 5, "t": -5}, {"n": "now", "v": 1}]"#).unwrap();
+    let readings = parse(
+        &parser,
+        "dev/a",
+        r#"[{"bv": 100, "n": "c", "v": 5, "t": -5}, {"n": "now", "v": 1}]"#,
+    )
+    .unwrap();
     assert_eq!(
         readings,
-        vec![reading("a", "c", &[], Some(RECEIVE_MS - 5_000), 105.0), reading("a", "now", &[], None, 101.0)]
+        vec![
+            reading("a", "c", &[], Some(RECEIVE_MS - 5_000), 105.0),
+            reading("a", "now", &[], None, 101.0)
+        ]
     );
 }
 
@@ -169,28 +284,83 @@ fn senml_relative_times_and_base_value() {
 fn senml_rejections() {
     let parser = parser_with(PayloadOptions::with_format(PayloadFormat::Senml));
     let error = parse(&parser, "dev/a", r#"[{"n": "a", "v": 1}, {"n": "b"}]"#).unwrap_err();
-    assert_eq!(error, PayloadError::SenmlMissingValue { record_index: 1, name: "b".to_owned() });
-    assert_eq!(reason(parse(&parser, "dev/a", r#"[{"v": 1}]"#)), "senml_missing_name");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"[{"n": "a", "v": "1"}]"#)), "senml_bad_field");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"[{"n": "a", "v": 1, "crit_": 1}]"#)), "senml_unsupported_field");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"[{"n": "a", "v": 1}, 7]"#)), "senml_bad_record");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"{"n": "a", "v": 1}"#)), "senml_not_array");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"[{"n": "a", "v": 1"#)), "json_syntax");
-    assert_eq!(reason(parse(&parser, "dev/a", r#"[{"bn": "x"}]"#)), "no_readings");
+    assert_eq!(
+        error,
+        PayloadError::SenmlMissingValue {
+            record_index: 1,
+            name: "b".to_owned()
+        }
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"[{"v": 1}]"#)),
+        "senml_missing_name"
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"[{"n": "a", "v": "1"}]"#)),
+        "senml_bad_field"
+    );
+    assert_eq!(
+        reason(parse(
+            &parser,
+            "dev/a",
+            r#"[{"n": "a", "v": 1, "crit_": 1}]"#
+        )),
+        "senml_unsupported_field"
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"[{"n": "a", "v": 1}, 7]"#)),
+        "senml_bad_record"
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"{"n": "a", "v": 1}"#)),
+        "senml_not_array"
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"[{"n": "a", "v": 1"#)),
+        "json_syntax"
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", r#"[{"bn": "x"}]"#)),
+        "no_readings"
+    );
 }
 
 #[test]
 fn line_protocol_fields_tags_escapes_and_timestamps() {
-    let parser = parser("lp/{device}", PayloadOptions { timestamp_unit: Some(TimeUnit::Ms), ..PayloadOptions::with_format(PayloadFormat::LineProtocol) });
+    let parser = parser(
+        "lp/{device}",
+        PayloadOptions {
+            timestamp_unit: Some(TimeUnit::Ms),
+            ..PayloadOptions::with_format(PayloadFormat::LineProtocol)
+        },
+    );
     let payload = "# comment\r\nweather,room=lab\\ 1,floor=2 temp=21.5,count=3i,total=7u 1764284000123\r\n\nmy\\,meas f\\=x=-1e3\n";
     let readings = parse(&parser, "lp/dev-1", payload).unwrap();
     let tags = [("room", "lab 1"), ("floor", "2")];
     assert_eq!(
         readings,
         vec![
-            reading("dev-1", "weather.temp", &tags, Some(1_764_284_000_123), 21.5),
-            reading("dev-1", "weather.count", &tags, Some(1_764_284_000_123), 3.0),
-            reading("dev-1", "weather.total", &tags, Some(1_764_284_000_123), 7.0),
+            reading(
+                "dev-1",
+                "weather.temp",
+                &tags,
+                Some(1_764_284_000_123),
+                21.5
+            ),
+            reading(
+                "dev-1",
+                "weather.count",
+                &tags,
+                Some(1_764_284_000_123),
+                3.0
+            ),
+            reading(
+                "dev-1",
+                "weather.total",
+                &tags,
+                Some(1_764_284_000_123),
+                7.0
+            ),
             reading("dev-1", "my,meas.f=x", &[], None, -1000.0),
         ]
     );
@@ -200,16 +370,34 @@ fn line_protocol_fields_tags_escapes_and_timestamps() {
 fn line_protocol_rejections_say_where() {
     let parser = parser_with(PayloadOptions::with_format(PayloadFormat::LineProtocol));
     let error = parse(&parser, "dev/a", "m v=1\nm,t v=1").unwrap_err();
-    assert_eq!(error, PayloadError::LineProtocolSyntax { line: 2, byte_offset: 9, detail: "expected `=` after tag key" });
+    assert_eq!(
+        error,
+        PayloadError::LineProtocolSyntax {
+            line: 2,
+            byte_offset: 9,
+            detail: "expected `=` after tag key"
+        }
+    );
     assert_eq!(reason(parse(&parser, "dev/a", "m")), "line_protocol_syntax");
-    assert_eq!(reason(parse(&parser, "dev/a", "m v=1 12x")), "line_protocol_syntax");
-    assert_eq!(reason(parse(&parser, "dev/a", "m v=\"text\"")), "not_a_number");
+    assert_eq!(
+        reason(parse(&parser, "dev/a", "m v=1 12x")),
+        "line_protocol_syntax"
+    );
+    assert_eq!(
+        reason(parse(&parser, "dev/a", "m v=\"text\"")),
+        "not_a_number"
+    );
     assert_eq!(reason(parse(&parser, "dev/a", "m v=abc")), "not_a_number");
     assert_eq!(reason(parse(&parser, "dev/a", "m v=nan")), "nan_or_inf");
-    assert_eq!(reason(parse(&parser, "dev/a", "m v=1 99999999999999999999")), "line_protocol_syntax");
+    assert_eq!(
+        reason(parse(&parser, "dev/a", "m v=1 99999999999999999999")),
+        "line_protocol_syntax"
+    );
     // Nothing from a rejected message is kept, even lines before the bad one.
     let mut out = Vec::new();
-    assert!(parser.parse("dev/a", b"m v=1\nm v=oops", RECEIVE_MS, &mut out).is_err());
+    assert!(parser
+        .parse("dev/a", b"m v=1\nm v=oops", RECEIVE_MS, &mut out)
+        .is_err());
     assert!(out.is_empty());
 }
 
@@ -240,7 +428,10 @@ fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
 
 /// Finite values that survive a decimal round trip exactly (Rust prints the shortest exact form).
 fn finite_value() -> impl Strategy<Value = f64> {
-    prop_oneof![any::<f64>().prop_filter("finite", |v| v.is_finite()), (-100_000i64..100_000).prop_map(|v| v as f64 / 100.0)]
+    prop_oneof![
+        any::<f64>().prop_filter("finite", |v| v.is_finite()),
+        (-100_000i64..100_000).prop_map(|v| v as f64 / 100.0)
+    ]
 }
 
 fn name() -> impl Strategy<Value = String> {
@@ -398,8 +589,17 @@ proptest! {
 #[test]
 fn wrong_json_shape_messages_read_well() {
     let json = parser_with(PayloadOptions::with_format(PayloadFormat::Json));
-    assert_eq!(parse(&json, "dev/a", "[1]").unwrap_err().to_string(), "payload is a JSON array, expected a JSON object of metric fields");
-    assert_eq!(parse(&json, "dev/a", "  ").unwrap_err().to_string(), "payload is empty, expected a JSON object of metric fields");
+    assert_eq!(
+        parse(&json, "dev/a", "[1]").unwrap_err().to_string(),
+        "payload is a JSON array, expected a JSON object of metric fields"
+    );
+    assert_eq!(
+        parse(&json, "dev/a", "  ").unwrap_err().to_string(),
+        "payload is empty, expected a JSON object of metric fields"
+    );
     let senml = parser_with(PayloadOptions::with_format(PayloadFormat::Senml));
-    assert_eq!(parse(&senml, "dev/a", "{}").unwrap_err().to_string(), "payload is a JSON object, expected a SenML JSON array of records");
+    assert_eq!(
+        parse(&senml, "dev/a", "{}").unwrap_err().to_string(),
+        "payload is a JSON object, expected a SenML JSON array of records"
+    );
 }

@@ -2,7 +2,8 @@
 
 use proptest::prelude::*;
 use tributary_agent::source::{
-    crc8, parse_line, LineDecoder, ParsedReading, SerialLineError, SerialLineOptions, SerialLineReader,
+    crc8, parse_line, LineDecoder, ParsedReading, SerialLineError, SerialLineOptions,
+    SerialLineReader,
 };
 use tributary_protocol::model::SeriesKey;
 
@@ -16,11 +17,19 @@ fn render_line(device: &str, pairs: &[(&str, f64)], time_ms: Option<i64>, crlf: 
         body.push_str(&format!(" t={time_ms}"));
     }
     body.push(' ');
-    format!("{body}*{:02X}{}", crc8(body.as_bytes()), if crlf { "\r\n" } else { "\n" })
+    format!(
+        "{body}*{:02X}{}",
+        crc8(body.as_bytes()),
+        if crlf { "\r\n" } else { "\n" }
+    )
 }
 
 fn reading(device: &str, metric: &str, time_ms: Option<i64>, value: f64) -> ParsedReading {
-    ParsedReading { key: SeriesKey::new(device, metric), time_ms, value }
+    ParsedReading {
+        key: SeriesKey::new(device, metric),
+        time_ms,
+        value,
+    }
 }
 
 fn parse(line: &str) -> Result<Vec<ParsedReading>, SerialLineError> {
@@ -30,7 +39,11 @@ fn parse(line: &str) -> Result<Vec<ParsedReading>, SerialLineError> {
 }
 
 /// Feeds `stream` in `chunk_sizes` pieces (cycled) and collects everything the reader reports.
-fn read_all(stream: &[u8], chunk_sizes: &[usize], options: SerialLineOptions) -> (Vec<ParsedReading>, Vec<SerialLineError>) {
+fn read_all(
+    stream: &[u8],
+    chunk_sizes: &[usize],
+    options: SerialLineOptions,
+) -> (Vec<ParsedReading>, Vec<SerialLineError>) {
     let mut reader = SerialLineReader::new(options);
     let mut readings = Vec::new();
     let mut errors = Vec::new();
@@ -53,8 +66,16 @@ fn read_all(stream: &[u8], chunk_sizes: &[usize], options: SerialLineOptions) ->
 
 #[test]
 fn documented_example_line_parses() {
-    let line = render_line("dev-7", &[("temp", 21.53), ("hum", 40.1)], Some(1_764_284_000_123), true);
-    assert!(line.starts_with("dev-7 temp=21.53 hum=40.1 t=1764284000123 *"), "{line}");
+    let line = render_line(
+        "dev-7",
+        &[("temp", 21.53), ("hum", 40.1)],
+        Some(1_764_284_000_123),
+        true,
+    );
+    assert!(
+        line.starts_with("dev-7 temp=21.53 hum=40.1 t=1764284000123 *"),
+        "{line}"
+    );
     let readings = parse(line.trim_end()).unwrap();
     assert_eq!(
         readings,
@@ -65,7 +86,10 @@ fn documented_example_line_parses() {
     );
     // Lower-case hex and no space before `*` are fine too.
     let body = "dev-7 temp=1";
-    assert_eq!(parse(&format!("{body}*{:02x}", crc8(body.as_bytes()))).unwrap(), vec![reading("dev-7", "temp", None, 1.0)]);
+    assert_eq!(
+        parse(&format!("{body}*{:02x}", crc8(body.as_bytes()))).unwrap(),
+        vec![reading("dev-7", "temp", None, 1.0)]
+    );
 }
 
 #[test]
@@ -82,16 +106,34 @@ fn rejections_have_reasons() {
     assert_eq!(reason(&with_crc("dev-7 temp=warm")), "not_a_number");
     assert_eq!(reason(&with_crc("dev-7 temp=")), "not_a_number");
     assert_eq!(reason(&with_crc("dev-7 temp=NaN")), "nan_or_inf");
-    assert_eq!(reason(&with_crc("dev-7 temp=1 t=yesterday")), "bad_timestamp");
+    assert_eq!(
+        reason(&with_crc("dev-7 temp=1 t=yesterday")),
+        "bad_timestamp"
+    );
     assert_eq!(reason(&with_crc("dev-7 te\u{1}mp=1")), "garbage");
     let error = parse(&with_crc("dev-7 temp=1 hum")).unwrap_err();
-    assert_eq!(error, SerialLineError::Garbage { byte_offset: 13, detail: "expected metric=value" });
+    assert_eq!(
+        error,
+        SerialLineError::Garbage {
+            byte_offset: 13,
+            detail: "expected metric=value"
+        }
+    );
     assert_eq!(parse("# booting v1.2").unwrap(), vec![]);
     assert_eq!(parse("   ").unwrap(), vec![]);
-    let lenient = SerialLineOptions { require_checksum: false, ..SerialLineOptions::default() };
+    let lenient = SerialLineOptions {
+        require_checksum: false,
+        ..SerialLineOptions::default()
+    };
     let mut out = Vec::new();
     assert_eq!(parse_line(b"dev-7 temp=2", &lenient, &mut out), Ok(1));
-    for reason in ["bad_checksum", "garbage", "partial_line", "line_too_long", "not_a_number"] {
+    for reason in [
+        "bad_checksum",
+        "garbage",
+        "partial_line",
+        "line_too_long",
+        "not_a_number",
+    ] {
         assert!(SerialLineError::REASONS.contains(&reason));
     }
 }
@@ -105,7 +147,10 @@ fn decoder_handles_crlf_lf_and_split_terminators() {
     let first = decoder.next_line().unwrap().unwrap();
     assert_eq!((first.bytes, first.first_after_start), (&b"one"[..], true));
     let second = decoder.next_line().unwrap().unwrap();
-    assert_eq!((second.bytes, second.first_after_start), (&b"two"[..], false));
+    assert_eq!(
+        (second.bytes, second.first_after_start),
+        (&b"two"[..], false)
+    );
     assert!(decoder.next_line().is_none());
     decoder.push(b"ee\n");
     assert_eq!(decoder.next_line().unwrap().unwrap().bytes, b"three");
@@ -124,7 +169,10 @@ fn over_long_line_is_discarded_to_the_next_newline_and_counted() {
     decoder.push(b"yy\nafter\n");
     assert_eq!(
         decoder.next_line().unwrap().unwrap_err(),
-        SerialLineError::LineTooLong { discarded_bytes: 1042, max_line_bytes: 16 }
+        SerialLineError::LineTooLong {
+            discarded_bytes: 1042,
+            max_line_bytes: 16
+        }
     );
     assert_eq!(decoder.next_line().unwrap().unwrap().bytes, b"after");
     assert!(decoder.next_line().is_none());
@@ -132,7 +180,10 @@ fn over_long_line_is_discarded_to_the_next_newline_and_counted() {
 
     // A too-long line that arrives complete in one chunk is reported the same way.
     decoder.push(b"0123456789abcdefXYZ\nshort\n");
-    assert_eq!(decoder.next_line().unwrap().unwrap_err().reason(), "line_too_long");
+    assert_eq!(
+        decoder.next_line().unwrap().unwrap_err().reason(),
+        "line_too_long"
+    );
     assert_eq!(decoder.next_line().unwrap().unwrap().bytes, b"short");
 }
 
@@ -158,7 +209,13 @@ fn valid_line() -> impl Strategy<Value = (String, Vec<(String, f64)>, Option<i64
     (
         "[a-z][a-z0-9_.:-]{0,11}",
         prop::collection::vec(
-            ("[a-s][a-z0-9_]{0,7}", prop_oneof![(-100_000i64..100_000).prop_map(|v| v as f64 / 100.0), any::<f64>().prop_filter("finite", |v| v.is_finite())]),
+            (
+                "[a-s][a-z0-9_]{0,7}",
+                prop_oneof![
+                    (-100_000i64..100_000).prop_map(|v| v as f64 / 100.0),
+                    any::<f64>().prop_filter("finite", |v| v.is_finite())
+                ],
+            ),
             1..5,
         ),
         prop::option::of(0i64..4_000_000_000_000),
@@ -168,16 +225,24 @@ fn valid_line() -> impl Strategy<Value = (String, Vec<(String, f64)>, Option<i64
 
 fn render(line: &(String, Vec<(String, f64)>, Option<i64>, bool)) -> (String, Vec<ParsedReading>) {
     let (device, pairs, time_ms, crlf) = line;
-    let pair_refs: Vec<(&str, f64)> = pairs.iter().map(|(metric, value)| (metric.as_str(), *value)).collect();
+    let pair_refs: Vec<(&str, f64)> = pairs
+        .iter()
+        .map(|(metric, value)| (metric.as_str(), *value))
+        .collect();
     let text = render_line(device, &pair_refs, *time_ms, *crlf);
-    let readings = pairs.iter().map(|(metric, value)| reading(device, metric, *time_ms, *value)).collect();
+    let readings = pairs
+        .iter()
+        .map(|(metric, value)| reading(device, metric, *time_ms, *value))
+        .collect();
     (text, readings)
 }
 
 /// Is `needle` a subsequence of `haystack`?
 fn is_subsequence(needle: &[ParsedReading], haystack: &[ParsedReading]) -> bool {
     let mut remaining = haystack.iter();
-    needle.iter().all(|wanted| remaining.any(|found| found == wanted))
+    needle
+        .iter()
+        .all(|wanted| remaining.any(|found| found == wanted))
 }
 
 proptest! {
@@ -269,9 +334,13 @@ proptest! {
 /// The example in docs/serial-protocol.md must stay a valid line, checksum included.
 #[test]
 fn documented_example_in_the_protocol_doc_is_valid() {
-    let doc_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/serial-protocol.md");
+    let doc_path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/serial-protocol.md");
     let doc = std::fs::read_to_string(&doc_path).unwrap();
-    let example = doc.lines().find(|line| line.starts_with("dev-7 temp=21.53")).expect("example line in the doc");
+    let example = doc
+        .lines()
+        .find(|line| line.starts_with("dev-7 temp=21.53"))
+        .expect("example line in the doc");
     let line = example.trim_end_matches("\\r\\n");
     assert_eq!(
         parse(line).unwrap(),

@@ -38,29 +38,43 @@ fn default_metrics_address() -> SocketAddr {
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read the config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path} has problems:\n  - {}", problems.join("\n  - "))]
-    Invalid { path: PathBuf, problems: Vec<String> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 impl CollectorConfig {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates config text (`path` only names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: CollectorConfig =
-            toml::from_str(text).map_err(|error| ConfigError::Parse { path: path.to_path_buf(), message: error.to_string() })?;
+        let config: CollectorConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: error.to_string(),
+        })?;
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
         } else {
-            Err(ConfigError::Invalid { path: path.to_path_buf(), problems })
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
         }
     }
 
@@ -75,7 +89,9 @@ impl CollectorConfig {
 
     /// The embedded log's settings, with the default directory filled in.
     pub fn log_config(&self) -> EmbeddedLogConfig {
-        self.log.clone().unwrap_or_else(|| EmbeddedLogConfig::new(self.state_dir.join("log")))
+        self.log
+            .clone()
+            .unwrap_or_else(|| EmbeddedLogConfig::new(self.state_dir.join("log")))
     }
 
     pub fn tls_dir(&self) -> PathBuf {

@@ -9,12 +9,17 @@ use clap::{Parser, Subcommand};
 use tributary_collector::config::CollectorConfig;
 use tributary_collector::ingest::http::{self, HttpState};
 use tributary_collector::ingest::{
-    add_token, DedupStore, FleetView, IngestMetrics, IngestParts, IngestServer, TlsIdentity, TokenStore,
+    add_token, DedupStore, FleetView, IngestMetrics, IngestParts, IngestServer, TlsIdentity,
+    TokenStore,
 };
 use tributary_collector::log::{EmbeddedLog, SystemClock};
 
 #[derive(Parser, Debug)]
-#[command(name = "tributary-collector", version, about = "Tributary's cloud side: QUIC ingest into a durable log")]
+#[command(
+    name = "tributary-collector",
+    version,
+    about = "Tributary's cloud side: QUIC ingest into a durable log"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,7 +64,9 @@ enum TokenCommand {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
@@ -69,11 +76,20 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
-        Command::Token { command: TokenCommand::Add { agent_id, tokens_file, config } } => {
+        Command::Token {
+            command:
+                TokenCommand::Add {
+                    agent_id,
+                    tokens_file,
+                    config,
+                },
+        } => {
             let path = match (tokens_file, config) {
                 (Some(path), _) => path,
                 (None, Some(config)) => CollectorConfig::load(&config)?.ingest.tokens_file,
-                (None, None) => anyhow::bail!("say where the tokens file is: --tokens-file PATH or --config collector.toml"),
+                (None, None) => anyhow::bail!(
+                    "say where the tokens file is: --tokens-file PATH or --config collector.toml"
+                ),
             };
             let token = add_token(&path, &agent_id)?;
             eprintln!("added agent {agent_id} to {}; put this token in the agent's config (it is not shown again):", path.display());
@@ -85,7 +101,10 @@ fn main() -> anyhow::Result<()> {
 
 fn run_ingest(config_path: &Path) -> anyhow::Result<()> {
     let config = CollectorConfig::load(config_path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let identity = match (&config.ingest.tls.cert_file, &config.ingest.tls.key_file) {
             (Some(cert), Some(key)) => TlsIdentity::from_pem_files(cert, key)?,
@@ -138,7 +157,8 @@ fn run_ingest(config_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
         _ = terminate.recv() => {}

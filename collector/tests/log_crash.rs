@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tributary_collector::log::{AppendRecord, DurableLog, EmbeddedLog, EmbeddedLogConfig, RecordHeaders, SystemClock};
+use tributary_collector::log::{
+    AppendRecord, DurableLog, EmbeddedLog, EmbeddedLogConfig, RecordHeaders, SystemClock,
+};
 
 const CHILD_DIRECTORY_VARIABLE: &str = "TRIBUTARY_LOG_CRASH_CHILD_DIRECTORY";
 const CHILD_ROUND_VARIABLE: &str = "TRIBUTARY_LOG_CRASH_CHILD_ROUND";
@@ -31,18 +33,33 @@ fn config(directory: &std::path::Path) -> EmbeddedLogConfig {
 
 fn value_for(agent_id: &str, batch_seq: u64) -> Bytes {
     let length = 500 + (batch_seq as usize * 997) % 6_000;
-    let seed = agent_id.bytes().fold(batch_seq, |acc, b| acc.wrapping_mul(131).wrapping_add(u64::from(b)));
-    Bytes::from((0..length).map(|i| (seed.wrapping_add(i as u64 * 7)) as u8).collect::<Vec<u8>>())
+    let seed = agent_id.bytes().fold(batch_seq, |acc, b| {
+        acc.wrapping_mul(131).wrapping_add(u64::from(b))
+    });
+    Bytes::from(
+        (0..length)
+            .map(|i| (seed.wrapping_add(i as u64 * 7)) as u8)
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// The child: appends until killed. Does nothing when run as an ordinary test.
 #[test]
 fn crash_child_appends_until_killed() {
-    let Ok(directory) = std::env::var(CHILD_DIRECTORY_VARIABLE) else { return };
+    let Ok(directory) = std::env::var(CHILD_DIRECTORY_VARIABLE) else {
+        return;
+    };
     let round = std::env::var(CHILD_ROUND_VARIABLE).unwrap_or_default();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
-        let log = Arc::new(EmbeddedLog::open(config(directory.as_ref()), SystemClock).expect("child opens the log"));
+        let log = Arc::new(
+            EmbeddedLog::open(config(directory.as_ref()), SystemClock)
+                .expect("child opens the log"),
+        );
         let stdout = Arc::new(std::sync::Mutex::new(std::io::stdout()));
         let mut tasks = Vec::new();
         for task in 0..APPENDER_TASKS {
@@ -55,12 +72,17 @@ fn crash_child_appends_until_killed() {
                 let mut batch_seq = 0u64;
                 while Instant::now() < deadline {
                     let record = AppendRecord {
-                        headers: RecordHeaders { agent_id: agent_id.clone(), batch_seq, protocol_version: 1 },
+                        headers: RecordHeaders {
+                            agent_id: agent_id.clone(),
+                            batch_seq,
+                            protocol_version: 1,
+                        },
                         value: value_for(&agent_id, batch_seq),
                     };
                     let receipt = log.append(record).await.expect("append");
                     let mut out = stdout.lock().expect("stdout");
-                    writeln!(out, "durable {} {} {}", receipt.offset, agent_id, batch_seq).expect("print");
+                    writeln!(out, "durable {} {} {}", receipt.offset, agent_id, batch_seq)
+                        .expect("print");
                     out.flush().expect("flush");
                     batch_seq += 1;
                 }
@@ -78,10 +100,19 @@ struct Reported {
     batch_seq: u64,
 }
 
-fn run_child_and_kill(directory: &std::path::Path, round: u32, kill_after_lines: usize) -> Vec<Reported> {
+fn run_child_and_kill(
+    directory: &std::path::Path,
+    round: u32,
+    kill_after_lines: usize,
+) -> Vec<Reported> {
     let executable = std::env::current_exe().expect("test binary path");
     let mut child = Command::new(executable)
-        .args(["--exact", "crash_child_appends_until_killed", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_appends_until_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_DIRECTORY_VARIABLE, directory)
         .env(CHILD_ROUND_VARIABLE, round.to_string())
         .stdout(Stdio::piped())
@@ -105,7 +136,11 @@ fn run_child_and_kill(directory: &std::path::Path, round: u32, kill_after_lines:
         let offset = fields.next()?.parse().ok()?;
         let agent_id = fields.next()?.to_owned();
         let batch_seq = fields.next()?.parse().ok()?;
-        Some(Reported { offset, agent_id, batch_seq })
+        Some(Reported {
+            offset,
+            agent_id,
+            batch_seq,
+        })
     };
     while reported.len() < kill_after_lines {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -113,7 +148,10 @@ fn run_child_and_kill(directory: &std::path::Path, round: u32, kill_after_lines:
             Ok(line) => reported.extend(parse(&line)),
             Err(_) => {
                 let _ = child.kill();
-                panic!("child reported only {} durable records before the deadline", reported.len());
+                panic!(
+                    "child reported only {} durable records before the deadline",
+                    reported.len()
+                );
             }
         }
     }
@@ -133,7 +171,8 @@ async fn kill_9_mid_append_loses_nothing_reported_durable() {
     for (round, kill_after_lines) in [(0u32, 150usize), (1, 40), (2, 300), (3, 1)] {
         let reported = run_child_and_kill(directory.path(), round, kill_after_lines);
         assert!(reported.len() >= kill_after_lines);
-        let log = EmbeddedLog::open(config(directory.path()), SystemClock).expect("reopen after kill -9");
+        let log =
+            EmbeddedLog::open(config(directory.path()), SystemClock).expect("reopen after kill -9");
         let range = log.offset_range(0).await.expect("range");
         assert_eq!(range.earliest, 0);
 
@@ -141,23 +180,46 @@ async fn kill_9_mid_append_loses_nothing_reported_durable() {
         let mut by_offset: BTreeMap<u64, (String, u64, Bytes)> = BTreeMap::new();
         let mut next = 0;
         loop {
-            let batch = log.read(0, next, 256 * 1024).await.expect("read after recovery");
+            let batch = log
+                .read(0, next, 256 * 1024)
+                .await
+                .expect("read after recovery");
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
             for record in batch {
-                by_offset.insert(record.offset, (record.headers.agent_id, record.headers.batch_seq, record.value));
+                by_offset.insert(
+                    record.offset,
+                    (
+                        record.headers.agent_id,
+                        record.headers.batch_seq,
+                        record.value,
+                    ),
+                );
             }
         }
         assert_eq!(next, range.next);
-        assert_eq!(by_offset.len() as u64, range.next, "offsets are dense from 0");
+        assert_eq!(
+            by_offset.len() as u64,
+            range.next,
+            "offsets are dense from 0"
+        );
 
         // Exactly once and in order: each (agent, seq) appears once, and each agent's
         // sequence numbers grow with the offset without gaps.
         let mut last_seq_by_agent: HashMap<&str, u64> = HashMap::new();
         for (agent_id, batch_seq, value) in by_offset.values() {
-            assert_eq!(*value, value_for(agent_id, *batch_seq), "payload of {agent_id}/{batch_seq} intact");
-            let expected = last_seq_by_agent.get(agent_id.as_str()).map_or(0, |last| last + 1);
-            assert_eq!(*batch_seq, expected, "{agent_id}'s records are in order, once each");
+            assert_eq!(
+                *value,
+                value_for(agent_id, *batch_seq),
+                "payload of {agent_id}/{batch_seq} intact"
+            );
+            let expected = last_seq_by_agent
+                .get(agent_id.as_str())
+                .map_or(0, |last| last + 1);
+            assert_eq!(
+                *batch_seq, expected,
+                "{agent_id}'s records are in order, once each"
+            );
             last_seq_by_agent.insert(agent_id, *batch_seq);
         }
 
@@ -175,7 +237,10 @@ async fn kill_9_mid_append_loses_nothing_reported_durable() {
         }
         // Offsets never go back: this round's records come after everything before.
         let round_prefix = format!("round{round}-");
-        let first_of_round = by_offset.iter().find(|(_, (agent_id, _, _))| agent_id.starts_with(&round_prefix)).map(|(offset, _)| *offset);
+        let first_of_round = by_offset
+            .iter()
+            .find(|(_, (agent_id, _, _))| agent_id.starts_with(&round_prefix))
+            .map(|(offset, _)| *offset);
         assert!(first_of_round.is_some_and(|offset| offset >= previous_next_offset));
         previous_next_offset = range.next;
     }

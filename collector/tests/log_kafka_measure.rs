@@ -33,16 +33,31 @@ fn payload(seed: u64) -> Vec<u8> {
 
 fn percentile(sorted: &[Duration], fraction: f64) -> f64 {
     let index = ((sorted.len() as f64 - 1.0) * fraction).round() as usize;
-    sorted.get(index).map(|value| value.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
+    sorted
+        .get(index)
+        .map(|value| value.as_secs_f64() * 1000.0)
+        .unwrap_or(f64::NAN)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement; run by hand, see docs/kafka.md"]
 async fn measure_producer_settings() {
-    let settings = [(0u32, 64 * 1024u32), (5, 64 * 1024), (5, 1024 * 1024), (20, 1024 * 1024)];
+    let settings = [
+        (0u32, 64 * 1024u32),
+        (5, 64 * 1024),
+        (5, 1024 * 1024),
+        (20, 1024 * 1024),
+    ];
     for (linger_ms, batch_size_bytes) in settings {
-        let Some((brokers, topic)) = fresh_topic("measure", 4).await else { return };
-        let log = connect(KafkaLogConfig { linger_ms, batch_size_bytes, ..KafkaLogConfig::new(&brokers, &topic) }).await;
+        let Some((brokers, topic)) = fresh_topic("measure", 4).await else {
+            return;
+        };
+        let log = connect(KafkaLogConfig {
+            linger_ms,
+            batch_size_bytes,
+            ..KafkaLogConfig::new(&brokers, &topic)
+        })
+        .await;
         let payloads: Vec<Vec<u8>> = (0..64).map(payload).collect();
 
         let started = Instant::now();
@@ -52,7 +67,10 @@ async fn measure_producer_settings() {
             let agent_id = format!("measure-agent-{}", index % 50);
             let value = payloads[index % payloads.len()].clone();
             let enqueued = Instant::now();
-            let acknowledgement = log.enqueue(record(&agent_id, index as u64, value)).await.expect("enqueue");
+            let acknowledgement = log
+                .enqueue(record(&agent_id, index as u64, value))
+                .await
+                .expect("enqueue");
             in_flight.push_back((enqueued, tokio::spawn(acknowledgement)));
             while in_flight.len() >= IN_FLIGHT {
                 if let Some((enqueued, handle)) = in_flight.pop_front() {
@@ -72,7 +90,9 @@ async fn measure_producer_settings() {
         for index in 0..LONE_APPENDS {
             let value = payloads[index % payloads.len()].clone();
             let started = Instant::now();
-            log.append(record("lone-agent", index as u64, value)).await.expect("append");
+            log.append(record("lone-agent", index as u64, value))
+                .await
+                .expect("append");
             lone.push(started.elapsed());
         }
         lone.sort();

@@ -17,15 +17,22 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tributary_collector::log::{AppendRecord, DurableLog, EmbeddedLog, EmbeddedLogConfig, RecordHeaders, SystemClock};
+use tributary_collector::log::{
+    AppendRecord, DurableLog, EmbeddedLog, EmbeddedLogConfig, RecordHeaders, SystemClock,
+};
 
 fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(format!("TRIBUTARY_LOG_MEASURE_{name}")).ok().and_then(|value| value.parse().ok()).unwrap_or(default)
+    std::env::var(format!("TRIBUTARY_LOG_MEASURE_{name}"))
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
 }
 
 fn scratch_directory() -> tempfile::TempDir {
     match std::env::var("TRIBUTARY_LOG_MEASURE_DIRECTORY") {
-        Ok(parent) => tempfile::tempdir_in(parent).expect("tempdir in TRIBUTARY_LOG_MEASURE_DIRECTORY"),
+        Ok(parent) => {
+            tempfile::tempdir_in(parent).expect("tempdir in TRIBUTARY_LOG_MEASURE_DIRECTORY")
+        }
         Err(_) => tempfile::tempdir().expect("tempdir"),
     }
 }
@@ -34,7 +41,11 @@ fn directory_bytes(path: &std::path::Path) -> u64 {
     let mut total = 0;
     for entry in std::fs::read_dir(path).expect("list").flatten() {
         let metadata = entry.metadata().expect("stat");
-        total += if metadata.is_dir() { directory_bytes(&entry.path()) } else { metadata.len() };
+        total += if metadata.is_dir() {
+            directory_bytes(&entry.path())
+        } else {
+            metadata.len()
+        };
     }
     total
 }
@@ -54,7 +65,15 @@ fn payload(record_bytes: usize, seed: u64) -> Bytes {
     )
 }
 
-fn report(backend: &str, phase: &str, records: u64, record_bytes: u64, concurrency: u64, seconds: f64, extra: &str) {
+fn report(
+    backend: &str,
+    phase: &str,
+    records: u64,
+    record_bytes: u64,
+    concurrency: u64,
+    seconds: f64,
+    extra: &str,
+) {
     println!(
         "{{\"bench\":\"embedded-log\",\"backend\":\"{backend}\",\"phase\":\"{phase}\",\"records\":{records},\"record_bytes\":{record_bytes},\"concurrency\":{concurrency},\"seconds\":{seconds:.3},\"records_per_s\":{:.0},\"mb_per_s\":{:.1}{extra}}}",
         records as f64 / seconds,
@@ -64,9 +83,15 @@ fn report(backend: &str, phase: &str, records: u64, record_bytes: u64, concurren
 
 fn measure_segments(records: u64, record_bytes: u64, concurrency: u64) {
     let directory = scratch_directory();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async {
-        let log = Arc::new(EmbeddedLog::open(EmbeddedLogConfig::new(directory.path()), SystemClock).expect("open"));
+        let log = Arc::new(
+            EmbeddedLog::open(EmbeddedLogConfig::new(directory.path()), SystemClock).expect("open"),
+        );
         let per_task = records / concurrency;
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -76,7 +101,11 @@ fn measure_segments(records: u64, record_bytes: u64, concurrency: u64) {
                 let agent_id = format!("gw-{task}");
                 for batch_seq in 0..per_task {
                     let record = AppendRecord {
-                        headers: RecordHeaders { agent_id: agent_id.clone(), batch_seq, protocol_version: 1 },
+                        headers: RecordHeaders {
+                            agent_id: agent_id.clone(),
+                            batch_seq,
+                            protocol_version: 1,
+                        },
                         value: payload(record_bytes as usize, task * 1_000_000 + batch_seq),
                     };
                     log.append(record).await.expect("append");
@@ -90,8 +119,20 @@ fn measure_segments(records: u64, record_bytes: u64, concurrency: u64) {
         let written = per_task * concurrency;
         let stats = log.stats();
         let disk_bytes = directory_bytes(directory.path());
-        let extra = format!(",\"group_commits\":{},\"records_per_commit\":{:.1},\"disk_bytes\":{disk_bytes}", stats.group_commits, written as f64 / stats.group_commits.max(1) as f64);
-        report("segments", "append_durable", written, record_bytes, concurrency, seconds, &extra);
+        let extra = format!(
+            ",\"group_commits\":{},\"records_per_commit\":{:.1},\"disk_bytes\":{disk_bytes}",
+            stats.group_commits,
+            written as f64 / stats.group_commits.max(1) as f64
+        );
+        report(
+            "segments",
+            "append_durable",
+            written,
+            record_bytes,
+            concurrency,
+            seconds,
+            &extra,
+        );
 
         let started = Instant::now();
         let mut next = 0;
@@ -103,13 +144,25 @@ fn measure_segments(records: u64, record_bytes: u64, concurrency: u64) {
             read += batch.len() as u64;
         }
         assert_eq!(read, written);
-        report("segments", "replay", read, record_bytes, 1, started.elapsed().as_secs_f64(), "");
+        report(
+            "segments",
+            "replay",
+            read,
+            record_bytes,
+            1,
+            started.elapsed().as_secs_f64(),
+            "",
+        );
     });
 }
 
 fn measure_sled(records: u64, record_bytes: u64, concurrency: u64) {
     let directory = scratch_directory();
-    let database = sled::Config::new().path(directory.path()).flush_every_ms(None).open().expect("open sled");
+    let database = sled::Config::new()
+        .path(directory.path())
+        .flush_every_ms(None)
+        .open()
+        .expect("open sled");
     let next_offset = Arc::new(AtomicU64::new(0));
     let per_thread = records / concurrency;
     let started = Instant::now();
@@ -121,7 +174,9 @@ fn measure_sled(records: u64, record_bytes: u64, concurrency: u64) {
                 for batch_seq in 0..per_thread {
                     let offset = next_offset.fetch_add(1, Ordering::SeqCst);
                     let value = payload(record_bytes as usize, thread * 1_000_000 + batch_seq);
-                    database.insert(offset.to_be_bytes(), value.as_ref()).expect("insert");
+                    database
+                        .insert(offset.to_be_bytes(), value.as_ref())
+                        .expect("insert");
                     // Durable before it counts, as an ack to an agent requires.
                     database.flush().expect("flush");
                 }
@@ -131,7 +186,15 @@ fn measure_sled(records: u64, record_bytes: u64, concurrency: u64) {
     let seconds = started.elapsed().as_secs_f64();
     let written = per_thread * concurrency;
     let disk_bytes = directory_bytes(directory.path());
-    report("sled", "append_durable", written, record_bytes, concurrency, seconds, &format!(",\"disk_bytes\":{disk_bytes}"));
+    report(
+        "sled",
+        "append_durable",
+        written,
+        record_bytes,
+        concurrency,
+        seconds,
+        &format!(",\"disk_bytes\":{disk_bytes}"),
+    );
 
     let started = Instant::now();
     let mut read = 0u64;
@@ -141,7 +204,15 @@ fn measure_sled(records: u64, record_bytes: u64, concurrency: u64) {
         read += 1;
     }
     assert_eq!(read, written);
-    report("sled", "replay", read, record_bytes, 1, started.elapsed().as_secs_f64(), "");
+    report(
+        "sled",
+        "replay",
+        read,
+        record_bytes,
+        1,
+        started.elapsed().as_secs_f64(),
+        "",
+    );
 }
 
 #[test]

@@ -49,7 +49,11 @@ fn stream(seed: u64, source: RollupSource) -> Vec<(i64, Batch)> {
             clock_ms += 500 + rng.below(5_000) as i64;
             let readings: Vec<Reading> = (0..rng.below(6))
                 .map(|_| {
-                    let back_ms = if rng.below(10) == 0 { rng.below(120_000) } else { rng.below(3_000) };
+                    let back_ms = if rng.below(10) == 0 {
+                        rng.below(120_000)
+                    } else {
+                        rng.below(3_000)
+                    };
                     Reading {
                         series: rng.below(3) as u32,
                         time_ms: clock_ms - back_ms as i64,
@@ -74,13 +78,29 @@ fn stream(seed: u64, source: RollupSource) -> Vec<(i64, Batch)> {
                 agent_id: format!("gateway-{agent}"),
                 batch_seq: seq,
                 created_ms: clock_ms,
-                series: (0..3).map(|id| SeriesDef { id, key: SeriesKey::new(format!("g{agent}-sensor{id}"), "pressure") }).collect(),
-                readings: if source == RollupSource::RawReadings { readings } else { Vec::new() },
+                series: (0..3)
+                    .map(|id| SeriesDef {
+                        id,
+                        key: SeriesKey::new(format!("g{agent}-sensor{id}"), "pressure"),
+                    })
+                    .collect(),
+                readings: if source == RollupSource::RawReadings {
+                    readings
+                } else {
+                    Vec::new()
+                },
                 summaries,
             };
-            let delay_ms = if rng.below(8) == 0 { rng.below(40_000) } else { rng.below(1_500) } as i64;
+            let delay_ms = if rng.below(8) == 0 {
+                rng.below(40_000)
+            } else {
+                rng.below(1_500)
+            } as i64;
             if rng.below(8) == 0 {
-                deliveries.push((clock_ms + delay_ms + rng.below(30_000) as i64, batch.clone()));
+                deliveries.push((
+                    clock_ms + delay_ms + rng.below(30_000) as i64,
+                    batch.clone(),
+                ));
             }
             deliveries.push((clock_ms + delay_ms, batch));
         }
@@ -91,7 +111,9 @@ fn stream(seed: u64, source: RollupSource) -> Vec<(i64, Batch)> {
 
 fn feed(engine: &mut WindowEngine, deliveries: &[(i64, Batch)], output: &mut EngineOutput) {
     for (log_ms, batch) in deliveries {
-        engine.ingest_batch(batch, *log_ms, output).expect("generated batches are valid");
+        engine
+            .ingest_batch(batch, *log_ms, output)
+            .expect("generated batches are valid");
     }
 }
 
@@ -178,17 +200,30 @@ fn a_checkpoint_is_refused_under_another_configuration() {
     let error = WindowEngine::restore(other, &checkpoint).unwrap_err();
     assert_eq!(error, ProcessError::CheckpointConfigMismatch);
     assert!(error.to_string().contains("replay"), "{error}");
-    let error = WindowEngine::restore(config(RollupSource::RawReadings), b"not a checkpoint").unwrap_err();
-    assert!(matches!(error, ProcessError::CorruptCheckpoint { .. }), "{error}");
+    let error =
+        WindowEngine::restore(config(RollupSource::RawReadings), b"not a checkpoint").unwrap_err();
+    assert!(
+        matches!(error, ProcessError::CorruptCheckpoint { .. }),
+        "{error}"
+    );
 }
 
 #[test]
 fn invalid_configurations_name_the_field() {
-    let bad = EngineConfig { resolutions_ms: vec![60_000, 0], ..EngineConfig::default() };
+    let bad = EngineConfig {
+        resolutions_ms: vec![60_000, 0],
+        ..EngineConfig::default()
+    };
     let error = WindowEngine::new(bad).unwrap_err();
     assert!(error.to_string().contains("resolutions_ms"), "{error}");
-    let bad = EngineConfig { emit_interval_ms: 0, ..EngineConfig::default() };
-    assert!(WindowEngine::new(bad).unwrap_err().to_string().contains("emit_interval_ms"));
+    let bad = EngineConfig {
+        emit_interval_ms: 0,
+        ..EngineConfig::default()
+    };
+    assert!(WindowEngine::new(bad)
+        .unwrap_err()
+        .to_string()
+        .contains("emit_interval_ms"));
 }
 
 /// Documents the memory per active series (docs/processor.md): 10k series of one
@@ -213,7 +248,10 @@ fn state_per_active_series_is_bounded_and_measured() {
                 .iter()
                 .map(|id| SeriesDef {
                     id: *id,
-                    key: SeriesKey::new(format!("device-{:05}", id / 10), format!("metric_{}", id % 10)),
+                    key: SeriesKey::new(
+                        format!("device-{:05}", id / 10),
+                        format!("metric_{}", id % 10),
+                    ),
                 })
                 .collect(),
             readings: Vec::new(),
@@ -223,18 +261,33 @@ fn state_per_active_series_is_bounded_and_measured() {
             for second in 0..59 {
                 // A realistic signal: 21 degC +- drift, quantised to 0.01.
                 let value = ((2100 + (*id as i64 % 50) + (second % 7)) as f64) / 100.0;
-                batch.readings.push(Reading { series: *id, time_ms: start_ms + second * 1_000, value, flags: 0 });
+                batch.readings.push(Reading {
+                    series: *id,
+                    time_ms: start_ms + second * 1_000,
+                    value,
+                    flags: 0,
+                });
             }
         }
-        engine.ingest_batch(&batch, start_ms + 59_000, &mut output).unwrap();
+        engine
+            .ingest_batch(&batch, start_ms + 59_000, &mut output)
+            .unwrap();
     }
     assert_eq!(engine.open_windows(), 2 * SERIES as usize);
     let bytes_per_series = engine.state_bytes() / SERIES as usize;
-    println!("window engine state: {bytes_per_series} bytes per active series (2 open windows each)");
-    assert!(bytes_per_series < 1_536, "{bytes_per_series} bytes per series");
+    println!(
+        "window engine state: {bytes_per_series} bytes per active series (2 open windows each)"
+    );
+    assert!(
+        bytes_per_series < 1_536,
+        "{bytes_per_series} bytes per series"
+    );
     // Closing the windows evicts their state.
     engine.flush_all(start_ms + 60_000, &mut output);
     assert_eq!(engine.open_windows(), 0);
     let after_flush = engine.state_bytes() / SERIES as usize;
-    assert!(after_flush < bytes_per_series, "{after_flush} vs {bytes_per_series}");
+    assert!(
+        after_flush < bytes_per_series,
+        "{after_flush} vs {bytes_per_series}"
+    );
 }

@@ -7,27 +7,36 @@
 
 use serde_json::Value;
 use tributary_collector::store::schema::{
-    self, quote, render_schema, render_schema_file, Dialect, SchemaConfig, SeriesSelector, LAST_SEEN_TABLE,
-    LATE_TABLE, RAW_TABLE,
+    self, quote, render_schema, render_schema_file, Dialect, SchemaConfig, SeriesSelector,
+    LAST_SEEN_TABLE, LATE_TABLE, RAW_TABLE,
 };
 use tributary_tests::services::{chdb_run, repo_root, service_env, CHDB_PYTHON};
 
 fn deploy_path(dialect: Dialect) -> std::path::PathBuf {
-    repo_root().join("deploy").join("clickhouse").join(format!("schema-{}.sql", dialect.name()))
+    repo_root()
+        .join("deploy")
+        .join("clickhouse")
+        .join(format!("schema-{}.sql", dialect.name()))
 }
 
 #[test]
 fn deploy_sql_files_match_the_renderer() {
     let bless = std::env::var("TRIBUTARY_BLESS").is_ok_and(|value| value == "1");
     for dialect in [Dialect::Legacy, Dialect::Modern] {
-        let rendered = render_schema_file(&SchemaConfig::default(), dialect).expect("default config renders");
+        let rendered =
+            render_schema_file(&SchemaConfig::default(), dialect).expect("default config renders");
         let path = deploy_path(dialect);
         if bless {
-            std::fs::create_dir_all(path.parent().expect("deploy dir")).expect("create deploy/clickhouse");
+            std::fs::create_dir_all(path.parent().expect("deploy dir"))
+                .expect("create deploy/clickhouse");
             std::fs::write(&path, &rendered).expect("write deploy sql");
         }
-        let committed = std::fs::read_to_string(&path)
-            .unwrap_or_else(|error| panic!("{}: {error}; run with TRIBUTARY_BLESS=1 to create it", path.display()));
+        let committed = std::fs::read_to_string(&path).unwrap_or_else(|error| {
+            panic!(
+                "{}: {error}; run with TRIBUTARY_BLESS=1 to create it",
+                path.display()
+            )
+        });
         assert!(
             committed == rendered,
             "{} differs from what the code renders; rerun this test with TRIBUTARY_BLESS=1 and commit the file",
@@ -41,7 +50,15 @@ const DAY_MS: i64 = 86_400_000;
 const T0: i64 = 1_767_225_600_000;
 const FINAL_BIT: u64 = 1 << 63;
 
-fn raw_values(agent: &str, batch_seq: u64, position: u32, device: &str, metric: &str, time_ms: i64, value: f64) -> String {
+fn raw_values(
+    agent: &str,
+    batch_seq: u64,
+    position: u32,
+    device: &str,
+    metric: &str,
+    time_ms: i64,
+    value: f64,
+) -> String {
     format!(
         "({}, {batch_seq}, {position}, {}, {}, '', {time_ms}, {value:?}, 0)",
         quote(agent),
@@ -58,7 +75,17 @@ fn insert_raw(rows: &[String], settings: &str) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn rollup_values(agent: &str, device: &str, window_start_ms: i64, version: u64, count: u64, sum: f64, min: f64, max: f64, last: (i64, f64)) -> String {
+fn rollup_values(
+    agent: &str,
+    device: &str,
+    window_start_ms: i64,
+    version: u64,
+    count: u64,
+    sum: f64,
+    min: f64,
+    max: f64,
+    last: (i64, f64),
+) -> String {
     format!(
         "({}, {}, 'temperature_c', '', {window_start_ms}, {version}, {}, {count}, {sum:?}, {min:?}, {max:?}, {window_start_ms}, {min:?}, {}, {:?}, {min:?}, {max:?}, {max:?}, unhex('0102'))",
         quote(agent),
@@ -101,7 +128,11 @@ fn modern_schema_and_every_query_on_chdb() {
         return;
     };
     // Long retentions: the sample data is from 2026-01-01 and TTL drops expired rows on insert.
-    let mut config = SchemaConfig { raw_retention_days: 3_650, late_retention_days: 3_650, ..SchemaConfig::default() };
+    let mut config = SchemaConfig {
+        raw_retention_days: 3_650,
+        late_retention_days: 3_650,
+        ..SchemaConfig::default()
+    };
     for rollup in &mut config.rollups {
         rollup.retention_days = 3_650;
     }
@@ -117,21 +148,88 @@ fn modern_schema_and_every_query_on_chdb() {
         raw_values("agent-1", 7, 0, "d1", "temperature_c", T0 + 1_000, 20.5),
         raw_values("agent-1", 7, 1, "d1", "temperature_c", T0 + 2_000, 21.0),
     ];
-    statements.push(insert_raw(&block, "SETTINGS insert_deduplication_token = 'raw-block-1'"));
-    statements.push(insert_raw(&block, "SETTINGS insert_deduplication_token = 'raw-block-1'"));
+    statements.push(insert_raw(
+        &block,
+        "SETTINGS insert_deduplication_token = 'raw-block-1'",
+    ));
+    statements.push(insert_raw(
+        &block,
+        "SETTINGS insert_deduplication_token = 'raw-block-1'",
+    ));
     statements.push(insert_raw(&block[..1], ""));
-    statements.push(insert_raw(&[raw_values("agent-2", 1, 0, "d2", "humidity_pct", T0 - DAY_MS + 5, 40.0)], ""));
+    statements.push(insert_raw(
+        &[raw_values(
+            "agent-2",
+            1,
+            0,
+            "d2",
+            "humidity_pct",
+            T0 - DAY_MS + 5,
+            40.0,
+        )],
+        "",
+    ));
 
     // Rollups: window T0 of d1 at version 2, then replaced by version 3, then final (3 | bit);
     // a second window still running at version 1; d2 from agent-2.
     statements.push(insert_rollups(&[
-        rollup_values("agent-1", "d1", T0, 2, 2, 41.5, 20.5, 21.0, (T0 + 2_000, 21.0)),
-        rollup_values("agent-1", "d1", T0 + 60_000, 1, 1, 22.0, 22.0, 22.0, (T0 + 61_000, 22.0)),
+        rollup_values(
+            "agent-1",
+            "d1",
+            T0,
+            2,
+            2,
+            41.5,
+            20.5,
+            21.0,
+            (T0 + 2_000, 21.0),
+        ),
+        rollup_values(
+            "agent-1",
+            "d1",
+            T0 + 60_000,
+            1,
+            1,
+            22.0,
+            22.0,
+            22.0,
+            (T0 + 61_000, 22.0),
+        ),
     ]));
-    statements.push(insert_rollups(&[rollup_values("agent-1", "d1", T0, 3, 3, 61.5, 20.0, 21.0, (T0 + 2_000, 21.0))]));
+    statements.push(insert_rollups(&[rollup_values(
+        "agent-1",
+        "d1",
+        T0,
+        3,
+        3,
+        61.5,
+        20.0,
+        21.0,
+        (T0 + 2_000, 21.0),
+    )]));
     statements.push(insert_rollups(&[
-        rollup_values("agent-1", "d1", T0, 3 | FINAL_BIT, 3, 61.5, 20.0, 21.0, (T0 + 2_000, 21.0)),
-        rollup_values("agent-2", "d2", T0 - DAY_MS, 1, 1, 40.0, 40.0, 40.0, (T0 - DAY_MS + 5, 40.0)),
+        rollup_values(
+            "agent-1",
+            "d1",
+            T0,
+            3 | FINAL_BIT,
+            3,
+            61.5,
+            20.0,
+            21.0,
+            (T0 + 2_000, 21.0),
+        ),
+        rollup_values(
+            "agent-2",
+            "d2",
+            T0 - DAY_MS,
+            1,
+            1,
+            40.0,
+            40.0,
+            40.0,
+            (T0 - DAY_MS + 5, 40.0),
+        ),
     ]));
 
     // Late rows: one reading twice (a replayed batch), one summary standing for 10 readings.
@@ -157,9 +255,21 @@ fn modern_schema_and_every_query_on_chdb() {
          ('device', 'agent-2', 'd2', '', '', {T0}), ('series', 'agent-2', 'd2', 'humidity_pct', '', {T0})"
     ));
 
-    let d1 = SeriesSelector { device_id: "d1".into(), metric: "temperature_c".into(), tags: String::new() };
-    let d2 = SeriesSelector { device_id: "d2".into(), metric: "humidity_pct".into(), tags: String::new() };
-    let d1_other_metric = SeriesSelector { device_id: "d1".into(), metric: "it's \\ quoted".into(), tags: String::new() };
+    let d1 = SeriesSelector {
+        device_id: "d1".into(),
+        metric: "temperature_c".into(),
+        tags: String::new(),
+    };
+    let d2 = SeriesSelector {
+        device_id: "d2".into(),
+        metric: "humidity_pct".into(),
+        tags: String::new(),
+    };
+    let d1_other_metric = SeriesSelector {
+        device_id: "d1".into(),
+        metric: "it's \\ quoted".into(),
+        tags: String::new(),
+    };
     let queries = vec![
         schema::sql_schema_version(database),
         format!("SELECT count() AS stored FROM {database}.{RAW_TABLE}"),
@@ -170,10 +280,29 @@ fn modern_schema_and_every_query_on_chdb() {
         schema::sql_latest_values(
             database,
             60_000,
-            &[SeriesSelector { metric: "temperature_c".into(), ..d2.clone() }, d1_other_metric.clone()],
+            &[
+                SeriesSelector {
+                    metric: "temperature_c".into(),
+                    ..d2.clone()
+                },
+                d1_other_metric.clone(),
+            ],
         ),
-        schema::sql_rollup_range(database, 60_000, &[d1.clone(), d1_other_metric], T0, T0 + 3_600_000).expect("selection"),
-        schema::sql_raw_range(database, &[d1.clone(), d2.clone()], T0 - DAY_MS, T0 + DAY_MS).expect("selection"),
+        schema::sql_rollup_range(
+            database,
+            60_000,
+            &[d1.clone(), d1_other_metric],
+            T0,
+            T0 + 3_600_000,
+        )
+        .expect("selection"),
+        schema::sql_raw_range(
+            database,
+            &[d1.clone(), d2.clone()],
+            T0 - DAY_MS,
+            T0 + DAY_MS,
+        )
+        .expect("selection"),
         schema::sql_late_counts(database, T0, T0 + DAY_MS),
         schema::sql_list_partitions(database, RAW_TABLE),
         schema::sql_drop_partition(database, RAW_TABLE, schema::utc_day_number(T0 - DAY_MS)),
@@ -183,14 +312,22 @@ fn modern_schema_and_every_query_on_chdb() {
     statements.extend(queries);
 
     let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
-    let results = chdb_run(&python, &refs).unwrap_or_else(|error| panic!("chdb via {python}: {error}"));
+    let results =
+        chdb_run(&python, &refs).unwrap_or_else(|error| panic!("chdb via {python}: {error}"));
     assert_eq!(results.len(), statements.len());
     assert!(results[..ddl_count].iter().all(Vec::is_empty));
     let result = |index: usize| &results[first_query + index];
 
-    assert_eq!(as_u64(&result(0)[0]["version"]), u64::from(schema::SCHEMA_VERSION));
+    assert_eq!(
+        as_u64(&result(0)[0]["version"]),
+        u64::from(schema::SCHEMA_VERSION)
+    );
     // 2 (token dropped the retry) + 1 replayed without token + 1 of d2, before FINAL
-    assert_eq!(as_u64(&result(1)[0]["stored"]), 4, "the dedup token dropped the retried block");
+    assert_eq!(
+        as_u64(&result(1)[0]["stored"]),
+        4,
+        "the dedup token dropped the retried block"
+    );
 
     let devices = result(2);
     assert_eq!(devices.len(), 2, "{devices:?}");
@@ -201,7 +338,13 @@ fn modern_schema_and_every_query_on_chdb() {
 
     let series = result(3);
     assert_eq!(series.len(), 2, "{series:?}");
-    assert_eq!((series[0]["device_id"].as_str(), series[0]["metric"].as_str()), (Some("d1"), Some("temperature_c")));
+    assert_eq!(
+        (
+            series[0]["device_id"].as_str(),
+            series[0]["metric"].as_str()
+        ),
+        (Some("d1"), Some("temperature_c"))
+    );
     assert_eq!(as_i64(&series[0]["seen_ms"]), T0 + 9_000);
 
     let latest = result(4);
@@ -214,7 +357,11 @@ fn modern_schema_and_every_query_on_chdb() {
     assert_eq!(filtered[0]["latest_value"].as_f64(), Some(40.0));
 
     let windows = result(6);
-    assert_eq!(windows.len(), 2, "one row per window at its highest version: {windows:?}");
+    assert_eq!(
+        windows.len(),
+        2,
+        "one row per window at its highest version: {windows:?}"
+    );
     assert_eq!(as_i64(&windows[0]["window_start_ms"]), T0);
     assert_eq!(as_u64(&windows[0]["version"]), 3 | FINAL_BIT);
     assert_eq!(as_u64(&windows[0]["is_final"]), 1);
@@ -235,18 +382,31 @@ fn modern_schema_and_every_query_on_chdb() {
     assert_eq!(late.len(), 1, "{late:?}");
     assert_eq!(late[0]["reason"], "window_closed");
     assert_eq!(as_i64(&late[0]["resolution_ms"]), 60_000);
-    assert_eq!(as_u64(&late[0]["late_rows"]), 2, "the replayed late rows collapse");
+    assert_eq!(
+        as_u64(&late[0]["late_rows"]),
+        2,
+        "the replayed late rows collapse"
+    );
     assert_eq!(as_u64(&late[0]["late_readings"]), 11);
 
-    let partitions: Vec<String> =
-        result(9).iter().map(|row| row["partition"].as_str().unwrap_or_default().to_string()).collect();
-    assert_eq!(partitions, vec!["20251231".to_string(), "20260101".to_string()]);
+    let partitions: Vec<String> = result(9)
+        .iter()
+        .map(|row| row["partition"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        partitions,
+        vec!["20251231".to_string(), "20260101".to_string()]
+    );
     assert_eq!(
         schema::partitions_to_drop(&partitions, T0 + DAY_MS + 12 * 3_600_000, 1),
         vec![20_251_231],
         "1 day of retention at 2026-01-02 12:00 drops 2025-12-31 only"
     );
-    assert_eq!(as_u64(&result(11)[0]["stored"]), 2, "the dropped partition took d2's reading");
+    assert_eq!(
+        as_u64(&result(11)[0]["stored"]),
+        2,
+        "the dropped partition took d2's reading"
+    );
 }
 
 #[test]
@@ -255,10 +415,26 @@ fn legacy_schema_also_runs_on_a_current_server() {
         return;
     };
     let mut statements = render_schema(&SchemaConfig::default(), Dialect::Legacy).expect("renders");
-    statements.push(insert_raw(&[raw_values("agent-1", 1, 0, "d1", "temperature_c", T0, 1.5)], ""));
-    statements.push(schema::sql_raw_range("tributary", &[SeriesSelector { device_id: "d1".into(), metric: "temperature_c".into(), tags: String::new() }], T0, T0 + 1).expect("selection"));
+    statements.push(insert_raw(
+        &[raw_values("agent-1", 1, 0, "d1", "temperature_c", T0, 1.5)],
+        "",
+    ));
+    statements.push(
+        schema::sql_raw_range(
+            "tributary",
+            &[SeriesSelector {
+                device_id: "d1".into(),
+                metric: "temperature_c".into(),
+                tags: String::new(),
+            }],
+            T0,
+            T0 + 1,
+        )
+        .expect("selection"),
+    );
     let refs: Vec<&str> = statements.iter().map(String::as_str).collect();
-    let results = chdb_run(&python, &refs).unwrap_or_else(|error| panic!("chdb via {python}: {error}"));
+    let results =
+        chdb_run(&python, &refs).unwrap_or_else(|error| panic!("chdb via {python}: {error}"));
     let rows = results.last().expect("results");
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["value"].as_f64(), Some(1.5));

@@ -56,8 +56,16 @@ impl Default for FaultConfig {
 }
 
 /// The fault names accepted by `--faults`.
-pub const FAULT_NAMES: [&str; 8] =
-    ["duplicates", "reorder", "clock-skew", "unset-clock", "malformed", "serial-garbage", "burst", "disconnects"];
+pub const FAULT_NAMES: [&str; 8] = [
+    "duplicates",
+    "reorder",
+    "clock-skew",
+    "unset-clock",
+    "malformed",
+    "serial-garbage",
+    "burst",
+    "disconnects",
+];
 
 #[derive(Debug, Error, PartialEq)]
 pub enum FaultError {
@@ -71,8 +79,16 @@ impl FromStr for FaultConfig {
     /// A comma-separated list of [`FAULT_NAMES`], or `all`, or empty for none.
     fn from_str(list: &str) -> Result<Self, Self::Err> {
         let mut config = FaultConfig::default();
-        for name in list.split(',').map(str::trim).filter(|name| !name.is_empty()) {
-            let names: Vec<&str> = if name == "all" { FAULT_NAMES.to_vec() } else { vec![name] };
+        for name in list
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+        {
+            let names: Vec<&str> = if name == "all" {
+                FAULT_NAMES.to_vec()
+            } else {
+                vec![name]
+            };
             for name in names {
                 match name {
                     "duplicates" => config.duplicate_probability = 0.03,
@@ -83,7 +99,11 @@ impl FromStr for FaultConfig {
                     "serial-garbage" => config.serial_garbage_probability = 0.1,
                     "burst" => config.burst = true,
                     "disconnects" => config.disconnect_interval_ms = Some(2000),
-                    other => return Err(FaultError::UnknownFault { name: other.to_owned() }),
+                    other => {
+                        return Err(FaultError::UnknownFault {
+                            name: other.to_owned(),
+                        })
+                    }
                 }
             }
         }
@@ -117,13 +137,18 @@ impl FaultConfig {
         let interval_ms = interval_ms.max(1);
         let factor = i64::from(self.burst_factor.max(1));
         let burst_start_ms = (duration_ms as f64 * self.burst_start_fraction) as i64;
-        let burst_end_ms = burst_start_ms + (duration_ms as f64 * self.burst_duration_fraction) as i64;
+        let burst_end_ms =
+            burst_start_ms + (duration_ms as f64 * self.burst_duration_fraction) as i64;
         let mut offsets = Vec::new();
         let mut offset_ms = 0;
         while offset_ms < duration_ms {
             offsets.push(offset_ms);
             let in_burst = self.burst && offset_ms >= burst_start_ms && offset_ms < burst_end_ms;
-            offset_ms += if in_burst { (interval_ms / factor).max(1) } else { interval_ms };
+            offset_ms += if in_burst {
+                (interval_ms / factor).max(1)
+            } else {
+                interval_ms
+            };
         }
         offsets
     }
@@ -138,10 +163,15 @@ mod tests {
         let none: FaultConfig = "".parse().unwrap();
         assert_eq!(none, FaultConfig::default());
         let some: FaultConfig = "duplicates, burst".parse().unwrap();
-        assert!(some.duplicate_probability > 0.0 && some.burst && some.disconnect_interval_ms.is_none());
+        assert!(
+            some.duplicate_probability > 0.0 && some.burst && some.disconnect_interval_ms.is_none()
+        );
         let all: FaultConfig = "all".parse().unwrap();
         assert!(all.disconnect_interval_ms.is_some() && all.unset_clock_every.is_some());
-        assert!(matches!("dupes".parse::<FaultConfig>(), Err(FaultError::UnknownFault { .. })));
+        assert!(matches!(
+            "dupes".parse::<FaultConfig>(),
+            Err(FaultError::UnknownFault { .. })
+        ));
     }
 
     #[test]
@@ -151,7 +181,11 @@ mod tests {
         let bursty: FaultConfig = "burst".parse().unwrap();
         let offsets = bursty.tick_offsets_ms(10_000, 100);
         // 20 % of the run at 10x: 80 normal ticks + 200 burst ticks, give or take the edges.
-        assert!((275..=285).contains(&offsets.len()), "{} ticks", offsets.len());
+        assert!(
+            (275..=285).contains(&offsets.len()),
+            "{} ticks",
+            offsets.len()
+        );
         assert!(offsets.windows(2).all(|pair| pair[1] > pair[0]));
         assert!(offsets.iter().all(|offset| *offset < 10_000));
     }

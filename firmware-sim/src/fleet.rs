@@ -150,7 +150,8 @@ struct Device {
 
 impl Device {
     fn new(seed: u64, device_index: usize, sample_interval_ms: i64) -> Self {
-        let mut rng = StdRng::seed_from_u64(seed ^ (device_index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            StdRng::seed_from_u64(seed ^ (device_index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let room_mean = rng.random_range(17.0..25.0);
         Self {
             phase_offset_ms: rng.random_range(0..sample_interval_ms.max(1)),
@@ -164,7 +165,11 @@ impl Device {
             humidity: DriftingLevel::new(rng.random_range(35.0..60.0), 0.0005, 0.01),
             pressure: DriftingLevel::new(rng.random_range(1000.0..1025.0), 0.0001, 0.003),
             co2: DriftingLevel::new(rng.random_range(450.0..900.0), 0.001, 0.8),
-            machine: DutyCycle { running: rng.random_bool(0.7), mean_running_steps: 1800.0, mean_idle_steps: 600.0 },
+            machine: DutyCycle {
+                running: rng.random_bool(0.7),
+                mean_running_steps: 1800.0,
+                mean_idle_steps: 600.0,
+            },
             vibration_running_level: rng.random_range(300.0..900.0),
             vibration_level: 20.0,
             machine_power_w: rng.random_range(400.0..2500.0),
@@ -177,7 +182,13 @@ impl Device {
     }
 
     /// Advances one sample period ending at `time_ms` and appends what it reports.
-    fn sample(&mut self, device_index: usize, time_ms: i64, config: &FleetConfig, out: &mut Vec<Reading>) {
+    fn sample(
+        &mut self,
+        device_index: usize,
+        time_ms: i64,
+        config: &FleetConfig,
+        out: &mut Vec<Reading>,
+    ) {
         // The physical world moves on whether or not the device reports.
         let rng = &mut self.rng;
         let temperature = self.room_temperature.step(rng) + self.daily_temperature.at(time_ms);
@@ -186,7 +197,11 @@ impl Device {
         let co2 = self.co2.step(rng);
         let running = self.machine.step(rng);
         // Vibration and power approach their new level over a few seconds.
-        let vibration_target = if running { self.vibration_running_level } else { 20.0 };
+        let vibration_target = if running {
+            self.vibration_running_level
+        } else {
+            20.0
+        };
         self.vibration_level += (vibration_target - self.vibration_level) * 0.3;
         let power_target = if running { self.machine_power_w } else { 15.0 };
         self.power_w += (power_target - self.power_w) * 0.2;
@@ -205,14 +220,24 @@ impl Device {
             return;
         }
 
-        let jitter_ms = if config.timestamp_jitter_ms > 0 { rng.random_range(0..=config.timestamp_jitter_ms) } else { 0 };
+        let jitter_ms = if config.timestamp_jitter_ms > 0 {
+            rng.random_range(0..=config.timestamp_jitter_ms)
+        } else {
+            0
+        };
         let reading_time_ms = time_ms + self.phase_offset_ms + jitter_ms;
         let values = [
             quantize(temperature + 0.02 * standard_normal(rng), 2),
-            quantize((humidity + 0.05 * standard_normal(rng)).clamp(0.0, 100.0), 1),
+            quantize(
+                (humidity + 0.05 * standard_normal(rng)).clamp(0.0, 100.0),
+                1,
+            ),
             quantize(pressure + 0.04 * standard_normal(rng), 1),
             quantize(co2 + 3.0 * standard_normal(rng), 0),
-            adc_12_bit(self.vibration_level * (1.0 + 0.02 * standard_normal(rng)) + 3.0 * standard_normal(rng)),
+            adc_12_bit(
+                self.vibration_level * (1.0 + 0.02 * standard_normal(rng))
+                    + 3.0 * standard_normal(rng),
+            ),
             quantize(power_w, 0),
             quantize(voltage + 0.1 * standard_normal(rng), 1),
             quantize(power_w / voltage.max(1.0), 2),
@@ -229,7 +254,12 @@ impl Device {
                 *gap = rng.random_range(5..=120);
                 continue;
             }
-            out.push(Reading { series: series_id(device_index, metric_index), time_ms: reading_time_ms, value, flags: 0 });
+            out.push(Reading {
+                series: series_id(device_index, metric_index),
+                time_ms: reading_time_ms,
+                value,
+                flags: 0,
+            });
         }
     }
 }
@@ -248,7 +278,9 @@ impl Fleet {
     }
 
     pub fn with_config(devices: usize, seed: u64, config: FleetConfig) -> Self {
-        let devices = (0..devices).map(|index| Device::new(seed, index, config.sample_interval_ms)).collect();
+        let devices = (0..devices)
+            .map(|index| Device::new(seed, index, config.sample_interval_ms))
+            .collect();
         Self { config, devices }
     }
 
@@ -264,10 +296,13 @@ impl Fleet {
     pub fn series(&self) -> Vec<SeriesDef> {
         (0..self.devices.len())
             .flat_map(|device_index| {
-                Metric::ALL.iter().enumerate().map(move |(metric_index, metric)| SeriesDef {
-                    id: series_id(device_index, metric_index),
-                    key: series_key(device_index, *metric),
-                })
+                Metric::ALL
+                    .iter()
+                    .enumerate()
+                    .map(move |(metric_index, metric)| SeriesDef {
+                        id: series_id(device_index, metric_index),
+                        key: series_key(device_index, *metric),
+                    })
             })
             .collect()
     }
@@ -285,7 +320,10 @@ impl Fleet {
     pub fn readings(&mut self, start_ms: i64, periods: usize) -> Vec<Reading> {
         let mut out = Vec::with_capacity(periods * self.devices.len() * Metric::ALL.len());
         for period in 0..periods {
-            self.sample_period(start_ms + period as i64 * self.config.sample_interval_ms, &mut out);
+            self.sample_period(
+                start_ms + period as i64 * self.config.sample_interval_ms,
+                &mut out,
+            );
         }
         out
     }
@@ -306,10 +344,18 @@ mod tests {
 
     #[test]
     fn readings_are_quantised_monotonic_and_occasionally_missing() {
-        let config = FleetConfig { gap_probability: 0.01, reboot_probability: 0.0, ..FleetConfig::default() };
+        let config = FleetConfig {
+            gap_probability: 0.01,
+            reboot_probability: 0.0,
+            ..FleetConfig::default()
+        };
         let readings = Fleet::with_config(10, 7, config).readings(0, 3600);
         let complete = 10 * 10 * 3600;
-        assert!(readings.len() < complete && readings.len() > complete / 2, "{} readings", readings.len());
+        assert!(
+            readings.len() < complete && readings.len() > complete / 2,
+            "{} readings",
+            readings.len()
+        );
         for reading in &readings {
             let metric = Metric::ALL[reading.series as usize % 10];
             let decimals = match metric {
@@ -317,28 +363,51 @@ mod tests {
                 Metric::Humidity | Metric::Pressure | Metric::Voltage => 1,
                 _ => 0,
             };
-            assert_eq!(quantize(reading.value, decimals).to_bits(), reading.value.to_bits(), "{metric:?} {}", reading.value);
+            assert_eq!(
+                quantize(reading.value, decimals).to_bits(),
+                reading.value.to_bits(),
+                "{metric:?} {}",
+                reading.value
+            );
             if metric == Metric::Vibration {
                 assert!((0.0..=4095.0).contains(&reading.value));
             }
         }
         for device in 0..10 {
-            let energy: Vec<f64> = readings.iter().filter(|r| r.series == series_id(device, 8)).map(|r| r.value).collect();
-            assert!(energy.windows(2).all(|pair| pair[1] >= pair[0]), "energy of dev {device} decreased without a reboot");
+            let energy: Vec<f64> = readings
+                .iter()
+                .filter(|r| r.series == series_id(device, 8))
+                .map(|r| r.value)
+                .collect();
+            assert!(
+                energy.windows(2).all(|pair| pair[1] >= pair[0]),
+                "energy of dev {device} decreased without a reboot"
+            );
         }
     }
 
     #[test]
     fn reboots_reset_the_energy_counter() {
-        let config = FleetConfig { reboot_probability: 1.0 / 600.0, gap_probability: 0.0, ..FleetConfig::default() };
+        let config = FleetConfig {
+            reboot_probability: 1.0 / 600.0,
+            gap_probability: 0.0,
+            ..FleetConfig::default()
+        };
         let readings = Fleet::with_config(20, 3, config).readings(0, 7200);
         let resets = (0..20)
             .map(|device| {
-                let energy: Vec<f64> = readings.iter().filter(|r| r.series == series_id(device, 8)).map(|r| r.value).collect();
+                let energy: Vec<f64> = readings
+                    .iter()
+                    .filter(|r| r.series == series_id(device, 8))
+                    .map(|r| r.value)
+                    .collect();
                 energy.windows(2).filter(|pair| pair[1] < pair[0]).count()
             })
             .sum::<usize>();
-        assert!(resets > 0, "no energy counter reset in 20 device-hours at a reboot every 10 minutes");
+        assert!(
+            resets > 0,
+            "no energy counter reset in 20 device-hours at a reboot every 10 minutes"
+        );
     }
 
     #[test]

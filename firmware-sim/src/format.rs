@@ -74,7 +74,10 @@ pub fn encode_messages(
     match format {
         MessageFormat::Plain => readings
             .iter()
-            .map(|(metric, value)| MqttMessage { topic: format!("{topic}/{metric}"), payload: format!("{value}").into_bytes() })
+            .map(|(metric, value)| MqttMessage {
+                topic: format!("{topic}/{metric}"),
+                payload: format!("{value}").into_bytes(),
+            })
             .collect(),
         MessageFormat::Json => {
             let mut payload = String::from("{");
@@ -82,7 +85,10 @@ pub fn encode_messages(
                 let _ = write!(payload, "\"{metric}\":{value},");
             }
             let _ = write!(payload, "\"{JSON_TIMESTAMP_FIELD}\":{time_ms}}}");
-            vec![MqttMessage { topic, payload: payload.into_bytes() }]
+            vec![MqttMessage {
+                topic,
+                payload: payload.into_bytes(),
+            }]
         }
         MessageFormat::Senml => {
             let mut payload = String::from("[");
@@ -90,37 +96,72 @@ pub fn encode_messages(
                 if index == 0 {
                     let seconds = time_ms.div_euclid(1000);
                     let millis = time_ms.rem_euclid(1000);
-                    let _ = write!(payload, "{{\"bt\":{seconds}.{millis:03},\"n\":\"{metric}\",\"v\":{value}}}");
+                    let _ = write!(
+                        payload,
+                        "{{\"bt\":{seconds}.{millis:03},\"n\":\"{metric}\",\"v\":{value}}}"
+                    );
                 } else {
                     let _ = write!(payload, ",{{\"n\":\"{metric}\",\"v\":{value}}}");
                 }
             }
             payload.push(']');
-            vec![MqttMessage { topic, payload: payload.into_bytes() }]
+            vec![MqttMessage {
+                topic,
+                payload: payload.into_bytes(),
+            }]
         }
         MessageFormat::Line => {
-            let fields: Vec<String> = readings.iter().map(|(metric, value)| format!("{metric}={value}")).collect();
+            let fields: Vec<String> = readings
+                .iter()
+                .map(|(metric, value)| format!("{metric}={value}"))
+                .collect();
             let time_ns = i128::from(time_ms) * 1_000_000;
             let payload = format!("{LINE_MEASUREMENT} {} {time_ns}", fields.join(","));
-            vec![MqttMessage { topic, payload: payload.into_bytes() }]
+            vec![MqttMessage {
+                topic,
+                payload: payload.into_bytes(),
+            }]
         }
     }
 }
 
 /// A malformed message for `format` and the reason label the agent rejects it with.
-pub fn malformed_message(format: MessageFormat, site: &str, device: &str, metric: &str) -> (MqttMessage, &'static str) {
+pub fn malformed_message(
+    format: MessageFormat,
+    site: &str,
+    device: &str,
+    metric: &str,
+) -> (MqttMessage, &'static str) {
     let topic = device_topic(site, device);
     match format {
-        MessageFormat::Plain => {
-            (MqttMessage { topic: format!("{topic}/{metric}"), payload: b"twenty-one".to_vec() }, "not_a_number")
-        }
-        MessageFormat::Json => (MqttMessage { topic, payload: format!("{{\"{metric}\":21.5,").into_bytes() }, "json_syntax"),
-        MessageFormat::Senml => {
-            (MqttMessage { topic, payload: format!("[{{\"n\":\"{metric}\",\"v\":").into_bytes() }, "json_syntax")
-        }
-        MessageFormat::Line => {
-            (MqttMessage { topic, payload: format!("{LINE_MEASUREMENT} {metric}=abc").into_bytes() }, "not_a_number")
-        }
+        MessageFormat::Plain => (
+            MqttMessage {
+                topic: format!("{topic}/{metric}"),
+                payload: b"twenty-one".to_vec(),
+            },
+            "not_a_number",
+        ),
+        MessageFormat::Json => (
+            MqttMessage {
+                topic,
+                payload: format!("{{\"{metric}\":21.5,").into_bytes(),
+            },
+            "json_syntax",
+        ),
+        MessageFormat::Senml => (
+            MqttMessage {
+                topic,
+                payload: format!("[{{\"n\":\"{metric}\",\"v\":").into_bytes(),
+            },
+            "json_syntax",
+        ),
+        MessageFormat::Line => (
+            MqttMessage {
+                topic,
+                payload: format!("{LINE_MEASUREMENT} {metric}=abc").into_bytes(),
+            },
+            "not_a_number",
+        ),
     }
 }
 
@@ -131,7 +172,11 @@ pub fn crc8(bytes: &[u8]) -> u8 {
     for byte in bytes {
         crc ^= byte;
         for _ in 0..8 {
-            crc = if crc & 0x80 != 0 { (crc << 1) ^ 0x07 } else { crc << 1 };
+            crc = if crc & 0x80 != 0 {
+                (crc << 1) ^ 0x07
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -154,7 +199,11 @@ pub fn serial_line(device: &str, time_ms: Option<i64>, readings: &[(&str, f64)])
 }
 
 /// A valid-looking serial line with a wrong checksum (the agent rejects it as `bad_checksum`).
-pub fn serial_line_with_bad_checksum(device: &str, time_ms: i64, readings: &[(&str, f64)]) -> Vec<u8> {
+pub fn serial_line_with_bad_checksum(
+    device: &str,
+    time_ms: i64,
+    readings: &[(&str, f64)],
+) -> Vec<u8> {
     let mut line = serial_line(device, Some(time_ms), readings);
     // The two hex digits sit before "\r\n"; flip the checksum's lowest bit.
     let digits_at = line.len().saturating_sub(4);
@@ -173,7 +222,13 @@ pub fn serial_line_with_bad_checksum(device: &str, time_ms: i64, readings: &[(&s
 pub fn serial_garbage(noise: &[u8]) -> Vec<u8> {
     // A leading control byte: the line can neither parse by accident nor pass as a `#` comment.
     let mut line = vec![0x01];
-    line.extend(noise.iter().map(|byte| if *byte == b'\n' || *byte == b'\r' { 0x07 } else { *byte }));
+    line.extend(noise.iter().map(|byte| {
+        if *byte == b'\n' || *byte == b'\r' {
+            0x07
+        } else {
+            *byte
+        }
+    }));
     line.push(b' ');
     let checksum = crc8(&line);
     line.extend_from_slice(format!("*{checksum:02X}\r\n").as_bytes());
@@ -191,23 +246,48 @@ mod tests {
 
     #[test]
     fn serial_line_has_the_documented_shape() {
-        let line = serial_line("dev-7", Some(1_764_284_000_123), &[("temp", 21.53), ("hum", 40.1)]);
+        let line = serial_line(
+            "dev-7",
+            Some(1_764_284_000_123),
+            &[("temp", 21.53), ("hum", 40.1)],
+        );
         let text = String::from_utf8(line).unwrap();
-        assert!(text.starts_with("dev-7 temp=21.53 hum=40.1 t=1764284000123 *"), "{text}");
+        assert!(
+            text.starts_with("dev-7 temp=21.53 hum=40.1 t=1764284000123 *"),
+            "{text}"
+        );
         assert!(text.ends_with("\r\n"));
         let star = text.find('*').unwrap();
-        assert_eq!(u8::from_str_radix(&text[star + 1..star + 3], 16).unwrap(), crc8(&text.as_bytes()[..star]));
+        assert_eq!(
+            u8::from_str_radix(&text[star + 1..star + 3], 16).unwrap(),
+            crc8(&text.as_bytes()[..star])
+        );
     }
 
     #[test]
     fn formats_put_time_where_the_agent_looks() {
         let json = encode_messages(MessageFormat::Json, "s", "d", 1500, &[("a", 1.5)]);
         assert_eq!(json[0].payload, b"{\"a\":1.5,\"ts\":1500}");
-        let senml = encode_messages(MessageFormat::Senml, "s", "d", 1500, &[("a", 1.5), ("b", -2.0)]);
-        assert_eq!(senml[0].payload, b"[{\"bt\":1.500,\"n\":\"a\",\"v\":1.5},{\"n\":\"b\",\"v\":-2}]");
+        let senml = encode_messages(
+            MessageFormat::Senml,
+            "s",
+            "d",
+            1500,
+            &[("a", 1.5), ("b", -2.0)],
+        );
+        assert_eq!(
+            senml[0].payload,
+            b"[{\"bt\":1.500,\"n\":\"a\",\"v\":1.5},{\"n\":\"b\",\"v\":-2}]"
+        );
         let line = encode_messages(MessageFormat::Line, "s", "d", 1500, &[("a", 1.5)]);
         assert_eq!(line[0].payload, b"fleet a=1.5 1500000000");
-        let plain = encode_messages(MessageFormat::Plain, "s", "d", 1500, &[("a", 1.5), ("b", 2.0)]);
+        let plain = encode_messages(
+            MessageFormat::Plain,
+            "s",
+            "d",
+            1500,
+            &[("a", 1.5), ("b", 2.0)],
+        );
         assert_eq!(plain.len(), 2);
         assert_eq!(plain[1].topic, "site/s/dev/d/b");
     }

@@ -31,7 +31,10 @@ pub struct SeriesName {
 
 impl SeriesName {
     pub fn new(device: impl Into<String>, metric: impl Into<String>) -> Self {
-        Self { device: device.into(), metric: metric.into() }
+        Self {
+            device: device.into(),
+            metric: metric.into(),
+        }
     }
 }
 
@@ -132,15 +135,18 @@ impl Ledger {
         self.sequence += 1;
         let order = (time_ms, self.sequence, value);
         let window_start_ms = time_ms.div_euclid(self.window_ms) * self.window_ms;
-        let accumulator = self.windows.entry((series.clone(), window_start_ms)).or_insert(WindowAccumulator {
-            count: 0,
-            sum: 0.0,
-            min: value,
-            max: value,
-            first: order,
-            last: order,
-            duplicate_copies: 0,
-        });
+        let accumulator = self
+            .windows
+            .entry((series.clone(), window_start_ms))
+            .or_insert(WindowAccumulator {
+                count: 0,
+                sum: 0.0,
+                min: value,
+                max: value,
+                first: order,
+                last: order,
+                duplicate_copies: 0,
+            });
         accumulator.count += 1;
         accumulator.sum += value;
         accumulator.min = accumulator.min.min(value);
@@ -200,17 +206,34 @@ impl Ledger {
     }
 
     pub fn rejected(&self) -> Vec<RejectedStats> {
-        self.rejected.iter().map(|(reason, count)| RejectedStats { reason: reason.clone(), count: *count }).collect()
+        self.rejected
+            .iter()
+            .map(|(reason, count)| RejectedStats {
+                reason: reason.clone(),
+                count: *count,
+            })
+            .collect()
     }
 
     /// Readings that went into windows (duplicates included).
     pub fn windowed_reading_count(&self) -> u64 {
-        self.windows.values().map(|accumulator| accumulator.count).sum()
+        self.windows
+            .values()
+            .map(|accumulator| accumulator.count)
+            .sum()
     }
 
     pub fn records(&self) -> Vec<LedgerRecord> {
-        let mut records: Vec<LedgerRecord> = self.windows().into_iter().map(LedgerRecord::Window).collect();
-        records.extend(self.receive_timed().into_iter().map(LedgerRecord::ReceiveTimed));
+        let mut records: Vec<LedgerRecord> = self
+            .windows()
+            .into_iter()
+            .map(LedgerRecord::Window)
+            .collect();
+        records.extend(
+            self.receive_timed()
+                .into_iter()
+                .map(LedgerRecord::ReceiveTimed),
+        );
         records.extend(self.rejected().into_iter().map(LedgerRecord::Rejected));
         records
     }
@@ -235,8 +258,10 @@ pub fn parse_json_lines(text: &str) -> Result<Vec<LedgerRecord>, LedgerError> {
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(index, line)| {
-            serde_json::from_str(line)
-                .map_err(|error| LedgerError::BadLine { line_number: index + 1, detail: error.to_string() })
+            serde_json::from_str(line).map_err(|error| LedgerError::BadLine {
+                line_number: index + 1,
+                detail: error.to_string(),
+            })
         })
         .collect()
 }
@@ -264,7 +289,10 @@ mod tests {
         assert_eq!(first_window.count, 3);
         assert_eq!(first_window.sum, 14.0);
         assert_eq!((first_window.min, first_window.max), (2.0, 7.0));
-        assert_eq!(first_window.first, 2.0, "tie at 60000: the earlier send is first");
+        assert_eq!(
+            first_window.first, 2.0,
+            "tie at 60000: the earlier send is first"
+        );
         assert_eq!(first_window.last, 5.0);
         assert_eq!(first_window.duplicate_copies, 1);
         assert_eq!(windows[1].window_start_ms, 120_000);
@@ -288,8 +316,14 @@ mod tests {
         let text = ledger.to_json_lines();
         let records = parse_json_lines(&text).unwrap();
         assert_eq!(records, ledger.records());
-        assert!(records.contains(&LedgerRecord::Rejected(RejectedStats { reason: "json_syntax".into(), count: 2 })));
-        assert!(matches!(parse_json_lines("{\"kind\":\"nope\"}"), Err(LedgerError::BadLine { line_number: 1, .. })));
+        assert!(records.contains(&LedgerRecord::Rejected(RejectedStats {
+            reason: "json_syntax".into(),
+            count: 2
+        })));
+        assert!(matches!(
+            parse_json_lines("{\"kind\":\"nope\"}"),
+            Err(LedgerError::BadLine { line_number: 1, .. })
+        ));
         assert!(Ledger::new(0).is_err());
     }
 

@@ -13,7 +13,11 @@ use tributary_firmware_sim::sim::SimConfig;
 use tributary_firmware_sim::verify::{compare, split_records};
 
 #[derive(Parser, Debug)]
-#[command(name = "tributary-sim", version, about = "Simulated sensor fleets for Tributary")]
+#[command(
+    name = "tributary-sim",
+    version,
+    about = "Simulated sensor fleets for Tributary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -87,12 +91,15 @@ struct VerifyArgs {
 }
 
 fn read_records(path: &PathBuf) -> anyhow::Result<Vec<LedgerRecord>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     parse_json_lines(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
         Command::Demo => {
@@ -112,8 +119,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             let faults: FaultConfig = args.faults.parse()?;
-            if !(args.duration.is_finite() && args.duration > 0.0 && args.duration <= 7.0 * 86_400.0) {
-                anyhow::bail!("--duration must be between 0 and 604800 seconds, got {}", args.duration);
+            if !(args.duration.is_finite()
+                && args.duration > 0.0
+                && args.duration <= 7.0 * 86_400.0)
+            {
+                anyhow::bail!(
+                    "--duration must be between 0 and 604800 seconds, got {}",
+                    args.duration
+                );
             }
             let config = SimConfig {
                 devices: args.devices,
@@ -152,7 +165,12 @@ fn main() -> anyhow::Result<()> {
             };
             let (ledger_windows, receive_timed) = split_records(read_records(&args.ledger)?);
             let (observed_windows, _) = split_records(read_records(&observed_path)?);
-            let report = compare(&ledger_windows, &receive_timed, &observed_windows, args.tolerance);
+            let report = compare(
+                &ledger_windows,
+                &receive_timed,
+                &observed_windows,
+                args.tolerance,
+            );
             print!("{}", report.render(20));
             if report.is_exact() {
                 println!("exact match");

@@ -85,7 +85,9 @@ impl Publisher {
             std::thread::spawn(move || {
                 for event in connection.iter() {
                     match event {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => counters.connected.store(true, Ordering::SeqCst),
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            counters.connected.store(true, Ordering::SeqCst)
+                        }
                         Ok(Event::Incoming(Packet::PubAck(_))) => {
                             counters.acknowledged.fetch_add(1, Ordering::SeqCst);
                         }
@@ -114,7 +116,14 @@ impl Publisher {
                 }
             })
         };
-        Ok(Self { client, counters, stopping, thread: Some(thread), qos, published: 0 })
+        Ok(Self {
+            client,
+            counters,
+            stopping,
+            thread: Some(thread),
+            qos,
+            published: 0,
+        })
     }
 
     fn publish(&mut self, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
@@ -137,7 +146,12 @@ impl Publisher {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let last_error = self.counters.last_error.lock().ok().and_then(|last| last.clone());
+                let last_error = self
+                    .counters
+                    .last_error
+                    .lock()
+                    .ok()
+                    .and_then(|last| last.clone());
                 bail!(
                     "only {done} of {} MQTT publishes confirmed after {timeout:?} (last error: {}); is the broker reachable?",
                     self.published,
@@ -160,12 +174,18 @@ impl Publisher {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
 /// Runs the simulation in real time. `on_serial_ready` is called with the tty path before the
 /// first tick (the binary prints it for the agent).
-pub fn run(config: SimConfig, options: &RunOptions, on_serial_ready: impl FnOnce(&std::path::Path)) -> anyhow::Result<RunSummary> {
+pub fn run(
+    config: SimConfig,
+    options: &RunOptions,
+    on_serial_ready: impl FnOnce(&std::path::Path),
+) -> anyhow::Result<RunSummary> {
     let qos = match options.qos {
         0 => QoS::AtMostOnce,
         1 => QoS::AtLeastOnce,
@@ -185,41 +205,46 @@ pub fn run(config: SimConfig, options: &RunOptions, on_serial_ready: impl FnOnce
         None
     };
     let connect = || -> anyhow::Result<Option<Publisher>> {
-        options.mqtt_address.as_deref().map(|address| Publisher::connect(address, &options.client_id, qos)).transpose()
+        options
+            .mqtt_address
+            .as_deref()
+            .map(|address| Publisher::connect(address, &options.client_id, qos))
+            .transpose()
     };
     let mut publisher = connect()?;
     let offsets = sim.tick_offsets_ms(options.duration_ms);
     let started = Instant::now();
     let mut reconnects = 0;
     let mut summary_ticks = 0;
-    let mut execute = |actions: Vec<Action>, publisher: &mut Option<Publisher>| -> anyhow::Result<()> {
-        for action in actions {
-            match action {
-                Action::Publish(message) => {
-                    if let Some(publisher) = publisher.as_mut() {
-                        let topic = match &options.topic_prefix {
-                            Some(prefix) => format!("{prefix}/{}", message.topic),
-                            None => message.topic,
-                        };
-                        publisher.publish(topic, message.payload)?;
+    let mut execute =
+        |actions: Vec<Action>, publisher: &mut Option<Publisher>| -> anyhow::Result<()> {
+            for action in actions {
+                match action {
+                    Action::Publish(message) => {
+                        if let Some(publisher) = publisher.as_mut() {
+                            let topic = match &options.topic_prefix {
+                                Some(prefix) => format!("{prefix}/{}", message.topic),
+                                None => message.topic,
+                            };
+                            publisher.publish(topic, message.payload)?;
+                        }
                     }
-                }
-                Action::SerialWrite(line) => {
-                    if let Some(serial) = &serial {
-                        serial.write(line);
+                    Action::SerialWrite(line) => {
+                        if let Some(serial) = &serial {
+                            serial.write(line);
+                        }
                     }
-                }
-                Action::Reconnect => {
-                    if let Some(old) = publisher.take() {
-                        old.close(options.drain_timeout)?;
-                        reconnects += 1;
-                        *publisher = connect()?;
+                    Action::Reconnect => {
+                        if let Some(old) = publisher.take() {
+                            old.close(options.drain_timeout)?;
+                            reconnects += 1;
+                            *publisher = connect()?;
+                        }
                     }
                 }
             }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     for offset_ms in offsets {
         let due = started + Duration::from_millis(offset_ms.max(0) as u64);
         let now = Instant::now();
@@ -234,7 +259,9 @@ pub fn run(config: SimConfig, options: &RunOptions, on_serial_ready: impl FnOnce
         publisher.close(options.drain_timeout)?;
     }
     let serial_lines = match serial {
-        Some(writer) => writer.finish(options.drain_timeout).context("finishing the serial device")?,
+        Some(writer) => writer
+            .finish(options.drain_timeout)
+            .context("finishing the serial device")?,
         None => 0,
     };
     if let Some(path) = &options.ledger_path {

@@ -24,7 +24,11 @@ pub enum SerialError {
     #[error("could not configure the pseudo-terminal {path} as raw: {source}")]
     Configure { path: PathBuf, source: io::Error },
     #[error("could not create the symlink {link} -> {path}: {source}; remove the old file or pick another path")]
-    Symlink { link: PathBuf, path: PathBuf, source: io::Error },
+    Symlink {
+        link: PathBuf,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 /// The two ends of a pseudo-terminal: write to `controller`, the agent opens `device_path`.
@@ -43,7 +47,13 @@ impl PseudoTerminal {
         // SAFETY: openpty writes two fds and a NUL-terminated name into buffers we own; the
         // name buffer is larger than any pts path; termios and winsize may be null.
         let result = unsafe {
-            libc::openpty(&mut controller_fd, &mut device_fd, name.as_mut_ptr(), std::ptr::null(), std::ptr::null())
+            libc::openpty(
+                &mut controller_fd,
+                &mut device_fd,
+                name.as_mut_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
         };
         if result != 0 {
             return Err(SerialError::OpenPty(io::Error::last_os_error()));
@@ -52,7 +62,11 @@ impl PseudoTerminal {
         let controller = unsafe { File::from_raw_fd(controller_fd) };
         let device = unsafe { OwnedFd::from_raw_fd(device_fd) };
         // SAFETY: openpty NUL-terminated the name inside the buffer.
-        let device_path = PathBuf::from(unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned());
+        let device_path = PathBuf::from(
+            unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+                .to_string_lossy()
+                .into_owned(),
+        );
         // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
         let raw_result = unsafe {
             let mut termios: libc::termios = std::mem::zeroed();
@@ -64,15 +78,25 @@ impl PseudoTerminal {
             }
         };
         if raw_result != 0 {
-            return Err(SerialError::Configure { path: device_path, source: io::Error::last_os_error() });
+            return Err(SerialError::Configure {
+                path: device_path,
+                source: io::Error::last_os_error(),
+            });
         }
-        Ok(Self { controller, _device: device, device_path })
+        Ok(Self {
+            controller,
+            _device: device,
+            device_path,
+        })
     }
 
     /// Points `link` at the device path (replacing an existing symlink), for agent configs
     /// that name a stable path.
     pub fn symlink(&self, link: &Path) -> Result<(), SerialError> {
-        if link.symlink_metadata().is_ok_and(|metadata| metadata.file_type().is_symlink()) {
+        if link
+            .symlink_metadata()
+            .is_ok_and(|metadata| metadata.file_type().is_symlink())
+        {
             let _ = std::fs::remove_file(link);
         }
         std::os::unix::fs::symlink(&self.device_path, link).map_err(|source| SerialError::Symlink {
@@ -95,7 +119,11 @@ pub struct SerialWriter {
 
 impl SerialWriter {
     pub fn start(terminal: PseudoTerminal) -> Self {
-        let PseudoTerminal { mut controller, _device, device_path } = terminal;
+        let PseudoTerminal {
+            mut controller,
+            _device,
+            device_path,
+        } = terminal;
         let (sender, receiver) = mpsc::channel::<Vec<u8>>();
         let (done_sender, done) = mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -110,7 +138,13 @@ impl SerialWriter {
             })();
             let _ = done_sender.send((result, controller));
         });
-        Self { sender: Some(sender), done, thread: Some(thread), device_path, _terminal_device: Some(_device) }
+        Self {
+            sender: Some(sender),
+            done,
+            thread: Some(thread),
+            device_path,
+            _terminal_device: Some(_device),
+        }
     }
 
     pub fn write(&self, line: Vec<u8>) {
@@ -124,7 +158,10 @@ impl SerialWriter {
     pub fn finish(mut self, timeout: Duration) -> io::Result<u64> {
         self.sender = None;
         let deadline = Instant::now() + timeout;
-        match self.done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match self
+            .done
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             Ok((result, _controller)) => {
                 if let Some(thread) = self.thread.take() {
                     let _ = thread.join();
@@ -138,7 +175,8 @@ impl SerialWriter {
                     loop {
                         let mut unread: libc::c_int = 0;
                         // SAFETY: FIONREAD writes one int for a valid tty fd we own.
-                        let status = unsafe { libc::ioctl(device.as_raw_fd(), libc::FIONREAD, &mut unread) };
+                        let status =
+                            unsafe { libc::ioctl(device.as_raw_fd(), libc::FIONREAD, &mut unread) };
                         if status != 0 {
                             break;
                         }
@@ -161,7 +199,10 @@ impl SerialWriter {
             }
             Err(_) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
-                format!("serial lines still queued after {timeout:?}: nothing is reading {}", self.device_path.display()),
+                format!(
+                    "serial lines still queued after {timeout:?}: nothing is reading {}",
+                    self.device_path.display()
+                ),
             )),
         }
     }

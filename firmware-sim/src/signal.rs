@@ -40,11 +40,17 @@ pub struct DriftingLevel {
 
 impl DriftingLevel {
     pub fn new(mean: f64, reversion_per_step: f64, step_sd: f64) -> Self {
-        Self { level: mean, mean, reversion_per_step, step_sd }
+        Self {
+            level: mean,
+            mean,
+            reversion_per_step,
+            step_sd,
+        }
     }
 
     pub fn step<R: Rng + ?Sized>(&mut self, rng: &mut R) -> f64 {
-        self.level += (self.mean - self.level) * self.reversion_per_step + self.step_sd * standard_normal(rng);
+        self.level += (self.mean - self.level) * self.reversion_per_step
+            + self.step_sd * standard_normal(rng);
         self.level
     }
 }
@@ -60,7 +66,8 @@ impl DailyCycle {
     pub const DAY_MS: i64 = 86_400_000;
 
     pub fn at(&self, time_ms: i64) -> f64 {
-        let fraction = (time_ms - self.phase_ms).rem_euclid(Self::DAY_MS) as f64 / Self::DAY_MS as f64;
+        let fraction =
+            (time_ms - self.phase_ms).rem_euclid(Self::DAY_MS) as f64 / Self::DAY_MS as f64;
         self.amplitude * (std::f64::consts::TAU * fraction).sin()
     }
 }
@@ -77,7 +84,11 @@ pub struct DutyCycle {
 impl DutyCycle {
     /// Advances one step; returns whether the machine runs now.
     pub fn step<R: Rng + ?Sized>(&mut self, rng: &mut R) -> bool {
-        let mean_dwell = if self.running { self.mean_running_steps } else { self.mean_idle_steps };
+        let mean_dwell = if self.running {
+            self.mean_running_steps
+        } else {
+            self.mean_idle_steps
+        };
         if rng.random::<f64>() < 1.0 / mean_dwell.max(1.0) {
             self.running = !self.running;
         }
@@ -143,7 +154,10 @@ mod tests {
             assert!(counter.reading_wh() >= previous);
             previous = counter.reading_wh();
         }
-        assert!((2999.0..=3000.0).contains(&previous), "{previous} Wh after 2 h at 1.5 kW");
+        assert!(
+            (2999.0..=3000.0).contains(&previous),
+            "{previous} Wh after 2 h at 1.5 kW"
+        );
         counter.reset();
         assert_eq!(counter.reading_wh(), 0.0);
     }

@@ -57,13 +57,22 @@ impl VerifyReport {
             text.push_str(&format!("missing    {}/{} @ {}\n", key.0, key.1, key.2));
         }
         for (key, expected, observed) in self.duplicated.iter().take(max_items) {
-            text.push_str(&format!("duplicated {}/{} @ {}: sent {expected}, stored {observed}\n", key.0, key.1, key.2));
+            text.push_str(&format!(
+                "duplicated {}/{} @ {}: sent {expected}, stored {observed}\n",
+                key.0, key.1, key.2
+            ));
         }
         for (key, expected, observed) in self.short.iter().take(max_items) {
-            text.push_str(&format!("short      {}/{} @ {}: sent {expected}, stored {observed}\n", key.0, key.1, key.2));
+            text.push_str(&format!(
+                "short      {}/{} @ {}: sent {expected}, stored {observed}\n",
+                key.0, key.1, key.2
+            ));
         }
         for (key, detail) in self.mismatched.iter().take(max_items) {
-            text.push_str(&format!("mismatched {}/{} @ {}: {detail}\n", key.0, key.1, key.2));
+            text.push_str(&format!(
+                "mismatched {}/{} @ {}: {detail}\n",
+                key.0, key.1, key.2
+            ));
         }
         for key in self.unexpected.iter().take(max_items) {
             text.push_str(&format!("unexpected {}/{} @ {}\n", key.0, key.1, key.2));
@@ -86,8 +95,15 @@ pub fn compare(
     observed_windows: &[WindowStats],
     relative_tolerance: f64,
 ) -> VerifyReport {
-    let key = |window: &WindowStats| (window.device.clone(), window.metric.clone(), window.window_start_ms);
-    let expected: BTreeMap<WindowKey, &WindowStats> = ledger_windows.iter().map(|w| (key(w), w)).collect();
+    let key = |window: &WindowStats| {
+        (
+            window.device.clone(),
+            window.metric.clone(),
+            window.window_start_ms,
+        )
+    };
+    let expected: BTreeMap<WindowKey, &WindowStats> =
+        ledger_windows.iter().map(|w| (key(w), w)).collect();
     let mut observed: BTreeMap<WindowKey, WindowStats> = BTreeMap::new();
     // An observer may report a window in parts (several rows); merge them.
     for window in observed_windows {
@@ -101,10 +117,15 @@ pub fn compare(
             })
             .or_insert_with(|| window.clone());
     }
-    let relaxed: BTreeMap<(String, String), &ReceiveTimedStats> =
-        receive_timed.iter().map(|r| ((r.device.clone(), r.metric.clone()), r)).collect();
+    let relaxed: BTreeMap<(String, String), &ReceiveTimedStats> = receive_timed
+        .iter()
+        .map(|r| ((r.device.clone(), r.metric.clone()), r))
+        .collect();
     let mut surplus: BTreeMap<(String, String), (u64, f64)> = BTreeMap::new();
-    let mut report = VerifyReport { windows_checked: expected.len(), ..VerifyReport::default() };
+    let mut report = VerifyReport {
+        windows_checked: expected.len(),
+        ..VerifyReport::default()
+    };
 
     for (window_key, sent) in &expected {
         let series = (window_key.0.clone(), window_key.1.clone());
@@ -114,7 +135,9 @@ pub fn compare(
             continue;
         };
         if stored.count < sent.count {
-            report.short.push((window_key.clone(), sent.count, stored.count));
+            report
+                .short
+                .push((window_key.clone(), sent.count, stored.count));
             continue;
         }
         if is_relaxed {
@@ -124,7 +147,9 @@ pub fn compare(
             continue;
         }
         if stored.count > sent.count {
-            report.duplicated.push((window_key.clone(), sent.count, stored.count));
+            report
+                .duplicated
+                .push((window_key.clone(), sent.count, stored.count));
             continue;
         }
         let mut differences = Vec::new();
@@ -140,7 +165,9 @@ pub fn compare(
             }
         }
         if !differences.is_empty() {
-            report.mismatched.push((window_key.clone(), differences.join("; ")));
+            report
+                .mismatched
+                .push((window_key.clone(), differences.join("; ")));
         }
     }
     for (window_key, stored) in &observed {
@@ -158,13 +185,18 @@ pub fn compare(
     }
     let relaxed_series: BTreeSet<&(String, String)> = relaxed.keys().collect();
     for series in relaxed_series {
-        let Some(sent) = relaxed.get(series) else { continue };
+        let Some(sent) = relaxed.get(series) else {
+            continue;
+        };
         let (count, sum) = surplus.get(series).copied().unwrap_or((0, 0.0));
         if count != sent.count || !close(sent.sum, sum, relative_tolerance) {
             report.receive_timed_mismatches.push((
                 series.0.clone(),
                 series.1.clone(),
-                format!("sent {} readings summing to {}, the store has {count} extra summing to {sum}", sent.count, sent.sum),
+                format!(
+                    "sent {} readings summing to {}, the store has {count} extra summing to {sum}",
+                    sent.count, sent.sum
+                ),
             ));
         }
     }
@@ -194,14 +226,24 @@ mod tests {
     fn ledger_of(readings: &[(&str, i64, f64)]) -> Ledger {
         let mut ledger = Ledger::new(1000).unwrap();
         for (metric, time_ms, value) in readings {
-            ledger.record(&SeriesName::new("dev-0001", *metric), *time_ms, *value, false);
+            ledger.record(
+                &SeriesName::new("dev-0001", *metric),
+                *time_ms,
+                *value,
+                false,
+            );
         }
         ledger
     }
 
     #[test]
     fn an_exact_copy_verifies_and_each_defect_is_named() {
-        let ledger = ledger_of(&[("a", 10, 1.0), ("a", 20, 2.0), ("a", 1500, 3.0), ("b", 10, 4.0)]);
+        let ledger = ledger_of(&[
+            ("a", 10, 1.0),
+            ("a", 20, 2.0),
+            ("a", 1500, 3.0),
+            ("b", 10, 4.0),
+        ]);
         let windows = ledger.windows();
         assert!(compare(&windows, &[], &windows, 1e-9).is_exact());
 
@@ -210,9 +252,15 @@ mod tests {
         observed[0].count += 1; // a@0 duplicated
         observed[0].sum += 2.0;
         observed[1].last = 99.0; // a@1000 mismatched
-        observed.push(WindowStats { window_start_ms: 9000, ..windows[0].clone() });
+        observed.push(WindowStats {
+            window_start_ms: 9000,
+            ..windows[0].clone()
+        });
         let report = compare(&windows, &[], &observed, 1e-9);
-        assert_eq!(report.missing, vec![("dev-0001".to_string(), "b".to_string(), 0)]);
+        assert_eq!(
+            report.missing,
+            vec![("dev-0001".to_string(), "b".to_string(), 0)]
+        );
         assert_eq!(report.duplicated.len(), 1);
         assert_eq!(report.mismatched.len(), 1);
         assert!(report.mismatched[0].1.contains("last"));
@@ -227,10 +275,29 @@ mod tests {
         let mut with_receive_timed = ledger.clone();
         with_receive_timed.record_receive_timed(&SeriesName::new("dev-0001", "a"), 5.0);
         let mut observed = ledger.windows();
-        observed.push(WindowStats { window_start_ms: 7000, count: 1, sum: 5.0, min: 5.0, max: 5.0, first: 5.0, last: 5.0, ..observed[0].clone() });
-        let report = compare(&ledger.windows(), &with_receive_timed.receive_timed(), &observed, 1e-9);
+        observed.push(WindowStats {
+            window_start_ms: 7000,
+            count: 1,
+            sum: 5.0,
+            min: 5.0,
+            max: 5.0,
+            first: 5.0,
+            last: 5.0,
+            ..observed[0].clone()
+        });
+        let report = compare(
+            &ledger.windows(),
+            &with_receive_timed.receive_timed(),
+            &observed,
+            1e-9,
+        );
         assert!(report.is_exact(), "{}", report.render(5));
-        let report = compare(&ledger.windows(), &with_receive_timed.receive_timed(), &ledger.windows(), 1e-9);
+        let report = compare(
+            &ledger.windows(),
+            &with_receive_timed.receive_timed(),
+            &ledger.windows(),
+            1e-9,
+        );
         assert_eq!(report.receive_timed_mismatches.len(), 1);
     }
 

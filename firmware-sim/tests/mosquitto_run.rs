@@ -18,15 +18,25 @@ use tributary_firmware_sim::verify::{compare, split_records};
 
 #[test]
 fn a_faulty_run_delivers_exactly_what_its_ledger_says() {
-    let Some(address) = common::mqtt_address() else { return };
-    let (host, port) = address.rsplit_once(':').expect("TRIBUTARY_MQTT_ADDR is host:port");
+    let Some(address) = common::mqtt_address() else {
+        return;
+    };
+    let (host, port) = address
+        .rsplit_once(':')
+        .expect("TRIBUTARY_MQTT_ADDR is host:port");
     let suffix = common::unique_suffix();
     let prefix = format!("sim-test-{suffix}");
 
-    let mut options = MqttOptions::new(format!("sim-test-sub-{suffix}"), host, port.parse::<u16>().unwrap());
+    let mut options = MqttOptions::new(
+        format!("sim-test-sub-{suffix}"),
+        host,
+        port.parse::<u16>().unwrap(),
+    );
     options.set_keep_alive(Duration::from_secs(10));
     let (subscriber, mut connection) = Client::new(options, 64);
-    subscriber.subscribe(format!("{prefix}/#"), QoS::AtLeastOnce).unwrap();
+    subscriber
+        .subscribe(format!("{prefix}/#"), QoS::AtLeastOnce)
+        .unwrap();
     let (subscribed_sender, subscribed) = mpsc::channel();
     let (message_sender, messages) = mpsc::channel::<(String, Vec<u8>)>();
     std::thread::spawn(move || {
@@ -36,7 +46,10 @@ fn a_faulty_run_delivers_exactly_what_its_ledger_says() {
                     let _ = subscribed_sender.send(());
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if message_sender.send((publish.topic.clone(), publish.payload.to_vec())).is_err() {
+                    if message_sender
+                        .send((publish.topic.clone(), publish.payload.to_vec()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -45,7 +58,9 @@ fn a_faulty_run_delivers_exactly_what_its_ledger_says() {
             }
         }
     });
-    subscribed.recv_timeout(Duration::from_secs(10)).expect("no SUBACK from Mosquitto within 10 s");
+    subscribed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no SUBACK from Mosquitto within 10 s");
 
     let ledger_path = std::env::temp_dir().join(format!("sim-ledger-{suffix}.jsonl"));
     let config = SimConfig {
@@ -54,7 +69,9 @@ fn a_faulty_run_delivers_exactly_what_its_ledger_says() {
         rate_hz: 10.0,
         seed: 11,
         window_ms: 1000,
-        faults: "duplicates,reorder,malformed,disconnects,clock-skew,unset-clock,burst".parse().unwrap(),
+        faults: "duplicates,reorder,malformed,disconnects,clock-skew,unset-clock,burst"
+            .parse()
+            .unwrap(),
         serial: false,
     };
     let run_options = RunOptions {
@@ -76,15 +93,26 @@ fn a_faulty_run_delivers_exactly_what_its_ledger_says() {
         let left = deadline.saturating_duration_since(Instant::now());
         match messages.recv_timeout(left) {
             Ok(message) => received.push(message),
-            Err(_) => panic!("received {} of {} messages within 20 s", received.len(), summary.messages_published),
+            Err(_) => panic!(
+                "received {} of {} messages within 20 s",
+                received.len(),
+                summary.messages_published
+            ),
         }
     }
     // Nothing beyond what was published (a short grace period for strays).
-    assert!(messages.recv_timeout(Duration::from_millis(300)).is_err(), "more messages than published");
+    assert!(
+        messages.recv_timeout(Duration::from_millis(300)).is_err(),
+        "more messages than published"
+    );
 
     let mut payload_options = PayloadOptions::with_format(PayloadFormat::Json);
     payload_options.timestamp_field = Some(JSON_TIMESTAMP_FIELD.to_owned());
-    let parser = MessageParser::new(TopicTemplate::parse(&format!("{prefix}/site/{{site}}/dev/{{device}}")).unwrap(), payload_options).unwrap();
+    let parser = MessageParser::new(
+        TopicTemplate::parse(&format!("{prefix}/site/{{site}}/dev/{{device}}")).unwrap(),
+        payload_options,
+    )
+    .unwrap();
     let mut observed = Ledger::new(1000).unwrap();
     let mut parsed = Vec::new();
     for (topic, payload) in &received {
@@ -98,9 +126,21 @@ fn a_faulty_run_delivers_exactly_what_its_ledger_says() {
     let text = std::fs::read_to_string(&ledger_path).unwrap();
     let _ = std::fs::remove_file(&ledger_path);
     let records = parse_json_lines(&text).unwrap();
-    let rejected: Vec<_> = records.iter().filter_map(|r| if let LedgerRecord::Rejected(r) = r { Some(r.clone()) } else { None }).collect();
+    let rejected: Vec<_> = records
+        .iter()
+        .filter_map(|r| {
+            if let LedgerRecord::Rejected(r) = r {
+                Some(r.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
     let (windows, receive_timed) = split_records(records);
-    assert!(windows.iter().any(|w| w.duplicate_copies > 0), "the duplicates fault sent no duplicate");
+    assert!(
+        windows.iter().any(|w| w.duplicate_copies > 0),
+        "the duplicates fault sent no duplicate"
+    );
     assert!(!receive_timed.is_empty() && !rejected.is_empty());
 
     let report = compare(&windows, &[], &observed.windows(), 1e-9);

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tributary_agent::source::{LineDecoder, SerialLineOptions, parse_line};
+use tributary_agent::source::{parse_line, LineDecoder, SerialLineOptions};
 use tributary_firmware_sim::format::{crc8, MessageFormat};
 use tributary_firmware_sim::ledger::{parse_json_lines, Ledger, LedgerRecord};
 use tributary_firmware_sim::run::{run, RunOptions};
@@ -43,7 +43,11 @@ fn serial_lines_on_the_pty_match_the_ledger() {
     let sink = Arc::clone(&received);
     let link_for_check = link.clone();
     let summary = run(config, &options, move |path| {
-        assert_eq!(std::fs::read_link(&link_for_check).unwrap(), path, "the symlink points at the tty");
+        assert_eq!(
+            std::fs::read_link(&link_for_check).unwrap(),
+            path,
+            "the symlink points at the tty"
+        );
         let mut tty = std::fs::File::open(path).expect("open the pty device");
         std::thread::spawn(move || {
             let mut chunk = [0u8; 4096];
@@ -61,16 +65,34 @@ fn serial_lines_on_the_pty_match_the_ledger() {
 
     let records = parse_json_lines(&std::fs::read_to_string(&ledger_path).unwrap()).unwrap();
     let _ = std::fs::remove_file(&ledger_path);
-    let rejected_lines: u64 = records.iter().map(|r| if let LedgerRecord::Rejected(r) = r { r.count } else { 0 }).sum();
+    let rejected_lines: u64 = records
+        .iter()
+        .map(|r| {
+            if let LedgerRecord::Rejected(r) = r {
+                r.count
+            } else {
+                0
+            }
+        })
+        .sum();
     assert!(rejected_lines > 0, "serial-garbage wrote no bad line");
 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let newlines = received.lock().unwrap().iter().filter(|byte| **byte == b'\n').count() as u64;
+        let newlines = received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|byte| **byte == b'\n')
+            .count() as u64;
         if newlines >= summary.serial_lines {
             break;
         }
-        assert!(Instant::now() < deadline, "read {newlines} of {} lines from the pty", summary.serial_lines);
+        assert!(
+            Instant::now() < deadline,
+            "read {newlines} of {} lines from the pty",
+            summary.serial_lines
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 
@@ -87,18 +109,39 @@ fn serial_lines_on_the_pty_match_the_ledger() {
             Ok(_) => {
                 good_lines += 1;
                 let star = line.bytes.iter().rposition(|byte| *byte == b'*').unwrap();
-                let written = u8::from_str_radix(std::str::from_utf8(&line.bytes[star + 1..]).unwrap(), 16).unwrap();
+                let written =
+                    u8::from_str_radix(std::str::from_utf8(&line.bytes[star + 1..]).unwrap(), 16)
+                        .unwrap();
                 assert_eq!(written, crc8(&line.bytes[..star]));
-                assert!(line.bytes.starts_with(b"dev-0000 temperature="), "{}", String::from_utf8_lossy(line.bytes));
+                assert!(
+                    line.bytes.starts_with(b"dev-0000 temperature="),
+                    "{}",
+                    String::from_utf8_lossy(line.bytes)
+                );
                 common::account(&mut observed, &readings);
             }
             Err(error) => observed.record_rejected(&format!("serial/{}", error.reason())),
         }
     }
-    assert!(bytes.windows(2).filter(|pair| pair == b"\r\n").count() as u64 >= summary.serial_lines, "lines end in CRLF");
-    assert!(good_lines >= 25, "{good_lines} good lines in 1.5 s at 20 Hz");
+    assert!(
+        bytes.windows(2).filter(|pair| pair == b"\r\n").count() as u64 >= summary.serial_lines,
+        "lines end in CRLF"
+    );
+    assert!(
+        good_lines >= 25,
+        "{good_lines} good lines in 1.5 s at 20 Hz"
+    );
 
-    let rejected: Vec<_> = records.iter().filter_map(|r| if let LedgerRecord::Rejected(r) = r { Some(r.clone()) } else { None }).collect();
+    let rejected: Vec<_> = records
+        .iter()
+        .filter_map(|r| {
+            if let LedgerRecord::Rejected(r) = r {
+                Some(r.clone())
+            } else {
+                None
+            }
+        })
+        .collect();
     let (windows, receive_timed) = split_records(records);
     assert!(receive_timed.is_empty());
     let report = compare(&windows, &[], &observed.windows(), 1e-9);

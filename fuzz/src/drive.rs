@@ -7,7 +7,10 @@ use tributary_protocol::frame::{FrameDecoder, FrameLimits};
 use tributary_protocol::session::Message;
 
 /// Limits small enough that the fuzzer reaches them with short inputs.
-pub const FUZZ_FRAME_LIMITS: FrameLimits = FrameLimits { max_frame_bytes: 64 * 1024, max_control_frame_bytes: 4096 };
+pub const FUZZ_FRAME_LIMITS: FrameLimits = FrameLimits {
+    max_frame_bytes: 64 * 1024,
+    max_control_frame_bytes: 4096,
+};
 
 /// Chunk sizes the stream is fed in, cycled: byte-by-byte up to whole frames.
 const CHUNK_BYTES: [usize; 6] = [1, 3, 17, 64, 2, 4096];
@@ -55,7 +58,10 @@ pub fn frame_decode(data: &[u8]) -> Result<Vec<Message>, String> {
         return Err(error);
     }
     if decoder.buffered_bytes() > 0 {
-        return Err(format!("stream ends inside a frame ({} bytes left)", decoder.buffered_bytes()));
+        return Err(format!(
+            "stream ends inside a frame ({} bytes left)",
+            decoder.buffered_bytes()
+        ));
     }
     Ok(messages)
 }
@@ -82,6 +88,7 @@ pub fn batch_decode(data: &[u8]) -> Result<(), String> {
     let limits = BatchLimits::default();
     let batch = decode_batch(data, &limits).map_err(|error| format!("batch: {error}"))?;
     let again = encode_batch(&batch);
-    decode_batch(&again, &limits).map_err(|error| format!("a decoded batch failed to decode after re-encoding: {error}"))?;
+    decode_batch(&again, &limits)
+        .map_err(|error| format!("a decoded batch failed to decode after re-encoding: {error}"))?;
     Ok(())
 }

@@ -70,7 +70,8 @@ pub struct Batch {
 impl Batch {
     /// Sorts readings into the order the decoder returns them in.
     pub fn sort_readings(&mut self) {
-        self.readings.sort_by_key(|reading| (reading.series, reading.time_ms));
+        self.readings
+            .sort_by_key(|reading| (reading.series, reading.time_ms));
     }
 }
 
@@ -114,27 +115,47 @@ pub enum BatchError {
     )]
     UnsupportedVersion { found: u8, supported: u8 },
     #[error("batch declares {declared} {what}, limit is {limit}")]
-    OverLimit { what: &'static str, declared: u64, limit: u64 },
+    OverLimit {
+        what: &'static str,
+        declared: u64,
+        limit: u64,
+    },
     #[error("varint in the {section} is longer than 64 bits")]
     VarintOverflow { section: &'static str },
     #[error("agent id is not valid UTF-8")]
     AgentIdNotUtf8,
     #[error("could not decode {section} #{index}: {source}")]
-    Postcard { section: &'static str, index: u64, source: postcard::Error },
+    Postcard {
+        section: &'static str,
+        index: u64,
+        source: postcard::Error,
+    },
     #[error("batch uses unknown compression {code} (known: 0 none, 1 zstd)")]
     UnknownCompression { code: u8 },
     #[error("could not decompress the batch body (declared {declared_bytes} bytes): {source}")]
-    Decompress { declared_bytes: u64, source: std::io::Error },
+    Decompress {
+        declared_bytes: u64,
+        source: std::io::Error,
+    },
     #[error("batch body is {actual_bytes} bytes after decompression, but the header declares {declared_bytes}")]
-    BodySizeMismatch { declared_bytes: u64, actual_bytes: u64 },
+    BodySizeMismatch {
+        declared_bytes: u64,
+        actual_bytes: u64,
+    },
     #[error("{count} unexpected bytes after the {section}")]
     TrailingBytes { section: &'static str, count: u64 },
     #[error(
         "batch declares {declared_readings} readings, but a run of {run_length} follows \
          {already_decoded} decoded readings (run lengths must be positive and add up to the count)"
     )]
-    RunLengthsMismatch { declared_readings: u64, run_length: u64, already_decoded: u64 },
-    #[error("batch declares {declared} series definitions in {bytes} bytes, but they parse differently")]
+    RunLengthsMismatch {
+        declared_readings: u64,
+        run_length: u64,
+        already_decoded: u64,
+    },
+    #[error(
+        "batch declares {declared} series definitions in {bytes} bytes, but they parse differently"
+    )]
     DefinitionsMismatch { declared: u64, bytes: u64 },
     #[error("batch declares {runs} runs for {readings} readings; runs cannot outnumber readings")]
     TooManyRuns { runs: u64, readings: u64 },
@@ -142,7 +163,9 @@ pub enum BatchError {
     SeriesIdOutOfRange { value: u64 },
     #[error("unknown value mode {mode:#04x} in the run column")]
     UnknownValueMode { mode: u8 },
-    #[error("flag column points {gap} past the previous flag, beyond the batch's {readings} readings")]
+    #[error(
+        "flag column points {gap} past the previous flag, beyond the batch's {readings} readings"
+    )]
     FlagIndexOutOfRange { gap: u64, readings: u64 },
 }
 
@@ -198,7 +221,8 @@ impl BatchEncoder {
         } else {
             self.sorted.clear();
             self.sorted.extend_from_slice(&batch.readings);
-            self.sorted.sort_by_key(|reading| (reading.series, reading.time_ms));
+            self.sorted
+                .sort_by_key(|reading| (reading.series, reading.time_ms));
             &self.sorted
         };
         let run_count = readings::encode(readings, batch.created_ms, &mut self.columns);
@@ -212,7 +236,11 @@ impl BatchEncoder {
         let body = &mut self.body;
         varint::write_u64(body, summaries.len() as u64);
         body.extend_from_slice(&summaries);
-        for column in [&self.columns.runs, &self.columns.times, &self.columns.values] {
+        for column in [
+            &self.columns.runs,
+            &self.columns.times,
+            &self.columns.values,
+        ] {
             varint::write_u64(body, column.len() as u64);
             body.extend_from_slice(column);
         }
@@ -221,8 +249,11 @@ impl BatchEncoder {
         let mut compression = COMPRESSION_NONE;
         if let Some(compressor) = self.compressor.as_mut() {
             self.compressed.clear();
-            self.compressed.reserve(zstd::zstd_safe::compress_bound(self.body.len()));
-            if compressor.compress_to_buffer(&self.body[..], &mut self.compressed).is_ok()
+            self.compressed
+                .reserve(zstd::zstd_safe::compress_bound(self.body.len()));
+            if compressor
+                .compress_to_buffer(&self.body[..], &mut self.compressed)
+                .is_ok()
                 && self.compressed.len() < self.body.len()
             {
                 compression = COMPRESSION_ZSTD;
@@ -284,7 +315,11 @@ fn write_definitions(out: &mut Vec<u8>, series: &[SeriesDef]) {
 
 fn check_limit(what: &'static str, declared: usize, limit: usize) -> Result<(), BatchError> {
     if declared > limit {
-        return Err(BatchError::OverLimit { what, declared: declared as u64, limit: limit as u64 });
+        return Err(BatchError::OverLimit {
+            what,
+            declared: declared as u64,
+            limit: limit as u64,
+        });
     }
     Ok(())
 }
@@ -304,23 +339,35 @@ fn read_envelope_start<'a>(
 ) -> Result<EnvelopeStart<'a>, BatchError> {
     let magic = reader.read_u8()?;
     if magic != MAGIC {
-        return Err(BatchError::BadMagic { found: magic, expected: MAGIC });
+        return Err(BatchError::BadMagic {
+            found: magic,
+            expected: MAGIC,
+        });
     }
     let version = reader.read_u8()?;
     if version != FORMAT_VERSION {
-        return Err(BatchError::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
+        return Err(BatchError::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     let agent_id_bytes = reader.read_usize()?;
     check_limit("agent id bytes", agent_id_bytes, limits.max_agent_id_bytes)?;
-    let agent_id =
-        std::str::from_utf8(reader.take(agent_id_bytes)?).map_err(|_| BatchError::AgentIdNotUtf8)?;
+    let agent_id = std::str::from_utf8(reader.take(agent_id_bytes)?)
+        .map_err(|_| BatchError::AgentIdNotUtf8)?;
     let batch_seq = reader.read_u64()?;
     let created_ms = reader.read_i64()?;
     let definitions_bytes = reader.read_usize()?;
     let series_count = reader.read_usize()?;
     check_limit("series definitions", series_count, limits.max_series)?;
     let definitions = reader.take(definitions_bytes)?;
-    Ok(EnvelopeStart { agent_id, batch_seq, created_ms, series_count, definitions })
+    Ok(EnvelopeStart {
+        agent_id,
+        batch_seq,
+        created_ms,
+        series_count,
+        definitions,
+    })
 }
 
 struct Counts {
@@ -336,7 +383,10 @@ fn read_counts(reader: &mut Reader<'_>, limits: &BatchLimits) -> Result<Counts, 
     check_limit("readings", reading_count, limits.max_readings)?;
     let run_count = reader.read_usize()?;
     if run_count > reading_count {
-        return Err(BatchError::TooManyRuns { runs: run_count as u64, readings: reading_count as u64 });
+        return Err(BatchError::TooManyRuns {
+            runs: run_count as u64,
+            readings: reading_count as u64,
+        });
     }
     let summary_count = reader.read_usize()?;
     check_limit("summaries", summary_count, limits.max_summaries)?;
@@ -346,11 +396,20 @@ fn read_counts(reader: &mut Reader<'_>, limits: &BatchLimits) -> Result<Counts, 
     }
     let body_bytes = reader.read_usize()?;
     check_limit("body bytes", body_bytes, limits.max_body_bytes)?;
-    Ok(Counts { reading_count, run_count, summary_count, compression, body_bytes })
+    Ok(Counts {
+        reading_count,
+        run_count,
+        summary_count,
+        compression,
+        body_bytes,
+    })
 }
 
 fn decode_definitions(bytes: &[u8], count: usize) -> Result<Vec<SeriesDef>, BatchError> {
-    let mismatch = || BatchError::DefinitionsMismatch { declared: count as u64, bytes: bytes.len() as u64 };
+    let mismatch = || BatchError::DefinitionsMismatch {
+        declared: count as u64,
+        bytes: bytes.len() as u64,
+    };
     // Every definition takes at least three bytes (id, two string lengths), which
     // bounds the allocation by the input actually present.
     if count > bytes.len() / 3 {
@@ -360,7 +419,11 @@ fn decode_definitions(bytes: &[u8], count: usize) -> Result<Vec<SeriesDef>, Batc
     let mut rest = bytes;
     for index in 0..count {
         let (def, remaining) = postcard::take_from_bytes::<SeriesDef>(rest).map_err(|source| {
-            BatchError::Postcard { section: "series definition", index: index as u64, source }
+            BatchError::Postcard {
+                section: "series definition",
+                index: index as u64,
+                source,
+            }
         })?;
         series.push(def);
         rest = remaining;
@@ -420,17 +483,25 @@ impl BatchDecoder {
         let body: &[u8] = if counts.compression == COMPRESSION_ZSTD {
             let decompressor = match self.decompressor.as_mut() {
                 Some(decompressor) => decompressor,
-                None => self.decompressor.insert(zstd::bulk::Decompressor::new().map_err(|source| {
-                    BatchError::Decompress { declared_bytes: counts.body_bytes as u64, source }
-                })?),
+                None => self
+                    .decompressor
+                    .insert(zstd::bulk::Decompressor::new().map_err(|source| {
+                        BatchError::Decompress {
+                            declared_bytes: counts.body_bytes as u64,
+                            source,
+                        }
+                    })?),
             };
             self.body.clear();
             // The declared size was checked against the limit; zstd writes at most
             // the buffer's capacity and fails past it.
             self.body.reserve_exact(counts.body_bytes);
-            decompressor.decompress_to_buffer(payload, &mut self.body).map_err(|source| {
-                BatchError::Decompress { declared_bytes: counts.body_bytes as u64, source }
-            })?;
+            decompressor
+                .decompress_to_buffer(payload, &mut self.body)
+                .map_err(|source| BatchError::Decompress {
+                    declared_bytes: counts.body_bytes as u64,
+                    source,
+                })?;
             &self.body
         } else {
             payload
@@ -439,7 +510,11 @@ impl BatchDecoder {
     }
 }
 
-fn decode_body(start: EnvelopeStart<'_>, counts: &Counts, body: &[u8]) -> Result<Batch, BatchError> {
+fn decode_body(
+    start: EnvelopeStart<'_>,
+    counts: &Counts,
+    body: &[u8],
+) -> Result<Batch, BatchError> {
     if body.len() != counts.body_bytes {
         return Err(BatchError::BodySizeMismatch {
             declared_bytes: counts.body_bytes as u64,
@@ -462,10 +537,14 @@ fn decode_body(start: EnvelopeStart<'_>, counts: &Counts, body: &[u8]) -> Result
     // its run, which caps what a small body can make us allocate.
     let minimum_column_bytes = counts.reading_count.saturating_sub(counts.run_count);
     if times.len() < minimum_column_bytes || runs.len() < counts.run_count.saturating_mul(3) {
-        return Err(BatchError::Truncated { section: "reading columns" });
+        return Err(BatchError::Truncated {
+            section: "reading columns",
+        });
     }
     if summaries_section.len() < counts.summary_count {
-        return Err(BatchError::Truncated { section: "summaries" });
+        return Err(BatchError::Truncated {
+            section: "summaries",
+        });
     }
 
     let series = decode_definitions(start.definitions, start.series_count)?;
@@ -473,18 +552,32 @@ fn decode_body(start: EnvelopeStart<'_>, counts: &Counts, body: &[u8]) -> Result
     let mut summaries = Vec::with_capacity(counts.summary_count);
     let mut rest = summaries_section;
     for index in 0..counts.summary_count {
-        let (summary, remaining) = postcard::take_from_bytes::<WindowSummary>(rest)
-            .map_err(|source| BatchError::Postcard { section: "summary", index: index as u64, source })?;
+        let (summary, remaining) =
+            postcard::take_from_bytes::<WindowSummary>(rest).map_err(|source| {
+                BatchError::Postcard {
+                    section: "summary",
+                    index: index as u64,
+                    source,
+                }
+            })?;
         summaries.push(summary);
         rest = remaining;
     }
     if !rest.is_empty() {
-        return Err(BatchError::TrailingBytes { section: "summaries", count: rest.len() as u64 });
+        return Err(BatchError::TrailingBytes {
+            section: "summaries",
+            count: rest.len() as u64,
+        });
     }
 
     let mut readings = Vec::with_capacity(counts.reading_count);
     readings::decode(
-        EncodedColumns { runs, times, values, flags },
+        EncodedColumns {
+            runs,
+            times,
+            values,
+            flags,
+        },
         counts.run_count,
         counts.reading_count,
         start.created_ms,

@@ -110,8 +110,10 @@ pub struct FrameLimits {
 impl FrameLimits {
     /// 16 MiB batches (a 10-minute backlog batch of a large gateway is a few MiB), 4 KiB
     /// control frames (a hello with the longest allowed fields is under 1 KiB).
-    pub const DEFAULT: FrameLimits =
-        FrameLimits { max_frame_bytes: 16 * 1024 * 1024, max_control_frame_bytes: 4096 };
+    pub const DEFAULT: FrameLimits = FrameLimits {
+        max_frame_bytes: 16 * 1024 * 1024,
+        max_control_frame_bytes: 4096,
+    };
 
     /// The limit on the length field of a frame of `kind`.
     pub fn limit_for(&self, kind: FrameKind) -> u32 {
@@ -137,7 +139,11 @@ pub enum FrameError {
          the peer must split its data or is not a conforming Tributary peer",
         kind_name(*kind)
     )]
-    TooLarge { kind: Option<FrameKind>, length_bytes: u64, max_frame_bytes: u32 },
+    TooLarge {
+        kind: Option<FrameKind>,
+        length_bytes: u64,
+        max_frame_bytes: u32,
+    },
     #[error(
         "frame declares a length of 0, but every frame has at least its kind byte; the peer \
          is not speaking tributary/1 framing"
@@ -152,7 +158,10 @@ pub enum FrameError {
         "frame truncated: it needs {needed_bytes} bytes but only {available_bytes} are there; \
          wait for more bytes (or the stream ended mid-frame)"
     )]
-    Truncated { needed_bytes: u64, available_bytes: usize },
+    Truncated {
+        needed_bytes: u64,
+        available_bytes: usize,
+    },
     #[error("{kind} frame payload failed to decode: {source}")]
     Payload {
         kind: FrameKind,
@@ -174,9 +183,18 @@ pub enum FrameError {
         "field `{field}` of the {kind} message is {length_bytes} bytes, over the limit of \
          {max_bytes} bytes"
     )]
-    FieldTooLong { kind: FrameKind, field: &'static str, length_bytes: usize, max_bytes: usize },
+    FieldTooLong {
+        kind: FrameKind,
+        field: &'static str,
+        length_bytes: usize,
+        max_bytes: usize,
+    },
     #[error("field `{field}` of the {kind} message is invalid: {problem}")]
-    InvalidField { kind: FrameKind, field: &'static str, problem: &'static str },
+    InvalidField {
+        kind: FrameKind,
+        field: &'static str,
+        problem: &'static str,
+    },
     #[error(
         "hello announces protocol version {received}, this side speaks {supported}; upgrade \
          the older side"
@@ -202,7 +220,10 @@ pub struct FrameRef<'a> {
 
 impl FrameRef<'_> {
     pub fn to_owned(&self) -> Frame {
-        Frame { kind: self.kind, payload: self.payload.to_vec() }
+        Frame {
+            kind: self.kind,
+            payload: self.payload.to_vec(),
+        }
     }
 }
 
@@ -215,7 +236,10 @@ pub struct Frame {
 
 impl Frame {
     pub fn as_ref(&self) -> FrameRef<'_> {
-        FrameRef { kind: self.kind, payload: &self.payload }
+        FrameRef {
+            kind: self.kind,
+            payload: &self.payload,
+        }
     }
 
     /// Proves that `buffer` starts with a whole frame, without allocating.
@@ -266,17 +290,27 @@ impl Frame {
 
     /// Parses the frame at the start of `buffer`: the frame and how many bytes it took.
     /// Bytes after the frame are left alone (they belong to the next frame).
-    pub fn parse<'a>(buffer: &'a [u8], limits: &FrameLimits) -> Result<(FrameRef<'a>, usize), FrameError> {
+    pub fn parse<'a>(
+        buffer: &'a [u8],
+        limits: &FrameLimits,
+    ) -> Result<(FrameRef<'a>, usize), FrameError> {
         let Some(total_bytes) = Frame::check(buffer, limits)? else {
             let needed_bytes = match *buffer {
-                [b0, b1, b2, b3, ..] => u32::from_be_bytes([b0, b1, b2, b3]) as u64 + LENGTH_PREFIX_BYTES as u64,
+                [b0, b1, b2, b3, ..] => {
+                    u32::from_be_bytes([b0, b1, b2, b3]) as u64 + LENGTH_PREFIX_BYTES as u64
+                }
                 _ => FRAME_HEADER_BYTES as u64,
             };
-            return Err(FrameError::Truncated { needed_bytes, available_bytes: buffer.len() });
+            return Err(FrameError::Truncated {
+                needed_bytes,
+                available_bytes: buffer.len(),
+            });
         };
         let kind_byte = buffer.get(LENGTH_PREFIX_BYTES).copied().unwrap_or_default();
         let kind = FrameKind::from_byte(kind_byte)?;
-        let payload = buffer.get(FRAME_HEADER_BYTES..total_bytes).unwrap_or_default();
+        let payload = buffer
+            .get(FRAME_HEADER_BYTES..total_bytes)
+            .unwrap_or_default();
         Ok((FrameRef { kind, payload }, total_bytes))
     }
 }
@@ -284,9 +318,15 @@ impl Frame {
 /// The 5 header bytes of a frame of `kind` with `payload_bytes` of payload, after checking
 /// the size against `limits` (the limits the receiving side announced). For shells that
 /// write the header and a large payload without copying them together.
-pub fn frame_header(kind: FrameKind, payload_bytes: usize, limits: &FrameLimits) -> Result<[u8; FRAME_HEADER_BYTES], FrameError> {
+pub fn frame_header(
+    kind: FrameKind,
+    payload_bytes: usize,
+    limits: &FrameLimits,
+) -> Result<[u8; FRAME_HEADER_BYTES], FrameError> {
     let limit = limits.limit_for(kind);
-    let length = payload_bytes.checked_add(1).and_then(|length| u32::try_from(length).ok());
+    let length = payload_bytes
+        .checked_add(1)
+        .and_then(|length| u32::try_from(length).ok());
     let length = match length {
         Some(length) if length <= limit => length,
         _ => {
@@ -303,7 +343,12 @@ pub fn frame_header(kind: FrameKind, payload_bytes: usize, limits: &FrameLimits)
 
 /// Appends one whole frame to `out`. Fails, leaving `out` unchanged, when the payload is
 /// over the limit for its kind.
-pub fn write_frame(kind: FrameKind, payload: &[u8], limits: &FrameLimits, out: &mut Vec<u8>) -> Result<(), FrameError> {
+pub fn write_frame(
+    kind: FrameKind,
+    payload: &[u8],
+    limits: &FrameLimits,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
     let header = frame_header(kind, payload.len(), limits)?;
     out.reserve(FRAME_HEADER_BYTES + payload.len());
     out.extend_from_slice(&header);
@@ -361,7 +406,13 @@ pub struct FrameDecoder {
 
 impl FrameDecoder {
     pub fn new(limits: FrameLimits) -> Self {
-        FrameDecoder { limits, buffer: Vec::new(), start: 0, handed_out: 0, failed: false }
+        FrameDecoder {
+            limits,
+            buffer: Vec::new(),
+            start: 0,
+            handed_out: 0,
+            failed: false,
+        }
     }
 
     pub fn limits(&self) -> &FrameLimits {
@@ -423,7 +474,9 @@ impl FrameDecoder {
     /// Bytes received but not yet handed out as frames (a partial frame at the end of a
     /// stream means the peer stopped mid-frame).
     pub fn buffered_bytes(&self) -> usize {
-        self.buffer.len().saturating_sub(self.start + self.handed_out)
+        self.buffer
+            .len()
+            .saturating_sub(self.start + self.handed_out)
     }
 
     pub fn is_failed(&self) -> bool {
@@ -435,7 +488,10 @@ impl FrameDecoder {
 mod tests {
     use super::*;
 
-    const LIMITS: FrameLimits = FrameLimits { max_frame_bytes: 1000, max_control_frame_bytes: 100 };
+    const LIMITS: FrameLimits = FrameLimits {
+        max_frame_bytes: 1000,
+        max_control_frame_bytes: 100,
+    };
 
     #[test]
     fn check_waits_for_a_whole_frame() {
@@ -443,43 +499,98 @@ mod tests {
         write_frame(FrameKind::Batch, b"hello", &LIMITS, &mut bytes).unwrap();
         assert_eq!(bytes, [0, 0, 0, 6, 4, b'h', b'e', b'l', b'l', b'o']);
         for cut in 0..bytes.len() {
-            assert_eq!(Frame::check(&bytes[..cut], &LIMITS).unwrap(), None, "cut at {cut}");
+            assert_eq!(
+                Frame::check(&bytes[..cut], &LIMITS).unwrap(),
+                None,
+                "cut at {cut}"
+            );
         }
         bytes.push(9);
         assert_eq!(Frame::check(&bytes, &LIMITS).unwrap(), Some(10));
         let (frame, used) = Frame::parse(&bytes, &LIMITS).unwrap();
-        assert_eq!((frame.kind, frame.payload, used), (FrameKind::Batch, &b"hello"[..], 10));
+        assert_eq!(
+            (frame.kind, frame.payload, used),
+            (FrameKind::Batch, &b"hello"[..], 10)
+        );
     }
 
     #[test]
     fn oversized_lengths_are_rejected_from_the_header_alone() {
         let error = Frame::check(&[0xff, 0xff, 0xff, 0xff], &LIMITS).unwrap_err();
-        assert!(matches!(error, FrameError::TooLarge { kind: None, length_bytes: 0xffff_ffff, max_frame_bytes: 1000 }));
+        assert!(matches!(
+            error,
+            FrameError::TooLarge {
+                kind: None,
+                length_bytes: 0xffff_ffff,
+                max_frame_bytes: 1000
+            }
+        ));
         let message = error.to_string();
-        assert!(message.contains("4294967295") && message.contains("1000"), "{message}");
+        assert!(
+            message.contains("4294967295") && message.contains("1000"),
+            "{message}"
+        );
         // A control frame has the smaller limit, known once the kind byte is in.
         let error = Frame::check(&[0, 0, 0, 101, FrameKind::Ack.as_byte()], &LIMITS).unwrap_err();
-        assert!(matches!(error, FrameError::TooLarge { kind: Some(FrameKind::Ack), length_bytes: 101, max_frame_bytes: 100 }));
-        assert_eq!(Frame::check(&[0, 0, 0, 101, FrameKind::Batch.as_byte()], &LIMITS).unwrap(), None);
+        assert!(matches!(
+            error,
+            FrameError::TooLarge {
+                kind: Some(FrameKind::Ack),
+                length_bytes: 101,
+                max_frame_bytes: 100
+            }
+        ));
+        assert_eq!(
+            Frame::check(&[0, 0, 0, 101, FrameKind::Batch.as_byte()], &LIMITS).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn empty_and_unknown_frames_are_rejected() {
-        assert!(matches!(Frame::check(&[0, 0, 0, 0], &LIMITS), Err(FrameError::Empty)));
-        assert!(matches!(Frame::check(&[0, 0, 0, 1, 0x7f], &LIMITS), Err(FrameError::UnknownKind { kind_byte: 0x7f })));
-        assert!(matches!(Frame::parse(&[0, 0, 0, 9, 4, 1], &LIMITS), Err(FrameError::Truncated { needed_bytes: 13, available_bytes: 6 })));
+        assert!(matches!(
+            Frame::check(&[0, 0, 0, 0], &LIMITS),
+            Err(FrameError::Empty)
+        ));
+        assert!(matches!(
+            Frame::check(&[0, 0, 0, 1, 0x7f], &LIMITS),
+            Err(FrameError::UnknownKind { kind_byte: 0x7f })
+        ));
+        assert!(matches!(
+            Frame::parse(&[0, 0, 0, 9, 4, 1], &LIMITS),
+            Err(FrameError::Truncated {
+                needed_bytes: 13,
+                available_bytes: 6
+            })
+        ));
     }
 
     #[test]
     fn writing_refuses_payloads_over_the_limit() {
         let mut out = vec![1, 2];
         let error = write_frame(FrameKind::Hello, &[0; 100], &LIMITS, &mut out).unwrap_err();
-        assert!(matches!(error, FrameError::TooLarge { kind: Some(FrameKind::Hello), length_bytes: 101, max_frame_bytes: 100 }));
+        assert!(matches!(
+            error,
+            FrameError::TooLarge {
+                kind: Some(FrameKind::Hello),
+                length_bytes: 101,
+                max_frame_bytes: 100
+            }
+        ));
         assert_eq!(out, [1, 2]);
-        let error = write_frame_with(FrameKind::Batch, &LIMITS, &mut out, |out| {
-            out.extend_from_slice(&[0; 1000]);
-            Ok::<(), postcard::Error>(())
-        }, |source| FrameError::Encode { kind: FrameKind::Batch, source })
+        let error = write_frame_with(
+            FrameKind::Batch,
+            &LIMITS,
+            &mut out,
+            |out| {
+                out.extend_from_slice(&[0; 1000]);
+                Ok::<(), postcard::Error>(())
+            },
+            |source| FrameError::Encode {
+                kind: FrameKind::Batch,
+                source,
+            },
+        )
         .unwrap_err();
         assert!(matches!(error, FrameError::TooLarge { .. }));
         assert_eq!(out, [1, 2]);
@@ -500,7 +611,11 @@ mod tests {
                     frames.push(frame);
                 }
             }
-            assert_eq!(frames.len(), FrameKind::ALL.len(), "chunks of {chunk_bytes}");
+            assert_eq!(
+                frames.len(),
+                FrameKind::ALL.len(),
+                "chunks of {chunk_bytes}"
+            );
             for (index, frame) in frames.iter().enumerate() {
                 assert_eq!(frame.kind, FrameKind::ALL[index]);
                 assert_eq!(frame.payload, vec![index as u8; index * 7]);
@@ -513,9 +628,15 @@ mod tests {
     fn decoder_stays_failed_after_an_error() {
         let mut decoder = FrameDecoder::new(LIMITS);
         decoder.feed(&[0, 0, 0, 1, 0xee]);
-        assert!(matches!(decoder.next_frame(), Err(FrameError::UnknownKind { kind_byte: 0xee })));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(FrameError::UnknownKind { kind_byte: 0xee })
+        ));
         decoder.feed(&[0, 0, 0, 1, 5]);
-        assert!(matches!(decoder.next_frame(), Err(FrameError::DecoderFailed)));
+        assert!(matches!(
+            decoder.next_frame(),
+            Err(FrameError::DecoderFailed)
+        ));
         assert!(decoder.is_failed());
     }
 }

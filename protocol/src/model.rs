@@ -22,7 +22,11 @@ pub struct SeriesKey {
 
 impl SeriesKey {
     pub fn new(device_id: impl Into<String>, metric: impl Into<String>) -> Self {
-        Self { device_id: device_id.into(), metric: metric.into(), tags: Vec::new() }
+        Self {
+            device_id: device_id.into(),
+            metric: metric.into(),
+            tags: Vec::new(),
+        }
     }
 
     /// Adds tags, keeping them sorted by name (the last value wins on a repeated name).

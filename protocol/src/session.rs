@@ -100,7 +100,12 @@ pub enum RejectReason {
 impl RejectReason {
     /// Whether reconnecting later can succeed without an operator changing something.
     pub fn is_retryable(self) -> bool {
-        matches!(self, RejectReason::AgentAlreadyConnected | RejectReason::Overloaded | RejectReason::ShuttingDown)
+        matches!(
+            self,
+            RejectReason::AgentAlreadyConnected
+                | RejectReason::Overloaded
+                | RejectReason::ShuttingDown
+        )
     }
 }
 
@@ -115,8 +120,16 @@ pub struct Reject {
 
 impl Reject {
     /// A reject whose message is cut (at a character boundary) to [`MAX_MESSAGE_BYTES`].
-    pub fn new(reason: RejectReason, message: impl Into<String>, retry_after_ms: Option<u32>) -> Self {
-        Reject { reason, message: truncate_message(message.into()), retry_after_ms }
+    pub fn new(
+        reason: RejectReason,
+        message: impl Into<String>,
+        retry_after_ms: Option<u32>,
+    ) -> Self {
+        Reject {
+            reason,
+            message: truncate_message(message.into()),
+            retry_after_ms,
+        }
     }
 }
 
@@ -159,8 +172,18 @@ pub struct Nack {
 
 impl Nack {
     /// A nack whose message is cut (at a character boundary) to [`MAX_MESSAGE_BYTES`].
-    pub fn new(batch_seq: u64, reason: NackReason, retryable: bool, message: impl Into<String>) -> Self {
-        Nack { batch_seq, reason, retryable, message: truncate_message(message.into()) }
+    pub fn new(
+        batch_seq: u64,
+        reason: NackReason,
+        retryable: bool,
+        message: impl Into<String>,
+    ) -> Self {
+        Nack {
+            batch_seq,
+            reason,
+            retryable,
+            message: truncate_message(message.into()),
+        }
     }
 }
 
@@ -187,9 +210,19 @@ pub enum Message {
     Nack(Nack),
 }
 
-fn check_length(kind: FrameKind, field: &'static str, value: &str, max_bytes: usize) -> Result<(), FrameError> {
+fn check_length(
+    kind: FrameKind,
+    field: &'static str,
+    value: &str,
+    max_bytes: usize,
+) -> Result<(), FrameError> {
     if value.len() > max_bytes {
-        Err(FrameError::FieldTooLong { kind, field, length_bytes: value.len(), max_bytes })
+        Err(FrameError::FieldTooLong {
+            kind,
+            field,
+            length_bytes: value.len(),
+            max_bytes,
+        })
     } else {
         Ok(())
     }
@@ -199,7 +232,9 @@ fn check_length(kind: FrameKind, field: &'static str, value: &str, max_bytes: us
 pub fn is_valid_agent_id(agent_id: &str) -> bool {
     !agent_id.is_empty()
         && agent_id.len() <= MAX_AGENT_ID_BYTES
-        && agent_id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b':'))
+        && agent_id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b':'))
 }
 
 impl Hello {
@@ -216,7 +251,12 @@ impl Hello {
             });
         }
         check_length(kind, "token", &self.token, MAX_TOKEN_BYTES)?;
-        check_length(kind, "agent_version", &self.agent_version, MAX_AGENT_VERSION_BYTES)
+        check_length(
+            kind,
+            "agent_version",
+            &self.agent_version,
+            MAX_AGENT_VERSION_BYTES,
+        )
     }
 }
 
@@ -236,8 +276,15 @@ impl Message {
     pub fn validate(&self) -> Result<(), FrameError> {
         match self {
             Message::Hello(hello) => hello.validate(),
-            Message::Reject(reject) => check_length(FrameKind::Reject, "message", &reject.message, MAX_MESSAGE_BYTES),
-            Message::Nack(nack) => check_length(FrameKind::Nack, "message", &nack.message, MAX_MESSAGE_BYTES),
+            Message::Reject(reject) => check_length(
+                FrameKind::Reject,
+                "message",
+                &reject.message,
+                MAX_MESSAGE_BYTES,
+            ),
+            Message::Nack(nack) => {
+                check_length(FrameKind::Nack, "message", &nack.message, MAX_MESSAGE_BYTES)
+            }
             Message::Welcome(_) | Message::Batch(_) | Message::Ack(_) => Ok(()),
         }
     }
@@ -250,11 +297,41 @@ impl Message {
         let encode_error = |source| FrameError::Encode { kind, source };
         match self {
             Message::Batch(bytes) => write_frame(kind, bytes, limits, out),
-            Message::Hello(hello) => write_frame_with(kind, limits, out, |out| postcard_extend(hello, out), encode_error),
-            Message::Welcome(welcome) => write_frame_with(kind, limits, out, |out| postcard_extend(welcome, out), encode_error),
-            Message::Reject(reject) => write_frame_with(kind, limits, out, |out| postcard_extend(reject, out), encode_error),
-            Message::Ack(ack) => write_frame_with(kind, limits, out, |out| postcard_extend(ack, out), encode_error),
-            Message::Nack(nack) => write_frame_with(kind, limits, out, |out| postcard_extend(nack, out), encode_error),
+            Message::Hello(hello) => write_frame_with(
+                kind,
+                limits,
+                out,
+                |out| postcard_extend(hello, out),
+                encode_error,
+            ),
+            Message::Welcome(welcome) => write_frame_with(
+                kind,
+                limits,
+                out,
+                |out| postcard_extend(welcome, out),
+                encode_error,
+            ),
+            Message::Reject(reject) => write_frame_with(
+                kind,
+                limits,
+                out,
+                |out| postcard_extend(reject, out),
+                encode_error,
+            ),
+            Message::Ack(ack) => write_frame_with(
+                kind,
+                limits,
+                out,
+                |out| postcard_extend(ack, out),
+                encode_error,
+            ),
+            Message::Nack(nack) => write_frame_with(
+                kind,
+                limits,
+                out,
+                |out| postcard_extend(nack, out),
+                encode_error,
+            ),
         }
     }
 
@@ -278,7 +355,10 @@ impl Message {
                 let (received, _) = postcard::take_from_bytes::<u16>(payload)
                     .map_err(|source| FrameError::Payload { kind, source })?;
                 if received != PROTOCOL_VERSION {
-                    return Err(FrameError::UnsupportedProtocolVersion { received, supported: PROTOCOL_VERSION });
+                    return Err(FrameError::UnsupportedProtocolVersion {
+                        received,
+                        supported: PROTOCOL_VERSION,
+                    });
                 }
                 Message::Hello(decode_exact(kind, payload)?)
             }
@@ -298,10 +378,17 @@ fn postcard_extend<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), pos
     Ok(())
 }
 
-fn decode_exact<'a, T: Deserialize<'a>>(kind: FrameKind, payload: &'a [u8]) -> Result<T, FrameError> {
-    let (value, rest) = postcard::take_from_bytes(payload).map_err(|source| FrameError::Payload { kind, source })?;
+fn decode_exact<'a, T: Deserialize<'a>>(
+    kind: FrameKind,
+    payload: &'a [u8],
+) -> Result<T, FrameError> {
+    let (value, rest) = postcard::take_from_bytes(payload)
+        .map_err(|source| FrameError::Payload { kind, source })?;
     if !rest.is_empty() {
-        return Err(FrameError::TrailingBytes { kind, extra_bytes: rest.len() });
+        return Err(FrameError::TrailingBytes {
+            kind,
+            extra_bytes: rest.len(),
+        });
     }
     Ok(value)
 }
@@ -317,7 +404,11 @@ mod tests {
             agent_id: "gw-0017".into(),
             token: "secret".into(),
             agent_version: "0.1.0".into(),
-            backlog: Backlog { batches: 3, bytes: 4096, oldest_unsent_time_ms: Some(1_700_000_000_000) },
+            backlog: Backlog {
+                batches: 3,
+                bytes: 4096,
+                oldest_unsent_time_ms: Some(1_700_000_000_000),
+            },
         }
     }
 
@@ -334,31 +425,87 @@ mod tests {
     fn invalid_agent_ids_are_refused_on_both_ends() {
         let mut bad = hello();
         bad.agent_id = "gw 17/../x".into();
-        let error = Message::Hello(bad.clone()).encode_to_vec(&FrameLimits::DEFAULT).unwrap_err();
-        assert!(matches!(error, FrameError::InvalidField { field: "agent_id", .. }), "{error}");
+        let error = Message::Hello(bad.clone())
+            .encode_to_vec(&FrameLimits::DEFAULT)
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                FrameError::InvalidField {
+                    field: "agent_id",
+                    ..
+                }
+            ),
+            "{error}"
+        );
         let payload = postcard::to_allocvec(&bad).unwrap();
-        let error = Message::decode(FrameRef { kind: FrameKind::Hello, payload: &payload }).unwrap_err();
-        assert!(matches!(error, FrameError::InvalidField { field: "agent_id", .. }), "{error}");
+        let error = Message::decode(FrameRef {
+            kind: FrameKind::Hello,
+            payload: &payload,
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                FrameError::InvalidField {
+                    field: "agent_id",
+                    ..
+                }
+            ),
+            "{error}"
+        );
         let mut long = hello();
         long.token = "t".repeat(MAX_TOKEN_BYTES + 1);
         let payload = postcard::to_allocvec(&long).unwrap();
-        let error = Message::decode(FrameRef { kind: FrameKind::Hello, payload: &payload }).unwrap_err();
-        assert!(matches!(error, FrameError::FieldTooLong { field: "token", length_bytes: 513, max_bytes: 512, .. }));
+        let error = Message::decode(FrameRef {
+            kind: FrameKind::Hello,
+            payload: &payload,
+        })
+        .unwrap_err();
+        assert!(matches!(
+            error,
+            FrameError::FieldTooLong {
+                field: "token",
+                length_bytes: 513,
+                max_bytes: 512,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn a_hello_of_another_version_gets_a_typed_error() {
         let payload = postcard::to_allocvec(&(2u16, "a future layout", 7u8)).unwrap();
-        let error = Message::decode(FrameRef { kind: FrameKind::Hello, payload: &payload }).unwrap_err();
-        assert!(matches!(error, FrameError::UnsupportedProtocolVersion { received: 2, supported: 1 }));
+        let error = Message::decode(FrameRef {
+            kind: FrameKind::Hello,
+            payload: &payload,
+        })
+        .unwrap_err();
+        assert!(matches!(
+            error,
+            FrameError::UnsupportedProtocolVersion {
+                received: 2,
+                supported: 1
+            }
+        ));
     }
 
     #[test]
     fn trailing_bytes_are_refused() {
         let mut payload = postcard::to_allocvec(&Ack { batch_seq: 9 }).unwrap();
         payload.push(0);
-        let error = Message::decode(FrameRef { kind: FrameKind::Ack, payload: &payload }).unwrap_err();
-        assert!(matches!(error, FrameError::TrailingBytes { kind: FrameKind::Ack, extra_bytes: 1 }));
+        let error = Message::decode(FrameRef {
+            kind: FrameKind::Ack,
+            payload: &payload,
+        })
+        .unwrap_err();
+        assert!(matches!(
+            error,
+            FrameError::TrailingBytes {
+                kind: FrameKind::Ack,
+                extra_bytes: 1
+            }
+        ));
     }
 
     #[test]
@@ -367,7 +514,11 @@ mod tests {
         assert!(nack.message.len() <= MAX_MESSAGE_BYTES);
         assert!(nack.message.len() >= MAX_MESSAGE_BYTES - 1);
         let mut decoder = FrameDecoder::new(FrameLimits::DEFAULT);
-        decoder.feed(&Message::Nack(nack.clone()).encode_to_vec(&FrameLimits::DEFAULT).unwrap());
+        decoder.feed(
+            &Message::Nack(nack.clone())
+                .encode_to_vec(&FrameLimits::DEFAULT)
+                .unwrap(),
+        );
         let frame = decoder.next_frame().unwrap().unwrap();
         assert_eq!(Message::decode(frame).unwrap(), Message::Nack(nack));
     }

@@ -59,7 +59,10 @@ pub enum SketchError {
         "sketch bucket store spans {span_buckets} bucket indices, more than the limit of \
          {max_buckets}; the sender is not a conforming Tributary encoder"
     )]
-    TooManyBuckets { span_buckets: u64, max_buckets: usize },
+    TooManyBuckets {
+        span_buckets: u64,
+        max_buckets: usize,
+    },
     #[error(
         "sketch bucket {position} has an invalid gap {gap} (the first gap must be 0 and \
          later gaps at least 1); the encoding is corrupt"
@@ -76,7 +79,8 @@ pub enum SketchError {
 fn approximate_log2(value: f64) -> f64 {
     let bits = value.to_bits();
     let exponent = ((bits >> 52) & 0x7ff) as i64 - 1023;
-    let mantissa_fraction = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000) - 1.0;
+    let mantissa_fraction =
+        f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000) - 1.0;
     ((CUBIC_A * mantissa_fraction + CUBIC_B) * mantissa_fraction + CUBIC_C) * mantissa_fraction
         + exponent as f64
 }
@@ -125,8 +129,10 @@ fn bucket_index(magnitude: f64) -> i32 {
 fn bucket_value(index: i32) -> f64 {
     let (lower_exponent, lower_significand) =
         inverse_approximate_log2((index as f64 - 1.0) / INDEX_MULTIPLIER);
-    let (upper_exponent, upper_significand) = inverse_approximate_log2(index as f64 / INDEX_MULTIPLIER);
-    let ratio = power_of_two(upper_exponent - lower_exponent) * upper_significand / lower_significand;
+    let (upper_exponent, upper_significand) =
+        inverse_approximate_log2(index as f64 / INDEX_MULTIPLIER);
+    let ratio =
+        power_of_two(upper_exponent - lower_exponent) * upper_significand / lower_significand;
     let value = power_of_two(lower_exponent) * lower_significand * (2.0 * ratio / (1.0 + ratio));
     value.min(f64::MAX)
 }
@@ -147,7 +153,9 @@ impl BucketStore {
     }
 
     fn total(&self) -> u64 {
-        self.counts.iter().fold(0u64, |sum, count| sum.saturating_add(*count))
+        self.counts
+            .iter()
+            .fold(0u64, |sum, count| sum.saturating_add(*count))
     }
 
     fn highest_index(&self) -> i64 {
@@ -193,11 +201,19 @@ impl BucketStore {
     /// Widens the store to cover `[new_lowest, new_highest]` (collapsing whatever falls
     /// below the kept range into its lowest bucket), then lets `fill` add counts into the
     /// resized dense vector, given the index of its first slot.
-    fn add_slow(&mut self, new_lowest: i64, new_highest: i64, fill: impl FnOnce(&mut Vec<u64>, i64)) {
+    fn add_slow(
+        &mut self,
+        new_lowest: i64,
+        new_highest: i64,
+        fill: impl FnOnce(&mut Vec<u64>, i64),
+    ) {
         let (lowest, highest) = if self.is_empty() {
             (new_lowest, new_highest)
         } else {
-            (new_lowest.min(self.offset as i64), new_highest.max(self.highest_index()))
+            (
+                new_lowest.min(self.offset as i64),
+                new_highest.max(self.highest_index()),
+            )
         };
         let lowest = lowest.max(highest - MAX_BUCKETS_PER_STORE as i64 + 1);
         let length = (highest - lowest + 1) as usize;
@@ -209,7 +225,10 @@ impl BucketStore {
             // Collapse the old counts that fall below the new lowest index.
             let collapsed: u64 = if old_offset < lowest {
                 let cut = ((lowest - old_offset) as usize).min(self.counts.len());
-                let sum = self.counts.drain(..cut).fold(0u64, |sum, count| sum.saturating_add(count));
+                let sum = self
+                    .counts
+                    .drain(..cut)
+                    .fold(0u64, |sum, count| sum.saturating_add(count));
                 sum
             } else {
                 0
@@ -217,7 +236,8 @@ impl BucketStore {
             let kept_lowest = old_offset.max(lowest);
             let leading_zeros = (kept_lowest - lowest).max(0) as usize;
             if leading_zeros > 0 {
-                self.counts.splice(0..0, std::iter::repeat_n(0, leading_zeros));
+                self.counts
+                    .splice(0..0, std::iter::repeat_n(0, leading_zeros));
             }
             let trailing_zeros = (highest - old_highest.max(lowest - 1)).max(0) as usize;
             let target_length = self.counts.len() + trailing_zeros;
@@ -277,7 +297,10 @@ impl BucketStore {
         let mut index = first_index as i64;
         for (position, (gap, count)) in buckets.iter().enumerate() {
             if (position == 0) != (*gap == 0) {
-                return Err(SketchError::InvalidGap { position, gap: *gap });
+                return Err(SketchError::InvalidGap {
+                    position,
+                    gap: *gap,
+                });
             }
             if *count == 0 {
                 return Err(SketchError::ZeroCount { position });
@@ -303,7 +326,10 @@ impl BucketStore {
                 *slot = *count;
             }
         }
-        Ok(BucketStore { offset: first_index, counts })
+        Ok(BucketStore {
+            offset: first_index,
+            counts,
+        })
     }
 }
 
@@ -319,10 +345,16 @@ impl<'de> Deserialize<'de> for BoundedPairs {
             type Value = BoundedPairs;
 
             fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                write!(formatter, "at most {MAX_BUCKETS_PER_STORE} (gap, count) pairs")
+                write!(
+                    formatter,
+                    "at most {MAX_BUCKETS_PER_STORE} (gap, count) pairs"
+                )
             }
 
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut sequence: A) -> Result<BoundedPairs, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut sequence: A,
+            ) -> Result<BoundedPairs, A::Error> {
                 let too_many = |declared: usize| {
                     A::Error::custom(SketchError::TooManyBuckets {
                         span_buckets: declared as u64,
@@ -351,7 +383,8 @@ impl<'de> Deserialize<'de> for BoundedPairs {
 impl<'de> Deserialize<'de> for BucketStore {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         // The dense vector is only allocated after the span check in `from_sparse`.
-        let (first_index, BoundedPairs(buckets)): (i32, BoundedPairs) = Deserialize::deserialize(deserializer)?;
+        let (first_index, BoundedPairs(buckets)): (i32, BoundedPairs) =
+            Deserialize::deserialize(deserializer)?;
         BucketStore::from_sparse(first_index, &buckets).map_err(D::Error::custom)
     }
 }
@@ -411,7 +444,9 @@ impl Sketch {
 
     /// How many values the sketch holds.
     pub fn count(&self) -> u64 {
-        self.zero_count.saturating_add(self.positive.total()).saturating_add(self.negative.total())
+        self.zero_count
+            .saturating_add(self.positive.total())
+            .saturating_add(self.negative.total())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -454,7 +489,12 @@ impl Sketch {
             .next_back()
             .map(|(index, _)| bucket_value(index))
             .or(if self.zero_count > 0 { Some(0.0) } else { None })
-            .or_else(|| self.negative.buckets().next().map(|(index, _)| -bucket_value(index)))
+            .or_else(|| {
+                self.negative
+                    .buckets()
+                    .next()
+                    .map(|(index, _)| -bucket_value(index))
+            })
     }
 
     /// Number of non-empty buckets, for size accounting and tests.
@@ -506,14 +546,18 @@ mod tests {
     #[test]
     fn every_bucket_value_is_within_accuracy_of_its_bounds() {
         for index in (-35700..35800).step_by(7) {
-            let (lower_exponent, lower) = inverse_approximate_log2((index as f64 - 1.0) / INDEX_MULTIPLIER);
+            let (lower_exponent, lower) =
+                inverse_approximate_log2((index as f64 - 1.0) / INDEX_MULTIPLIER);
             let (upper_exponent, upper) = inverse_approximate_log2(index as f64 / INDEX_MULTIPLIER);
             let lower = power_of_two(lower_exponent) * lower;
             let upper = power_of_two(upper_exponent) * upper;
             let value = bucket_value(index);
             for bound in [lower, upper] {
                 let error = (value - bound).abs() / bound;
-                assert!(error <= RELATIVE_ACCURACY + 1e-12, "bucket {index}: {error}");
+                assert!(
+                    error <= RELATIVE_ACCURACY + 1e-12,
+                    "bucket {index}: {error}"
+                );
             }
         }
     }
@@ -524,7 +568,10 @@ mod tests {
         while value < 1e307 {
             let estimate = bucket_value(bucket_index(value));
             let error = (estimate - value).abs() / value;
-            assert!(error <= RELATIVE_ACCURACY + 1e-12, "{value}: {estimate} ({error})");
+            assert!(
+                error <= RELATIVE_ACCURACY + 1e-12,
+                "{value}: {estimate} ({error})"
+            );
             value *= 1.0173;
         }
         assert!(bucket_value(bucket_index(f64::MAX)).is_finite());
@@ -559,13 +606,25 @@ mod tests {
 
     #[test]
     fn decoding_rejects_wide_or_corrupt_stores() {
-        let wide = (0u64, (0i32, vec![(0u32, 1u64), (5000, 1)]), (0i32, Vec::<(u32, u64)>::new()));
+        let wide = (
+            0u64,
+            (0i32, vec![(0u32, 1u64), (5000, 1)]),
+            (0i32, Vec::<(u32, u64)>::new()),
+        );
         let bytes = postcard::to_allocvec(&wide).unwrap();
         assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
-        let zero_gap = (0u64, (0i32, vec![(0u32, 1u64), (0, 1)]), (0i32, Vec::<(u32, u64)>::new()));
+        let zero_gap = (
+            0u64,
+            (0i32, vec![(0u32, 1u64), (0, 1)]),
+            (0i32, Vec::<(u32, u64)>::new()),
+        );
         let bytes = postcard::to_allocvec(&zero_gap).unwrap();
         assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
-        let zero_count = (0u64, (0i32, vec![(0u32, 0u64)]), (0i32, Vec::<(u32, u64)>::new()));
+        let zero_count = (
+            0u64,
+            (0i32, vec![(0u32, 0u64)]),
+            (0i32, Vec::<(u32, u64)>::new()),
+        );
         let bytes = postcard::to_allocvec(&zero_count).unwrap();
         assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
         // A declared pair count over the bound is refused from the length alone (postcard
@@ -573,8 +632,15 @@ mod tests {
         // stops after the bound).
         let mut many_pairs = vec![0u8, 0, 0x88, 0x27]; // zero count, first index, 5000 pairs
         many_pairs.extend(std::iter::repeat_n(1u8, 10_000));
-        assert_eq!(postcard::from_bytes::<Sketch>(&many_pairs), Err(postcard::Error::SerdeDeCustom));
-        let overflow = (0u64, (i32::MAX, vec![(0u32, 1u64), (1, 1)]), (0i32, Vec::<(u32, u64)>::new()));
+        assert_eq!(
+            postcard::from_bytes::<Sketch>(&many_pairs),
+            Err(postcard::Error::SerdeDeCustom)
+        );
+        let overflow = (
+            0u64,
+            (i32::MAX, vec![(0u32, 1u64), (1, 1)]),
+            (0i32, Vec::<(u32, u64)>::new()),
+        );
         let bytes = postcard::to_allocvec(&overflow).unwrap();
         assert!(postcard::from_bytes::<Sketch>(&bytes).is_err());
     }

@@ -161,11 +161,21 @@ impl Summary {
         if other.max.total_cmp(&self.max) == Ordering::Greater {
             self.max = other.max;
         }
-        if is_before(other.first_time_ms, other.first_value, self.first_time_ms, self.first_value) {
+        if is_before(
+            other.first_time_ms,
+            other.first_value,
+            self.first_time_ms,
+            self.first_value,
+        ) {
             self.first_time_ms = other.first_time_ms;
             self.first_value = other.first_value;
         }
-        if is_before(self.last_time_ms, self.last_value, other.last_time_ms, other.last_value) {
+        if is_before(
+            self.last_time_ms,
+            self.last_value,
+            other.last_time_ms,
+            other.last_value,
+        ) {
             self.last_time_ms = other.last_time_ms;
             self.last_value = other.last_value;
         }
@@ -266,6 +276,9 @@ mod tests {
         assert_eq!(check_value(1.5), Ok(1.5));
         assert!(check_value(f64::NEG_INFINITY).is_err());
         let message = check_value(f64::NAN).unwrap_err().to_string();
-        assert!(message.contains("NaN") && message.contains("finite"), "{message}");
+        assert!(
+            message.contains("NaN") && message.contains("finite"),
+            "{message}"
+        );
     }
 }

@@ -2,13 +2,22 @@
 //! went in; whatever the bytes, nothing panics and nothing over the limit is buffered.
 
 use proptest::prelude::*;
-use tributary_protocol::frame::{write_frame, Frame, FrameDecoder, FrameError, FrameKind, FrameLimits};
+use tributary_protocol::frame::{
+    write_frame, Frame, FrameDecoder, FrameError, FrameKind, FrameLimits,
+};
 
-const LIMITS: FrameLimits = FrameLimits { max_frame_bytes: 4096, max_control_frame_bytes: 256 };
+const LIMITS: FrameLimits = FrameLimits {
+    max_frame_bytes: 4096,
+    max_control_frame_bytes: 256,
+};
 
 fn frame() -> impl Strategy<Value = (FrameKind, Vec<u8>)> {
     (prop::sample::select(FrameKind::ALL.to_vec()), any::<bool>()).prop_flat_map(|(kind, large)| {
-        let max = if kind.is_control() || !large { 255 } else { 4095 };
+        let max = if kind.is_control() || !large {
+            255
+        } else {
+            4095
+        };
         (Just(kind), prop::collection::vec(any::<u8>(), 0..max))
     })
 }
@@ -83,6 +92,9 @@ fn a_truncated_stream_leaves_its_partial_frame_visible() {
     assert_eq!(decoder.buffered_bytes(), 50);
     assert!(matches!(
         Frame::parse(&stream[..50], &LIMITS),
-        Err(FrameError::Truncated { needed_bytes: 105, available_bytes: 50 })
+        Err(FrameError::Truncated {
+            needed_bytes: 105,
+            available_bytes: 50
+        })
     ));
 }

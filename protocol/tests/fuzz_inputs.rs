@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use tributary_protocol::batch::{encode_batch, Batch};
 use tributary_protocol::frame::{write_frame, FrameKind};
 use tributary_protocol::session::{
-    Ack, Backlog, Hello, Message, Nack, NackReason, Reject, RejectReason, ServerLimits, Welcome, PROTOCOL_VERSION,
+    Ack, Backlog, Hello, Message, Nack, NackReason, Reject, RejectReason, ServerLimits, Welcome,
+    PROTOCOL_VERSION,
 };
 use tributary_protocol::{Reading, SeriesDef, SeriesKey, Summary, WindowSummary};
 
@@ -32,8 +33,12 @@ fn inputs(kind: &str, target: &str) -> Vec<(String, Vec<u8>)> {
         .unwrap_or_else(|error| panic!("cannot list {}: {error}", directory.display()))
         .map(|entry| {
             let path = entry.expect("directory entry").path();
-            let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-            let bytes = fs::read(&path).unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+            let name = path
+                .file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let bytes = fs::read(&path)
+                .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
             (name, bytes)
         })
         .collect();
@@ -45,7 +50,8 @@ fn inputs(kind: &str, target: &str) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn frame_decode_seeds_decode() {
     for (name, bytes) in inputs("corpus_seed", "frame_decode") {
-        let messages = drive::frame_decode(&bytes).unwrap_or_else(|error| panic!("seed {name}: {error}"));
+        let messages =
+            drive::frame_decode(&bytes).unwrap_or_else(|error| panic!("seed {name}: {error}"));
         assert!(!messages.is_empty(), "seed {name} holds no message");
     }
 }
@@ -82,7 +88,8 @@ fn sample_batch(batch_seq: u64, with_definitions: bool, readings_per_series: i64
     let series: Vec<SeriesDef> = (0..3u32)
         .map(|id| SeriesDef {
             id,
-            key: SeriesKey::new(format!("dev-{id}"), "temperature_c").with_tags([("site", "plant-a")]),
+            key: SeriesKey::new(format!("dev-{id}"), "temperature_c")
+                .with_tags([("site", "plant-a")]),
         })
         .collect();
     let mut readings = Vec::new();
@@ -100,7 +107,12 @@ fn sample_batch(batch_seq: u64, with_definitions: bool, readings_per_series: i64
     for second in 1..10 {
         summary.observe(start_ms + second * 1000, 21.5 + (second % 3) as f64 * 0.01);
     }
-    let summaries = vec![WindowSummary { series: 0, window_start_ms: start_ms, window_ms: 10_000, summary }];
+    let summaries = vec![WindowSummary {
+        series: 0,
+        window_start_ms: start_ms,
+        window_ms: 10_000,
+        summary,
+    }];
     Batch {
         agent_id: "gw-0017".into(),
         batch_seq,
@@ -112,7 +124,9 @@ fn sample_batch(batch_seq: u64, with_definitions: bool, readings_per_series: i64
 }
 
 fn frame_of(message: &Message) -> Vec<u8> {
-    message.encode_to_vec(&drive::FUZZ_FRAME_LIMITS).expect("seed message encodes")
+    message
+        .encode_to_vec(&drive::FUZZ_FRAME_LIMITS)
+        .expect("seed message encodes")
 }
 
 fn hello() -> Message {
@@ -121,7 +135,11 @@ fn hello() -> Message {
         agent_id: "gw-0017".into(),
         token: "s3cret-token".into(),
         agent_version: "0.1.0".into(),
-        backlog: Backlog { batches: 12, bytes: 48_000, oldest_unsent_time_ms: Some(1_700_000_000_000) },
+        backlog: Backlog {
+            batches: 12,
+            bytes: 48_000,
+            oldest_unsent_time_ms: Some(1_700_000_000_000),
+        },
     })
 }
 
@@ -144,50 +162,186 @@ fn write_fuzz_inputs() {
             max_in_flight_batches: 8,
         },
     });
-    let reject = Message::Reject(Reject::new(RejectReason::Overloaded, "collector is draining a backlog", Some(5_000)));
+    let reject = Message::Reject(Reject::new(
+        RejectReason::Overloaded,
+        "collector is draining a backlog",
+        Some(5_000),
+    ));
     let ack = Message::Ack(Ack { batch_seq: 7 });
-    let nack = Message::Nack(Nack::new(8, NackReason::StorageUnavailable, true, "log unreachable: retry"));
+    let nack = Message::Nack(Nack::new(
+        8,
+        NackReason::StorageUnavailable,
+        true,
+        "log unreachable: retry",
+    ));
     let batch = encode_batch(&sample_batch(7, true, 10));
 
-    write("corpus_seed", "frame_decode", "hello.bin", &frame_of(&hello()));
-    write("corpus_seed", "frame_decode", "welcome.bin", &frame_of(&welcome));
-    write("corpus_seed", "frame_decode", "reject.bin", &frame_of(&reject));
-    write("corpus_seed", "frame_decode", "ack_nack.bin", &[frame_of(&ack), frame_of(&nack)].concat());
-    let session = [frame_of(&hello()), frame_of(&welcome), frame_of(&Message::Batch(batch.clone())), frame_of(&ack)].concat();
+    write(
+        "corpus_seed",
+        "frame_decode",
+        "hello.bin",
+        &frame_of(&hello()),
+    );
+    write(
+        "corpus_seed",
+        "frame_decode",
+        "welcome.bin",
+        &frame_of(&welcome),
+    );
+    write(
+        "corpus_seed",
+        "frame_decode",
+        "reject.bin",
+        &frame_of(&reject),
+    );
+    write(
+        "corpus_seed",
+        "frame_decode",
+        "ack_nack.bin",
+        &[frame_of(&ack), frame_of(&nack)].concat(),
+    );
+    let session = [
+        frame_of(&hello()),
+        frame_of(&welcome),
+        frame_of(&Message::Batch(batch.clone())),
+        frame_of(&ack),
+    ]
+    .concat();
     write("corpus_seed", "frame_decode", "session.bin", &session);
 
     write("corpus_seed", "batch_decode", "three_series.bin", &batch);
-    write("corpus_seed", "batch_decode", "no_definitions.bin", &encode_batch(&sample_batch(8, false, 60)));
-    let empty = Batch { agent_id: "gw-0017".into(), batch_seq: 9, created_ms: 0, series: vec![], readings: vec![], summaries: vec![] };
-    write("corpus_seed", "batch_decode", "empty.bin", &encode_batch(&empty));
+    write(
+        "corpus_seed",
+        "batch_decode",
+        "no_definitions.bin",
+        &encode_batch(&sample_batch(8, false, 60)),
+    );
+    let empty = Batch {
+        agent_id: "gw-0017".into(),
+        batch_seq: 9,
+        created_ms: 0,
+        series: vec![],
+        readings: vec![],
+        summaries: vec![],
+    };
+    write(
+        "corpus_seed",
+        "batch_decode",
+        "empty.bin",
+        &encode_batch(&empty),
+    );
 
     let hello_frame = frame_of(&hello());
-    write("regressions", "frame_decode", "invalid_truncated_hello.bin", &hello_frame[..hello_frame.len() - 3]);
-    write("regressions", "frame_decode", "invalid_oversized_length.bin", &[0xff, 0xff, 0xff, 0xff, FrameKind::Batch.as_byte(), 0]);
-    write("regressions", "frame_decode", "invalid_control_over_limit.bin", &[0, 0, 0x20, 0x01, FrameKind::Hello.as_byte()]);
-    write("regressions", "frame_decode", "invalid_unknown_kind.bin", &[0, 0, 0, 2, 0x7f, 0]);
-    write("regressions", "frame_decode", "invalid_zero_length.bin", &[0, 0, 0, 0]);
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_truncated_hello.bin",
+        &hello_frame[..hello_frame.len() - 3],
+    );
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_oversized_length.bin",
+        &[0xff, 0xff, 0xff, 0xff, FrameKind::Batch.as_byte(), 0],
+    );
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_control_over_limit.bin",
+        &[0, 0, 0x20, 0x01, FrameKind::Hello.as_byte()],
+    );
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_unknown_kind.bin",
+        &[0, 0, 0, 2, 0x7f, 0],
+    );
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_zero_length.bin",
+        &[0, 0, 0, 0],
+    );
     let mut trailing = Vec::new();
     let mut ack_payload = postcard::to_allocvec(&Ack { batch_seq: 3 }).expect("encode ack");
     ack_payload.push(0);
-    write_frame(FrameKind::Ack, &ack_payload, &drive::FUZZ_FRAME_LIMITS, &mut trailing).expect("frame");
-    write("regressions", "frame_decode", "invalid_trailing_bytes.bin", &trailing);
+    write_frame(
+        FrameKind::Ack,
+        &ack_payload,
+        &drive::FUZZ_FRAME_LIMITS,
+        &mut trailing,
+    )
+    .expect("frame");
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_trailing_bytes.bin",
+        &trailing,
+    );
     let mut future_hello = Vec::new();
     let future_payload = postcard::to_allocvec(&(2u16, "gw-0017", "new layout")).expect("encode");
-    write_frame(FrameKind::Hello, &future_payload, &drive::FUZZ_FRAME_LIMITS, &mut future_hello).expect("frame");
-    write("regressions", "frame_decode", "invalid_future_hello.bin", &future_hello);
+    write_frame(
+        FrameKind::Hello,
+        &future_payload,
+        &drive::FUZZ_FRAME_LIMITS,
+        &mut future_hello,
+    )
+    .expect("frame");
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_future_hello.bin",
+        &future_hello,
+    );
     let mut bad_id = Vec::new();
-    let bad_id_payload = postcard::to_allocvec(&(PROTOCOL_VERSION, "../../etc", "t", "0.1", (0u64, 0u64, None::<i64>)))
-        .expect("encode");
-    write_frame(FrameKind::Hello, &bad_id_payload, &drive::FUZZ_FRAME_LIMITS, &mut bad_id).expect("frame");
-    write("regressions", "frame_decode", "invalid_agent_id.bin", &bad_id);
+    let bad_id_payload = postcard::to_allocvec(&(
+        PROTOCOL_VERSION,
+        "../../etc",
+        "t",
+        "0.1",
+        (0u64, 0u64, None::<i64>),
+    ))
+    .expect("encode");
+    write_frame(
+        FrameKind::Hello,
+        &bad_id_payload,
+        &drive::FUZZ_FRAME_LIMITS,
+        &mut bad_id,
+    )
+    .expect("frame");
+    write(
+        "regressions",
+        "frame_decode",
+        "invalid_agent_id.bin",
+        &bad_id,
+    );
 
-    write("regressions", "batch_decode", "invalid_truncated.bin", &batch[..batch.len() / 2]);
-    write("regressions", "batch_decode", "invalid_garbage.bin", b"not a batch at all");
-    write("regressions", "batch_decode", "invalid_empty_input.bin", &[]);
+    write(
+        "regressions",
+        "batch_decode",
+        "invalid_truncated.bin",
+        &batch[..batch.len() / 2],
+    );
+    write(
+        "regressions",
+        "batch_decode",
+        "invalid_garbage.bin",
+        b"not a batch at all",
+    );
+    write(
+        "regressions",
+        "batch_decode",
+        "invalid_empty_input.bin",
+        &[],
+    );
     let mut bad_version = batch.clone();
     if let Some(version) = bad_version.get_mut(1) {
         *version = 0xee;
     }
-    write("regressions", "batch_decode", "invalid_version.bin", &bad_version);
+    write(
+        "regressions",
+        "batch_decode",
+        "invalid_version.bin",
+        &bad_version,
+    );
 }

@@ -30,15 +30,21 @@ fn message() -> impl Strategy<Value = Message> {
         any::<u64>(),
         any::<Option<i64>>(),
     )
-        .prop_map(|(agent_id, token, agent_version, batches, bytes, oldest_unsent_time_ms)| {
-            Message::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
-                agent_id,
-                token,
-                agent_version,
-                backlog: Backlog { batches, bytes, oldest_unsent_time_ms },
-            })
-        });
+        .prop_map(
+            |(agent_id, token, agent_version, batches, bytes, oldest_unsent_time_ms)| {
+                Message::Hello(Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_id,
+                    token,
+                    agent_version,
+                    backlog: Backlog {
+                        batches,
+                        bytes,
+                        oldest_unsent_time_ms,
+                    },
+                })
+            },
+        );
     let welcome = (any::<u64>(), any::<u16>(), any::<i64>(), any::<[u32; 4]>()).prop_map(
         |(session_id, protocol_version, server_time_ms, [frame, series, readings, in_flight])| {
             Message::Welcome(Welcome {
@@ -62,8 +68,18 @@ fn message() -> impl Strategy<Value = Message> {
         RejectReason::Overloaded,
         RejectReason::ShuttingDown,
     ]);
-    let reject = (reject_reason, bounded_text(MAX_MESSAGE_BYTES), any::<Option<u32>>())
-        .prop_map(|(reason, message, retry_after_ms)| Message::Reject(Reject { reason, message, retry_after_ms }));
+    let reject = (
+        reject_reason,
+        bounded_text(MAX_MESSAGE_BYTES),
+        any::<Option<u32>>(),
+    )
+        .prop_map(|(reason, message, retry_after_ms)| {
+            Message::Reject(Reject {
+                reason,
+                message,
+                retry_after_ms,
+            })
+        });
     let nack_reason = prop::sample::select(vec![
         NackReason::Malformed,
         NackReason::TooLarge,
@@ -73,9 +89,20 @@ fn message() -> impl Strategy<Value = Message> {
         NackReason::StorageUnavailable,
         NackReason::Internal,
     ]);
-    let nack = (any::<u64>(), nack_reason, any::<bool>(), bounded_text(MAX_MESSAGE_BYTES)).prop_map(
-        |(batch_seq, reason, retryable, message)| Message::Nack(Nack { batch_seq, reason, retryable, message }),
-    );
+    let nack = (
+        any::<u64>(),
+        nack_reason,
+        any::<bool>(),
+        bounded_text(MAX_MESSAGE_BYTES),
+    )
+        .prop_map(|(batch_seq, reason, retryable, message)| {
+            Message::Nack(Nack {
+                batch_seq,
+                reason,
+                retryable,
+                message,
+            })
+        });
     prop_oneof![
         hello,
         welcome,

@@ -37,8 +37,14 @@ fn assert_same_except_sum(left: &Summary, right: &Summary) {
     assert_eq!(left.count, right.count);
     assert_eq!(left.min.to_bits(), right.min.to_bits());
     assert_eq!(left.max.to_bits(), right.max.to_bits());
-    assert_eq!((left.first_time_ms, left.first_value.to_bits()), (right.first_time_ms, right.first_value.to_bits()));
-    assert_eq!((left.last_time_ms, left.last_value.to_bits()), (right.last_time_ms, right.last_value.to_bits()));
+    assert_eq!(
+        (left.first_time_ms, left.first_value.to_bits()),
+        (right.first_time_ms, right.first_value.to_bits())
+    );
+    assert_eq!(
+        (left.last_time_ms, left.last_value.to_bits()),
+        (right.last_time_ms, right.last_value.to_bits())
+    );
     assert_eq!(left.sketch, right.sketch);
 }
 
@@ -47,7 +53,10 @@ fn assert_same_except_sum(left: &Summary, right: &Summary) {
 /// any real bug.
 fn assert_sum_close(left: f64, right: f64, magnitude_sum: f64) {
     let tolerance = 1e-9 * magnitude_sum.max(f64::MIN_POSITIVE);
-    assert!((left - right).abs() <= tolerance, "sum {left} vs {right}, tolerance {tolerance}");
+    assert!(
+        (left - right).abs() <= tolerance,
+        "sum {left} vs {right}, tolerance {tolerance}"
+    );
 }
 
 fn magnitude_sum(readings: &[(i64, f64)]) -> f64 {
@@ -148,7 +157,10 @@ fn a_ten_second_window_of_a_sensor_encodes_in_a_few_bytes() {
     // 10 readings of a temperature at 0.01 degC resolution drifting around 21.5 degC.
     let mut summary = Summary::empty();
     for second in 0..10i64 {
-        summary.observe(1_700_000_000_000 + second * 1000, 21.5 + (second % 3) as f64 * 0.01);
+        summary.observe(
+            1_700_000_000_000 + second * 1000,
+            21.5 + (second % 3) as f64 * 0.01,
+        );
     }
     let sketch_bytes = postcard::to_allocvec(&summary.sketch).unwrap().len();
     assert!(sketch_bytes <= 12, "sketch is {sketch_bytes} bytes");

@@ -29,7 +29,10 @@ pub const SERVICES_SCRIPT: &str = "TRIBUTARY_SERVICES_SCRIPT";
 /// The repository root (the workspace that contains this crate).
 pub fn repo_root() -> PathBuf {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir.parent().map(PathBuf::from).unwrap_or(manifest_dir)
+    manifest_dir
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or(manifest_dir)
 }
 
 /// The env files written by `services.sh up`, in the order they are consulted.
@@ -58,7 +61,11 @@ pub fn read_env_file_value(contents: &str, name: &str) -> Option<String> {
         let unquoted = value
             .strip_prefix('"')
             .and_then(|rest| rest.strip_suffix('"'))
-            .or_else(|| value.strip_prefix('\'').and_then(|rest| rest.strip_suffix('\'')))
+            .or_else(|| {
+                value
+                    .strip_prefix('\'')
+                    .and_then(|rest| rest.strip_suffix('\''))
+            })
             .unwrap_or(value);
         (!unquoted.is_empty()).then(|| unquoted.to_string())
     })
@@ -127,13 +134,19 @@ pub fn unique_suffix() -> String {
 pub enum ChdbError {
     /// The interpreter could not be started or fed.
     #[error("could not run {python} with the chdb helper: {error}; check TRIBUTARY_CHDB_PYTHON or rerun deploy/dev/services.sh up")]
-    Spawn { python: String, error: std::io::Error },
+    Spawn {
+        python: String,
+        error: std::io::Error,
+    },
     /// The helper exited non-zero; its stderr names the failing statement.
     #[error("chdb helper failed ({status}): {stderr}")]
     Failed { status: String, stderr: String },
     /// The helper printed something that is not the expected JSON.
     #[error("chdb helper printed unparseable output ({error}): {output}")]
-    BadOutput { output: String, error: serde_json::Error },
+    BadOutput {
+        output: String,
+        error: serde_json::Error,
+    },
 }
 
 /// Path of the Python helper that runs SQL statements in a throwaway chdb session.

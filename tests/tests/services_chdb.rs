@@ -42,7 +42,9 @@ fn chdb_runs_modern_merge_tree_sql() {
         .unwrap_or_else(|error| panic!("chdb via {python}: {error}"));
 
     assert_eq!(results.len(), 4, "one result per statement: {results:?}");
-    let row = results[2].first().unwrap_or_else(|| panic!("aggregate returned no row: {results:?}"));
+    let row = results[2]
+        .first()
+        .unwrap_or_else(|| panic!("aggregate returned no row: {results:?}"));
     // ClickHouse may quote 64-bit integers in JSON; accept both spellings.
     let as_u64 = |name: &str| -> u64 {
         match &row[name] {

@@ -75,7 +75,10 @@ async fn clickhouse_insert_then_aggregate() {
 
     let expected_rows: Vec<ReadingRow> = (0..ROW_COUNT).map(reading).collect();
     let expected_sum: f64 = expected_rows.iter().map(|row| row.value).sum();
-    let expected_max = expected_rows.iter().map(|row| row.value).fold(f64::MIN, f64::max);
+    let expected_max = expected_rows
+        .iter()
+        .map(|row| row.value)
+        .fold(f64::MIN, f64::max);
     let (count, sum, min, max, devices): (u64, f64, f64, f64, u64) = client
         .query(&format!(
             "SELECT count(), sum(value), min(value), max(value), uniqExact(device_id) FROM {table}"

@@ -38,13 +38,19 @@ async fn kafka_produce_then_consume_round_trip() {
     let admin_options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     let created = admin
         .create_topics(
-            &[NewTopic::new(&topic, PARTITION_COUNT, TopicReplication::Fixed(1))],
+            &[NewTopic::new(
+                &topic,
+                PARTITION_COUNT,
+                TopicReplication::Fixed(1),
+            )],
             &admin_options,
         )
         .await
         .unwrap_or_else(|error| panic!("kafka at {brokers}: create topic {topic}: {error}"));
     for result in created {
-        result.unwrap_or_else(|(name, code)| panic!("kafka at {brokers}: create topic {name}: {code}"));
+        result.unwrap_or_else(|(name, code)| {
+            panic!("kafka at {brokers}: create topic {name}: {code}")
+        });
     }
 
     let producer: FutureProducer = ClientConfig::new()
@@ -57,13 +63,17 @@ async fn kafka_produce_then_consume_round_trip() {
     let metadata = producer
         .client()
         .fetch_metadata(Some(BATCHES_TOPIC), Duration::from_secs(10))
-        .unwrap_or_else(|error| panic!("kafka at {brokers}: metadata for {BATCHES_TOPIC}: {error}"));
+        .unwrap_or_else(|error| {
+            panic!("kafka at {brokers}: metadata for {BATCHES_TOPIC}: {error}")
+        });
     let batches_partitions = metadata
         .topics()
         .iter()
         .find(|candidate| candidate.name() == BATCHES_TOPIC && candidate.error().is_none())
         .map(|found| found.partitions().len())
-        .unwrap_or_else(|| panic!("topic {BATCHES_TOPIC} is missing on {brokers}; services.sh up creates it"));
+        .unwrap_or_else(|| {
+            panic!("topic {BATCHES_TOPIC} is missing on {brokers}; services.sh up creates it")
+        });
     assert!(batches_partitions > 0);
 
     let mut sent = BTreeMap::new();
@@ -82,9 +92,13 @@ async fn kafka_produce_then_consume_round_trip() {
     for (index, delivery) in deliveries.into_iter().enumerate() {
         let delivered = timeout_at(deadline, delivery)
             .await
-            .unwrap_or_else(|_| panic!("kafka at {brokers}: message {index} not acknowledged within 60 s"))
+            .unwrap_or_else(|_| {
+                panic!("kafka at {brokers}: message {index} not acknowledged within 60 s")
+            })
             .expect("producer dropped the delivery")
-            .unwrap_or_else(|(error, _)| panic!("kafka at {brokers}: deliver message {index}: {error}"));
+            .unwrap_or_else(|(error, _)| {
+                panic!("kafka at {brokers}: deliver message {index}: {error}")
+            });
         partitions_written.insert(delivered.partition);
     }
 
@@ -115,7 +129,10 @@ async fn kafka_produce_then_consume_round_trip() {
         partitions_read.insert(message.partition());
         received.insert(payload, key);
     }
-    assert_eq!(received, sent, "every produced message is consumed once with its key");
+    assert_eq!(
+        received, sent,
+        "every produced message is consumed once with its key"
+    );
     assert_eq!(partitions_read, partitions_written);
     assert!(
         partitions_written.len() > 1,
@@ -124,7 +141,8 @@ async fn kafka_produce_then_consume_round_trip() {
 
     drop(consumer);
     let _ = admin.delete_topics(&[&topic], &admin_options).await;
-    let broker_version = lookup_service_env(KAFKA_VERSION).unwrap_or_else(|| "(version unknown)".into());
+    let broker_version =
+        lookup_service_env(KAFKA_VERSION).unwrap_or_else(|| "(version unknown)".into());
     let (_, librdkafka_version) = rdkafka::util::get_rdkafka_version();
     eprintln!(
         "kafka {broker_version} at {brokers}: produced and consumed {MESSAGE_COUNT} messages over {} partitions (zstd, idempotent producer, librdkafka {librdkafka_version}); {BATCHES_TOPIC} has {batches_partitions} partitions",

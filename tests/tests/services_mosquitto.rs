@@ -54,7 +54,9 @@ async fn mosquitto_publish_subscribe_round_trip_at_qos_1() {
         let event = timeout_at(deadline, subscriber_loop.poll())
             .await
             .unwrap_or_else(|_| panic!("no SUBACK from mosquitto at {addr} within 30 s"))
-            .unwrap_or_else(|error| panic!("mosquitto at {addr}: subscriber connection failed: {error}"));
+            .unwrap_or_else(|error| {
+                panic!("mosquitto at {addr}: subscriber connection failed: {error}")
+            });
         if let Event::Incoming(Packet::SubAck(_)) = event {
             suback_count += 1;
         }
@@ -75,10 +77,17 @@ async fn mosquitto_publish_subscribe_round_trip_at_qos_1() {
         }
         Ok(acknowledged)
     });
-    let sent: BTreeSet<String> = (0..MESSAGE_COUNT).map(|index| format!("reading-{index}")).collect();
+    let sent: BTreeSet<String> = (0..MESSAGE_COUNT)
+        .map(|index| format!("reading-{index}"))
+        .collect();
     for payload in &sent {
         publisher
-            .publish(&topic, QoS::AtLeastOnce, false, payload.clone().into_bytes())
+            .publish(
+                &topic,
+                QoS::AtLeastOnce,
+                false,
+                payload.clone().into_bytes(),
+            )
             .await
             .expect("queue publish");
     }
@@ -106,13 +115,18 @@ async fn mosquitto_publish_subscribe_round_trip_at_qos_1() {
             }
         }
     }
-    assert_eq!(received, sent, "every published payload arrives, and nothing else");
+    assert_eq!(
+        received, sent,
+        "every published payload arrives, and nothing else"
+    );
 
     let acknowledged = timeout_at(deadline, publisher_driver)
         .await
         .expect("publisher did not get all PUBACKs within 30 s")
         .expect("publisher task panicked")
-        .unwrap_or_else(|error| panic!("mosquitto at {addr}: publisher connection failed: {error}"));
+        .unwrap_or_else(|error| {
+            panic!("mosquitto at {addr}: publisher connection failed: {error}")
+        });
     assert_eq!(acknowledged, MESSAGE_COUNT);
 
     let _ = subscriber.disconnect().await;

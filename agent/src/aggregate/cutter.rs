@@ -49,7 +49,12 @@ struct Pending {
 impl Pending {
     fn new(class: BatchClass) -> Self {
         Self {
-            batch: CutBatch { class, readings: Vec::new(), summaries: Vec::new(), min_journal_seq: NOT_JOURNALED },
+            batch: CutBatch {
+                class,
+                readings: Vec::new(),
+                summaries: Vec::new(),
+                min_journal_seq: NOT_JOURNALED,
+            },
             started_ms: None,
         }
     }
@@ -57,7 +62,15 @@ impl Pending {
     fn take(&mut self) -> CutBatch {
         let class = self.batch.class;
         self.started_ms = None;
-        std::mem::replace(&mut self.batch, CutBatch { class, readings: Vec::new(), summaries: Vec::new(), min_journal_seq: NOT_JOURNALED })
+        std::mem::replace(
+            &mut self.batch,
+            CutBatch {
+                class,
+                readings: Vec::new(),
+                summaries: Vec::new(),
+                min_journal_seq: NOT_JOURNALED,
+            },
+        )
     }
 }
 
@@ -78,7 +91,12 @@ impl Default for BatchCutter {
 
 impl BatchCutter {
     pub fn new(max_items: usize, max_age_ms: i64) -> Self {
-        Self { max_items: max_items.max(1), max_age_ms, raw: Pending::new(BatchClass::Raw), summary: Pending::new(BatchClass::Summary) }
+        Self {
+            max_items: max_items.max(1),
+            max_age_ms,
+            raw: Pending::new(BatchClass::Raw),
+            summary: Pending::new(BatchClass::Summary),
+        }
     }
 
     pub fn push_raw(&mut self, forwarded: ForwardedReading, now_ms: i64, cut: &mut Vec<CutBatch>) {
@@ -114,7 +132,10 @@ impl BatchCutter {
 
     /// Smallest journal sequence number not yet in a cut batch.
     pub fn min_pending_journal_seq(&self) -> u64 {
-        self.raw.batch.min_journal_seq.min(self.summary.batch.min_journal_seq)
+        self.raw
+            .batch
+            .min_journal_seq
+            .min(self.summary.batch.min_journal_seq)
     }
 
     /// Smallest journal sequence number among raw readings not yet in a cut batch.
@@ -124,7 +145,11 @@ impl BatchCutter {
 
     /// When the next batch becomes due by age, if any is pending.
     pub fn next_due_ms(&self) -> Option<i64> {
-        [self.raw.started_ms, self.summary.started_ms].into_iter().flatten().min().map(|started| started.saturating_add(self.max_age_ms))
+        [self.raw.started_ms, self.summary.started_ms]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|started| started.saturating_add(self.max_age_ms))
     }
 }
 
@@ -133,7 +158,15 @@ mod tests {
     use super::*;
 
     fn forwarded(time_ms: i64, journal_seq: u64) -> ForwardedReading {
-        ForwardedReading { reading: Reading { series: 0, time_ms, value: 1.0, flags: 0 }, journal_seq }
+        ForwardedReading {
+            reading: Reading {
+                series: 0,
+                time_ms,
+                value: 1.0,
+                flags: 0,
+            },
+            journal_seq,
+        }
     }
 
     #[test]

@@ -18,8 +18,8 @@ pub mod window;
 pub use cutter::{BatchCutter, CutBatch, DEFAULT_MAX_BATCH_AGE_MS, DEFAULT_MAX_ITEMS_PER_BATCH};
 pub use registry::{RegistryError, SeriesRegistry};
 pub use window::{
-    AggregateOutput, AggregatorCounters, ClosedWindow, ForwardedReading, WindowAggregator, WindowConfig,
-    DEFAULT_ALLOWED_DISORDER_MS, NOT_JOURNALED,
+    AggregateOutput, AggregatorCounters, ClosedWindow, ForwardedReading, WindowAggregator,
+    WindowConfig, DEFAULT_ALLOWED_DISORDER_MS, NOT_JOURNALED,
 };
 
 use tributary_protocol::batch::{series_ids_used, BatchEncoder, DEFAULT_ZSTD_LEVEL};
@@ -52,7 +52,13 @@ impl std::fmt::Debug for AggregationStage {
 
 impl AggregationStage {
     pub fn new(registry: SeriesRegistry, cutter: BatchCutter) -> Self {
-        Self { registry, sources: Vec::new(), cutter, output: AggregateOutput::default(), encoder: BatchEncoder::new(DEFAULT_ZSTD_LEVEL) }
+        Self {
+            registry,
+            sources: Vec::new(),
+            cutter,
+            output: AggregateOutput::default(),
+            encoder: BatchEncoder::new(DEFAULT_ZSTD_LEVEL),
+        }
     }
 
     pub fn add_source(&mut self, config: WindowConfig) -> SourceIndex {
@@ -84,7 +90,17 @@ impl AggregationStage {
     ) -> Result<SeriesId, RegistryError> {
         let series = self.registry.intern(key)?;
         if let Some(aggregator) = self.sources.get_mut(source) {
-            aggregator.observe(Reading { series, time_ms, value, flags }, journal_seq, now_ms, &mut self.output);
+            aggregator.observe(
+                Reading {
+                    series,
+                    time_ms,
+                    value,
+                    flags,
+                },
+                journal_seq,
+                now_ms,
+                &mut self.output,
+            );
             self.drain_output(now_ms, cut);
         }
         Ok(series)
@@ -92,7 +108,15 @@ impl AggregationStage {
 
     /// Re-observes a journaled reading after a restart (its series id is already
     /// registered); `allow_raw` false when its raw batch is known to be durable.
-    pub fn replay(&mut self, source: SourceIndex, reading: Reading, journal_seq: u64, allow_raw: bool, now_ms: i64, cut: &mut Vec<CutBatch>) {
+    pub fn replay(
+        &mut self,
+        source: SourceIndex,
+        reading: Reading,
+        journal_seq: u64,
+        allow_raw: bool,
+        now_ms: i64,
+        cut: &mut Vec<CutBatch>,
+    ) {
         if let Some(aggregator) = self.sources.get_mut(source) {
             aggregator.observe_with(reading, journal_seq, now_ms, allow_raw, &mut self.output);
             self.drain_output(now_ms, cut);
@@ -106,8 +130,16 @@ impl AggregationStage {
 
     /// Open windows and late readings over all sources.
     pub fn window_counts(&self) -> (u64, u64) {
-        let open = self.sources.iter().map(|source| source.open_windows() as u64).sum();
-        let late = self.sources.iter().map(|source| source.counters().late_readings).sum();
+        let open = self
+            .sources
+            .iter()
+            .map(|source| source.open_windows() as u64)
+            .sum();
+        let late = self
+            .sources
+            .iter()
+            .map(|source| source.counters().late_readings)
+            .sum();
         (open, late)
     }
 
@@ -137,7 +169,12 @@ impl AggregationStage {
     /// Smallest journal sequence number whose reading is not yet in a cut batch: every
     /// journal entry below it is covered by batches once those are durable.
     pub fn min_unfinished_journal_seq(&self) -> u64 {
-        let open = self.sources.iter().map(WindowAggregator::min_open_journal_seq).min().unwrap_or(NOT_JOURNALED);
+        let open = self
+            .sources
+            .iter()
+            .map(WindowAggregator::min_open_journal_seq)
+            .min()
+            .unwrap_or(NOT_JOURNALED);
         open.min(self.cutter.min_pending_journal_seq())
     }
 
@@ -157,7 +194,13 @@ impl AggregationStage {
 
     /// Encodes a cut batch under `batch_seq`, with the definitions of every series it uses,
     /// and the header the buffer stores with it.
-    pub fn encode(&mut self, cut: CutBatch, agent_id: &str, batch_seq: u64, created_ms: i64) -> (Vec<u8>, BatchInfo) {
+    pub fn encode(
+        &mut self,
+        cut: CutBatch,
+        agent_id: &str,
+        batch_seq: u64,
+        created_ms: i64,
+    ) -> (Vec<u8>, BatchInfo) {
         let info = BatchInfo {
             class: cut.class,
             created_ms,

@@ -15,10 +15,15 @@ use tributary_protocol::model::{SeriesDef, SeriesId, SeriesKey};
 #[derive(Debug, Error)]
 pub enum RegistryError {
     #[error("series registry storage failed while {operation}: {source}; check the disk holding the agent state (buffer.path + \".state\")")]
-    Storage { operation: &'static str, source: sled::Error },
+    Storage {
+        operation: &'static str,
+        source: sled::Error,
+    },
     #[error("series registry entry for id {id} cannot be decoded ({reason}); the state directory is damaged: move it aside to start with fresh series ids")]
     Corrupt { id: String, reason: String },
-    #[error("all {limit} series ids are used; the agent sees more distinct series than it can number")]
+    #[error(
+        "all {limit} series ids are used; the agent sees more distinct series than it can number"
+    )]
     Exhausted { limit: u64 },
 }
 
@@ -38,16 +43,28 @@ impl SeriesRegistry {
 
     /// Loads the assignments stored in `tree` and persists new ones there.
     pub fn open(tree: sled::Tree) -> Result<Self, RegistryError> {
-        let mut registry = Self { tree: None, ..Self::default() };
+        let mut registry = Self {
+            tree: None,
+            ..Self::default()
+        };
         for entry in tree.iter() {
-            let (key, value) = entry.map_err(|source| RegistryError::Storage { operation: "loading", source })?;
-            let id_bytes: [u8; 4] = key.as_ref().try_into().map_err(|_| RegistryError::Corrupt {
-                id: format!("{:?}", key.as_ref()),
-                reason: format!("key is {} bytes, expected 4", key.len()),
+            let (key, value) = entry.map_err(|source| RegistryError::Storage {
+                operation: "loading",
+                source,
             })?;
+            let id_bytes: [u8; 4] =
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| RegistryError::Corrupt {
+                        id: format!("{:?}", key.as_ref()),
+                        reason: format!("key is {} bytes, expected 4", key.len()),
+                    })?;
             let id = SeriesId::from_be_bytes(id_bytes);
-            let series_key: SeriesKey = serde_json::from_slice(&value)
-                .map_err(|error| RegistryError::Corrupt { id: id.to_string(), reason: error.to_string() })?;
+            let series_key: SeriesKey =
+                serde_json::from_slice(&value).map_err(|error| RegistryError::Corrupt {
+                    id: id.to_string(),
+                    reason: error.to_string(),
+                })?;
             if id as usize != registry.keys.len() {
                 return Err(RegistryError::Corrupt {
                     id: id.to_string(),
@@ -74,10 +91,19 @@ impl SeriesRegistry {
         if let Some(id) = self.ids.get(key) {
             return Ok(*id);
         }
-        let id = SeriesId::try_from(self.keys.len()).map_err(|_| RegistryError::Exhausted { limit: u64::from(SeriesId::MAX) })?;
+        let id = SeriesId::try_from(self.keys.len()).map_err(|_| RegistryError::Exhausted {
+            limit: u64::from(SeriesId::MAX),
+        })?;
         if let Some(tree) = &self.tree {
-            let value = serde_json::to_vec(key).map_err(|error| RegistryError::Corrupt { id: id.to_string(), reason: error.to_string() })?;
-            tree.insert(id.to_be_bytes(), value).map_err(|source| RegistryError::Storage { operation: "adding a series", source })?;
+            let value = serde_json::to_vec(key).map_err(|error| RegistryError::Corrupt {
+                id: id.to_string(),
+                reason: error.to_string(),
+            })?;
+            tree.insert(id.to_be_bytes(), value)
+                .map_err(|source| RegistryError::Storage {
+                    operation: "adding a series",
+                    source,
+                })?;
         }
         self.ids.insert(key.clone(), id);
         self.keys.push(key.clone());
@@ -90,7 +116,14 @@ impl SeriesRegistry {
 
     /// Definitions for `ids` (unknown ids are skipped).
     pub fn definitions(&self, ids: &[SeriesId]) -> Vec<SeriesDef> {
-        ids.iter().filter_map(|id| self.key(*id).map(|key| SeriesDef { id: *id, key: key.clone() })).collect()
+        ids.iter()
+            .filter_map(|id| {
+                self.key(*id).map(|key| SeriesDef {
+                    id: *id,
+                    key: key.clone(),
+                })
+            })
+            .collect()
     }
 }
 
@@ -105,17 +138,24 @@ mod tests {
         let second = SeriesKey::new("dev-2", "temp").with_tags([("site", "b")]);
         {
             let db = sled::open(directory.path()).expect("open");
-            let mut registry = SeriesRegistry::open(db.open_tree("series").expect("tree")).expect("registry");
+            let mut registry =
+                SeriesRegistry::open(db.open_tree("series").expect("tree")).expect("registry");
             assert_eq!(registry.intern(&first).expect("intern"), 0);
             assert_eq!(registry.intern(&second).expect("intern"), 1);
             assert_eq!(registry.intern(&first).expect("intern"), 0);
             db.flush().expect("flush");
         }
         let db = sled::open(directory.path()).expect("reopen");
-        let mut registry = SeriesRegistry::open(db.open_tree("series").expect("tree")).expect("registry");
+        let mut registry =
+            SeriesRegistry::open(db.open_tree("series").expect("tree")).expect("registry");
         assert_eq!(registry.len(), 2);
         assert_eq!(registry.intern(&second).expect("intern"), 1);
-        assert_eq!(registry.intern(&SeriesKey::new("dev-3", "x")).expect("intern"), 2);
+        assert_eq!(
+            registry
+                .intern(&SeriesKey::new("dev-3", "x"))
+                .expect("intern"),
+            2
+        );
         assert_eq!(registry.key(0), Some(&first));
     }
 }

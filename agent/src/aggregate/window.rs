@@ -46,8 +46,15 @@ impl WindowConfig {
     pub fn new(window_ms: u64, raw: RawPolicy) -> Self {
         let window_ms = window_ms.max(1);
         let allowed_disorder_ms = DEFAULT_ALLOWED_DISORDER_MS;
-        let idle_timeout_ms = i64::try_from(window_ms).unwrap_or(i64::MAX).saturating_add(allowed_disorder_ms);
-        Self { window_ms, allowed_disorder_ms, idle_timeout_ms, raw }
+        let idle_timeout_ms = i64::try_from(window_ms)
+            .unwrap_or(i64::MAX)
+            .saturating_add(allowed_disorder_ms);
+        Self {
+            window_ms,
+            allowed_disorder_ms,
+            idle_timeout_ms,
+            raw,
+        }
     }
 
     fn window_width_ms(&self) -> i64 {
@@ -126,7 +133,12 @@ pub struct WindowAggregator {
 
 impl WindowAggregator {
     pub fn new(config: WindowConfig) -> Self {
-        Self { config, series: HashMap::new(), counters: AggregatorCounters::default(), open_windows: 0 }
+        Self {
+            config,
+            series: HashMap::new(),
+            counters: AggregatorCounters::default(),
+            open_windows: 0,
+        }
     }
 
     pub fn config(&self) -> &WindowConfig {
@@ -155,27 +167,43 @@ impl WindowAggregator {
     /// Takes one reading that arrived at processing time `now_ms`: forwards it raw if the
     /// policy says so, adds it to its window, and closes the windows the series' watermark
     /// has passed.
-    pub fn observe(&mut self, reading: Reading, journal_seq: u64, now_ms: i64, out: &mut AggregateOutput) {
+    pub fn observe(
+        &mut self,
+        reading: Reading,
+        journal_seq: u64,
+        now_ms: i64,
+        out: &mut AggregateOutput,
+    ) {
         self.observe_with(reading, journal_seq, now_ms, true, out);
     }
 
     /// [`WindowAggregator::observe`], with raw forwarding suppressed when `allow_raw` is
     /// false: replaying the journal after a restart must not forward again readings whose
     /// raw batch was already durable.
-    pub fn observe_with(&mut self, reading: Reading, journal_seq: u64, now_ms: i64, allow_raw: bool, out: &mut AggregateOutput) {
+    pub fn observe_with(
+        &mut self,
+        reading: Reading,
+        journal_seq: u64,
+        now_ms: i64,
+        allow_raw: bool,
+        out: &mut AggregateOutput,
+    ) {
         if !reading.value.is_finite() {
             self.counters.non_finite_values += 1;
             return;
         }
         self.counters.readings_in += 1;
         let config = self.config;
-        let state = self.series.entry(reading.series).or_insert_with(|| SeriesState {
-            open: BTreeMap::new(),
-            max_event_ms: i64::MIN,
-            last_arrival_ms: now_ms,
-            readings_seen: 0,
-            last_forwarded_value: None,
-        });
+        let state = self
+            .series
+            .entry(reading.series)
+            .or_insert_with(|| SeriesState {
+                open: BTreeMap::new(),
+                max_event_ms: i64::MIN,
+                last_arrival_ms: now_ms,
+                readings_seen: 0,
+                last_forwarded_value: None,
+            });
         state.last_arrival_ms = now_ms;
         state.readings_seen += 1;
 
@@ -191,7 +219,10 @@ impl WindowAggregator {
         if forward && allow_raw {
             state.last_forwarded_value = Some(reading.value);
             self.counters.raw_forwarded += 1;
-            out.raw.push(ForwardedReading { reading, journal_seq });
+            out.raw.push(ForwardedReading {
+                reading,
+                journal_seq,
+            });
         }
 
         let watermark_before = watermark(state.max_event_ms, config.allowed_disorder_ms);
@@ -202,7 +233,10 @@ impl WindowAggregator {
         }
         let window = state.open.entry(start_ms).or_insert_with(|| {
             self.open_windows += 1;
-            OpenWindow { summary: Summary::empty(), min_journal_seq: NOT_JOURNALED }
+            OpenWindow {
+                summary: Summary::empty(),
+                min_journal_seq: NOT_JOURNALED,
+            }
         });
         window.summary.observe(reading.time_ms, reading.value);
         window.min_journal_seq = window.min_journal_seq.min(journal_seq);
@@ -219,7 +253,9 @@ impl WindowAggregator {
         let config = self.config;
         let mut closed_total = 0;
         for (series, state) in &mut self.series {
-            if !state.open.is_empty() && now_ms.saturating_sub(state.last_arrival_ms) >= config.idle_timeout_ms {
+            if !state.open.is_empty()
+                && now_ms.saturating_sub(state.last_arrival_ms) >= config.idle_timeout_ms
+            {
                 closed_total += close_windows_ending_by(*series, state, &config, i64::MAX, out);
             }
         }
@@ -267,7 +303,12 @@ fn close_windows_ending_by(
         let window = entry.remove();
         closed += 1;
         out.closed.push(ClosedWindow {
-            summary: WindowSummary { series, window_start_ms: start_ms, window_ms, summary: window.summary },
+            summary: WindowSummary {
+                series,
+                window_start_ms: start_ms,
+                window_ms,
+                summary: window.summary,
+            },
             min_journal_seq: window.min_journal_seq,
         });
     }
@@ -279,17 +320,30 @@ mod tests {
     use super::*;
 
     fn reading(series: SeriesId, time_ms: i64, value: f64) -> Reading {
-        Reading { series, time_ms, value, flags: 0 }
+        Reading {
+            series,
+            time_ms,
+            value,
+            flags: 0,
+        }
     }
 
     #[test]
     fn closes_on_watermark_and_idle_timeout() {
-        let config = WindowConfig { window_ms: 1_000, allowed_disorder_ms: 100, idle_timeout_ms: 5_000, raw: RawPolicy::None };
+        let config = WindowConfig {
+            window_ms: 1_000,
+            allowed_disorder_ms: 100,
+            idle_timeout_ms: 5_000,
+            raw: RawPolicy::None,
+        };
         let mut aggregator = WindowAggregator::new(config);
         let mut out = AggregateOutput::default();
         aggregator.observe(reading(1, 10, 1.0), NOT_JOURNALED, 0, &mut out);
         aggregator.observe(reading(1, 1_050, 2.0), NOT_JOURNALED, 0, &mut out);
-        assert!(out.closed.is_empty(), "watermark 950 has not reached the end 1000");
+        assert!(
+            out.closed.is_empty(),
+            "watermark 950 has not reached the end 1000"
+        );
         aggregator.observe(reading(1, 990, 3.0), NOT_JOURNALED, 0, &mut out);
         aggregator.observe(reading(1, 1_100, 4.0), NOT_JOURNALED, 0, &mut out);
         assert_eq!(out.closed.len(), 1);
@@ -305,15 +359,29 @@ mod tests {
 
     #[test]
     fn late_reading_becomes_a_partial_summary() {
-        let config = WindowConfig { window_ms: 1_000, allowed_disorder_ms: 0, idle_timeout_ms: 5_000, raw: RawPolicy::None };
+        let config = WindowConfig {
+            window_ms: 1_000,
+            allowed_disorder_ms: 0,
+            idle_timeout_ms: 5_000,
+            raw: RawPolicy::None,
+        };
         let mut aggregator = WindowAggregator::new(config);
         let mut out = AggregateOutput::default();
         aggregator.observe(reading(1, 500, 1.0), 7, 0, &mut out);
         aggregator.observe(reading(1, 2_500, 1.0), 8, 0, &mut out);
         aggregator.observe(reading(1, 600, 5.0), 9, 0, &mut out);
         assert_eq!(aggregator.counters().late_readings, 1);
-        let starts: Vec<(i64, u64, u64)> =
-            out.closed.iter().map(|closed| (closed.summary.window_start_ms, closed.summary.summary.count, closed.min_journal_seq)).collect();
+        let starts: Vec<(i64, u64, u64)> = out
+            .closed
+            .iter()
+            .map(|closed| {
+                (
+                    closed.summary.window_start_ms,
+                    closed.summary.summary.count,
+                    closed.min_journal_seq,
+                )
+            })
+            .collect();
         assert_eq!(starts, vec![(0, 1, 7), (0, 1, 9)]);
         assert_eq!(aggregator.min_open_journal_seq(), 8);
     }
@@ -326,12 +394,21 @@ mod tests {
             for (index, value) in values.iter().enumerate() {
                 aggregator.observe(reading(1, index as i64, *value), NOT_JOURNALED, 0, &mut out);
             }
-            out.raw.iter().map(|forwarded| forwarded.reading.value).collect()
+            out.raw
+                .iter()
+                .map(|forwarded| forwarded.reading.value)
+                .collect()
         };
         let values = [1.0, 1.2, 1.6, 1.7, 0.9, 5.0];
         assert_eq!(run(RawPolicy::All, &values), values.to_vec());
         assert!(run(RawPolicy::None, &values).is_empty());
-        assert_eq!(run(RawPolicy::EveryNth { n: 2 }, &values), vec![1.0, 1.6, 0.9]);
-        assert_eq!(run(RawPolicy::Deadband { threshold: 0.5 }, &values), vec![1.0, 1.6, 0.9, 5.0]);
+        assert_eq!(
+            run(RawPolicy::EveryNth { n: 2 }, &values),
+            vec![1.0, 1.6, 0.9]
+        );
+        assert_eq!(
+            run(RawPolicy::Deadband { threshold: 0.5 }, &values),
+            vec![1.0, 1.6, 0.9, 5.0]
+        );
     }
 }

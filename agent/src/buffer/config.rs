@@ -40,7 +40,8 @@ impl FsyncPolicy {
         match *self {
             FsyncPolicy::EveryBatch => true,
             FsyncPolicy::Group { interval_ms } => {
-                now_ms.saturating_sub(last_flush_ms) >= i64::try_from(interval_ms).unwrap_or(i64::MAX)
+                now_ms.saturating_sub(last_flush_ms)
+                    >= i64::try_from(interval_ms).unwrap_or(i64::MAX)
             }
             FsyncPolicy::Os { .. } => false,
         }
@@ -84,7 +85,10 @@ impl Default for BufferConfig {
 impl BufferConfig {
     /// The defaults with another path: the usual start for tests and tools.
     pub fn at(path: impl Into<PathBuf>) -> Self {
-        BufferConfig { path: path.into(), ..BufferConfig::default() }
+        BufferConfig {
+            path: path.into(),
+            ..BufferConfig::default()
+        }
     }
 }
 

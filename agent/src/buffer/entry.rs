@@ -145,20 +145,31 @@ fn read_array<const N: usize>(bytes: &[u8], offset: usize) -> Option<[u8; N]> {
 /// entry whose payload is damaged.
 pub fn decode_header(value: &[u8]) -> Result<BatchHeader, EntryDefect> {
     if value.len() < HEADER_BYTES {
-        return Err(EntryDefect::Truncated { value_bytes: value.len() });
+        return Err(EntryDefect::Truncated {
+            value_bytes: value.len(),
+        });
     }
     let version = value.first().copied().unwrap_or_default();
     if version != FORMAT_VERSION {
         return Err(EntryDefect::UnknownVersion { version });
     }
     let class_byte = value.get(1).copied().unwrap_or_default();
-    let class = BatchClass::from_byte(class_byte).ok_or(EntryDefect::UnknownClass { class_byte })?;
-    let truncated = || EntryDefect::Truncated { value_bytes: value.len() };
+    let class =
+        BatchClass::from_byte(class_byte).ok_or(EntryDefect::UnknownClass { class_byte })?;
+    let truncated = || EntryDefect::Truncated {
+        value_bytes: value.len(),
+    };
     let created_ms = i64::from_be_bytes(read_array(value, 2).ok_or_else(truncated)?);
     let oldest_event_ms = i64::from_be_bytes(read_array(value, 10).ok_or_else(truncated)?);
     let reading_count = u32::from_be_bytes(read_array(value, 18).ok_or_else(truncated)?);
     let payload_bytes = u32::from_be_bytes(read_array(value, 22).ok_or_else(truncated)?);
-    Ok(BatchHeader { class, created_ms, oldest_event_ms, reading_count, payload_bytes })
+    Ok(BatchHeader {
+        class,
+        created_ms,
+        oldest_event_ms,
+        reading_count,
+        payload_bytes,
+    })
 }
 
 /// Decodes the header and checks the payload's length and checksum.
@@ -172,15 +183,20 @@ pub fn decode_value(value: &[u8]) -> Result<(BatchHeader, &[u8]), EntryDefect> {
             stored_payload_bytes: payload.len(),
         });
     }
-    let stored_crc = u32::from_be_bytes(
-        read_array(value, FIELDS_BYTES).ok_or(EntryDefect::Truncated { value_bytes: value.len() })?,
-    );
+    let stored_crc = u32::from_be_bytes(read_array(value, FIELDS_BYTES).ok_or(
+        EntryDefect::Truncated {
+            value_bytes: value.len(),
+        },
+    )?);
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(value.get(..FIELDS_BYTES).unwrap_or_default());
     hasher.update(payload);
     let computed_crc = hasher.finalize();
     if computed_crc != stored_crc {
-        return Err(EntryDefect::ChecksumMismatch { stored_crc, computed_crc });
+        return Err(EntryDefect::ChecksumMismatch {
+            stored_crc,
+            computed_crc,
+        });
     }
     Ok((header, payload))
 }
@@ -235,7 +251,10 @@ mod tests {
 
     #[test]
     fn keys_sort_in_sequence_order() {
-        let mut keys: Vec<[u8; 8]> = [300u64, 2, 1 << 40, 255, 256].iter().map(|s| encode_key(*s)).collect();
+        let mut keys: Vec<[u8; 8]> = [300u64, 2, 1 << 40, 255, 256]
+            .iter()
+            .map(|s| encode_key(*s))
+            .collect();
         keys.sort();
         let seqs: Vec<u64> = keys.iter().map(|k| decode_key(k).unwrap()).collect();
         assert_eq!(seqs, vec![2, 255, 256, 300, 1 << 40]);

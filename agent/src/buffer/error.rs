@@ -16,13 +16,19 @@ pub enum EntryDefect {
     #[error("entry has unknown batch class byte {class_byte}")]
     UnknownClass { class_byte: u8 },
     #[error("entry header says {header_payload_bytes} payload bytes but {stored_payload_bytes} are stored")]
-    LengthMismatch { header_payload_bytes: u32, stored_payload_bytes: usize },
+    LengthMismatch {
+        header_payload_bytes: u32,
+        stored_payload_bytes: usize,
+    },
     #[error("entry checksum mismatch: stored {stored_crc:#010x}, computed {computed_crc:#010x}")]
     ChecksumMismatch { stored_crc: u32, computed_crc: u32 },
     #[error("entry key is {key_bytes} bytes, expected an 8-byte big-endian batch sequence number")]
     BadKey { key_bytes: usize },
     #[error("entry is stored with the {stored_in} batches but its header says {header_says}")]
-    ClassMismatch { stored_in: &'static str, header_says: &'static str },
+    ClassMismatch {
+        stored_in: &'static str,
+        header_says: &'static str,
+    },
 }
 
 #[derive(Debug, Error)]
@@ -37,13 +43,21 @@ pub enum BufferError {
         "batch {batch_seq} is {batch_bytes} bytes including its header, more than \
          max_buffer_bytes = {max_buffer_bytes}; raise max_buffer_bytes or ship smaller batches"
     )]
-    BatchTooLarge { batch_seq: u64, batch_bytes: u64, max_buffer_bytes: u64 },
+    BatchTooLarge {
+        batch_seq: u64,
+        batch_bytes: u64,
+        max_buffer_bytes: u64,
+    },
 
     #[error(
         "batch {batch_seq} is {batch_bytes} bytes, more than the memory-only fallback cap \
          memory_only_max_bytes = {memory_only_max_bytes} while the disk is unavailable"
     )]
-    BatchTooLargeForMemory { batch_seq: u64, batch_bytes: u64, memory_only_max_bytes: u64 },
+    BatchTooLargeForMemory {
+        batch_seq: u64,
+        batch_bytes: u64,
+        memory_only_max_bytes: u64,
+    },
 
     #[error(
         "batch sequence number {batch_seq} was never allocated by this buffer (next is {next_seq}); \
@@ -59,5 +73,9 @@ pub enum BufferError {
     SequenceReservation { path: PathBuf, reason: String },
 
     #[error("disk buffer storage error at {path} while {operation}: {source}")]
-    Storage { path: PathBuf, operation: &'static str, source: sled::Error },
+    Storage {
+        path: PathBuf,
+        operation: &'static str,
+        source: sled::Error,
+    },
 }

@@ -57,7 +57,9 @@ impl Ledger {
         if self.total_bytes().saturating_add(incoming_bytes) <= cap_bytes {
             return None;
         }
-        BatchClass::ALL.into_iter().find(|class| self.batches(*class) > 0)
+        BatchClass::ALL
+            .into_iter()
+            .find(|class| self.batches(*class) > 0)
     }
 }
 
@@ -88,14 +90,19 @@ pub struct BufferStats {
 impl BufferStats {
     pub(crate) fn new() -> Self {
         let stats = BufferStats::default();
-        stats.oldest_unacked_created_ms.store(i64::MIN, Ordering::Relaxed);
+        stats
+            .oldest_unacked_created_ms
+            .store(i64::MIN, Ordering::Relaxed);
         stats
     }
 
     pub(crate) fn count_drop(&self, class: BatchClass, readings: u32) {
         let (batches, readings_counter) = match class {
             BatchClass::Raw => (&self.dropped_batches_raw, &self.dropped_readings_raw),
-            BatchClass::Summary => (&self.dropped_batches_summary, &self.dropped_readings_summary),
+            BatchClass::Summary => (
+                &self.dropped_batches_summary,
+                &self.dropped_readings_summary,
+            ),
         };
         batches.fetch_add(1, Ordering::Relaxed);
         readings_counter.fetch_add(u64::from(readings), Ordering::Relaxed);
@@ -119,7 +126,8 @@ impl BufferStats {
             storage_recoveries: load(&self.storage_recoveries),
             appended_batches: load(&self.appended_batches),
             acked_batches: load(&self.acked_batches),
-            oldest_unacked_age_ms: (oldest != i64::MIN).then(|| now_ms.saturating_sub(oldest).max(0)),
+            oldest_unacked_age_ms: (oldest != i64::MIN)
+                .then(|| now_ms.saturating_sub(oldest).max(0)),
         }
     }
 }
@@ -158,13 +166,20 @@ mod tests {
         let mut ledger = Ledger::default();
         let mut queues: [VecDeque<u64>; 2] = [VecDeque::new(), VecDeque::new()];
         for &(is_raw, bytes) in appends {
-            let class = if is_raw { BatchClass::Raw } else { BatchClass::Summary };
+            let class = if is_raw {
+                BatchClass::Raw
+            } else {
+                BatchClass::Summary
+            };
             if bytes > cap_bytes {
                 continue;
             }
             while let Some(victim) = ledger.victim_class(bytes, cap_bytes) {
                 if victim == BatchClass::Summary {
-                    prop_assert!(queues[0].is_empty(), "summary dropped while raw batches remain");
+                    prop_assert!(
+                        queues[0].is_empty(),
+                        "summary dropped while raw batches remain"
+                    );
                 }
                 let victim_bytes = queues[victim.index()].pop_front();
                 prop_assert!(victim_bytes.is_some(), "ledger and queues disagree");

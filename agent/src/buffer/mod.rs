@@ -131,11 +131,17 @@ impl BufferInspection {
     }
 
     pub fn oldest_seq(&self) -> Option<u64> {
-        [self.raw.oldest_seq, self.summary.oldest_seq].into_iter().flatten().min()
+        [self.raw.oldest_seq, self.summary.oldest_seq]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn newest_seq(&self) -> Option<u64> {
-        [self.raw.newest_seq, self.summary.newest_seq].into_iter().flatten().max()
+        [self.raw.newest_seq, self.summary.newest_seq]
+            .into_iter()
+            .flatten()
+            .max()
     }
 
     fn class_mut(&mut self, class: BatchClass) -> &mut ClassInspection {
@@ -196,7 +202,10 @@ pub struct DiskBuffer {
 
 impl std::fmt::Debug for DiskBuffer {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("DiskBuffer").field("path", &self.inner.config.path).finish_non_exhaustive()
+        formatter
+            .debug_struct("DiskBuffer")
+            .field("path", &self.inner.config.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -208,8 +217,14 @@ impl DiskBuffer {
     }
 
     /// Like [`DiskBuffer::open`], with a fault hook that tests use to make the disk fail.
-    pub fn open_with_faults(config: BufferConfig, faults: FaultInjector) -> Result<DiskBuffer, BufferError> {
-        let open_error = |source| BufferError::Open { path: config.path.clone(), source };
+    pub fn open_with_faults(
+        config: BufferConfig,
+        faults: FaultInjector,
+    ) -> Result<DiskBuffer, BufferError> {
+        let open_error = |source| BufferError::Open {
+            path: config.path.clone(),
+            source,
+        };
         let storage = Storage::open(&config, &faults).map_err(open_error)?;
         let disk = count_entries(&storage).map_err(open_error)?;
         let seq_reserved = storage.seq_reserved().map_err(open_error)?;
@@ -220,7 +235,8 @@ impl DiskBuffer {
                 highest_stored = Some(highest_stored.map_or(seq, |highest| highest.max(seq)));
             }
         }
-        let next_seq = highest_stored.map_or(seq_reserved, |seq| seq_reserved.max(seq.saturating_add(1)));
+        let next_seq =
+            highest_stored.map_or(seq_reserved, |seq| seq_reserved.max(seq.saturating_add(1)));
         let state = State {
             storage: Some(storage),
             disk,
@@ -233,7 +249,12 @@ impl DiskBuffer {
             last_now_ms: i64::MIN,
         };
         let buffer = DiskBuffer {
-            inner: Arc::new(Inner { config, faults, stats: BufferStats::new(), state: Mutex::new(state) }),
+            inner: Arc::new(Inner {
+                config,
+                faults,
+                stats: BufferStats::new(),
+                state: Mutex::new(state),
+            }),
         };
         buffer.publish(&buffer.lock());
         Ok(buffer)
@@ -251,7 +272,10 @@ impl DiskBuffer {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the state worse than a crash
         // would, and the buffer must keep working: take the state as it is.
-        self.inner.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Hands out the next batch sequence number. Numbers are reserved on disk in
@@ -260,9 +284,13 @@ impl DiskBuffer {
     pub fn allocate_seq(&self) -> Result<u64, BufferError> {
         let mut state = self.lock();
         if state.next_seq >= state.seq_reserved {
-            let reserve_through = state.next_seq.saturating_add(self.inner.config.seq_block_size.max(1));
+            let reserve_through = state
+                .next_seq
+                .saturating_add(self.inner.config.seq_block_size.max(1));
             let result = match &state.storage {
-                Some(storage) => storage.reserve_seq(reserve_through).map_err(|error| error.to_string()),
+                Some(storage) => storage
+                    .reserve_seq(reserve_through)
+                    .map_err(|error| error.to_string()),
                 None => Err("running memory-only after a storage error".to_string()),
             };
             if let Err(reason) = result {
@@ -270,7 +298,10 @@ impl DiskBuffer {
                     let now_ms = state.last_now_ms;
                     self.degrade(&mut state, now_ms, &reason);
                 }
-                return Err(BufferError::SequenceReservation { path: self.inner.config.path.clone(), reason });
+                return Err(BufferError::SequenceReservation {
+                    path: self.inner.config.path.clone(),
+                    reason,
+                });
             }
             state.seq_reserved = reserve_through;
         }
@@ -289,30 +320,56 @@ impl DiskBuffer {
     /// `every_batch` policy, which flushes here). Makes room by the overflow policy;
     /// falls back to memory if the disk fails. `info.created_ms` also serves as "now"
     /// for retrying a failed disk.
-    pub fn append(&self, batch_seq: u64, info: BatchInfo, payload: &[u8]) -> Result<AppendReceipt, BufferError> {
+    pub fn append(
+        &self,
+        batch_seq: u64,
+        info: BatchInfo,
+        payload: &[u8],
+    ) -> Result<AppendReceipt, BufferError> {
         let max_buffer_bytes = self.inner.config.max_buffer_bytes;
         let batch_bytes = accounted_bytes(payload.len());
-        let too_large = || BufferError::BatchTooLarge { batch_seq, batch_bytes, max_buffer_bytes };
+        let too_large = || BufferError::BatchTooLarge {
+            batch_seq,
+            batch_bytes,
+            max_buffer_bytes,
+        };
         if batch_bytes > max_buffer_bytes {
-            self.inner.stats.rejected_too_large.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner
+                .stats
+                .rejected_too_large
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(too_large());
         }
         let value = encode_value(&info, payload).ok_or_else(too_large)?;
         let now_ms = info.created_ms;
         let mut state = self.lock();
         if batch_seq >= state.next_seq {
-            return Err(BufferError::UnallocatedSeq { batch_seq, next_seq: state.next_seq });
+            return Err(BufferError::UnallocatedSeq {
+                batch_seq,
+                next_seq: state.next_seq,
+            });
         }
         state.last_now_ms = state.last_now_ms.max(now_ms);
         if state.storage.is_none() && now_ms >= state.next_retry_ms {
             self.try_recover(&mut state, now_ms);
         }
-        let mut receipt = AppendReceipt { batch_seq, tier: Tier::Disk, dropped_batches: 0 };
+        let mut receipt = AppendReceipt {
+            batch_seq,
+            tier: Tier::Disk,
+            dropped_batches: 0,
+        };
         let mut disk_failure = None;
         if let Some(storage) = &state.storage {
             let mut disk = state.disk;
-            match insert_on_disk(storage, &mut disk, max_buffer_bytes, &self.inner.stats, batch_seq, info.class, &value)
-            {
+            match insert_on_disk(
+                storage,
+                &mut disk,
+                max_buffer_bytes,
+                &self.inner.stats,
+                batch_seq,
+                info.class,
+                &value,
+            ) {
                 Ok(dropped) => receipt.dropped_batches = dropped,
                 Err(error) => disk_failure = Some(error.to_string()),
             }
@@ -323,9 +380,13 @@ impl DiskBuffer {
         }
         if state.storage.is_none() {
             receipt.tier = Tier::Memory;
-            receipt.dropped_batches = self.insert_in_memory(&mut state, batch_seq, info.class, value)?;
+            receipt.dropped_batches =
+                self.insert_in_memory(&mut state, batch_seq, info.class, value)?;
         }
-        self.inner.stats.appended_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .stats
+            .appended_batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.publish(&state);
         drop(state);
         if receipt.tier == Tier::Disk && self.inner.config.fsync == FsyncPolicy::EveryBatch {
@@ -344,17 +405,34 @@ impl DiskBuffer {
         let memory_only_max_bytes = self.inner.config.memory_only_max_bytes;
         let batch_bytes = (entry::KEY_BYTES + value.len()) as u64;
         if batch_bytes > memory_only_max_bytes {
-            self.inner.stats.rejected_too_large.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(BufferError::BatchTooLargeForMemory { batch_seq, batch_bytes, memory_only_max_bytes });
+            self.inner
+                .stats
+                .rejected_too_large
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(BufferError::BatchTooLargeForMemory {
+                batch_seq,
+                batch_bytes,
+                memory_only_max_bytes,
+            });
         }
         let mut dropped = 0;
-        while let Some(victim) = state.memory_ledger.victim_class(batch_bytes, memory_only_max_bytes) {
-            let oldest = state.memory.iter().find(|(_, entry)| entry.class == victim).map(|(seq, _)| *seq);
+        while let Some(victim) = state
+            .memory_ledger
+            .victim_class(batch_bytes, memory_only_max_bytes)
+        {
+            let oldest = state
+                .memory
+                .iter()
+                .find(|(_, entry)| entry.class == victim)
+                .map(|(seq, _)| *seq);
             let removed = oldest.and_then(|seq| state.memory.remove(&seq));
             match removed {
                 Some(entry) => {
-                    let readings = decode_header(&entry.value).map_or(0, |header| header.reading_count);
-                    state.memory_ledger.remove(victim, (entry::KEY_BYTES + entry.value.len()) as u64);
+                    let readings =
+                        decode_header(&entry.value).map_or(0, |header| header.reading_count);
+                    state
+                        .memory_ledger
+                        .remove(victim, (entry::KEY_BYTES + entry.value.len()) as u64);
                     self.inner.stats.count_drop(victim, readings);
                     dropped += 1;
                 }
@@ -362,7 +440,10 @@ impl DiskBuffer {
             }
         }
         if let Some(previous) = state.memory.insert(batch_seq, MemoryEntry { class, value }) {
-            state.memory_ledger.remove(previous.class, (entry::KEY_BYTES + previous.value.len()) as u64);
+            state.memory_ledger.remove(
+                previous.class,
+                (entry::KEY_BYTES + previous.value.len()) as u64,
+            );
         }
         state.memory_ledger.add(class, batch_bytes);
         Ok(dropped)
@@ -375,7 +456,10 @@ impl DiskBuffer {
         let mut state = self.lock();
         let outcome = self.ack_locked(&mut state, batch_seq);
         if outcome != AckOutcome::Unknown {
-            self.inner.stats.acked_batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner
+                .stats
+                .acked_batches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.publish(&state);
         Ok(outcome)
@@ -383,7 +467,9 @@ impl DiskBuffer {
 
     fn ack_locked(&self, state: &mut State, batch_seq: u64) -> AckOutcome {
         if let Some(entry) = state.memory.remove(&batch_seq) {
-            state.memory_ledger.remove(entry.class, (entry::KEY_BYTES + entry.value.len()) as u64);
+            state
+                .memory_ledger
+                .remove(entry.class, (entry::KEY_BYTES + entry.value.len()) as u64);
             return AckOutcome::Removed;
         }
         if batch_seq >= state.next_seq {
@@ -397,7 +483,9 @@ impl DiskBuffer {
         for class in BatchClass::ALL {
             match storage.remove(class, batch_seq) {
                 Ok(Some(value)) => {
-                    state.disk.remove(class, (entry::KEY_BYTES + value.len()) as u64);
+                    state
+                        .disk
+                        .remove(class, (entry::KEY_BYTES + value.len()) as u64);
                     return AckOutcome::Removed;
                 }
                 Ok(None) => {}
@@ -455,7 +543,11 @@ impl DiskBuffer {
         if let Err(error) = storage.faults().check("flushing") {
             let now_ms = state.last_now_ms;
             self.degrade(&mut state, now_ms, &error.to_string());
-            return Err(BufferError::Storage { path: self.inner.config.path.clone(), operation: "flushing", source: error });
+            return Err(BufferError::Storage {
+                path: self.inner.config.path.clone(),
+                operation: "flushing",
+                source: error,
+            });
         }
         Ok(Ok(storage.db().clone()))
     }
@@ -469,7 +561,11 @@ impl DiskBuffer {
                     let now_ms = state.last_now_ms;
                     self.degrade(&mut state, now_ms, &error.to_string());
                 }
-                Err(BufferError::Storage { path: self.inner.config.path.clone(), operation: "flushing", source: error })
+                Err(BufferError::Storage {
+                    path: self.inner.config.path.clone(),
+                    operation: "flushing",
+                    source: error,
+                })
             }
         }
     }
@@ -563,10 +659,20 @@ impl DiskBuffer {
     fn publish(&self, state: &State) {
         use std::sync::atomic::Ordering::Relaxed;
         let stats = &self.inner.stats;
-        stats.batches_buffered.store(state.disk.total_batches() + state.memory_ledger.total_batches(), Relaxed);
-        stats.bytes_used.store(state.disk.total_bytes() + state.memory_ledger.total_bytes(), Relaxed);
-        stats.memory_batches.store(state.memory_ledger.total_batches(), Relaxed);
-        stats.memory_bytes.store(state.memory_ledger.total_bytes(), Relaxed);
+        stats.batches_buffered.store(
+            state.disk.total_batches() + state.memory_ledger.total_batches(),
+            Relaxed,
+        );
+        stats.bytes_used.store(
+            state.disk.total_bytes() + state.memory_ledger.total_bytes(),
+            Relaxed,
+        );
+        stats
+            .memory_batches
+            .store(state.memory_ledger.total_batches(), Relaxed);
+        stats
+            .memory_bytes
+            .store(state.memory_ledger.total_bytes(), Relaxed);
     }
 
     /// The live counters, for a metrics layer that reads them itself.
@@ -578,13 +684,16 @@ impl DiskBuffer {
     pub fn stats(&self, now_ms: i64) -> BufferStatsSnapshot {
         let oldest_created_ms = {
             let mut state = self.lock();
-            let oldest_seq_and_value = replay::next_entry(self, &mut state, ReplayOrder::OldestFirst, None);
-            oldest_seq_and_value.and_then(|(_, _, value)| decode_header(&value).ok()).map(|header| header.created_ms)
+            let oldest_seq_and_value =
+                replay::next_entry(self, &mut state, ReplayOrder::OldestFirst, None);
+            oldest_seq_and_value
+                .and_then(|(_, _, value)| decode_header(&value).ok())
+                .map(|header| header.created_ms)
         };
-        self.inner
-            .stats
-            .oldest_unacked_created_ms
-            .store(oldest_created_ms.unwrap_or(i64::MIN), std::sync::atomic::Ordering::Relaxed);
+        self.inner.stats.oldest_unacked_created_ms.store(
+            oldest_created_ms.unwrap_or(i64::MIN),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.inner.stats.snapshot(now_ms)
     }
 
@@ -601,10 +710,15 @@ impl DiskBuffer {
         if let Some(trees) = self.trees() {
             for (class, tree) in BatchClass::ALL.into_iter().zip(trees.iter()) {
                 for item in tree.iter() {
-                    let (key, value) = item.map_err(|source| self.storage_error("inspecting", source))?;
+                    let (key, value) =
+                        item.map_err(|source| self.storage_error("inspecting", source))?;
                     let batch_seq = decode_key(&key).unwrap_or(u64::MAX);
                     let header = decode_header(&value).ok();
-                    inspection.class_mut(class).add(batch_seq, (key.len() + value.len()) as u64, header.as_ref());
+                    inspection.class_mut(class).add(
+                        batch_seq,
+                        (key.len() + value.len()) as u64,
+                        header.as_ref(),
+                    );
                 }
             }
         }
@@ -612,7 +726,9 @@ impl DiskBuffer {
         for (batch_seq, entry) in &state.memory {
             let header = decode_header(&entry.value).ok();
             let bytes = (entry::KEY_BYTES + entry.value.len()) as u64;
-            inspection.class_mut(entry.class).add(*batch_seq, bytes, header.as_ref());
+            inspection
+                .class_mut(entry.class)
+                .add(*batch_seq, bytes, header.as_ref());
         }
         inspection.memory_batches = state.memory.len() as u64;
         inspection.memory_only = state.storage.is_none();
@@ -628,19 +744,29 @@ impl DiskBuffer {
         };
         for (class, tree) in BatchClass::ALL.into_iter().zip(trees.iter()) {
             for item in tree.iter() {
-                let (key, value) = item.map_err(|source| self.storage_error("verifying", source))?;
+                let (key, value) =
+                    item.map_err(|source| self.storage_error("verifying", source))?;
                 report.entries_checked += 1;
                 let batch_seq = decode_key(&key);
                 let defect = match (batch_seq, decode_value(&value)) {
-                    (None, _) => Some(EntryDefect::BadKey { key_bytes: key.len() }),
+                    (None, _) => Some(EntryDefect::BadKey {
+                        key_bytes: key.len(),
+                    }),
                     (Some(_), Err(defect)) => Some(defect),
                     (Some(_), Ok((header, _))) if header.class != class => {
-                        Some(EntryDefect::ClassMismatch { stored_in: class.name(), header_says: header.class.name() })
+                        Some(EntryDefect::ClassMismatch {
+                            stored_in: class.name(),
+                            header_says: header.class.name(),
+                        })
                     }
                     (Some(_), Ok(_)) => None,
                 };
                 if let Some(defect) = defect {
-                    report.bad_entries.push(BadEntry { batch_seq, stored_in: class, defect });
+                    report.bad_entries.push(BadEntry {
+                        batch_seq,
+                        stored_in: class,
+                        defect,
+                    });
                 }
             }
         }
@@ -648,7 +774,11 @@ impl DiskBuffer {
     }
 
     fn storage_error(&self, operation: &'static str, source: sled::Error) -> BufferError {
-        BufferError::Storage { path: self.inner.config.path.clone(), operation, source }
+        BufferError::Storage {
+            path: self.inner.config.path.clone(),
+            operation,
+            source,
+        }
     }
 
     /// Unacked batches in sequence order, read lazily one entry at a time.
@@ -659,19 +789,32 @@ impl DiskBuffer {
     /// Unacked batches with `after < batch_seq < before` (either bound optional), in
     /// `order`. The shipper drains the backlog oldest-first below the first live
     /// sequence number while live batches go out newest-first above it.
-    pub fn replay_range(&self, order: ReplayOrder, after: Option<u64>, before: Option<u64>) -> Replay {
+    pub fn replay_range(
+        &self,
+        order: ReplayOrder,
+        after: Option<u64>,
+        before: Option<u64>,
+    ) -> Replay {
         Replay::new(self.clone(), order, after, before)
     }
 
     /// Writes raw bytes under a key, bypassing every check: for tests that need a
     /// corrupted entry. Not for production use.
     #[doc(hidden)]
-    pub fn write_raw_entry_for_test(&self, class: BatchClass, key: &[u8], value: &[u8]) -> Result<(), BufferError> {
+    pub fn write_raw_entry_for_test(
+        &self,
+        class: BatchClass,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), BufferError> {
         let state = self.lock();
         let Some(storage) = &state.storage else {
             return Ok(());
         };
-        storage.tree(class).insert(key, value).map_err(|source| self.storage_error("writing a test entry", source))?;
+        storage
+            .tree(class)
+            .insert(key, value)
+            .map_err(|source| self.storage_error("writing a test entry", source))?;
         Ok(())
     }
 }

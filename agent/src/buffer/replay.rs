@@ -48,12 +48,23 @@ pub struct Replay {
 }
 
 impl Replay {
-    pub(super) fn new(buffer: DiskBuffer, order: ReplayOrder, after: Option<u64>, before: Option<u64>) -> Self {
+    pub(super) fn new(
+        buffer: DiskBuffer,
+        order: ReplayOrder,
+        after: Option<u64>,
+        before: Option<u64>,
+    ) -> Self {
         let (position, stop) = match order {
             ReplayOrder::OldestFirst => (after, before),
             ReplayOrder::NewestFirst => (before, after),
         };
-        Replay { buffer, order, position, stop, finished: false }
+        Replay {
+            buffer,
+            order,
+            position,
+            stop,
+            finished: false,
+        }
     }
 
     /// The last sequence number this cursor yielded (or its starting bound).
@@ -88,8 +99,16 @@ impl Iterator for Replay {
         }
         self.position = Some(batch_seq);
         Some(match decode_value(&value) {
-            Ok((header, payload)) => Ok(StoredBatch { batch_seq, header, payload: payload.to_vec() }),
-            Err(defect) => Err(BadEntry { batch_seq: Some(batch_seq), stored_in: class, defect }),
+            Ok((header, payload)) => Ok(StoredBatch {
+                batch_seq,
+                header,
+                payload: payload.to_vec(),
+            }),
+            Err(defect) => Err(BadEntry {
+                batch_seq: Some(batch_seq),
+                stored_in: class,
+                defect,
+            }),
         })
     }
 }
@@ -131,7 +150,9 @@ pub(super) fn next_entry(
                         // A key that is not a sequence number sorts outside the real
                         // ones only by accident; `verify` reports it. Replay cannot
                         // step past it by number, so it ends this class's walk.
-                        None => tracing::warn!(class = %class, key_bytes = key.len(), "skipping malformed buffer key"),
+                        None => {
+                            tracing::warn!(class = %class, key_bytes = key.len(), "skipping malformed buffer key")
+                        }
                     },
                     Ok(None) => {}
                     Err(error) => {
@@ -148,9 +169,10 @@ pub(super) fn next_entry(
         }
         let memory_entry = match (order, position) {
             (ReplayOrder::OldestFirst, None) => state.memory.iter().next(),
-            (ReplayOrder::OldestFirst, Some(seq)) => {
-                state.memory.range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded)).next()
-            }
+            (ReplayOrder::OldestFirst, Some(seq)) => state
+                .memory
+                .range((std::ops::Bound::Excluded(seq), std::ops::Bound::Unbounded))
+                .next(),
             (ReplayOrder::NewestFirst, None) => state.memory.iter().next_back(),
             (ReplayOrder::NewestFirst, Some(seq)) => state.memory.range(..seq).next_back(),
         };

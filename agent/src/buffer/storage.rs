@@ -69,7 +69,12 @@ impl Storage {
         let raw = db.open_tree(RAW_TREE)?;
         let summary = db.open_tree(SUMMARY_TREE)?;
         let meta = db.open_tree(META_TREE)?;
-        Ok(Storage { db, trees: [raw, summary], meta, faults: faults.clone() })
+        Ok(Storage {
+            db,
+            trees: [raw, summary],
+            meta,
+            faults: faults.clone(),
+        })
     }
 
     pub fn tree(&self, class: BatchClass) -> &sled::Tree {
@@ -80,7 +85,12 @@ impl Storage {
         &self.db
     }
 
-    pub fn insert(&self, class: BatchClass, batch_seq: u64, value: &[u8]) -> sled::Result<Option<IVec>> {
+    pub fn insert(
+        &self,
+        class: BatchClass,
+        batch_seq: u64,
+        value: &[u8],
+    ) -> sled::Result<Option<IVec>> {
         self.faults.check("inserting a batch")?;
         self.tree(class).insert(encode_key(batch_seq), value)
     }
@@ -115,7 +125,8 @@ impl Storage {
     /// Persists the reservation durably before any number below it is handed out.
     pub fn reserve_seq(&self, reserved_through: u64) -> sled::Result<()> {
         self.faults.check("reserving sequence numbers")?;
-        self.meta.insert(SEQ_RESERVED_KEY, &reserved_through.to_be_bytes())?;
+        self.meta
+            .insert(SEQ_RESERVED_KEY, &reserved_through.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }

@@ -75,13 +75,21 @@ impl ShipConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if !tributary_protocol::session::is_valid_agent_id(&self.agent_id) {
-            problems.push(format!("ship.agent_id {:?} must be 1 to 128 ASCII letters, digits, '-', '_', '.' or ':'", self.agent_id));
+            problems.push(format!(
+                "ship.agent_id {:?} must be 1 to 128 ASCII letters, digits, '-', '_', '.' or ':'",
+                self.agent_id
+            ));
         }
         if self.token.is_empty() {
-            problems.push("ship.token is empty; get one with `tributary-collector token add AGENT_ID`".to_owned());
+            problems.push(
+                "ship.token is empty; get one with `tributary-collector token add AGENT_ID`"
+                    .to_owned(),
+            );
         }
         if self.server_fingerprint_sha256.is_some() == self.ca_file.is_some() {
-            problems.push("set exactly one of ship.server_fingerprint_sha256 and ship.ca_file".to_owned());
+            problems.push(
+                "set exactly one of ship.server_fingerprint_sha256 and ship.ca_file".to_owned(),
+            );
         }
         if self.max_in_flight_batches == 0 {
             problems.push("ship.max_in_flight_batches must be at least 1".to_owned());
@@ -93,10 +101,15 @@ impl ShipConfig {
             ));
         }
         if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
-            problems.push("ship.reconnect_min_ms must be positive and at most ship.reconnect_max_ms".to_owned());
+            problems.push(
+                "ship.reconnect_min_ms must be positive and at most ship.reconnect_max_ms"
+                    .to_owned(),
+            );
         }
         if self.retry_min_ms == 0 || self.retry_min_ms > self.retry_max_ms {
-            problems.push("ship.retry_min_ms must be positive and at most ship.retry_max_ms".to_owned());
+            problems.push(
+                "ship.retry_min_ms must be positive and at most ship.retry_max_ms".to_owned(),
+            );
         }
         problems
     }

@@ -33,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 use tributary_protocol::batch::{replace_series_definitions, SenderSessionDictionary};
 use tributary_protocol::close::{CLOSE_NORMAL, CLOSE_PROTOCOL_VIOLATION};
 use tributary_protocol::frame::{frame_header, Frame, FrameDecoder, FrameKind, FrameLimits};
-use tributary_protocol::session::{Backlog, Hello, Message, Nack, NackReason, Welcome, PROTOCOL_VERSION};
+use tributary_protocol::session::{
+    Backlog, Hello, Message, Nack, NackReason, Welcome, PROTOCOL_VERSION,
+};
 use tributary_protocol::{decode_batch, BatchLimits, SeriesId};
 
 use super::config::ShipConfig;
@@ -66,11 +68,17 @@ pub struct ShipStats {
 
 impl ShipStats {
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     fn set_last_error(&self, error: String) {
-        *self.last_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
     }
 
     fn add(counter: &AtomicU64, value: u64) {
@@ -142,8 +150,12 @@ impl Shipper {
         if !problems.is_empty() {
             return Err(ShipError::Config(problems.join("; ")));
         }
-        let (tls, pinned) = client_config(config.server_fingerprint_sha256.as_deref(), config.ca_file.as_deref())?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|error| ShipError::Tls(error.to_string()))?;
+        let (tls, pinned) = client_config(
+            config.server_fingerprint_sha256.as_deref(),
+            config.ca_file.as_deref(),
+        )?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|error| ShipError::Tls(error.to_string()))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(Duration::from_millis(config.keep_alive_interval_ms)));
@@ -153,12 +165,28 @@ impl Shipper {
         transport.max_concurrent_uni_streams(VarInt::from_u32(0));
         transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
         client_config.transport_config(Arc::new(transport));
-        let endpoint = quinn::Endpoint::client(config.bind_address)
-            .map_err(|source| ShipError::Endpoint { address: config.bind_address, source })?;
+        let endpoint =
+            quinn::Endpoint::client(config.bind_address).map_err(|source| ShipError::Endpoint {
+                address: config.bind_address,
+                source,
+            })?;
         let handle = ShipperHandle {
-            inner: Arc::new(HandleInner { wake: Notify::new(), stop: CancellationToken::new(), stats: Arc::new(ShipStats::default()), endpoint }),
+            inner: Arc::new(HandleInner {
+                wake: Notify::new(),
+                stop: CancellationToken::new(),
+                stats: Arc::new(ShipStats::default()),
+                endpoint,
+            }),
         };
-        Ok(Shipper { config, buffer, client_config, pinned, handle, clock: Instant::now(), random: SmallRandom::seeded() })
+        Ok(Shipper {
+            config,
+            buffer,
+            client_config,
+            pinned,
+            handle,
+            clock: Instant::now(),
+            random: SmallRandom::seeded(),
+        })
     }
 
     pub fn handle(&self) -> ShipperHandle {
@@ -174,7 +202,10 @@ impl Shipper {
     /// an error only when retrying cannot help (bad token, unknown agent, fingerprint
     /// mismatch, unsupported protocol version): an operator must act.
     pub async fn run(mut self) -> Result<(), ShipError> {
-        let mut schedule = ReconnectSchedule::new(Backoff { min_ms: self.config.reconnect_min_ms, max_ms: self.config.reconnect_max_ms });
+        let mut schedule = ReconnectSchedule::new(Backoff {
+            min_ms: self.config.reconnect_min_ms,
+            max_ms: self.config.reconnect_max_ms,
+        });
         let stop = self.handle.inner.stop.clone();
         loop {
             if stop.is_cancelled() {
@@ -182,7 +213,9 @@ impl Shipper {
             }
             let now_ms = self.now_ms();
             if !schedule.may_connect(now_ms) {
-                let wait = Duration::from_millis(schedule.next_attempt_ms().saturating_sub(now_ms).max(0) as u64);
+                let wait = Duration::from_millis(
+                    schedule.next_attempt_ms().saturating_sub(now_ms).max(0) as u64,
+                );
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
@@ -224,7 +257,9 @@ impl Shipper {
                 }
                 Err(error) => {
                     let at_least_ms = match &error {
-                        ShipError::Rejected { retry_after_ms, .. } => retry_after_ms.map_or(0, u64::from),
+                        ShipError::Rejected { retry_after_ms, .. } => {
+                            retry_after_ms.map_or(0, u64::from)
+                        }
                         _ => 0,
                     };
                     ShipStats::add(&self.handle.inner.stats.connect_failures, 1);
@@ -235,7 +270,10 @@ impl Shipper {
                 }
             }
         }
-        self.handle.inner.endpoint.close(VarInt::from_u32(CLOSE_NORMAL), b"agent stopping");
+        self.handle
+            .inner
+            .endpoint
+            .close(VarInt::from_u32(CLOSE_NORMAL), b"agent stopping");
         Ok(())
     }
 
@@ -243,30 +281,56 @@ impl Shipper {
         let address_text = &self.config.collector_address;
         let address = tokio::net::lookup_host(address_text.as_str())
             .await
-            .map_err(|error| ShipError::Resolve { address: address_text.clone(), reason: error.to_string() })?
+            .map_err(|error| ShipError::Resolve {
+                address: address_text.clone(),
+                reason: error.to_string(),
+            })?
             .next()
-            .ok_or_else(|| ShipError::Resolve { address: address_text.clone(), reason: "no addresses".to_owned() })?;
-        let connect_error = |reason: String| ShipError::Connect { address: address.to_string(), reason };
+            .ok_or_else(|| ShipError::Resolve {
+                address: address_text.clone(),
+                reason: "no addresses".to_owned(),
+            })?;
+        let connect_error = |reason: String| ShipError::Connect {
+            address: address.to_string(),
+            reason,
+        };
         let connecting = self
             .handle
             .inner
             .endpoint
-            .connect_with(self.client_config.clone(), address, &self.config.server_name)
+            .connect_with(
+                self.client_config.clone(),
+                address,
+                &self.config.server_name,
+            )
             .map_err(|error| connect_error(error.to_string()))?;
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let connection = match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(connection)) => connection,
             Ok(Err(error)) => {
-                if let Some(presented) = self.pinned.as_ref().and_then(|pinned| pinned.take_mismatch()) {
+                if let Some(presented) = self
+                    .pinned
+                    .as_ref()
+                    .and_then(|pinned| pinned.take_mismatch())
+                {
                     return Err(ShipError::FingerprintMismatch {
                         address: address.to_string(),
                         presented,
-                        pinned: self.config.server_fingerprint_sha256.clone().unwrap_or_default(),
+                        pinned: self
+                            .config
+                            .server_fingerprint_sha256
+                            .clone()
+                            .unwrap_or_default(),
                     });
                 }
                 return Err(connect_error(error.to_string()));
             }
-            Err(_) => return Err(connect_error(format!("no answer within {} ms", self.config.connect_timeout_ms))),
+            Err(_) => {
+                return Err(connect_error(format!(
+                    "no answer within {} ms",
+                    self.config.connect_timeout_ms
+                )))
+            }
         };
         match tokio::time::timeout(timeout, self.hello(&connection)).await {
             Ok(Ok(welcome)) => Ok((connection, welcome)),
@@ -276,32 +340,49 @@ impl Shipper {
             }
             Err(_) => {
                 connection.close(VarInt::from_u32(CLOSE_NORMAL), b"handshake timed out");
-                Err(ShipError::Handshake(format!("no welcome within {} ms", self.config.connect_timeout_ms)))
+                Err(ShipError::Handshake(format!(
+                    "no welcome within {} ms",
+                    self.config.connect_timeout_ms
+                )))
             }
         }
     }
 
     async fn hello(&self, connection: &Connection) -> Result<Welcome, ShipError> {
-        let handshake = |what: &str, error: String| ShipError::Handshake(format!("{what}: {error}"));
+        let handshake =
+            |what: &str, error: String| ShipError::Handshake(format!("{what}: {error}"));
         let stats = self.buffer.stats(0);
         let hello = Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_id: self.config.agent_id.clone(),
             token: self.config.token.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            backlog: Backlog { batches: stats.batches_buffered, bytes: stats.bytes_used, oldest_unsent_time_ms: None },
+            backlog: Backlog {
+                batches: stats.batches_buffered,
+                bytes: stats.bytes_used,
+                oldest_unsent_time_ms: None,
+            },
         };
-        let bytes = Message::Hello(hello).encode_to_vec(&FrameLimits::DEFAULT).map_err(|error| ShipError::Config(error.to_string()))?;
-        let (mut send, mut recv) = connection.open_bi().await.map_err(|error| handshake("opening the control stream", error.to_string()))?;
-        send.write_all(&bytes).await.map_err(|error| handshake("sending the hello", error.to_string()))?;
+        let bytes = Message::Hello(hello)
+            .encode_to_vec(&FrameLimits::DEFAULT)
+            .map_err(|error| ShipError::Config(error.to_string()))?;
+        let (mut send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|error| handshake("opening the control stream", error.to_string()))?;
+        send.write_all(&bytes)
+            .await
+            .map_err(|error| handshake("sending the hello", error.to_string()))?;
         let _ = send.finish();
         let frame = read_control_frame(&mut recv).await.map_err(|error| {
             // A reject is followed by a close that may overtake the stream data.
             match connection.close_reason() {
-                Some(quinn::ConnectionError::ApplicationClosed(close)) => ShipError::Handshake(format!(
-                    "the collector closed the connection: {}",
-                    String::from_utf8_lossy(&close.reason)
-                )),
+                Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                    ShipError::Handshake(format!(
+                        "the collector closed the connection: {}",
+                        String::from_utf8_lossy(&close.reason)
+                    ))
+                }
                 _ => handshake("reading the answer to the hello", error),
             }
         })?;
@@ -317,24 +398,45 @@ impl Shipper {
                 })
             }
             Ok(other) => {
-                connection.close(VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION), b"expected welcome or reject");
-                Err(ShipError::Handshake(format!("the collector answered the hello with a {} frame", other.kind())))
+                connection.close(
+                    VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION),
+                    b"expected welcome or reject",
+                );
+                Err(ShipError::Handshake(format!(
+                    "the collector answered the hello with a {} frame",
+                    other.kind()
+                )))
             }
-            Err(error) => Err(handshake("decoding the answer to the hello", error.to_string())),
+            Err(error) => Err(handshake(
+                "decoding the answer to the hello",
+                error.to_string(),
+            )),
         }
     }
 
     async fn run_session(&mut self, connection: &Connection, welcome: &Welcome) -> SessionEnd {
-        let max_in_flight = self.config.max_in_flight_batches.min(welcome.limits.max_in_flight_batches.max(1)) as usize;
+        let max_in_flight = self
+            .config
+            .max_in_flight_batches
+            .min(welcome.limits.max_in_flight_batches.max(1)) as usize;
         let mut session = SessionState {
-            book: InFlightBook::new(max_in_flight, Backoff { min_ms: self.config.retry_min_ms, max_ms: self.config.retry_max_ms }),
+            book: InFlightBook::new(
+                max_in_flight,
+                Backoff {
+                    min_ms: self.config.retry_min_ms,
+                    max_ms: self.config.retry_max_ms,
+                },
+            ),
             dictionary: SenderSessionDictionary::new(),
             live_boundary: self.buffer.next_seq(),
             live_cursor: None,
             backlog_cursor: None,
             backlog_done: false,
             drain: DrainRate::new(self.config.backlog_max_bytes_per_second),
-            frame_limits: FrameLimits { max_frame_bytes: welcome.limits.max_frame_bytes, ..FrameLimits::DEFAULT },
+            frame_limits: FrameLimits {
+                max_frame_bytes: welcome.limits.max_frame_bytes,
+                ..FrameLimits::DEFAULT
+            },
             reported_bad: HashSet::new(),
         };
         let mut tasks: JoinSet<(u64, Vec<SeriesId>, Result<Message, String>)> = JoinSet::new();
@@ -343,10 +445,17 @@ impl Shipper {
         loop {
             let wake_at = self.fill_slots(connection, &mut session, &mut tasks);
             let sleep = match wake_at {
-                Some(at_ms) => Duration::from_millis(at_ms.saturating_sub(self.now_ms()).clamp(1, poll.as_millis() as i64) as u64),
+                Some(at_ms) => Duration::from_millis(
+                    at_ms
+                        .saturating_sub(self.now_ms())
+                        .clamp(1, poll.as_millis() as i64) as u64,
+                ),
                 None => poll,
             };
-            inner.stats.rtt_ms.store(connection.rtt().as_millis() as u64, Ordering::Relaxed);
+            inner
+                .stats
+                .rtt_ms
+                .store(connection.rtt().as_millis() as u64, Ordering::Relaxed);
             tokio::select! {
                 biased;
                 _ = inner.stop.cancelled() => return SessionEnd::Stopped,
@@ -368,7 +477,12 @@ impl Shipper {
 
     /// Starts sends while slots are free. Returns when the shipper should look again
     /// even if nothing happens (a retry or the drain cap comes due).
-    fn fill_slots(&mut self, connection: &Connection, session: &mut SessionState, tasks: &mut JoinSet<(u64, Vec<SeriesId>, Result<Message, String>)>) -> Option<i64> {
+    fn fill_slots(
+        &mut self,
+        connection: &Connection,
+        session: &mut SessionState,
+        tasks: &mut JoinSet<(u64, Vec<SeriesId>, Result<Message, String>)>,
+    ) -> Option<i64> {
         let mut wake_at = None;
         while session.book.has_free_slot() {
             let now_ms = self.now_ms();
@@ -411,7 +525,11 @@ impl Shipper {
 
     fn fetch(&self, batch_seq: u64) -> Option<StoredBatch> {
         self.buffer
-            .replay_range(ReplayOrder::OldestFirst, batch_seq.checked_sub(1), batch_seq.checked_add(1))
+            .replay_range(
+                ReplayOrder::OldestFirst,
+                batch_seq.checked_sub(1),
+                batch_seq.checked_add(1),
+            )
             .next()
             .and_then(Result::ok)
             .filter(|stored| stored.batch_seq == batch_seq)
@@ -419,7 +537,9 @@ impl Shipper {
 
     fn next_live(&self, session: &mut SessionState) -> Option<StoredBatch> {
         let after = session.live_cursor.or(session.live_boundary.checked_sub(1));
-        let replay = self.buffer.replay_range(ReplayOrder::OldestFirst, after, None);
+        let replay = self
+            .buffer
+            .replay_range(ReplayOrder::OldestFirst, after, None);
         for entry in replay {
             match entry {
                 Ok(stored) => {
@@ -440,7 +560,11 @@ impl Shipper {
     }
 
     fn next_backlog(&self, session: &mut SessionState) -> Option<StoredBatch> {
-        let replay = self.buffer.replay_range(ReplayOrder::OldestFirst, session.backlog_cursor, Some(session.live_boundary));
+        let replay = self.buffer.replay_range(
+            ReplayOrder::OldestFirst,
+            session.backlog_cursor,
+            Some(session.live_boundary),
+        );
         for entry in replay {
             match entry {
                 Ok(stored) => {
@@ -469,7 +593,8 @@ impl Shipper {
         plan: SendPlan,
     ) {
         let batch_seq = stored.batch_seq;
-        let (payload, defined) = with_session_definitions(stored.payload, &session.dictionary, plan.full_definitions);
+        let (payload, defined) =
+            with_session_definitions(stored.payload, &session.dictionary, plan.full_definitions);
         let stats = self.handle.inner.stats.clone();
         ShipStats::add(&stats.batches_sent, 1);
         ShipStats::add(&stats.bytes_sent, payload.len() as u64);
@@ -477,7 +602,12 @@ impl Shipper {
         let frame_limits = session.frame_limits;
         let ack_timeout = Duration::from_millis(self.config.ack_timeout_ms);
         tasks.spawn(async move {
-            let result = match tokio::time::timeout(ack_timeout, send_batch(&connection, &payload, &frame_limits, batch_seq)).await {
+            let result = match tokio::time::timeout(
+                ack_timeout,
+                send_batch(&connection, &payload, &frame_limits, batch_seq),
+            )
+            .await
+            {
                 Ok(result) => result,
                 Err(_) => Err(format!("no answer within {} ms", ack_timeout.as_millis())),
             };
@@ -485,7 +615,13 @@ impl Shipper {
         });
     }
 
-    fn on_answer(&mut self, session: &mut SessionState, batch_seq: u64, defined: Vec<SeriesId>, result: Result<Message, String>) {
+    fn on_answer(
+        &mut self,
+        session: &mut SessionState,
+        batch_seq: u64,
+        defined: Vec<SeriesId>,
+        result: Result<Message, String>,
+    ) {
         let stats = self.handle.inner.stats.clone();
         let now_ms = self.now_ms();
         match result {
@@ -500,7 +636,13 @@ impl Shipper {
             Ok(Message::Nack(nack)) => {
                 let jitter = self.random.unit();
                 let unknown_series = nack.reason == NackReason::UnknownSeries;
-                match session.book.on_nack(batch_seq, nack.retryable, unknown_series, now_ms, jitter) {
+                match session.book.on_nack(
+                    batch_seq,
+                    nack.retryable,
+                    unknown_series,
+                    now_ms,
+                    jitter,
+                ) {
                     NackAction::Retry { due_ms } => {
                         ShipStats::add(&stats.nacks_retryable, 1);
                         tracing::debug!(batch_seq, reason = ?nack.reason, message = %nack.message, retry_in_ms = due_ms - now_ms, "batch nacked; will retry");
@@ -558,7 +700,11 @@ impl SessionState {
 /// series they use, so nothing else needs to be looked up. Returns the bytes to send
 /// and the ids they define. A batch that does not decode goes as is: the collector's
 /// nack will say what is wrong with it.
-fn with_session_definitions(payload: Vec<u8>, dictionary: &SenderSessionDictionary, full_definitions: bool) -> (Vec<u8>, Vec<SeriesId>) {
+fn with_session_definitions(
+    payload: Vec<u8>,
+    dictionary: &SenderSessionDictionary,
+    full_definitions: bool,
+) -> (Vec<u8>, Vec<SeriesId>) {
     let limits = BatchLimits::default();
     let Ok(batch) = decode_batch(&payload, &limits) else {
         return (payload, Vec::new());
@@ -567,7 +713,11 @@ fn with_session_definitions(payload: Vec<u8>, dictionary: &SenderSessionDictiona
     if full_definitions {
         return (payload, all_ids);
     }
-    let needed: Vec<_> = batch.series.into_iter().filter(|def| !dictionary.is_confirmed(def.id)).collect();
+    let needed: Vec<_> = batch
+        .series
+        .into_iter()
+        .filter(|def| !dictionary.is_confirmed(def.id))
+        .collect();
     if needed.len() == all_ids.len() {
         return (payload, all_ids);
     }
@@ -579,28 +729,48 @@ fn with_session_definitions(payload: Vec<u8>, dictionary: &SenderSessionDictiona
 }
 
 /// One batch on its own stream: frame out, ack or nack back.
-async fn send_batch(connection: &Connection, payload: &[u8], limits: &FrameLimits, batch_seq: u64) -> Result<Message, String> {
+async fn send_batch(
+    connection: &Connection,
+    payload: &[u8],
+    limits: &FrameLimits,
+    batch_seq: u64,
+) -> Result<Message, String> {
     let header = match frame_header(FrameKind::Batch, payload.len(), limits) {
         Ok(header) => header,
         // The collector could never take it: a local non-retryable nack.
-        Err(error) => return Ok(Message::Nack(Nack::new(batch_seq, NackReason::TooLarge, false, format!("not sent: {error}")))),
+        Err(error) => {
+            return Ok(Message::Nack(Nack::new(
+                batch_seq,
+                NackReason::TooLarge,
+                false,
+                format!("not sent: {error}"),
+            )))
+        }
     };
-    let (mut send, mut recv) = connection.open_bi().await.map_err(|error| format!("opening a batch stream: {error}"))?;
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|error| format!("opening a batch stream: {error}"))?;
     let written = match send.write_all(&header).await {
         Ok(()) => send.write_all(payload).await,
         Err(error) => Err(error),
     };
     let _ = send.finish();
     // Even when the collector stopped the stream early, its answer says why.
-    let frame = read_control_frame(&mut recv).await.map_err(|read_error| match &written {
-        Err(write_error) => format!("sending batch {batch_seq}: {write_error}"),
-        Ok(()) => read_error,
-    })?;
+    let frame = read_control_frame(&mut recv)
+        .await
+        .map_err(|read_error| match &written {
+            Err(write_error) => format!("sending batch {batch_seq}: {write_error}"),
+            Ok(()) => read_error,
+        })?;
     Message::decode(frame.as_ref()).map_err(|error| format!("answer to batch {batch_seq}: {error}"))
 }
 
 async fn read_control_frame(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
-    let limits = FrameLimits { max_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes, ..FrameLimits::DEFAULT };
+    let limits = FrameLimits {
+        max_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes,
+        ..FrameLimits::DEFAULT
+    };
     let mut decoder = FrameDecoder::new(limits);
     loop {
         match decoder.next_owned_frame() {

@@ -19,7 +19,11 @@ pub struct Backoff {
 impl Backoff {
     /// `attempt` counts failures so far (0 for the first retry); `jitter` is uniform in `[0, 1)`.
     pub fn delay_ms(&self, attempt: u32, jitter: f64) -> u64 {
-        let ceiling = self.min_ms.max(1).saturating_mul(1u64 << attempt.min(32)).min(self.max_ms.max(self.min_ms));
+        let ceiling = self
+            .min_ms
+            .max(1)
+            .saturating_mul(1u64 << attempt.min(32))
+            .min(self.max_ms.max(self.min_ms));
         let half = ceiling / 2;
         half + (jitter.clamp(0.0, 1.0) * (ceiling - half) as f64) as u64
     }
@@ -35,7 +39,11 @@ pub struct ReconnectSchedule {
 
 impl ReconnectSchedule {
     pub fn new(backoff: Backoff) -> Self {
-        ReconnectSchedule { backoff, failures: 0, next_attempt_ms: i64::MIN }
+        ReconnectSchedule {
+            backoff,
+            failures: 0,
+            next_attempt_ms: i64::MIN,
+        }
     }
 
     /// Whether a connection attempt may start at `now_ms`.
@@ -50,7 +58,10 @@ impl ReconnectSchedule {
     /// A connection attempt failed, or a session ended. `at_least_ms` is a delay the
     /// collector asked for (a retryable reject's `retry_after_ms`). Returns the delay.
     pub fn on_failure(&mut self, now_ms: i64, jitter: f64, at_least_ms: u64) -> u64 {
-        let delay_ms = self.backoff.delay_ms(self.failures, jitter).max(at_least_ms);
+        let delay_ms = self
+            .backoff
+            .delay_ms(self.failures, jitter)
+            .max(at_least_ms);
         self.failures = self.failures.saturating_add(1);
         self.next_attempt_ms = now_ms.saturating_add(delay_ms as i64);
         delay_ms
@@ -102,7 +113,12 @@ pub struct InFlightBook {
 
 impl InFlightBook {
     pub fn new(max_in_flight: usize, retry: Backoff) -> Self {
-        InFlightBook { max_in_flight: max_in_flight.max(1), retry, in_flight: BTreeMap::new(), waiting: BTreeMap::new() }
+        InFlightBook {
+            max_in_flight: max_in_flight.max(1),
+            retry,
+            in_flight: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+        }
     }
 
     /// Lowers (or raises) the in-flight cap, e.g. to the collector's announced limit.
@@ -134,7 +150,11 @@ impl InFlightBook {
 
     /// The waiting batch whose retry is due first, if due at `now_ms`.
     pub fn next_due(&self, now_ms: i64) -> Option<u64> {
-        self.waiting.iter().filter(|(_, (due_ms, _))| *due_ms <= now_ms).min_by_key(|(seq, (due_ms, _))| (*due_ms, **seq)).map(|(seq, _)| *seq)
+        self.waiting
+            .iter()
+            .filter(|(_, (due_ms, _))| *due_ms <= now_ms)
+            .min_by_key(|(seq, (due_ms, _))| (*due_ms, **seq))
+            .map(|(seq, _)| *seq)
     }
 
     /// When the earliest waiting retry is due.
@@ -144,9 +164,19 @@ impl InFlightBook {
 
     /// Marks a batch as sent; returns how to send it.
     pub fn start(&mut self, batch_seq: u64) -> SendPlan {
-        let attempts = self.waiting.remove(&batch_seq).map(|(_, attempts)| attempts).unwrap_or(Attempts { attempts: 0, full_definitions: false });
+        let attempts = self
+            .waiting
+            .remove(&batch_seq)
+            .map(|(_, attempts)| attempts)
+            .unwrap_or(Attempts {
+                attempts: 0,
+                full_definitions: false,
+            });
         self.in_flight.insert(batch_seq, attempts);
-        SendPlan { full_definitions: attempts.full_definitions, attempt: attempts.attempts }
+        SendPlan {
+            full_definitions: attempts.full_definitions,
+            attempt: attempts.attempts,
+        }
     }
 
     /// The batch was acked; returns whether it was in flight.
@@ -156,16 +186,33 @@ impl InFlightBook {
     }
 
     /// The batch was nacked. `unknown_series` asks for a resend with every definition.
-    pub fn on_nack(&mut self, batch_seq: u64, retryable: bool, unknown_series: bool, now_ms: i64, jitter: f64) -> NackAction {
-        let previous = self.in_flight.remove(&batch_seq).unwrap_or(Attempts { attempts: 0, full_definitions: false });
+    pub fn on_nack(
+        &mut self,
+        batch_seq: u64,
+        retryable: bool,
+        unknown_series: bool,
+        now_ms: i64,
+        jitter: f64,
+    ) -> NackAction {
+        let previous = self.in_flight.remove(&batch_seq).unwrap_or(Attempts {
+            attempts: 0,
+            full_definitions: false,
+        });
         if !retryable {
             self.waiting.remove(&batch_seq);
             return NackAction::DeadLetter;
         }
         // A missing definition is fixed by the very next send: no need to wait long.
-        let delay_ms = if unknown_series && !previous.full_definitions { 0 } else { self.retry.delay_ms(previous.attempts, jitter) };
+        let delay_ms = if unknown_series && !previous.full_definitions {
+            0
+        } else {
+            self.retry.delay_ms(previous.attempts, jitter)
+        };
         let due_ms = now_ms.saturating_add(delay_ms as i64);
-        let attempts = Attempts { attempts: previous.attempts.saturating_add(1), full_definitions: previous.full_definitions || unknown_series };
+        let attempts = Attempts {
+            attempts: previous.attempts.saturating_add(1),
+            full_definitions: previous.full_definitions || unknown_series,
+        };
         self.waiting.insert(batch_seq, (due_ms, attempts));
         NackAction::Retry { due_ms }
     }
@@ -203,11 +250,17 @@ pub struct DrainRate {
 
 impl DrainRate {
     pub fn new(bytes_per_second: Option<u64>) -> Self {
-        DrainRate { bytes_per_second: bytes_per_second.filter(|rate| *rate > 0), allowance: 0.0, last_ms: None }
+        DrainRate {
+            bytes_per_second: bytes_per_second.filter(|rate| *rate > 0),
+            allowance: 0.0,
+            last_ms: None,
+        }
     }
 
     fn refill(&mut self, now_ms: i64) {
-        let Some(rate) = self.bytes_per_second else { return };
+        let Some(rate) = self.bytes_per_second else {
+            return;
+        };
         let rate = rate as f64;
         match self.last_ms {
             None => self.allowance = rate,
@@ -243,7 +296,10 @@ impl DrainRate {
 mod tests {
     use super::*;
 
-    const BACKOFF: Backoff = Backoff { min_ms: 100, max_ms: 10_000 };
+    const BACKOFF: Backoff = Backoff {
+        min_ms: 100,
+        max_ms: 10_000,
+    };
 
     #[test]
     fn backoff_grows_exponentially_with_bounded_jitter_and_a_ceiling() {
@@ -264,7 +320,11 @@ mod tests {
         assert!(second > first);
         assert!(!schedule.may_connect(first as i64));
         assert!(schedule.may_connect((first + second) as i64));
-        assert_eq!(schedule.on_failure(0, 0.0, 7_000), 7_000, "a collector's retry_after is respected");
+        assert_eq!(
+            schedule.on_failure(0, 0.0, 7_000),
+            7_000,
+            "a collector's retry_after is respected"
+        );
         schedule.on_connected();
         assert_eq!(schedule.on_failure(0, 0.0, 0), 50);
     }
@@ -272,28 +332,55 @@ mod tests {
     #[test]
     fn slots_acks_and_retries() {
         let mut book = InFlightBook::new(2, BACKOFF);
-        assert_eq!(book.start(7), SendPlan { full_definitions: false, attempt: 0 });
+        assert_eq!(
+            book.start(7),
+            SendPlan {
+                full_definitions: false,
+                attempt: 0
+            }
+        );
         book.start(8);
         assert!(!book.has_free_slot());
         assert!(book.on_ack(7));
-        assert!(!book.on_ack(7), "a second ack of the same batch is not counted twice");
+        assert!(
+            !book.on_ack(7),
+            "a second ack of the same batch is not counted twice"
+        );
         assert!(book.has_free_slot());
-        assert_eq!(book.on_nack(8, true, false, 1_000, 0.0), NackAction::Retry { due_ms: 1_050 });
+        assert_eq!(
+            book.on_nack(8, true, false, 1_000, 0.0),
+            NackAction::Retry { due_ms: 1_050 }
+        );
         assert!(book.is_tracked(8));
         assert_eq!(book.next_due(1_049), None);
         assert_eq!(book.next_due(1_050), Some(8));
         assert_eq!(book.start(8).attempt, 1);
-        assert_eq!(book.on_nack(8, true, false, 2_000, 0.0), NackAction::Retry { due_ms: 2_100 });
+        assert_eq!(
+            book.on_nack(8, true, false, 2_000, 0.0),
+            NackAction::Retry { due_ms: 2_100 }
+        );
     }
 
     #[test]
     fn unknown_series_resends_at_once_with_every_definition() {
         let mut book = InFlightBook::new(4, BACKOFF);
         book.start(3);
-        assert_eq!(book.on_nack(3, true, true, 500, 0.9), NackAction::Retry { due_ms: 500 });
-        assert_eq!(book.start(3), SendPlan { full_definitions: true, attempt: 1 });
+        assert_eq!(
+            book.on_nack(3, true, true, 500, 0.9),
+            NackAction::Retry { due_ms: 500 }
+        );
+        assert_eq!(
+            book.start(3),
+            SendPlan {
+                full_definitions: true,
+                attempt: 1
+            }
+        );
         // Still unknown with every definition attached: back off like any retry.
-        assert_eq!(book.on_nack(3, true, true, 600, 0.0), NackAction::Retry { due_ms: 700 });
+        assert_eq!(
+            book.on_nack(3, true, true, 600, 0.0),
+            NackAction::Retry { due_ms: 700 }
+        );
     }
 
     #[test]
@@ -301,7 +388,10 @@ mod tests {
         let mut book = InFlightBook::new(4, BACKOFF);
         book.start(1);
         book.start(2);
-        assert_eq!(book.on_nack(1, false, false, 0, 0.0), NackAction::DeadLetter);
+        assert_eq!(
+            book.on_nack(1, false, false, 0, 0.0),
+            NackAction::DeadLetter
+        );
         assert!(!book.is_tracked(1));
         book.on_failed(2, 0, 0.0);
         assert_eq!(book.waiting(), 1);

@@ -30,12 +30,19 @@ pub struct PinnedCertVerifier {
 
 impl PinnedCertVerifier {
     pub fn new(fingerprint: [u8; 32], provider: Arc<CryptoProvider>) -> Self {
-        PinnedCertVerifier { fingerprint, provider, last_mismatch: Mutex::new(None) }
+        PinnedCertVerifier {
+            fingerprint,
+            provider,
+            last_mismatch: Mutex::new(None),
+        }
     }
 
     /// The fingerprint of the last certificate refused for not matching the pin.
     pub fn take_mismatch(&self) -> Option<String> {
-        self.last_mismatch.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+        self.last_mismatch
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
     }
 }
 
@@ -53,32 +60,59 @@ impl ServerCertVerifier for PinnedCertVerifier {
             return Ok(ServerCertVerified::assertion());
         }
         let presented = to_hex(digest.as_ref());
-        *self.last_mismatch.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(presented.clone());
+        *self
+            .last_mismatch
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(presented.clone());
         Err(rustls::Error::General(format!(
             "collector certificate fingerprint {presented} does not match the pinned {}",
             to_hex(&self.fingerprint)
         )))
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
 pub(crate) fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
-        let _ = write!(out, "{byte:02x}");
-        out
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
 }
 
 /// 32 bytes from 64 hex digits (either case, `:` separators allowed).
@@ -153,8 +187,14 @@ mod tests {
 
     #[test]
     fn exactly_one_trust_source_is_required() {
-        assert!(matches!(client_config(None, None), Err(ShipError::Config(_))));
-        assert!(matches!(client_config(Some("nope"), None), Err(ShipError::Config(_))));
+        assert!(matches!(
+            client_config(None, None),
+            Err(ShipError::Config(_))
+        ));
+        assert!(matches!(
+            client_config(Some("nope"), None),
+            Err(ShipError::Config(_))
+        ));
         assert!(client_config(Some(&"00".repeat(32)), None).is_ok());
     }
 }

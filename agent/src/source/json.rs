@@ -32,7 +32,11 @@ pub(crate) fn json_kind(text: &str) -> &'static str {
 }
 
 pub(crate) fn syntax_error(error: &serde_json::Error) -> PayloadError {
-    PayloadError::JsonSyntax { line: error.line(), column: error.column(), detail: error.to_string() }
+    PayloadError::JsonSyntax {
+        line: error.line(),
+        column: error.column(),
+        detail: error.to_string(),
+    }
 }
 
 /// An object key, borrowed from the payload unless it contained escapes.
@@ -170,11 +174,18 @@ impl JsonState<'_, '_, '_> {
         if self.options.skip_non_numeric {
             return Ok(());
         }
-        let error = PayloadError::NotANumber { field: self.path.clone(), found };
+        let error = PayloadError::NotANumber {
+            field: self.path.clone(),
+            found,
+        };
         Err(self.fail(error))
     }
 
-    fn visit_object<'de, A: MapAccess<'de>>(&mut self, mut map: A, depth: usize) -> Result<(), A::Error> {
+    fn visit_object<'de, A: MapAccess<'de>>(
+        &mut self,
+        mut map: A,
+        depth: usize,
+    ) -> Result<(), A::Error> {
         while let Some(Key(key)) = map.next_key::<Key>()? {
             if depth == 1 && self.options.timestamp_field.as_deref() == Some(key.as_ref()) {
                 let value = map.next_value::<Scalar>()?;
@@ -182,7 +193,10 @@ impl JsonState<'_, '_, '_> {
                 match value.to_ms(unit) {
                     Some(time_ms) => self.time_ms = Some(time_ms),
                     None => {
-                        let error = PayloadError::BadTimestamp { field: key.into_owned(), found: value.describe() };
+                        let error = PayloadError::BadTimestamp {
+                            field: key.into_owned(),
+                            found: value.describe(),
+                        };
                         return Err(self.fail(error));
                     }
                 }
@@ -193,7 +207,10 @@ impl JsonState<'_, '_, '_> {
                 self.path.push('.');
             }
             self.path.push_str(&key);
-            map.next_value_seed(FieldSeed { state: &mut *self, depth })?;
+            map.next_value_seed(FieldSeed {
+                state: &mut *self,
+                depth,
+            })?;
             self.path.truncate(saved_len);
         }
         Ok(())
@@ -236,7 +253,8 @@ impl<'de> Visitor<'de> for FieldSeed<'_, '_, '_, '_> {
         }
     }
     fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {
-        self.state.non_numeric(format!("string \"{}\"", excerpt(value)))
+        self.state
+            .non_numeric(format!("string \"{}\"", excerpt(value)))
     }
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
         self.state.non_numeric("null".to_owned())
@@ -251,7 +269,10 @@ impl<'de> Visitor<'de> for FieldSeed<'_, '_, '_, '_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
         if self.depth >= MAX_JSON_DEPTH {
-            let error = PayloadError::JsonTooDeep { field: self.state.path.clone(), max_depth: MAX_JSON_DEPTH };
+            let error = PayloadError::JsonTooDeep {
+                field: self.state.path.clone(),
+                max_depth: MAX_JSON_DEPTH,
+            };
             return Err(self.state.fail(error));
         }
         self.state.visit_object(map, self.depth + 1)
@@ -272,7 +293,11 @@ impl<'de> Visitor<'de> for TopObject<'_, '_, '_, '_> {
     }
 }
 
-pub(crate) fn parse_json(text: &str, options: &PayloadOptions, emitter: &mut Emitter<'_, '_>) -> Result<(), PayloadError> {
+pub(crate) fn parse_json(
+    text: &str,
+    options: &PayloadOptions,
+    emitter: &mut Emitter<'_, '_>,
+) -> Result<(), PayloadError> {
     let kind = json_kind(text);
     if kind != "a JSON object" {
         if kind == "not JSON" {
@@ -284,7 +309,13 @@ pub(crate) fn parse_json(text: &str, options: &PayloadOptions, emitter: &mut Emi
         return Err(PayloadError::JsonNotObject { found: kind });
     }
     let first_index = emitter.len();
-    let mut state = JsonState { options, emitter, path: String::new(), time_ms: None, failure: None };
+    let mut state = JsonState {
+        options,
+        emitter,
+        path: String::new(),
+        time_ms: None,
+        failure: None,
+    };
     let mut deserializer = serde_json::Deserializer::from_str(text);
     let result = deserializer
         .deserialize_map(TopObject { state: &mut state })

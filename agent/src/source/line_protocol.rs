@@ -19,7 +19,6 @@ struct Cursor<'a> {
     position: usize,
 }
 
-
 impl<'a> Cursor<'a> {
     fn peek(&self) -> Option<u8> {
         self.text.as_bytes().get(self.position).copied()
@@ -118,10 +117,18 @@ fn classify_value(raw: &str) -> FieldValue<'_> {
         _ => {}
     }
     if let Some(integer) = raw.strip_suffix('i') {
-        return integer.parse::<i64>().map_or(FieldValue::Invalid(raw), |value| FieldValue::Number(value as f64));
+        return integer
+            .parse::<i64>()
+            .map_or(FieldValue::Invalid(raw), |value| {
+                FieldValue::Number(value as f64)
+            });
     }
     if let Some(unsigned) = raw.strip_suffix('u') {
-        return unsigned.parse::<u64>().map_or(FieldValue::Invalid(raw), |value| FieldValue::Number(value as f64));
+        return unsigned
+            .parse::<u64>()
+            .map_or(FieldValue::Invalid(raw), |value| {
+                FieldValue::Number(value as f64)
+            });
     }
     if raw.is_empty() || raw.starts_with(|c: char| c.is_whitespace() || c == '+') {
         return FieldValue::Invalid(raw);
@@ -166,14 +173,16 @@ enum LineFailure {
     Payload(PayloadError),
 }
 
-
 fn parse_one_line(
     line: &str,
     options: &PayloadOptions,
     unit: TimeUnit,
     emitter: &mut Emitter<'_, '_>,
 ) -> Result<(), LineFailure> {
-    let mut cursor = Cursor { text: line, position: 0 };
+    let mut cursor = Cursor {
+        text: line,
+        position: 0,
+    };
     let measurement = cursor.token(b", ", MEASUREMENT_ESCAPES);
     if measurement.is_empty() {
         return Err(cursor.fail("missing measurement name"));
@@ -196,7 +205,10 @@ fn parse_one_line(
         return Err(cursor.fail("expected a space and then fields after the measurement and tags"));
     }
     let first_reading = emitter.len();
-    let tag_refs: Vec<(&str, &str)> = tags.iter().map(|(key, value)| (key.as_ref(), value.as_ref())).collect();
+    let tag_refs: Vec<(&str, &str)> = tags
+        .iter()
+        .map(|(key, value)| (key.as_ref(), value.as_ref()))
+        .collect();
     loop {
         let key = cursor.token(b"=, ", KEY_ESCAPES);
         if key.is_empty() {
@@ -216,13 +228,21 @@ fn parse_one_line(
         };
         let number = match value {
             FieldValue::Number(number) => Some(number),
-            FieldValue::Bool(flag) if options.booleans_as_numbers => Some(if flag { 1.0 } else { 0.0 }),
+            FieldValue::Bool(flag) if options.booleans_as_numbers => {
+                Some(if flag { 1.0 } else { 0.0 })
+            }
             FieldValue::Bool(_) | FieldValue::Text if options.skip_non_numeric => None,
             FieldValue::Bool(flag) => {
-                return Err(LineFailure::Payload(PayloadError::NotANumber { field: metric, found: format!("boolean {flag}") }))
+                return Err(LineFailure::Payload(PayloadError::NotANumber {
+                    field: metric,
+                    found: format!("boolean {flag}"),
+                }))
             }
             FieldValue::Text => {
-                return Err(LineFailure::Payload(PayloadError::NotANumber { field: metric, found: "a string".to_owned() }))
+                return Err(LineFailure::Payload(PayloadError::NotANumber {
+                    field: metric,
+                    found: "a string".to_owned(),
+                }))
             }
             FieldValue::Invalid(raw) => {
                 return Err(LineFailure::Payload(PayloadError::NotANumber {
@@ -230,10 +250,16 @@ fn parse_one_line(
                     found: format!("`{}`", excerpt(raw)),
                 }))
             }
-            FieldValue::NanOrInf => return Err(LineFailure::Payload(PayloadError::NanOrInf { field: metric })),
+            FieldValue::NanOrInf => {
+                return Err(LineFailure::Payload(PayloadError::NanOrInf {
+                    field: metric,
+                }))
+            }
         };
         if let Some(number) = number {
-            emitter.push(&metric, &tag_refs, None, number, &metric).map_err(LineFailure::Payload)?;
+            emitter
+                .push(&metric, &tag_refs, None, number, &metric)
+                .map_err(LineFailure::Payload)?;
         }
         if cursor.peek() == Some(b',') {
             cursor.position += 1;

@@ -27,7 +27,8 @@ mod senml;
 use tributary_protocol::model::SeriesKey;
 
 pub use payload::{
-    parse_payload, MessageParser, PayloadError, PayloadFormat, PayloadOptions, TimeUnit, TopicRouter,
+    parse_payload, MessageParser, PayloadError, PayloadFormat, PayloadOptions, TimeUnit,
+    TopicRouter,
 };
 pub use serial_line::{
     crc8, parse_line, LineDecoder, LineDecoderStats, RawLine, SerialLineError, SerialLineOptions,

@@ -41,11 +41,18 @@ const BACKOFF_MAX_MS: u64 = 30_000;
 
 /// The rumqttc options for a subscribe source.
 pub fn mqtt_options(config: &MqttSubscribeConfig) -> Result<MqttOptions, String> {
-    let (host, port) = config
-        .broker_address
-        .rsplit_once(':')
-        .ok_or_else(|| format!("broker_address `{}` is not host:port", config.broker_address))?;
-    let port: u16 = port.parse().map_err(|error| format!("broker_address `{}`: bad port: {error}", config.broker_address))?;
+    let (host, port) = config.broker_address.rsplit_once(':').ok_or_else(|| {
+        format!(
+            "broker_address `{}` is not host:port",
+            config.broker_address
+        )
+    })?;
+    let port: u16 = port.parse().map_err(|error| {
+        format!(
+            "broker_address `{}`: bad port: {error}",
+            config.broker_address
+        )
+    })?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let mut options = MqttOptions::new(config.client_id.clone(), host, port);
     options.set_keep_alive(Duration::from_secs(u64::from(config.keep_alive_s)));
@@ -54,7 +61,9 @@ pub fn mqtt_options(config: &MqttSubscribeConfig) -> Result<MqttOptions, String>
         options.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
     }
     options.set_manual_acks(true);
-    options.set_receive_maximum(Some(u16::try_from(config.receive_maximum).unwrap_or(u16::MAX)));
+    options.set_receive_maximum(Some(
+        u16::try_from(config.receive_maximum).unwrap_or(u16::MAX),
+    ));
     options.set_max_packet_size(Some(16 * 1024 * 1024));
     if let Some(username) = &config.username {
         let password = match &config.password_file {
@@ -85,13 +94,24 @@ pub async fn run_subscribe(
             return;
         }
     };
-    let qos = if config.qos >= 1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
-    let filters: Vec<String> = router.subscription_filters().into_iter().map(str::to_owned).collect();
-    let capacity = usize::try_from(config.receive_maximum).unwrap_or(1024).max(16);
+    let qos = if config.qos >= 1 {
+        QoS::AtLeastOnce
+    } else {
+        QoS::AtMostOnce
+    };
+    let filters: Vec<String> = router
+        .subscription_filters()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let capacity = usize::try_from(config.receive_maximum)
+        .unwrap_or(1024)
+        .max(16);
     let (client, mut event_loop) = AsyncClient::new(options, capacity);
 
     // Acknowledgements in arrival order, each once its data is durable.
-    let (ack_sender, mut ack_receiver) = mpsc::unbounded_channel::<(Publish, oneshot::Receiver<()>)>();
+    let (ack_sender, mut ack_receiver) =
+        mpsc::unbounded_channel::<(Publish, oneshot::Receiver<()>)>();
     let ack_client = client.clone();
     let ack_metrics = Arc::clone(&metrics);
     let ack_task = tokio::spawn(async move {
@@ -131,7 +151,9 @@ pub async fn run_subscribe(
                 let receive_ms = now_ms();
                 readings.clear();
                 let parsed = match std::str::from_utf8(&publish.topic) {
-                    Ok(topic) => router.parse(topic, &publish.payload, receive_ms, &mut readings).map_err(|error| (error.reason(), error.to_string())),
+                    Ok(topic) => router
+                        .parse(topic, &publish.payload, receive_ms, &mut readings)
+                        .map_err(|error| (error.reason(), error.to_string())),
                     Err(_) => Err(("topic_not_utf8", "topic is not UTF-8".to_owned())),
                 };
                 let wants_ack = publish.qos != QoS::AtMostOnce;
@@ -143,7 +165,12 @@ pub async fn run_subscribe(
                         } else {
                             (None, None)
                         };
-                        let input = PipelineInput { source, readings: std::mem::take(&mut readings), receive_ms, durable };
+                        let input = PipelineInput {
+                            source,
+                            readings: std::mem::take(&mut readings),
+                            receive_ms,
+                            durable,
+                        };
                         if pipeline.send(input).await.is_err() {
                             break;
                         }
@@ -153,7 +180,10 @@ pub async fn run_subscribe(
                     }
                     outcome => {
                         if let Err((reason, message)) = outcome {
-                            let topic = String::from_utf8_lossy(&publish.topic).chars().take(128).collect::<String>();
+                            let topic = String::from_utf8_lossy(&publish.topic)
+                                .chars()
+                                .take(128)
+                                .collect::<String>();
                             metrics.reject(reason, &format!("topic `{topic}`: {message}"));
                         }
                         if wants_ack {

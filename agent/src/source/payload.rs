@@ -133,7 +133,10 @@ impl Default for PayloadOptions {
 
 impl PayloadOptions {
     pub fn with_format(format: PayloadFormat) -> Self {
-        Self { format, ..Self::default() }
+        Self {
+            format,
+            ..Self::default()
+        }
     }
 }
 
@@ -141,13 +144,19 @@ impl PayloadOptions {
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum PayloadError {
     #[error("payload of {payload_bytes} bytes exceeds max_payload_bytes = {max_payload_bytes}; raise the limit or make the sensor send less per message")]
-    TooLarge { payload_bytes: usize, max_payload_bytes: usize },
+    TooLarge {
+        payload_bytes: usize,
+        max_payload_bytes: usize,
+    },
     #[error("payload is not UTF-8 (invalid byte at offset {byte_offset})")]
     NotUtf8 { byte_offset: usize },
     #[error("topic `{topic}` does not match template `{template}`")]
     TopicMismatch { topic: String, template: String },
     #[error("template `{template}` has no `{{metric}}` and format `{format}` carries no metric names; add `{{metric}}` to the template or use a format with named values")]
-    NoMetric { template: String, format: &'static str },
+    NoMetric {
+        template: String,
+        format: &'static str,
+    },
     #[error("{field}: expected a number, found {found}")]
     NotANumber { field: String, found: String },
     #[error("{field}: NaN and infinite values are rejected")]
@@ -157,7 +166,11 @@ pub enum PayloadError {
     #[error("{field}: produces an empty metric name")]
     EmptyMetricName { field: String },
     #[error("payload is not valid JSON: {detail}")]
-    JsonSyntax { line: usize, column: usize, detail: String },
+    JsonSyntax {
+        line: usize,
+        column: usize,
+        detail: String,
+    },
     #[error("payload is {found}, expected a JSON object of metric fields")]
     JsonNotObject { found: &'static str },
     #[error("{field}: objects nested deeper than {max_depth} levels are rejected")]
@@ -171,11 +184,19 @@ pub enum PayloadError {
     #[error("SenML record {record_index} has no name (neither `bn` nor `n`)")]
     SenmlMissingName { record_index: usize },
     #[error("SenML record {record_index}: field `{field}` must be {expected}")]
-    SenmlBadField { record_index: usize, field: String, expected: &'static str },
+    SenmlBadField {
+        record_index: usize,
+        field: String,
+        expected: &'static str,
+    },
     #[error("SenML record {record_index}: field `{field}` is a must-understand extension this agent does not support")]
     SenmlUnsupportedField { record_index: usize, field: String },
     #[error("line protocol syntax error on line {line} (byte {byte_offset}): {detail}")]
-    LineProtocolSyntax { line: usize, byte_offset: usize, detail: &'static str },
+    LineProtocolSyntax {
+        line: usize,
+        byte_offset: usize,
+        detail: &'static str,
+    },
     #[error("payload holds no readings")]
     NoReadings,
 }
@@ -260,7 +281,9 @@ impl<'o, 'f> Emitter<'o, 'f> {
         field_for_errors: &str,
     ) -> Result<(), PayloadError> {
         if !value.is_finite() {
-            return Err(PayloadError::NanOrInf { field: field_for_errors.to_owned() });
+            return Err(PayloadError::NanOrInf {
+                field: field_for_errors.to_owned(),
+            });
         }
         let metric = match (self.fields.metric, payload_name.is_empty()) {
             (Some(topic_metric), true) => topic_metric.to_owned(),
@@ -268,11 +291,22 @@ impl<'o, 'f> Emitter<'o, 'f> {
             (None, _) => payload_name.to_owned(),
         };
         if metric.is_empty() {
-            return Err(PayloadError::EmptyMetricName { field: field_for_errors.to_owned() });
+            return Err(PayloadError::EmptyMetricName {
+                field: field_for_errors.to_owned(),
+            });
         }
-        let key = SeriesKey::new(self.fields.device_id, metric)
-            .with_tags(self.fields.tags.iter().copied().chain(payload_tags.iter().copied()));
-        self.out.push(ParsedReading { key, time_ms, value });
+        let key = SeriesKey::new(self.fields.device_id, metric).with_tags(
+            self.fields
+                .tags
+                .iter()
+                .copied()
+                .chain(payload_tags.iter().copied()),
+        );
+        self.out.push(ParsedReading {
+            key,
+            time_ms,
+            value,
+        });
         Ok(())
     }
 }
@@ -313,21 +347,31 @@ fn parse_payload_inner(
             max_payload_bytes: options.max_payload_bytes,
         });
     }
-    let text = std::str::from_utf8(payload)
-        .map_err(|error| PayloadError::NotUtf8 { byte_offset: error.valid_up_to() })?;
+    let text = std::str::from_utf8(payload).map_err(|error| PayloadError::NotUtf8 {
+        byte_offset: error.valid_up_to(),
+    })?;
     let mut emitter = Emitter { fields, out };
     match options.format {
         PayloadFormat::Plain => parse_plain(text, options, &mut emitter),
         PayloadFormat::Json => super::json::parse_json(text, options, &mut emitter),
         PayloadFormat::Senml => super::senml::parse_senml(text, options, receive_ms, &mut emitter),
-        PayloadFormat::LineProtocol => super::line_protocol::parse_line_protocol(text, options, &mut emitter),
+        PayloadFormat::LineProtocol => {
+            super::line_protocol::parse_line_protocol(text, options, &mut emitter)
+        }
     }
 }
 
-fn parse_plain(text: &str, options: &PayloadOptions, emitter: &mut Emitter<'_, '_>) -> Result<(), PayloadError> {
+fn parse_plain(
+    text: &str,
+    options: &PayloadOptions,
+    emitter: &mut Emitter<'_, '_>,
+) -> Result<(), PayloadError> {
     const FIELD: &str = "payload";
     if emitter.fields.metric.is_none() {
-        return Err(PayloadError::NoMetric { template: String::from("(this topic's)"), format: "plain" });
+        return Err(PayloadError::NoMetric {
+            template: String::from("(this topic's)"),
+            format: "plain",
+        });
     }
     let trimmed = text.trim();
     if options.booleans_as_numbers {
@@ -339,7 +383,9 @@ fn parse_plain(text: &str, options: &PayloadOptions, emitter: &mut Emitter<'_, '
     }
     match parse_number_text(trimmed) {
         NumberText::Finite(value) => emitter.push("", &[], None, value, FIELD),
-        NumberText::NanOrInf => Err(PayloadError::NanOrInf { field: FIELD.to_owned() }),
+        NumberText::NanOrInf => Err(PayloadError::NanOrInf {
+            field: FIELD.to_owned(),
+        }),
         NumberText::NotANumber => Err(PayloadError::NotANumber {
             field: FIELD.to_owned(),
             found: format!("`{}`", excerpt(trimmed)),
@@ -360,7 +406,10 @@ impl MessageParser {
     /// under a template without `{metric}`).
     pub fn new(template: TopicTemplate, options: PayloadOptions) -> Result<Self, PayloadError> {
         if options.format == PayloadFormat::Plain && !template.has_metric() {
-            return Err(PayloadError::NoMetric { template: template.as_str().to_owned(), format: "plain" });
+            return Err(PayloadError::NoMetric {
+                template: template.as_str().to_owned(),
+                format: "plain",
+            });
         }
         Ok(Self { template, options })
     }
@@ -382,10 +431,13 @@ impl MessageParser {
         receive_ms: i64,
         out: &mut Vec<ParsedReading>,
     ) -> Result<usize, PayloadError> {
-        let fields = self.template.match_topic(topic).ok_or_else(|| PayloadError::TopicMismatch {
-            topic: excerpt(topic),
-            template: self.template.as_str().to_owned(),
-        })?;
+        let fields =
+            self.template
+                .match_topic(topic)
+                .ok_or_else(|| PayloadError::TopicMismatch {
+                    topic: excerpt(topic),
+                    template: self.template.as_str().to_owned(),
+                })?;
         parse_payload(&self.options, &fields, payload, receive_ms, out)
     }
 }
@@ -429,7 +481,14 @@ impl TopicRouter {
                 return parse_payload(parser.options(), &fields, payload, receive_ms, out);
             }
         }
-        let templates: Vec<&str> = self.parsers.iter().map(|parser| parser.template().as_str()).collect();
-        Err(PayloadError::TopicMismatch { topic: excerpt(topic), template: templates.join(" | ") })
+        let templates: Vec<&str> = self
+            .parsers
+            .iter()
+            .map(|parser| parser.template().as_str())
+            .collect();
+        Err(PayloadError::TopicMismatch {
+            topic: excerpt(topic),
+            template: templates.join(" | "),
+        })
     }
 }

@@ -45,7 +45,11 @@ impl SenmlState<'_, '_, '_> {
     }
 
     fn bad_field<E: de::Error>(&mut self, field: &str, expected: &'static str) -> E {
-        let error = PayloadError::SenmlBadField { record_index: self.record_index, field: field.to_owned(), expected };
+        let error = PayloadError::SenmlBadField {
+            record_index: self.record_index,
+            field: field.to_owned(),
+            expected,
+        };
         self.fail(error)
     }
 
@@ -66,43 +70,67 @@ impl SenmlState<'_, '_, '_> {
             name.push_str(record_name);
         }
         if name.is_empty() {
-            return Err(self.fail(PayloadError::SenmlMissingName { record_index: self.record_index }));
+            return Err(self.fail(PayloadError::SenmlMissingName {
+                record_index: self.record_index,
+            }));
         }
         let value = if let Some(value) = record.value {
             self.base_value + value
         } else if let Some(bool_value) = record.bool_value {
             if self.options.booleans_as_numbers {
-                if bool_value { 1.0 } else { 0.0 }
+                if bool_value {
+                    1.0
+                } else {
+                    0.0
+                }
             } else if self.options.skip_non_numeric {
                 return Ok(());
             } else {
-                let error = PayloadError::NotANumber { field: name, found: format!("boolean {bool_value}") };
+                let error = PayloadError::NotANumber {
+                    field: name,
+                    found: format!("boolean {bool_value}"),
+                };
                 return Err(self.fail(error));
             }
         } else if record.has_text_value && self.options.skip_non_numeric {
             return Ok(());
         } else if record.has_text_value {
-            let error = PayloadError::NotANumber { field: name, found: "a string or data value".to_owned() };
+            let error = PayloadError::NotANumber {
+                field: name,
+                found: "a string or data value".to_owned(),
+            };
             return Err(self.fail(error));
         } else {
-            let error = PayloadError::SenmlMissingValue { record_index: self.record_index, name };
+            let error = PayloadError::SenmlMissingValue {
+                record_index: self.record_index,
+                name,
+            };
             return Err(self.fail(error));
         };
         let resolved_time_s = self.base_time_s + record.time_s.unwrap_or(0.0);
         let time_ms = if resolved_time_s == 0.0 {
             None
         } else if resolved_time_s.abs() < RELATIVE_TIME_LIMIT_S {
-            TimeUnit::S.float_to_ms(resolved_time_s).and_then(|offset_ms| self.receive_ms.checked_add(offset_ms))
+            TimeUnit::S
+                .float_to_ms(resolved_time_s)
+                .and_then(|offset_ms| self.receive_ms.checked_add(offset_ms))
         } else {
             TimeUnit::S.float_to_ms(resolved_time_s)
         };
         if resolved_time_s != 0.0 && time_ms.is_none() {
-            let error = PayloadError::BadTimestamp { field: name, found: format!("{resolved_time_s} s") };
+            let error = PayloadError::BadTimestamp {
+                field: name,
+                found: format!("{resolved_time_s} s"),
+            };
             return Err(self.fail(error));
         }
         let unit = record.unit.as_deref().unwrap_or(&self.base_unit);
         let unit_tag = [("unit", unit)];
-        let tags: &[(&str, &str)] = if self.options.senml_unit_as_tag && !unit.is_empty() { &unit_tag } else { &[] };
+        let tags: &[(&str, &str)] = if self.options.senml_unit_as_tag && !unit.is_empty() {
+            &unit_tag
+        } else {
+            &[]
+        };
         let result = self.emitter.push(&name, tags, time_ms, value, &name);
         result.map_err(|error| self.fail(error))
     }
@@ -187,7 +215,12 @@ impl<'de> Visitor<'de> for Pack<'_, '_, '_, '_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         loop {
-            if seq.next_element_seed(RecordSeed { state: &mut *self.state })?.is_none() {
+            if seq
+                .next_element_seed(RecordSeed {
+                    state: &mut *self.state,
+                })?
+                .is_none()
+            {
                 return Ok(());
             }
             self.state.record_index += 1;
@@ -222,7 +255,9 @@ pub(crate) fn parse_senml(
         failure: None,
     };
     let mut deserializer = serde_json::Deserializer::from_str(text);
-    let result = deserializer.deserialize_seq(Pack { state: &mut state }).and_then(|()| deserializer.end());
+    let result = deserializer
+        .deserialize_seq(Pack { state: &mut state })
+        .and_then(|()| deserializer.end());
     if let Some(failure) = state.failure.take() {
         return Err(failure);
     }
@@ -231,7 +266,9 @@ pub(crate) fn parse_senml(
         // The only typed deserialization inside a pack is "record is a map": a data error here
         // means a record was some other JSON value.
         Err(error) if error.classify() == serde_json::error::Category::Data => {
-            Err(PayloadError::SenmlBadRecord { record_index: state.record_index })
+            Err(PayloadError::SenmlBadRecord {
+                record_index: state.record_index,
+            })
         }
         Err(error) => Err(syntax_error(&error)),
     }

@@ -36,7 +36,11 @@ fn open(config: &SerialConfig) -> tokio_serial::Result<tokio_serial::SerialStrea
         Parity::Odd => tokio_serial::Parity::Odd,
         Parity::Even => tokio_serial::Parity::Even,
     };
-    let stop_bits = if config.stop_bits == 2 { tokio_serial::StopBits::Two } else { tokio_serial::StopBits::One };
+    let stop_bits = if config.stop_bits == 2 {
+        tokio_serial::StopBits::Two
+    } else {
+        tokio_serial::StopBits::One
+    };
     let flow_control = match config.flow_control {
         FlowControl::None => tokio_serial::FlowControl::None,
         FlowControl::Software => tokio_serial::FlowControl::Software,
@@ -111,7 +115,12 @@ pub async fn run_serial(
                 metrics.messages_in.fetch_add(1, Ordering::Relaxed);
                 match result {
                     Ok(_) => {
-                        let input = PipelineInput { source, readings: std::mem::take(&mut readings), receive_ms, durable: None };
+                        let input = PipelineInput {
+                            source,
+                            readings: std::mem::take(&mut readings),
+                            receive_ms,
+                            durable: None,
+                        };
                         if pipeline.send(input).await.is_err() {
                             break 'reopen;
                         }

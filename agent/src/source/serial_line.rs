@@ -35,7 +35,11 @@ pub fn crc8(bytes: &[u8]) -> u8 {
     for &byte in bytes {
         crc ^= byte;
         for _ in 0..8 {
-            crc = if crc & 0x80 != 0 { (crc << 1) ^ 0x07 } else { crc << 1 };
+            crc = if crc & 0x80 != 0 {
+                (crc << 1) ^ 0x07
+            } else {
+                crc << 1
+            };
         }
     }
     crc
@@ -45,7 +49,10 @@ pub fn crc8(bytes: &[u8]) -> u8 {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SerialLineError {
     #[error("line longer than max_line_bytes = {max_line_bytes} discarded ({discarded_bytes} bytes up to the next newline); check the baud rate and framing, or raise the limit")]
-    LineTooLong { discarded_bytes: u64, max_line_bytes: usize },
+    LineTooLong {
+        discarded_bytes: u64,
+        max_line_bytes: usize,
+    },
     #[error("partial line `{text}` (the port opened or closed mid-line); skipped")]
     PartialLine { text: String },
     #[error("checksum mismatch: line says {received:02X}, bytes before `*` give {computed:02X}; noise on the line or a wrong baud rate")]
@@ -53,7 +60,10 @@ pub enum SerialLineError {
     #[error("line has no `*XX` checksum and require_checksum is set")]
     MissingChecksum,
     #[error("garbage at byte {byte_offset}: {detail}")]
-    Garbage { byte_offset: usize, detail: &'static str },
+    Garbage {
+        byte_offset: usize,
+        detail: &'static str,
+    },
     #[error("{metric}: expected a number, found `{found}`")]
     NotANumber { metric: String, found: String },
     #[error("{metric}: NaN and infinite values are rejected")]
@@ -103,7 +113,10 @@ pub struct SerialLineOptions {
 
 impl Default for SerialLineOptions {
     fn default() -> Self {
-        Self { max_line_bytes: DEFAULT_MAX_LINE_BYTES, require_checksum: true }
+        Self {
+            max_line_bytes: DEFAULT_MAX_LINE_BYTES,
+            require_checksum: true,
+        }
     }
 }
 
@@ -178,7 +191,11 @@ impl LineDecoder {
 
     /// The next complete line, a `LineTooLong` report, or `None` when more bytes are needed.
     pub fn next_line(&mut self) -> Option<Result<RawLine<'_>, SerialLineError>> {
-        let newline = self.buffer.get(self.scanned..)?.iter().position(|&byte| byte == b'\n');
+        let newline = self
+            .buffer
+            .get(self.scanned..)?
+            .iter()
+            .position(|&byte| byte == b'\n');
         let Some(relative) = newline else {
             self.scanned = self.buffer.len();
             let pending = self.buffer.len() - self.consumed;
@@ -218,7 +235,10 @@ impl LineDecoder {
             }));
         }
         self.stats.lines_out += 1;
-        Some(Ok(RawLine { bytes: line, first_after_start }))
+        Some(Ok(RawLine {
+            bytes: line,
+            first_after_start,
+        }))
     }
 
     /// The stream ended (port closed or unplugged): reports what was left unterminated, and
@@ -232,7 +252,9 @@ impl LineDecoder {
                 max_line_bytes: self.max_line_bytes,
             })
         } else if leftover.iter().any(|byte| !byte.is_ascii_whitespace()) {
-            Some(SerialLineError::PartialLine { text: excerpt(&String::from_utf8_lossy(leftover)) })
+            Some(SerialLineError::PartialLine {
+                text: excerpt(&String::from_utf8_lossy(leftover)),
+            })
         } else {
             None
         };
@@ -258,7 +280,11 @@ fn is_name_byte(byte: u8) -> bool {
 ///
 /// Returns the number of readings; `Ok(0)` for blank lines and `#` comments, which devices may
 /// print (boot banners) and which are not errors. On error nothing is appended.
-pub fn parse_line(line: &[u8], options: &SerialLineOptions, out: &mut Vec<ParsedReading>) -> Result<usize, SerialLineError> {
+pub fn parse_line(
+    line: &[u8],
+    options: &SerialLineOptions,
+    out: &mut Vec<ParsedReading>,
+) -> Result<usize, SerialLineError> {
     let start_len = out.len();
     let result = parse_line_inner(line, options, out);
     if result.is_err() {
@@ -267,8 +293,15 @@ pub fn parse_line(line: &[u8], options: &SerialLineOptions, out: &mut Vec<Parsed
     result.map(|()| out.len() - start_len)
 }
 
-fn parse_line_inner(line: &[u8], options: &SerialLineOptions, out: &mut Vec<ParsedReading>) -> Result<(), SerialLineError> {
-    let trimmed_end = line.iter().rposition(|byte| !byte.is_ascii_whitespace()).map_or(0, |index| index + 1);
+fn parse_line_inner(
+    line: &[u8],
+    options: &SerialLineOptions,
+    out: &mut Vec<ParsedReading>,
+) -> Result<(), SerialLineError> {
+    let trimmed_end = line
+        .iter()
+        .rposition(|byte| !byte.is_ascii_whitespace())
+        .map_or(0, |index| index + 1);
     let line = &line[..trimmed_end];
     let first = line.iter().position(|byte| !byte.is_ascii_whitespace());
     match first {
@@ -297,14 +330,25 @@ fn parse_line_inner(line: &[u8], options: &SerialLineOptions, out: &mut Vec<Pars
         None if options.require_checksum => return Err(SerialLineError::MissingChecksum),
         None => line,
     };
-    if let Some(offset) = body.iter().position(|&byte| !(byte == b' ' || byte == b'\t' || byte.is_ascii_graphic())) {
-        return Err(SerialLineError::Garbage { byte_offset: offset, detail: "non-printable or non-ASCII byte" });
+    if let Some(offset) = body
+        .iter()
+        .position(|&byte| !(byte == b' ' || byte == b'\t' || byte.is_ascii_graphic()))
+    {
+        return Err(SerialLineError::Garbage {
+            byte_offset: offset,
+            detail: "non-printable or non-ASCII byte",
+        });
     }
     // Printable ASCII only from here on, so the body is valid UTF-8.
-    let text = std::str::from_utf8(body)
-        .map_err(|error| SerialLineError::Garbage { byte_offset: error.valid_up_to(), detail: "not UTF-8" })?;
+    let text = std::str::from_utf8(body).map_err(|error| SerialLineError::Garbage {
+        byte_offset: error.valid_up_to(),
+        detail: "not UTF-8",
+    })?;
     let mut tokens = text.split_ascii_whitespace();
-    let device = tokens.next().ok_or(SerialLineError::Garbage { byte_offset: 0, detail: "empty line before `*`" })?;
+    let device = tokens.next().ok_or(SerialLineError::Garbage {
+        byte_offset: 0,
+        detail: "empty line before `*`",
+    })?;
     if device.len() > MAX_NAME_BYTES || !device.bytes().all(is_name_byte) {
         return Err(SerialLineError::Garbage {
             byte_offset: 0,
@@ -316,12 +360,17 @@ fn parse_line_inner(line: &[u8], options: &SerialLineOptions, out: &mut Vec<Pars
     for token in tokens {
         let byte_offset = token.as_ptr() as usize - text.as_ptr() as usize;
         let Some((name, value)) = token.split_once('=') else {
-            return Err(SerialLineError::Garbage { byte_offset, detail: "expected metric=value" });
+            return Err(SerialLineError::Garbage {
+                byte_offset,
+                detail: "expected metric=value",
+            });
         };
         if name == "t" {
             let parsed = value.parse::<i64>().ok().filter(|time| *time >= 0);
             let Some(parsed) = parsed else {
-                return Err(SerialLineError::BadTimestamp { found: excerpt(value) });
+                return Err(SerialLineError::BadTimestamp {
+                    found: excerpt(value),
+                });
             };
             time_ms = Some(parsed);
             continue;
@@ -334,13 +383,29 @@ fn parse_line_inner(line: &[u8], options: &SerialLineOptions, out: &mut Vec<Pars
         }
         let number = match parse_number_text(value) {
             NumberText::Finite(number) if !value.is_empty() => number,
-            NumberText::NanOrInf => return Err(SerialLineError::NanOrInf { metric: name.to_owned() }),
-            _ => return Err(SerialLineError::NotANumber { metric: name.to_owned(), found: excerpt(value) }),
+            NumberText::NanOrInf => {
+                return Err(SerialLineError::NanOrInf {
+                    metric: name.to_owned(),
+                })
+            }
+            _ => {
+                return Err(SerialLineError::NotANumber {
+                    metric: name.to_owned(),
+                    found: excerpt(value),
+                })
+            }
         };
-        out.push(ParsedReading { key: SeriesKey::new(device, name), time_ms: None, value: number });
+        out.push(ParsedReading {
+            key: SeriesKey::new(device, name),
+            time_ms: None,
+            value: number,
+        });
     }
     if out.len() == first_reading {
-        return Err(SerialLineError::Garbage { byte_offset: device.len(), detail: "no metric=value pair" });
+        return Err(SerialLineError::Garbage {
+            byte_offset: device.len(),
+            detail: "no metric=value pair",
+        });
     }
     if let Some(readings) = out.get_mut(first_reading..) {
         for reading in readings {
@@ -363,7 +428,10 @@ pub struct SerialLineReader {
 
 impl SerialLineReader {
     pub fn new(options: SerialLineOptions) -> Self {
-        Self { decoder: LineDecoder::new(options.max_line_bytes), options }
+        Self {
+            decoder: LineDecoder::new(options.max_line_bytes),
+            options,
+        }
     }
 
     pub fn push(&mut self, chunk: &[u8]) {
@@ -373,7 +441,10 @@ impl SerialLineReader {
     /// Parses the next line's readings into `out`: `Some(Ok(n))` with `n >= 1`, `Some(Err(_))`
     /// for a rejected line (count it by reason and keep going), `None` when more bytes are needed.
     /// Blank and comment lines are skipped.
-    pub fn next_readings(&mut self, out: &mut Vec<ParsedReading>) -> Option<Result<usize, SerialLineError>> {
+    pub fn next_readings(
+        &mut self,
+        out: &mut Vec<ParsedReading>,
+    ) -> Option<Result<usize, SerialLineError>> {
         loop {
             let line = match self.decoder.next_line()? {
                 Ok(line) => line,

@@ -17,7 +17,12 @@ pub const DEFAULT_MAX_FUTURE_MS: i64 = 300_000;
 /// Returns the time to use for a reading and its flags: `event_ms` itself when plausible, else
 /// `receive_ms` with [`FLAG_TIME_SUBSTITUTED`]. Plausible means `min_valid_ms <= event_ms <=
 /// receive_ms + max_future_ms`.
-pub fn plausible_time(event_ms: i64, receive_ms: i64, max_future_ms: i64, min_valid_ms: i64) -> (i64, u8) {
+pub fn plausible_time(
+    event_ms: i64,
+    receive_ms: i64,
+    max_future_ms: i64,
+    min_valid_ms: i64,
+) -> (i64, u8) {
     let latest_ms = receive_ms.saturating_add(max_future_ms.max(0));
     if event_ms < min_valid_ms || event_ms > latest_ms {
         (receive_ms, FLAG_TIME_SUBSTITUTED)
@@ -36,7 +41,10 @@ pub struct TimePolicy {
 
 impl Default for TimePolicy {
     fn default() -> Self {
-        Self { max_future_ms: DEFAULT_MAX_FUTURE_MS, min_valid_ms: DEFAULT_MIN_VALID_MS }
+        Self {
+            max_future_ms: DEFAULT_MAX_FUTURE_MS,
+            min_valid_ms: DEFAULT_MIN_VALID_MS,
+        }
     }
 }
 
@@ -46,7 +54,9 @@ impl TimePolicy {
     pub fn resolve(&self, event_ms: Option<i64>, receive_ms: i64) -> (i64, u8) {
         match event_ms {
             None => (receive_ms, 0),
-            Some(event_ms) => plausible_time(event_ms, receive_ms, self.max_future_ms, self.min_valid_ms),
+            Some(event_ms) => {
+                plausible_time(event_ms, receive_ms, self.max_future_ms, self.min_valid_ms)
+            }
         }
     }
 }
@@ -60,12 +70,30 @@ mod tests {
     #[test]
     fn keeps_plausible_and_substitutes_the_rest() {
         let policy = TimePolicy::default();
-        assert_eq!(policy.resolve(Some(NOW_MS - 3_600_000), NOW_MS), (NOW_MS - 3_600_000, 0));
-        assert_eq!(policy.resolve(Some(NOW_MS + 1_000), NOW_MS), (NOW_MS + 1_000, 0));
-        assert_eq!(policy.resolve(Some(12_345), NOW_MS), (NOW_MS, FLAG_TIME_SUBSTITUTED));
-        assert_eq!(policy.resolve(Some(NOW_MS + 86_400_000), NOW_MS), (NOW_MS, FLAG_TIME_SUBSTITUTED));
+        assert_eq!(
+            policy.resolve(Some(NOW_MS - 3_600_000), NOW_MS),
+            (NOW_MS - 3_600_000, 0)
+        );
+        assert_eq!(
+            policy.resolve(Some(NOW_MS + 1_000), NOW_MS),
+            (NOW_MS + 1_000, 0)
+        );
+        assert_eq!(
+            policy.resolve(Some(12_345), NOW_MS),
+            (NOW_MS, FLAG_TIME_SUBSTITUTED)
+        );
+        assert_eq!(
+            policy.resolve(Some(NOW_MS + 86_400_000), NOW_MS),
+            (NOW_MS, FLAG_TIME_SUBSTITUTED)
+        );
         assert_eq!(policy.resolve(None, NOW_MS), (NOW_MS, 0));
-        assert_eq!(plausible_time(i64::MAX, i64::MAX, i64::MAX, 0), (i64::MAX, 0));
-        assert_eq!(plausible_time(i64::MIN, 0, 0, DEFAULT_MIN_VALID_MS), (0, FLAG_TIME_SUBSTITUTED));
+        assert_eq!(
+            plausible_time(i64::MAX, i64::MAX, i64::MAX, 0),
+            (i64::MAX, 0)
+        );
+        assert_eq!(
+            plausible_time(i64::MIN, 0, 0, DEFAULT_MIN_VALID_MS),
+            (0, FLAG_TIME_SUBSTITUTED)
+        );
     }
 }

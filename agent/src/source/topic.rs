@@ -23,7 +23,11 @@ pub enum TemplateError {
     #[error("topic template is empty; write one like `site/{{site}}/dev/{{device}}/{{metric}}`")]
     Empty,
     #[error("topic template `{template}`: level {level_number} `{level}` mixes a placeholder or wildcard with other text; a placeholder, `+` or `#` must fill a whole level")]
-    PartialLevel { template: String, level_number: usize, level: String },
+    PartialLevel {
+        template: String,
+        level_number: usize,
+        level: String,
+    },
     #[error("topic template `{template}`: placeholder `{{{name}}}` has an invalid name; use letters, digits and `_`")]
     BadPlaceholderName { template: String, name: String },
     #[error("topic template `{template}`: placeholder `{{{name}}}` appears twice; each name may be used once")]
@@ -75,7 +79,9 @@ impl TopicTemplate {
             let is_last = index + 1 == raw_levels.len();
             if *raw == "#" {
                 if !is_last {
-                    return Err(TemplateError::HashNotLast { template: template.to_owned() });
+                    return Err(TemplateError::HashNotLast {
+                        template: template.to_owned(),
+                    });
                 }
                 any_tail = true;
                 filter_levels.push("#");
@@ -86,7 +92,10 @@ impl TopicTemplate {
                 filter_levels.push("+");
                 continue;
             }
-            let level = if let Some(name) = raw.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')) {
+            let level = if let Some(name) = raw
+                .strip_prefix('{')
+                .and_then(|rest| rest.strip_suffix('}'))
+            {
                 if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                     return Err(TemplateError::BadPlaceholderName {
                         template: template.to_owned(),
@@ -123,7 +132,9 @@ impl TopicTemplate {
             levels.push(level);
         }
         if !levels.contains(&Level::Device) {
-            return Err(TemplateError::MissingDevice { template: template.to_owned() });
+            return Err(TemplateError::MissingDevice {
+                template: template.to_owned(),
+            });
         }
         Ok(Self {
             template: template.to_owned(),
@@ -180,7 +191,11 @@ impl TopicTemplate {
         } else if topic_levels.next().is_some() {
             return None;
         }
-        Some(TopicFields { device_id: device_id?, metric, tags })
+        Some(TopicFields {
+            device_id: device_id?,
+            metric,
+            tags,
+        })
     }
 }
 
@@ -203,8 +218,12 @@ mod tests {
         assert_eq!(fields.metric, Some("temp"));
         assert_eq!(fields.tags, vec![("site", "berlin")]);
         assert!(template.match_topic("site/berlin/dev/dev-7").is_none());
-        assert!(template.match_topic("site/berlin/dev/dev-7/temp/x").is_none());
-        assert!(template.match_topic("site/berlin/device/dev-7/temp").is_none());
+        assert!(template
+            .match_topic("site/berlin/dev/dev-7/temp/x")
+            .is_none());
+        assert!(template
+            .match_topic("site/berlin/device/dev-7/temp")
+            .is_none());
         assert!(template.match_topic("site/berlin/dev//temp").is_none());
     }
 
@@ -213,18 +232,42 @@ mod tests {
         let template = TopicTemplate::parse("+/sensors/{device}/#").unwrap();
         assert_eq!(template.subscription_filter(), "+/sensors/+/#");
         assert!(!template.has_metric());
-        assert_eq!(template.match_topic("x/sensors/d1/a/b").unwrap().device_id, "d1");
-        assert_eq!(template.match_topic("x/sensors/d1").unwrap().device_id, "d1");
+        assert_eq!(
+            template.match_topic("x/sensors/d1/a/b").unwrap().device_id,
+            "d1"
+        );
+        assert_eq!(
+            template.match_topic("x/sensors/d1").unwrap().device_id,
+            "d1"
+        );
         assert!(template.match_topic("$SYS/sensors/d1").is_none());
     }
 
     #[test]
     fn rejects_bad_templates() {
         assert_eq!(TopicTemplate::parse(""), Err(TemplateError::Empty));
-        assert!(matches!(TopicTemplate::parse("a/{device}x"), Err(TemplateError::PartialLevel { level_number: 2, .. })));
-        assert!(matches!(TopicTemplate::parse("a/#/{device}"), Err(TemplateError::HashNotLast { .. })));
-        assert!(matches!(TopicTemplate::parse("a/{device}/{device}"), Err(TemplateError::DuplicatePlaceholder { .. })));
-        assert!(matches!(TopicTemplate::parse("a/{metric}"), Err(TemplateError::MissingDevice { .. })));
-        assert!(matches!(TopicTemplate::parse("a/{dev ice}"), Err(TemplateError::BadPlaceholderName { .. })));
+        assert!(matches!(
+            TopicTemplate::parse("a/{device}x"),
+            Err(TemplateError::PartialLevel {
+                level_number: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            TopicTemplate::parse("a/#/{device}"),
+            Err(TemplateError::HashNotLast { .. })
+        ));
+        assert!(matches!(
+            TopicTemplate::parse("a/{device}/{device}"),
+            Err(TemplateError::DuplicatePlaceholder { .. })
+        ));
+        assert!(matches!(
+            TopicTemplate::parse("a/{metric}"),
+            Err(TemplateError::MissingDevice { .. })
+        ));
+        assert!(matches!(
+            TopicTemplate::parse("a/{dev ice}"),
+            Err(TemplateError::BadPlaceholderName { .. })
+        ));
     }
 }

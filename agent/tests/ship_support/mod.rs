@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use tributary_agent::buffer::{BatchClass, BatchInfo, BufferConfig, DiskBuffer};
 use tributary_agent::ship::{ShipConfig, Shipper, ShipperHandle};
-use tributary_collector::ingest::{DedupStore, FleetView, IngestConfig, IngestMetrics, IngestParts, IngestServer, TlsIdentity, TokenStore};
+use tributary_collector::ingest::{
+    DedupStore, FleetView, IngestConfig, IngestMetrics, IngestParts, IngestServer, TlsIdentity,
+    TokenStore,
+};
 use tributary_collector::log::{EmbeddedLog, EmbeddedLogConfig, LogRecord, SystemClock};
 use tributary_protocol::{encode_batch, Batch, Reading, SeriesDef, SeriesKey};
 
@@ -33,24 +36,46 @@ pub fn tokens_for(agents: &[String]) -> TokenStore {
 }
 
 pub fn ingest_config(listen_address: SocketAddr) -> IngestConfig {
-    IngestConfig { listen_address, drain_timeout_ms: 2_000, ..IngestConfig::default() }
+    IngestConfig {
+        listen_address,
+        drain_timeout_ms: 2_000,
+        ..IngestConfig::default()
+    }
 }
 
 /// Starts ingest with state under `state_dir` (TLS identity, log, dedup).
-pub fn start_collector(state_dir: &Path, listen_address: SocketAddr, tokens: TokenStore) -> Collector {
+pub fn start_collector(
+    state_dir: &Path,
+    listen_address: SocketAddr,
+    tokens: TokenStore,
+) -> Collector {
     start_collector_with(state_dir, ingest_config(listen_address), tokens)
 }
 
-pub fn start_collector_with(state_dir: &Path, config: IngestConfig, tokens: TokenStore) -> Collector {
+pub fn start_collector_with(
+    state_dir: &Path,
+    config: IngestConfig,
+    tokens: TokenStore,
+) -> Collector {
     try_start_collector(state_dir, config, tokens).unwrap()
 }
 
 /// Like [`start_collector_with`], returning the bind error instead of panicking.
-pub fn try_start_collector(state_dir: &Path, config: IngestConfig, tokens: TokenStore) -> Result<Collector, String> {
-    let (identity, _) = TlsIdentity::load_or_generate(&state_dir.join("tls"), &["localhost".to_owned()]).map_err(|error| error.to_string())?;
+pub fn try_start_collector(
+    state_dir: &Path,
+    config: IngestConfig,
+    tokens: TokenStore,
+) -> Result<Collector, String> {
+    let (identity, _) =
+        TlsIdentity::load_or_generate(&state_dir.join("tls"), &["localhost".to_owned()])
+            .map_err(|error| error.to_string())?;
     let fingerprint = identity.fingerprint_hex();
-    let log = Arc::new(EmbeddedLog::open(EmbeddedLogConfig::new(state_dir.join("log")), SystemClock).map_err(|error| error.to_string())?);
-    let dedup = DedupStore::open(&state_dir.join("dedup"), config.dedup_window).map_err(|error| error.to_string())?;
+    let log = Arc::new(
+        EmbeddedLog::open(EmbeddedLogConfig::new(state_dir.join("log")), SystemClock)
+            .map_err(|error| error.to_string())?,
+    );
+    let dedup = DedupStore::open(&state_dir.join("dedup"), config.dedup_window)
+        .map_err(|error| error.to_string())?;
     let metrics = Arc::new(IngestMetrics::default());
     let fleet = FleetView::new();
     let server = IngestServer::start(IngestParts {
@@ -64,7 +89,14 @@ pub fn try_start_collector(state_dir: &Path, config: IngestConfig, tokens: Token
     })
     .map_err(|error| error.to_string())?;
     let address = server.local_address();
-    Ok(Collector { server, log, fingerprint, address, metrics, fleet })
+    Ok(Collector {
+        server,
+        log,
+        fingerprint,
+        address,
+        metrics,
+        fleet,
+    })
 }
 
 pub fn loopback_any_port() -> SocketAddr {
@@ -94,12 +126,22 @@ pub fn open_buffer(directory: &Path) -> DiskBuffer {
 }
 
 pub fn series_key(series: u32) -> SeriesKey {
-    SeriesKey::new(format!("device-{}", series / 4), format!("metric-{}", series % 4)).with_tags([("site", "test")])
+    SeriesKey::new(
+        format!("device-{}", series / 4),
+        format!("metric-{}", series % 4),
+    )
+    .with_tags([("site", "test")])
 }
 
 /// Appends `count` self-contained raw batches of `readings_per_batch` readings over
 /// `series` series to the buffer and flushes. Returns their sequence numbers.
-pub fn fill_buffer(buffer: &DiskBuffer, agent_id: &str, count: usize, series: u32, readings_per_batch: usize) -> Vec<u64> {
+pub fn fill_buffer(
+    buffer: &DiskBuffer,
+    agent_id: &str,
+    count: usize,
+    series: u32,
+    readings_per_batch: usize,
+) -> Vec<u64> {
     let mut seqs = Vec::new();
     for index in 0..count {
         let batch_seq = buffer.allocate_seq().unwrap();
@@ -116,12 +158,22 @@ pub fn fill_buffer(buffer: &DiskBuffer, agent_id: &str, count: usize, series: u3
             agent_id: agent_id.to_owned(),
             batch_seq,
             created_ms,
-            series: (0..series).map(|id| SeriesDef { id, key: series_key(id) }).collect(),
+            series: (0..series)
+                .map(|id| SeriesDef {
+                    id,
+                    key: series_key(id),
+                })
+                .collect(),
             readings,
             summaries: Vec::new(),
         };
         let bytes = encode_batch(&batch);
-        let info = BatchInfo { class: BatchClass::Raw, created_ms, oldest_event_ms: created_ms, reading_count: readings_per_batch as u32 };
+        let info = BatchInfo {
+            class: BatchClass::Raw,
+            created_ms,
+            oldest_event_ms: created_ms,
+            reading_count: readings_per_batch as u32,
+        };
         buffer.append(batch_seq, info, &bytes).unwrap();
         seqs.push(batch_seq);
     }
@@ -130,7 +182,13 @@ pub fn fill_buffer(buffer: &DiskBuffer, agent_id: &str, count: usize, series: u3
 }
 
 /// Starts a shipper task; returns its handle and join handle.
-pub fn spawn_shipper(config: ShipConfig, buffer: DiskBuffer) -> (ShipperHandle, tokio::task::JoinHandle<Result<(), tributary_agent::ship::ShipError>>) {
+pub fn spawn_shipper(
+    config: ShipConfig,
+    buffer: DiskBuffer,
+) -> (
+    ShipperHandle,
+    tokio::task::JoinHandle<Result<(), tributary_agent::ship::ShipError>>,
+) {
     let shipper = Shipper::new(config, buffer).unwrap();
     let handle = shipper.handle();
     (handle, tokio::spawn(shipper.run()))
@@ -170,7 +228,9 @@ pub fn all_records(log: &EmbeddedLog) -> Vec<LogRecord> {
 pub fn records_by_key(records: &[LogRecord]) -> BTreeMap<(String, u64), usize> {
     let mut counts = BTreeMap::new();
     for record in records {
-        *counts.entry((record.headers.agent_id.clone(), record.headers.batch_seq)).or_insert(0) += 1;
+        *counts
+            .entry((record.headers.agent_id.clone(), record.headers.batch_seq))
+            .or_insert(0) += 1;
     }
     counts
 }

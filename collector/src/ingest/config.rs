@@ -22,7 +22,11 @@ pub struct TlsConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig { cert_file: None, key_file: None, subject_alt_names: vec!["localhost".to_owned()] }
+        TlsConfig {
+            cert_file: None,
+            key_file: None,
+            subject_alt_names: vec!["localhost".to_owned()],
+        }
     }
 }
 
@@ -96,7 +100,10 @@ impl IngestConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.max_frame_bytes < 1024 {
-            problems.push(format!("ingest.max_frame_bytes is {}, must be at least 1024", self.max_frame_bytes));
+            problems.push(format!(
+                "ingest.max_frame_bytes is {}, must be at least 1024",
+                self.max_frame_bytes
+            ));
         }
         if self.max_in_flight_batches_per_agent == 0 {
             problems.push("ingest.max_in_flight_batches_per_agent must be at least 1".to_owned());
@@ -114,7 +121,9 @@ impl IngestConfig {
             ));
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            problems.push("ingest.tls.cert_file and ingest.tls.key_file must be set together".to_owned());
+            problems.push(
+                "ingest.tls.cert_file and ingest.tls.key_file must be set together".to_owned(),
+            );
         }
         problems
     }

@@ -50,7 +50,11 @@ impl SequenceWindow {
     /// An empty window remembering at most `max_tracked` sequences above the
     /// contiguous prefix.
     pub fn new(max_tracked: usize) -> Self {
-        SequenceWindow { next_expected: 0, above: BTreeSet::new(), max_tracked: max_tracked.max(1) }
+        SequenceWindow {
+            next_expected: 0,
+            above: BTreeSet::new(),
+            max_tracked: max_tracked.max(1),
+        }
     }
 
     /// Whether `batch_seq` is known to have been acked already.
@@ -96,7 +100,10 @@ pub enum DedupError {
     #[error("cannot open the duplicate-detection state at {path}: {source}; check the state directory (permissions, space) or delete that directory to forget which batches were acked (resent batches are then written again and deduplicated downstream)")]
     Open { path: PathBuf, source: sled::Error },
     #[error("cannot persist the acked sequences of agent {agent_id}: {source}")]
-    Write { agent_id: String, source: sled::Error },
+    Write {
+        agent_id: String,
+        source: sled::Error,
+    },
 }
 
 /// Sequence windows of all agents, persisted in a sled database.
@@ -108,7 +115,10 @@ pub struct DedupStore {
 
 impl std::fmt::Debug for DedupStore {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("DedupStore").field("max_tracked", &self.max_tracked).finish_non_exhaustive()
+        formatter
+            .debug_struct("DedupStore")
+            .field("max_tracked", &self.max_tracked)
+            .finish_non_exhaustive()
     }
 }
 
@@ -120,7 +130,10 @@ impl DedupStore {
             .cache_capacity(8 * 1024 * 1024)
             .flush_every_ms(Some(200))
             .open()
-            .map_err(|source| DedupError::Open { path: directory.to_path_buf(), source })?;
+            .map_err(|source| DedupError::Open {
+                path: directory.to_path_buf(),
+                source,
+            })?;
         Ok(DedupStore { tree, max_tracked })
     }
 
@@ -135,7 +148,9 @@ impl DedupStore {
                 None
             }
         };
-        stored.unwrap_or_default().with_max_tracked(self.max_tracked)
+        stored
+            .unwrap_or_default()
+            .with_max_tracked(self.max_tracked)
     }
 
     /// Persists `window` for `agent_id` (flushed in the background).
@@ -144,12 +159,21 @@ impl DedupStore {
         self.tree
             .insert(agent_id.as_bytes(), bytes)
             .map(|_| ())
-            .map_err(|source| DedupError::Write { agent_id: agent_id.to_owned(), source })
+            .map_err(|source| DedupError::Write {
+                agent_id: agent_id.to_owned(),
+                source,
+            })
     }
 
     /// Flushes everything saved so far (on shutdown).
     pub fn flush(&self) -> Result<(), DedupError> {
-        self.tree.flush().map(|_| ()).map_err(|source| DedupError::Write { agent_id: "*".to_owned(), source })
+        self.tree
+            .flush()
+            .map(|_| ())
+            .map_err(|source| DedupError::Write {
+                agent_id: "*".to_owned(),
+                source,
+            })
     }
 }
 
@@ -180,7 +204,10 @@ mod tests {
         assert_eq!(window.next_expected(), 0);
         assert_eq!(window.tracked_above(), 4);
         assert!(window.is_duplicate(19) && window.is_duplicate(16));
-        assert!(!window.is_duplicate(15), "forgotten: written again, never claimed");
+        assert!(
+            !window.is_duplicate(15),
+            "forgotten: written again, never claimed"
+        );
         assert!(!window.is_duplicate(3));
     }
 

@@ -54,21 +54,30 @@ impl FleetView {
         self.read(|agents| agents.values().filter(|agent| agent.connected).count())
     }
 
-    pub(crate) fn on_hello(&self, agent_id: &str, agent_version: &str, remote_address: SocketAddr, backlog: Backlog, now_ms: i64) {
+    pub(crate) fn on_hello(
+        &self,
+        agent_id: &str,
+        agent_version: &str,
+        remote_address: SocketAddr,
+        backlog: Backlog,
+        now_ms: i64,
+    ) {
         self.write(|agents| {
-            let entry = agents.entry(agent_id.to_owned()).or_insert_with(|| AgentStatus {
-                agent_id: agent_id.to_owned(),
-                connected: true,
-                agent_version: String::new(),
-                remote_address,
-                last_seen_ms: now_ms,
-                connected_since_ms: now_ms,
-                reported_backlog: backlog,
-                batches_acked: 0,
-                readings_acked: 0,
-                duplicates: 0,
-                highest_acked_seq: None,
-            });
+            let entry = agents
+                .entry(agent_id.to_owned())
+                .or_insert_with(|| AgentStatus {
+                    agent_id: agent_id.to_owned(),
+                    connected: true,
+                    agent_version: String::new(),
+                    remote_address,
+                    last_seen_ms: now_ms,
+                    connected_since_ms: now_ms,
+                    reported_backlog: backlog,
+                    batches_acked: 0,
+                    readings_acked: 0,
+                    duplicates: 0,
+                    highest_acked_seq: None,
+                });
             entry.connected = true;
             entry.agent_version = agent_version.to_owned();
             entry.remote_address = remote_address;
@@ -78,7 +87,15 @@ impl FleetView {
         });
     }
 
-    pub(crate) fn on_batch(&self, agent_id: &str, batch_seq: u64, readings: u64, duplicate: bool, remote_address: SocketAddr, now_ms: i64) {
+    pub(crate) fn on_batch(
+        &self,
+        agent_id: &str,
+        batch_seq: u64,
+        readings: u64,
+        duplicate: bool,
+        remote_address: SocketAddr,
+        now_ms: i64,
+    ) {
         self.write(|agents| {
             if let Some(entry) = agents.get_mut(agent_id) {
                 entry.last_seen_ms = now_ms;
@@ -89,7 +106,11 @@ impl FleetView {
                     entry.batches_acked += 1;
                     entry.readings_acked += readings;
                 }
-                entry.highest_acked_seq = Some(entry.highest_acked_seq.map_or(batch_seq, |seq| seq.max(batch_seq)));
+                entry.highest_acked_seq = Some(
+                    entry
+                        .highest_acked_seq
+                        .map_or(batch_seq, |seq| seq.max(batch_seq)),
+                );
             }
         });
     }
@@ -104,10 +125,20 @@ impl FleetView {
     }
 
     fn read<T>(&self, read: impl FnOnce(&BTreeMap<String, AgentStatus>) -> T) -> T {
-        read(&self.agents.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        read(
+            &self
+                .agents
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 
     fn write(&self, write: impl FnOnce(&mut BTreeMap<String, AgentStatus>)) {
-        write(&mut self.agents.write().unwrap_or_else(|poisoned| poisoned.into_inner()))
+        write(
+            &mut self
+                .agents
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
     }
 }

@@ -32,11 +32,16 @@ fn nack_reason_label(reason: NackReason) -> &'static str {
 }
 
 fn nack_reason_index(reason: NackReason) -> usize {
-    NACK_REASONS.iter().position(|known| *known == reason).unwrap_or(NACK_REASONS.len() - 1)
+    NACK_REASONS
+        .iter()
+        .position(|known| *known == reason)
+        .unwrap_or(NACK_REASONS.len() - 1)
 }
 
 /// Upper bounds (seconds) of the log write latency histogram.
-const LATENCY_BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0];
+const LATENCY_BUCKETS_S: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+];
 
 /// A cumulative histogram over fixed buckets.
 #[derive(Debug, Default)]
@@ -54,7 +59,8 @@ impl Histogram {
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
     pub fn count(&self) -> u64 {
@@ -64,11 +70,19 @@ impl Histogram {
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, bucket) in LATENCY_BUCKETS_S.iter().zip(self.buckets.iter()) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
         }
         let count = self.count();
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {count}");
     }
 }
@@ -101,34 +115,107 @@ impl IngestMetrics {
     }
 
     pub fn nacks(&self, reason: NackReason) -> u64 {
-        self.nacks.get(nack_reason_index(reason)).map_or(0, |counter| counter.load(Ordering::Relaxed))
+        self.nacks
+            .get(nack_reason_index(reason))
+            .map_or(0, |counter| counter.load(Ordering::Relaxed))
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         };
         let counter = |out: &mut String, name: &str, help: &str, value: &AtomicU64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
         };
-        gauge(&mut out, "tributary_ingest_connected_agents", "Agents with a live session.", self.connected_agents.load(Ordering::Relaxed));
-        gauge(&mut out, "tributary_ingest_batches_in_flight", "Batch streams being read or written to the log.", self.batches_in_flight.load(Ordering::Relaxed));
-        counter(&mut out, "tributary_ingest_connections_accepted_total", "QUIC connections accepted.", &self.connections_accepted);
-        counter(&mut out, "tributary_ingest_hellos_rejected_total", "Hellos answered with a reject.", &self.hellos_rejected);
-        counter(&mut out, "tributary_ingest_batches_total", "Batch frames received.", &self.batches_in);
-        counter(&mut out, "tributary_ingest_readings_total", "Raw readings in batches written to the log.", &self.readings_in);
-        counter(&mut out, "tributary_ingest_summaries_total", "Window summaries in batches written to the log.", &self.summaries_in);
-        counter(&mut out, "tributary_ingest_bytes_total", "Batch bytes received.", &self.bytes_in);
-        counter(&mut out, "tributary_ingest_acks_total", "Batches acknowledged (durable or known duplicates).", &self.acks);
-        counter(&mut out, "tributary_ingest_duplicates_total", "Resent batches recognised and acked without writing.", &self.duplicates);
-        counter(&mut out, "tributary_ingest_protocol_violations_total", "Connections closed for breaking the protocol.", &self.protocol_violations);
+        gauge(
+            &mut out,
+            "tributary_ingest_connected_agents",
+            "Agents with a live session.",
+            self.connected_agents.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "tributary_ingest_batches_in_flight",
+            "Batch streams being read or written to the log.",
+            self.batches_in_flight.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_connections_accepted_total",
+            "QUIC connections accepted.",
+            &self.connections_accepted,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_hellos_rejected_total",
+            "Hellos answered with a reject.",
+            &self.hellos_rejected,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_batches_total",
+            "Batch frames received.",
+            &self.batches_in,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_readings_total",
+            "Raw readings in batches written to the log.",
+            &self.readings_in,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_summaries_total",
+            "Window summaries in batches written to the log.",
+            &self.summaries_in,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_bytes_total",
+            "Batch bytes received.",
+            &self.bytes_in,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_acks_total",
+            "Batches acknowledged (durable or known duplicates).",
+            &self.acks,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_duplicates_total",
+            "Resent batches recognised and acked without writing.",
+            &self.duplicates,
+        );
+        counter(
+            &mut out,
+            "tributary_ingest_protocol_violations_total",
+            "Connections closed for breaking the protocol.",
+            &self.protocol_violations,
+        );
         let _ = writeln!(out, "# HELP tributary_ingest_nacks_total Batches refused, by reason.\n# TYPE tributary_ingest_nacks_total counter");
         for (reason, value) in NACK_REASONS.iter().zip(self.nacks.iter()) {
-            let _ = writeln!(out, "tributary_ingest_nacks_total{{reason=\"{}\"}} {}", nack_reason_label(*reason), value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "tributary_ingest_nacks_total{{reason=\"{}\"}} {}",
+                nack_reason_label(*reason),
+                value.load(Ordering::Relaxed)
+            );
         }
-        self.log_write_seconds.render("tributary_ingest_log_write_seconds", "Time from log append to durable.", &mut out);
+        self.log_write_seconds.render(
+            "tributary_ingest_log_write_seconds",
+            "Time from log append to durable.",
+            &mut out,
+        );
         let _ = writeln!(
             out,
             "# HELP tributary_ingest_backpressure_seconds_total Time spent not accepting streams because the log was behind.\n# TYPE tributary_ingest_backpressure_seconds_total counter\ntributary_ingest_backpressure_seconds_total {}",
@@ -150,9 +237,21 @@ mod tests {
         metrics.log_write_seconds.observe_seconds(0.003);
         let text = metrics.render();
         assert!(text.contains("tributary_ingest_acks_total 3\n"), "{text}");
-        assert!(text.contains("tributary_ingest_nacks_total{reason=\"unknown_series\"} 1\n"), "{text}");
-        assert!(text.contains("tributary_ingest_log_write_seconds_bucket{le=\"0.002\"} 0\n"), "{text}");
-        assert!(text.contains("tributary_ingest_log_write_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
-        assert!(text.contains("tributary_ingest_log_write_seconds_count 1\n"), "{text}");
+        assert!(
+            text.contains("tributary_ingest_nacks_total{reason=\"unknown_series\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tributary_ingest_log_write_seconds_bucket{le=\"0.002\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tributary_ingest_log_write_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tributary_ingest_log_write_seconds_count 1\n"),
+            "{text}"
+        );
     }
 }

@@ -13,7 +13,11 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(bytes_per_second: u64) -> Self {
-        TokenBucket { bytes_per_second: bytes_per_second.max(1), tokens: bytes_per_second as f64, last_ms: None }
+        TokenBucket {
+            bytes_per_second: bytes_per_second.max(1),
+            tokens: bytes_per_second as f64,
+            last_ms: None,
+        }
     }
 
     /// Takes `bytes` at `now_ms`; returns how long the caller should wait before

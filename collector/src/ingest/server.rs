@@ -25,10 +25,19 @@ use thiserror::Error;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tributary_protocol::batch::{decode_batch_header, replace_series_definitions, series_ids_used, DictionaryError, ReceiverSessionDictionary};
-use tributary_protocol::close::{CLOSE_HELLO_TIMEOUT, CLOSE_PROTOCOL_VIOLATION, CLOSE_REJECTED, CLOSE_SHUTTING_DOWN, CLOSE_SUPERSEDED};
+use tributary_protocol::batch::{
+    decode_batch_header, replace_series_definitions, series_ids_used, DictionaryError,
+    ReceiverSessionDictionary,
+};
+use tributary_protocol::close::{
+    CLOSE_HELLO_TIMEOUT, CLOSE_PROTOCOL_VIOLATION, CLOSE_REJECTED, CLOSE_SHUTTING_DOWN,
+    CLOSE_SUPERSEDED,
+};
 use tributary_protocol::frame::{FrameDecoder, FrameError, FrameKind, FrameLimits};
-use tributary_protocol::session::{Ack, Hello, Message, Nack, NackReason, Reject, RejectReason, ServerLimits, Welcome, PROTOCOL_VERSION};
+use tributary_protocol::session::{
+    Ack, Hello, Message, Nack, NackReason, Reject, RejectReason, ServerLimits, Welcome,
+    PROTOCOL_VERSION,
+};
 use tributary_protocol::{decode_batch, BatchError, BatchLimits, SeriesDef};
 
 use super::config::IngestConfig;
@@ -50,12 +59,18 @@ pub enum IngestError {
     #[error("the QUIC server configuration is invalid: {0}")]
     QuicConfig(String),
     #[error("cannot listen on UDP {address}: {source}; is another collector running there, or is the port privileged?")]
-    Bind { address: SocketAddr, source: std::io::Error },
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Wall-clock milliseconds for the fleet view and the rate limiter (the shell's clock).
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Per-agent state shared by that agent's successive connections.
@@ -121,12 +136,31 @@ pub struct IngestServer<L: DurableLog> {
 impl<L: DurableLog> IngestServer<L> {
     /// Binds the QUIC endpoint and starts accepting agents. Must run inside a tokio runtime.
     pub fn start(parts: IngestParts<L>) -> Result<Self, IngestError> {
-        let IngestParts { config, identity, tokens, log, dedup, metrics, fleet } = parts;
+        let IngestParts {
+            config,
+            identity,
+            tokens,
+            log,
+            dedup,
+            metrics,
+            fleet,
+        } = parts;
         let server_config = quic_server_config(&config, &identity)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen_address)
-            .map_err(|source| IngestError::Bind { address: config.listen_address, source })?;
-        let local_address = endpoint.local_addr().map_err(|source| IngestError::Bind { address: config.listen_address, source })?;
-        let frame_limits = FrameLimits { max_frame_bytes: config.max_frame_bytes, max_control_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes };
+        let endpoint =
+            quinn::Endpoint::server(server_config, config.listen_address).map_err(|source| {
+                IngestError::Bind {
+                    address: config.listen_address,
+                    source,
+                }
+            })?;
+        let local_address = endpoint.local_addr().map_err(|source| IngestError::Bind {
+            address: config.listen_address,
+            source,
+        })?;
+        let frame_limits = FrameLimits {
+            max_frame_bytes: config.max_frame_bytes,
+            max_control_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes,
+        };
         let batch_limits = BatchLimits {
             max_encoded_bytes: config.max_frame_bytes as usize,
             max_series: config.max_series_per_batch as usize,
@@ -152,7 +186,12 @@ impl<L: DurableLog> IngestServer<L> {
         });
         let accept_task = tokio::spawn(accept_loop(shared.clone(), endpoint.clone()));
         tracing::info!(%local_address, "ingest listening");
-        Ok(IngestServer { shared, endpoint, local_address, accept_task })
+        Ok(IngestServer {
+            shared,
+            endpoint,
+            local_address,
+            accept_task,
+        })
     }
 
     /// The address the server listens on (useful with port 0).
@@ -175,11 +214,20 @@ impl<L: DurableLog> IngestServer<L> {
         self.shared.stopping.cancel();
         self.shared.tracker.close();
         let drain = Duration::from_millis(self.shared.config.drain_timeout_ms);
-        if tokio::time::timeout(drain, self.shared.tracker.wait()).await.is_err() {
-            tracing::warn!(drain_timeout_ms = self.shared.config.drain_timeout_ms, "in-flight batches did not finish in time; their agents will resend");
+        if tokio::time::timeout(drain, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                drain_timeout_ms = self.shared.config.drain_timeout_ms,
+                "in-flight batches did not finish in time; their agents will resend"
+            );
             self.shared.killed.cancel();
         }
-        self.endpoint.close(VarInt::from_u32(CLOSE_SHUTTING_DOWN), b"collector shutting down");
+        self.endpoint.close(
+            VarInt::from_u32(CLOSE_SHUTTING_DOWN),
+            b"collector shutting down",
+        );
         let _ = self.accept_task.await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Err(error) = self.shared.dedup.flush() {
@@ -192,7 +240,8 @@ impl<L: DurableLog> IngestServer<L> {
     pub async fn kill(self) {
         self.shared.killed.cancel();
         self.shared.stopping.cancel();
-        self.endpoint.close(VarInt::from_u32(CLOSE_SHUTTING_DOWN), b"collector killed");
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_SHUTTING_DOWN), b"collector killed");
         self.shared.tracker.close();
         let _ = self.accept_task.await;
         self.shared.tracker.wait().await;
@@ -200,13 +249,19 @@ impl<L: DurableLog> IngestServer<L> {
     }
 }
 
-fn quic_server_config(config: &IngestConfig, identity: &TlsIdentity) -> Result<quinn::ServerConfig, IngestError> {
+fn quic_server_config(
+    config: &IngestConfig,
+    identity: &TlsIdentity,
+) -> Result<quinn::ServerConfig, IngestError> {
     let tls = identity.rustls_server_config()?;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|error| IngestError::QuicConfig(error.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|error| IngestError::QuicConfig(error.to_string()))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     // One extra stream for the control stream that carries the hello.
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(config.max_in_flight_batches_per_agent.saturating_add(1)));
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(
+        config.max_in_flight_batches_per_agent.saturating_add(1),
+    ));
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
     transport.keep_alive_interval(Some(Duration::from_millis(config.keep_alive_interval_ms)));
     let idle = quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
@@ -242,24 +297,40 @@ async fn handle_connection<L: DurableLog>(shared: Arc<Shared<L>>, incoming: quin
             return;
         }
     };
-    shared.metrics.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
     let remote_address = connection.remote_address();
     let hello_timeout = Duration::from_millis(shared.config.hello_timeout_ms);
     let session = match tokio::time::timeout(hello_timeout, run_hello(&shared, &connection)).await {
         Ok(Some(session)) => session,
         Ok(None) => return,
         Err(_) => {
-            connection.close(VarInt::from_u32(CLOSE_HELLO_TIMEOUT), b"no hello within the hello timeout");
+            connection.close(
+                VarInt::from_u32(CLOSE_HELLO_TIMEOUT),
+                b"no hello within the hello timeout",
+            );
             return;
         }
     };
     let session = Arc::new(session);
-    shared.metrics.connected_agents.fetch_add(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .connected_agents
+        .fetch_add(1, Ordering::Relaxed);
     tracing::info!(agent_id = %session.agent_id, %remote_address, "agent connected");
     let close_reason = serve_batches(&shared, &session).await;
-    shared.metrics.connected_agents.fetch_sub(1, Ordering::Relaxed);
+    shared
+        .metrics
+        .connected_agents
+        .fetch_sub(1, Ordering::Relaxed);
     let connection_id = {
-        let mut current = session.agent.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = session
+            .agent
+            .connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match current.as_ref() {
             Some((id, live)) if live.stable_id() == connection.stable_id() => {
                 let id = *id;
@@ -277,9 +348,15 @@ async fn handle_connection<L: DurableLog>(shared: Arc<Shared<L>>, incoming: quin
 
 /// Reads the hello on the first stream and answers it. `None` when the connection
 /// was rejected or closed.
-async fn run_hello<L: DurableLog>(shared: &Arc<Shared<L>>, connection: &Connection) -> Option<Session> {
+async fn run_hello<L: DurableLog>(
+    shared: &Arc<Shared<L>>,
+    connection: &Connection,
+) -> Option<Session> {
     let (mut send, mut recv) = connection.accept_bi().await.ok()?;
-    let control_limits = FrameLimits { max_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes, max_control_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes };
+    let control_limits = FrameLimits {
+        max_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes,
+        max_control_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes,
+    };
     let mut decoder = FrameDecoder::new(control_limits);
     let frame = match read_frame(&mut recv, &mut decoder).await {
         Ok(frame) => frame,
@@ -295,35 +372,88 @@ async fn run_hello<L: DurableLog>(shared: &Arc<Shared<L>>, connection: &Connecti
     let hello = match Message::decode(frame.as_ref()) {
         Ok(Message::Hello(hello)) => hello,
         Ok(other) => {
-            protocol_violation(shared, connection, &format!("expected a hello on the first stream, got a {} frame", other.kind()));
+            protocol_violation(
+                shared,
+                connection,
+                &format!(
+                    "expected a hello on the first stream, got a {} frame",
+                    other.kind()
+                ),
+            );
             return None;
         }
-        Err(FrameError::UnsupportedProtocolVersion { received, supported }) => {
+        Err(FrameError::UnsupportedProtocolVersion {
+            received,
+            supported,
+        }) => {
             let message = format!("agent speaks protocol version {received}, this collector speaks {supported}; upgrade the older side");
-            reject(shared, connection, &mut send, Reject::new(RejectReason::UnsupportedProtocolVersion, message, None)).await;
+            reject(
+                shared,
+                connection,
+                &mut send,
+                Reject::new(RejectReason::UnsupportedProtocolVersion, message, None),
+            )
+            .await;
             return None;
         }
         Err(error) => {
-            reject(shared, connection, &mut send, Reject::new(RejectReason::InvalidHello, format!("invalid hello: {error}"), None)).await;
+            reject(
+                shared,
+                connection,
+                &mut send,
+                Reject::new(
+                    RejectReason::InvalidHello,
+                    format!("invalid hello: {error}"),
+                    None,
+                ),
+            )
+            .await;
             return None;
         }
     };
     if shared.stopping.is_cancelled() {
-        reject(shared, connection, &mut send, Reject::new(RejectReason::ShuttingDown, "collector is shutting down", Some(1000))).await;
+        reject(
+            shared,
+            connection,
+            &mut send,
+            Reject::new(
+                RejectReason::ShuttingDown,
+                "collector is shutting down",
+                Some(1000),
+            ),
+        )
+        .await;
         return None;
     }
     if let Err(failure) = shared.tokens.verify(&hello.agent_id, &hello.token) {
         tracing::warn!(agent_id = %hello.agent_id, remote_address = %connection.remote_address(), ?failure, "hello refused");
-        reject(shared, connection, &mut send, Reject::new(RejectReason::Unauthorized, failure.message(&hello.agent_id), None)).await;
+        reject(
+            shared,
+            connection,
+            &mut send,
+            Reject::new(
+                RejectReason::Unauthorized,
+                failure.message(&hello.agent_id),
+                None,
+            ),
+        )
+        .await;
         return None;
     }
     let agent = agent_entry(shared, &hello.agent_id);
     let connection_id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
-    let superseded = agent.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace((connection_id, connection.clone()));
+    let superseded = agent
+        .connection
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .replace((connection_id, connection.clone()));
     if let Some((_, old)) = superseded {
         // The agent reconnected (new address, or it noticed a dead link before we did):
         // the newer connection wins, the old one's in-flight batches will be resent.
-        old.close(VarInt::from_u32(CLOSE_SUPERSEDED), b"a newer connection of this agent replaced this one");
+        old.close(
+            VarInt::from_u32(CLOSE_SUPERSEDED),
+            b"a newer connection of this agent replaced this one",
+        );
     }
     let welcome = Welcome {
         session_id: connection_id,
@@ -336,38 +466,65 @@ async fn run_hello<L: DurableLog>(shared: &Arc<Shared<L>>, connection: &Connecti
             max_in_flight_batches: shared.config.max_in_flight_batches_per_agent,
         },
     };
-    let bytes = Message::Welcome(welcome).encode_to_vec(&FrameLimits::DEFAULT).ok()?;
+    let bytes = Message::Welcome(welcome)
+        .encode_to_vec(&FrameLimits::DEFAULT)
+        .ok()?;
     send.write_all(&bytes).await.ok()?;
     let _ = send.finish();
     record_hello(shared, connection, &hello);
     Some(Session {
         agent_id: hello.agent_id,
         agent,
-        dictionary: Mutex::new(ReceiverSessionDictionary::new(shared.config.max_series_per_session)),
+        dictionary: Mutex::new(ReceiverSessionDictionary::new(
+            shared.config.max_series_per_session,
+        )),
         connection: connection.clone(),
     })
 }
 
 fn record_hello<L: DurableLog>(shared: &Arc<Shared<L>>, connection: &Connection, hello: &Hello) {
-    shared.fleet.on_hello(&hello.agent_id, &hello.agent_version, connection.remote_address(), hello.backlog, now_ms());
+    shared.fleet.on_hello(
+        &hello.agent_id,
+        &hello.agent_version,
+        connection.remote_address(),
+        hello.backlog,
+        now_ms(),
+    );
 }
 
 fn agent_entry<L: DurableLog>(shared: &Arc<Shared<L>>, agent_id: &str) -> Arc<AgentEntry> {
-    let mut agents = shared.agents.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut agents = shared
+        .agents
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     agents
         .entry(agent_id.to_owned())
         .or_insert_with(|| {
             Arc::new(AgentEntry {
-                dedup: Mutex::new(AgentSequences { window: shared.dedup.load(agent_id), in_progress: HashSet::new() }),
-                rate: shared.config.max_bytes_per_second_per_agent.map(|rate| Mutex::new(TokenBucket::new(rate))),
+                dedup: Mutex::new(AgentSequences {
+                    window: shared.dedup.load(agent_id),
+                    in_progress: HashSet::new(),
+                }),
+                rate: shared
+                    .config
+                    .max_bytes_per_second_per_agent
+                    .map(|rate| Mutex::new(TokenBucket::new(rate))),
                 connection: Mutex::new(None),
             })
         })
         .clone()
 }
 
-async fn reject<L: DurableLog>(shared: &Arc<Shared<L>>, connection: &Connection, send: &mut SendStream, reject: Reject) {
-    shared.metrics.hellos_rejected.fetch_add(1, Ordering::Relaxed);
+async fn reject<L: DurableLog>(
+    shared: &Arc<Shared<L>>,
+    connection: &Connection,
+    send: &mut SendStream,
+    reject: Reject,
+) {
+    shared
+        .metrics
+        .hellos_rejected
+        .fetch_add(1, Ordering::Relaxed);
     if let Ok(bytes) = Message::Reject(reject.clone()).encode_to_vec(&FrameLimits::DEFAULT) {
         if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
             // Give the reject a moment to arrive before the close overtakes it; the
@@ -378,8 +535,15 @@ async fn reject<L: DurableLog>(shared: &Arc<Shared<L>>, connection: &Connection,
     connection.close(VarInt::from_u32(CLOSE_REJECTED), reject.message.as_bytes());
 }
 
-fn protocol_violation<L: DurableLog>(shared: &Arc<Shared<L>>, connection: &Connection, problem: &str) {
-    shared.metrics.protocol_violations.fetch_add(1, Ordering::Relaxed);
+fn protocol_violation<L: DurableLog>(
+    shared: &Arc<Shared<L>>,
+    connection: &Connection,
+    problem: &str,
+) {
+    shared
+        .metrics
+        .protocol_violations
+        .fetch_add(1, Ordering::Relaxed);
     tracing::warn!(remote_address = %connection.remote_address(), problem, "closing connection for a protocol violation");
     let mut reason = problem.as_bytes().to_vec();
     reason.truncate(512);
@@ -405,7 +569,10 @@ async fn serve_batches<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Ses
                     permit = shared.slots.clone().acquire_owned() => permit,
                     _ = shared.stopping.cancelled() => return "collector stopping".to_owned(),
                 };
-                shared.metrics.backpressure_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .backpressure_micros
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match permit {
                     Ok(permit) => permit,
                     Err(_) => return "collector stopping".to_owned(),
@@ -416,12 +583,18 @@ async fn serve_batches<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Ses
         let task_session = session.clone();
         shared.tracker.spawn(async move {
             let killed = task_shared.killed.clone();
-            task_shared.metrics.batches_in_flight.fetch_add(1, Ordering::Relaxed);
+            task_shared
+                .metrics
+                .batches_in_flight
+                .fetch_add(1, Ordering::Relaxed);
             tokio::select! {
                 _ = handle_batch_stream(&task_shared, &task_session, send, recv) => {}
                 _ = killed.cancelled() => {}
             }
-            task_shared.metrics.batches_in_flight.fetch_sub(1, Ordering::Relaxed);
+            task_shared
+                .metrics
+                .batches_in_flight
+                .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -439,7 +612,10 @@ enum StreamReadError {
     TimedOut,
 }
 
-async fn read_frame(recv: &mut RecvStream, decoder: &mut FrameDecoder) -> Result<tributary_protocol::frame::Frame, StreamReadError> {
+async fn read_frame(
+    recv: &mut RecvStream,
+    decoder: &mut FrameDecoder,
+) -> Result<tributary_protocol::frame::Frame, StreamReadError> {
     loop {
         match decoder.next_owned_frame() {
             Ok(Some(frame)) => return Ok(frame),
@@ -459,24 +635,45 @@ enum Outcome {
     Nack(Nack),
 }
 
-async fn handle_batch_stream<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Session>, mut send: SendStream, mut recv: RecvStream) {
+async fn handle_batch_stream<L: DurableLog>(
+    shared: &Arc<Shared<L>>,
+    session: &Arc<Session>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
     let mut decoder = FrameDecoder::new(shared.frame_limits);
     let timeout = Duration::from_millis(shared.config.batch_read_timeout_ms);
-    let read = tokio::time::timeout(timeout, read_frame(&mut recv, &mut decoder)).await.unwrap_or(Err(StreamReadError::TimedOut));
+    let read = tokio::time::timeout(timeout, read_frame(&mut recv, &mut decoder))
+        .await
+        .unwrap_or(Err(StreamReadError::TimedOut));
     let frame = match read {
         Ok(frame) => frame,
         Err(StreamReadError::Framing(error @ FrameError::TooLarge { .. })) => {
             let _ = recv.stop(VarInt::from_u32(0));
-            let nack = Nack::new(0, NackReason::TooLarge, false, format!("{error}; the welcome announced the limit"));
+            let nack = Nack::new(
+                0,
+                NackReason::TooLarge,
+                false,
+                format!("{error}; the welcome announced the limit"),
+            );
             respond(shared, session, &mut send, Outcome::Nack(nack)).await;
             return;
         }
         Err(StreamReadError::Framing(error)) => {
-            protocol_violation(shared, &session.connection, &format!("batch stream: {error}"));
+            protocol_violation(
+                shared,
+                &session.connection,
+                &format!("batch stream: {error}"),
+            );
             return;
         }
         Err(StreamReadError::EndedEarly) => {
-            let nack = Nack::new(0, NackReason::Malformed, false, "the batch stream ended in the middle of a frame");
+            let nack = Nack::new(
+                0,
+                NackReason::Malformed,
+                false,
+                "the batch stream ended in the middle of a frame",
+            );
             respond(shared, session, &mut send, Outcome::Nack(nack)).await;
             return;
         }
@@ -488,14 +685,26 @@ async fn handle_batch_stream<L: DurableLog>(shared: &Arc<Shared<L>>, session: &A
     };
     let _ = recv.stop(VarInt::from_u32(0));
     if frame.kind != FrameKind::Batch {
-        protocol_violation(shared, &session.connection, &format!("expected a batch frame on a batch stream, got a {} frame", frame.kind));
+        protocol_violation(
+            shared,
+            &session.connection,
+            &format!(
+                "expected a batch frame on a batch stream, got a {} frame",
+                frame.kind
+            ),
+        );
         return;
     }
     let outcome = process_batch(shared, session, Bytes::from(frame.payload)).await;
     respond(shared, session, &mut send, outcome).await;
 }
 
-async fn respond<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Session>, send: &mut SendStream, outcome: Outcome) {
+async fn respond<L: DurableLog>(
+    shared: &Arc<Shared<L>>,
+    session: &Arc<Session>,
+    send: &mut SendStream,
+    outcome: Outcome,
+) {
     let message = match outcome {
         Outcome::Ack(batch_seq) => {
             shared.metrics.acks.fetch_add(1, Ordering::Relaxed);
@@ -519,14 +728,29 @@ fn batch_nack(batch_seq: u64, error: &BatchError) -> Nack {
         BatchError::OverLimit { .. } => NackReason::TooLarge,
         _ => NackReason::Malformed,
     };
-    Nack::new(batch_seq, reason, false, format!("batch {batch_seq} cannot be decoded: {error}"))
+    Nack::new(
+        batch_seq,
+        reason,
+        false,
+        format!("batch {batch_seq} cannot be decoded: {error}"),
+    )
 }
 
-async fn process_batch<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Session>, bytes: Bytes) -> Outcome {
+async fn process_batch<L: DurableLog>(
+    shared: &Arc<Shared<L>>,
+    session: &Arc<Session>,
+    bytes: Bytes,
+) -> Outcome {
     shared.metrics.batches_in.fetch_add(1, Ordering::Relaxed);
-    shared.metrics.bytes_in.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    shared
+        .metrics
+        .bytes_in
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     if let Some(rate) = &session.agent.rate {
-        let wait_ms = rate.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take(bytes.len() as u64, now_ms());
+        let wait_ms = rate
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take(bytes.len() as u64, now_ms());
         if wait_ms > 0 {
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         }
@@ -541,23 +765,46 @@ async fn process_batch<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Ses
             batch_seq,
             NackReason::Malformed,
             false,
-            format!("batch names agent {:?} but this session belongs to {:?}", header.agent_id, session.agent_id),
+            format!(
+                "batch names agent {:?} but this session belongs to {:?}",
+                header.agent_id, session.agent_id
+            ),
         ));
     }
     {
-        let mut sequences = session.agent.dedup.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut sequences = session
+            .agent
+            .dedup
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if sequences.window.is_duplicate(batch_seq) {
             drop(sequences);
             shared.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-            shared.fleet.on_batch(&session.agent_id, batch_seq, 0, true, session.connection.remote_address(), now_ms());
+            shared.fleet.on_batch(
+                &session.agent_id,
+                batch_seq,
+                0,
+                true,
+                session.connection.remote_address(),
+                now_ms(),
+            );
             return Outcome::Ack(batch_seq);
         }
         if !sequences.in_progress.insert(batch_seq) {
-            return Outcome::Nack(Nack::new(batch_seq, NackReason::Overloaded, true, format!("batch {batch_seq} is being written from another stream; retry shortly")));
+            return Outcome::Nack(Nack::new(
+                batch_seq,
+                NackReason::Overloaded,
+                true,
+                format!("batch {batch_seq} is being written from another stream; retry shortly"),
+            ));
         }
     }
     let outcome = write_batch(shared, session, batch_seq, bytes).await;
-    let mut sequences = session.agent.dedup.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut sequences = session
+        .agent
+        .dedup
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     sequences.in_progress.remove(&batch_seq);
     if let Outcome::Ack(_) = outcome {
         sequences.window.record_acked(batch_seq);
@@ -569,25 +816,41 @@ async fn process_batch<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Ses
 }
 
 /// Decodes, resolves and durably writes one batch that is not a known duplicate.
-async fn write_batch<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Session>, batch_seq: u64, bytes: Bytes) -> Outcome {
+async fn write_batch<L: DurableLog>(
+    shared: &Arc<Shared<L>>,
+    session: &Arc<Session>,
+    batch_seq: u64,
+    bytes: Bytes,
+) -> Outcome {
     let batch = match decode_batch(&bytes, &shared.batch_limits) {
         Ok(batch) => batch,
         Err(error) => return Outcome::Nack(batch_nack(batch_seq, &error)),
     };
     let definitions = {
-        let mut dictionary = session.dictionary.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut dictionary = session
+            .dictionary
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(error) = dictionary.accept(&batch) {
             let (reason, retryable) = match error {
                 DictionaryError::UnknownSeries { .. } => (NackReason::UnknownSeries, true),
                 DictionaryError::ConflictingDefinition { .. } => (NackReason::Malformed, false),
                 DictionaryError::TooManySeries { .. } => (NackReason::TooLarge, false),
             };
-            return Outcome::Nack(Nack::new(batch_seq, reason, retryable, format!("batch {batch_seq}: {error}")));
+            return Outcome::Nack(Nack::new(
+                batch_seq,
+                reason,
+                retryable,
+                format!("batch {batch_seq}: {error}"),
+            ));
         }
         let mut definitions = Vec::new();
         for id in series_ids_used(&batch) {
             if let Some(key) = dictionary.key(id) {
-                definitions.push(SeriesDef { id, key: key.clone() });
+                definitions.push(SeriesDef {
+                    id,
+                    key: key.clone(),
+                });
             }
         }
         definitions
@@ -599,17 +862,37 @@ async fn write_batch<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Sessi
         Err(error) => return Outcome::Nack(batch_nack(batch_seq, &error)),
     };
     let record = AppendRecord {
-        headers: RecordHeaders { agent_id: session.agent_id.clone(), batch_seq, protocol_version: PROTOCOL_VERSION },
+        headers: RecordHeaders {
+            agent_id: session.agent_id.clone(),
+            batch_seq,
+            protocol_version: PROTOCOL_VERSION,
+        },
         value,
     };
     let started = Instant::now();
     let appended = shared.log.append(record).await;
-    shared.metrics.log_write_seconds.observe_seconds(started.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .log_write_seconds
+        .observe_seconds(started.elapsed().as_secs_f64());
     match appended {
         Ok(_) => {
-            shared.metrics.readings_in.fetch_add(batch.readings.len() as u64, Ordering::Relaxed);
-            shared.metrics.summaries_in.fetch_add(batch.summaries.len() as u64, Ordering::Relaxed);
-            shared.fleet.on_batch(&session.agent_id, batch_seq, batch.readings.len() as u64, false, session.connection.remote_address(), now_ms());
+            shared
+                .metrics
+                .readings_in
+                .fetch_add(batch.readings.len() as u64, Ordering::Relaxed);
+            shared
+                .metrics
+                .summaries_in
+                .fetch_add(batch.summaries.len() as u64, Ordering::Relaxed);
+            shared.fleet.on_batch(
+                &session.agent_id,
+                batch_seq,
+                batch.readings.len() as u64,
+                false,
+                session.connection.remote_address(),
+                now_ms(),
+            );
             Outcome::Ack(batch_seq)
         }
         Err(error) => Outcome::Nack(log_nack(batch_seq, &error)),
@@ -617,6 +900,15 @@ async fn write_batch<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Sessi
 }
 
 fn log_nack(batch_seq: u64, error: &LogError) -> Nack {
-    let (reason, retryable) = if error.is_retryable() { (NackReason::StorageUnavailable, true) } else { (NackReason::TooLarge, false) };
-    Nack::new(batch_seq, reason, retryable, format!("batch {batch_seq} was not stored: {error}"))
+    let (reason, retryable) = if error.is_retryable() {
+        (NackReason::StorageUnavailable, true)
+    } else {
+        (NackReason::TooLarge, false)
+    };
+    Nack::new(
+        batch_seq,
+        reason,
+        retryable,
+        format!("batch {batch_seq} was not stored: {error}"),
+    )
 }

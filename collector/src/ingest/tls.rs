@@ -26,7 +26,10 @@ pub enum TlsError {
     #[error("cannot generate a self-signed certificate: {0}")]
     Generate(String),
     #[error("cannot store the generated identity in {path}: {source}; check that the state directory is writable")]
-    Store { path: PathBuf, source: std::io::Error },
+    Store {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("TLS configuration refused the certificate or key: {0}; check that the key belongs to the certificate")]
     Config(String),
 }
@@ -40,7 +43,10 @@ pub struct TlsIdentity {
 
 impl Clone for TlsIdentity {
     fn clone(&self) -> Self {
-        TlsIdentity { cert_chain: self.cert_chain.clone(), key: self.key.clone_key() }
+        TlsIdentity {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
@@ -49,12 +55,19 @@ impl TlsIdentity {
     pub fn from_pem_files(cert_file: &Path, key_file: &Path) -> Result<Self, TlsError> {
         let cert_chain = CertificateDer::pem_file_iter(cert_file)
             .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-            .map_err(|error| TlsError::Certificate { path: cert_file.to_path_buf(), reason: error.to_string() })?;
+            .map_err(|error| TlsError::Certificate {
+                path: cert_file.to_path_buf(),
+                reason: error.to_string(),
+            })?;
         if cert_chain.is_empty() {
-            return Err(TlsError::NoCertificate { path: cert_file.to_path_buf() });
+            return Err(TlsError::NoCertificate {
+                path: cert_file.to_path_buf(),
+            });
         }
-        let key = PrivateKeyDer::from_pem_file(key_file)
-            .map_err(|error| TlsError::Key { path: key_file.to_path_buf(), reason: error.to_string() })?;
+        let key = PrivateKeyDer::from_pem_file(key_file).map_err(|error| TlsError::Key {
+            path: key_file.to_path_buf(),
+            reason: error.to_string(),
+        })?;
         Ok(TlsIdentity { cert_chain, key })
     }
 
@@ -64,13 +77,18 @@ impl TlsIdentity {
             .map_err(|error| TlsError::Generate(error.to_string()))?;
         Ok(TlsIdentity {
             cert_chain: vec![certified.cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der())),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                certified.signing_key.serialize_der(),
+            )),
         })
     }
 
     /// Loads `directory/cert.pem` and `directory/key.pem`, generating and storing them
     /// first if they do not exist. Returns the identity and whether it was generated now.
-    pub fn load_or_generate(directory: &Path, subject_alt_names: &[String]) -> Result<(Self, bool), TlsError> {
+    pub fn load_or_generate(
+        directory: &Path,
+        subject_alt_names: &[String],
+    ) -> Result<(Self, bool), TlsError> {
         let cert_file = directory.join("cert.pem");
         let key_file = directory.join("key.pem");
         if cert_file.exists() && key_file.exists() {
@@ -83,18 +101,24 @@ impl TlsIdentity {
             move |source| TlsError::Store { path, source }
         };
         std::fs::create_dir_all(directory).map_err(store_error(directory))?;
-        write_private(&key_file, certified.signing_key.serialize_pem().as_bytes()).map_err(store_error(&key_file))?;
+        write_private(&key_file, certified.signing_key.serialize_pem().as_bytes())
+            .map_err(store_error(&key_file))?;
         std::fs::write(&cert_file, certified.cert.pem()).map_err(store_error(&cert_file))?;
         let identity = TlsIdentity {
             cert_chain: vec![certified.cert.der().clone()],
-            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der())),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                certified.signing_key.serialize_der(),
+            )),
         };
         Ok((identity, true))
     }
 
     /// SHA-256 of the end-entity certificate, in lower-case hex: what agents pin.
     pub fn fingerprint_hex(&self) -> String {
-        self.cert_chain.first().map(|cert| certificate_fingerprint_hex(cert)).unwrap_or_default()
+        self.cert_chain
+            .first()
+            .map(|cert| certificate_fingerprint_hex(cert))
+            .unwrap_or_default()
     }
 
     /// A rustls server configuration speaking TLS 1.3 with ALPN `tributary/1`.
@@ -119,7 +143,12 @@ pub fn certificate_fingerprint_hex(cert: &CertificateDer<'_>) -> String {
 fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(contents)?;
     file.sync_all()
 }
@@ -143,7 +172,14 @@ mod tests {
 
     #[test]
     fn a_missing_certificate_file_is_named() {
-        let error = TlsIdentity::from_pem_files(Path::new("/nonexistent/cert.pem"), Path::new("/nonexistent/key.pem")).unwrap_err();
-        assert!(error.to_string().contains("/nonexistent/cert.pem"), "{error}");
+        let error = TlsIdentity::from_pem_files(
+            Path::new("/nonexistent/cert.pem"),
+            Path::new("/nonexistent/key.pem"),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("/nonexistent/cert.pem"),
+            "{error}"
+        );
     }
 }

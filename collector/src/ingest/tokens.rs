@@ -24,11 +24,23 @@ const HASH_PREFIX: &str = "sha256:";
 #[derive(Debug, Error)]
 pub enum TokenError {
     #[error("cannot read the tokens file {path}: {source}; create it with `tributary-collector token add AGENT_ID`")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("tokens file {path}, line {line}: {problem}; expected `AGENT_ID sha256:<64 hex digits>`")]
-    Parse { path: PathBuf, line: usize, problem: String },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "tokens file {path}, line {line}: {problem}; expected `AGENT_ID sha256:<64 hex digits>`"
+    )]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
     #[error("cannot append to the tokens file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("agent id {agent_id:?} is not valid: use 1 to 128 ASCII letters, digits, '-', '_', '.' or ':'")]
     InvalidAgentId { agent_id: String },
     #[error("agent {agent_id} already has a token in {path}; remove its line first to replace it")]
@@ -67,7 +79,10 @@ pub struct TokenStore {
 impl TokenStore {
     /// Parses a tokens file.
     pub fn load(path: &Path) -> Result<Self, TokenError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
@@ -80,18 +95,26 @@ impl TokenStore {
             if line.is_empty() {
                 continue;
             }
-            let parse_error = |problem: String| TokenError::Parse { path: path.to_path_buf(), line: line_number, problem };
+            let parse_error = |problem: String| TokenError::Parse {
+                path: path.to_path_buf(),
+                line: line_number,
+                problem,
+            };
             let mut fields = line.split_whitespace();
-            let (Some(agent_id), Some(hash), None) = (fields.next(), fields.next(), fields.next()) else {
+            let (Some(agent_id), Some(hash), None) = (fields.next(), fields.next(), fields.next())
+            else {
                 return Err(parse_error("expected exactly two fields".to_owned()));
             };
             if !is_valid_agent_id(agent_id) {
                 return Err(parse_error(format!("agent id {agent_id:?} is not valid")));
             }
             let Some(hex) = hash.strip_prefix(HASH_PREFIX) else {
-                return Err(parse_error(format!("token hash {hash:?} does not start with {HASH_PREFIX:?}")));
+                return Err(parse_error(format!(
+                    "token hash {hash:?} does not start with {HASH_PREFIX:?}"
+                )));
             };
-            let digest = decode_hex_32(hex).ok_or_else(|| parse_error("token hash is not 64 hex digits".to_owned()))?;
+            let digest = decode_hex_32(hex)
+                .ok_or_else(|| parse_error("token hash is not 64 hex digits".to_owned()))?;
             if hashes.insert(agent_id.to_owned(), digest).is_some() {
                 return Err(parse_error(format!("agent {agent_id} appears twice")));
             }
@@ -101,7 +124,12 @@ impl TokenStore {
 
     /// A store from `(agent_id, token)` pairs in the clear (tests, tools).
     pub fn from_tokens<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
-        TokenStore { hashes: pairs.into_iter().map(|(agent, token)| (agent.to_owned(), hash_token(token))).collect() }
+        TokenStore {
+            hashes: pairs
+                .into_iter()
+                .map(|(agent, token)| (agent.to_owned(), hash_token(token)))
+                .collect(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -120,7 +148,10 @@ impl TokenStore {
     pub fn verify(&self, agent_id: &str, token: &str) -> Result<(), AuthFailure> {
         let expected = self.hashes.get(agent_id).ok_or(AuthFailure::UnknownAgent)?;
         let presented = hash_token(token);
-        let difference = expected.iter().zip(presented.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let difference = expected
+            .iter()
+            .zip(presented.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if difference == 0 {
             Ok(())
         } else {
@@ -176,20 +207,33 @@ fn hex_value(digit: u8) -> Option<u8> {
 /// (created with mode 0600 if missing) and returns the token, to be shown once.
 pub fn add_token(path: &Path, agent_id: &str) -> Result<String, TokenError> {
     if !is_valid_agent_id(agent_id) {
-        return Err(TokenError::InvalidAgentId { agent_id: agent_id.to_owned() });
+        return Err(TokenError::InvalidAgentId {
+            agent_id: agent_id.to_owned(),
+        });
     }
     if path.exists() {
         let store = TokenStore::load(path)?;
         if store.contains(agent_id) {
-            return Err(TokenError::AlreadyPresent { agent_id: agent_id.to_owned(), path: path.to_path_buf() });
+            return Err(TokenError::AlreadyPresent {
+                agent_id: agent_id.to_owned(),
+                path: path.to_path_buf(),
+            });
         }
     }
     let mut secret = [0u8; 32];
-    ring::rand::SystemRandom::new().fill(&mut secret).map_err(|_| TokenError::Random)?;
+    ring::rand::SystemRandom::new()
+        .fill(&mut secret)
+        .map_err(|_| TokenError::Random)?;
     let token = to_hex(&secret);
     let line = format!("{agent_id} {HASH_PREFIX}{}\n", to_hex(&hash_token(&token)));
-    let write_error = |source| TokenError::Write { path: path.to_path_buf(), source };
-    if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+    let write_error = |source| TokenError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
         std::fs::create_dir_all(parent).map_err(write_error)?;
     }
     let mut options = std::fs::OpenOptions::new();
@@ -213,14 +257,20 @@ mod tests {
         let store = TokenStore::from_tokens([("gw-1", "secret")]);
         assert_eq!(store.verify("gw-1", "secret"), Ok(()));
         assert_eq!(store.verify("gw-1", "secreT"), Err(AuthFailure::WrongToken));
-        assert_eq!(store.verify("gw-2", "secret"), Err(AuthFailure::UnknownAgent));
+        assert_eq!(
+            store.verify("gw-2", "secret"),
+            Err(AuthFailure::UnknownAgent)
+        );
     }
 
     #[test]
     fn parse_errors_name_the_line() {
         let text = "# comment\n\ngw-1 sha256:00\n";
         let error = TokenStore::parse(text, Path::new("tokens")).unwrap_err();
-        assert!(matches!(error, TokenError::Parse { line: 3, .. }), "{error}");
+        assert!(
+            matches!(error, TokenError::Parse { line: 3, .. }),
+            "{error}"
+        );
         let error = TokenStore::parse("gw-1 md5:abc\n", Path::new("tokens")).unwrap_err();
         assert!(error.to_string().contains("does not start with"), "{error}");
     }
@@ -234,7 +284,13 @@ mod tests {
         assert!(!text.contains(&token), "the token itself is never stored");
         let store = TokenStore::load(&path).unwrap();
         assert_eq!(store.verify("gw-7", &token), Ok(()));
-        assert!(matches!(add_token(&path, "gw-7"), Err(TokenError::AlreadyPresent { .. })));
-        assert!(matches!(add_token(&path, "bad id"), Err(TokenError::InvalidAgentId { .. })));
+        assert!(matches!(
+            add_token(&path, "gw-7"),
+            Err(TokenError::AlreadyPresent { .. })
+        ));
+        assert!(matches!(
+            add_token(&path, "bad id"),
+            Err(TokenError::InvalidAgentId { .. })
+        ));
     }
 }

@@ -49,10 +49,14 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use super::io_error;
 use super::positions::{sync_directory, PositionStore};
 use super::record::{
-    self, decode_record, encode_record, encoded_len, peek_offset_and_timestamp, record_len_from_prefix, CorruptRecord, Decoded,
-    RecordLocation, RecordMeta, ScanStop, SegmentScanner, RECORD_HEADER_BYTES, RECORD_PREFIX_BYTES, SEGMENT_MAGIC,
+    self, decode_record, encode_record, encoded_len, peek_offset_and_timestamp,
+    record_len_from_prefix, CorruptRecord, Decoded, RecordLocation, RecordMeta, ScanStop,
+    SegmentScanner, RECORD_HEADER_BYTES, RECORD_PREFIX_BYTES, SEGMENT_MAGIC,
 };
-use super::{partition_for_key, AppendReceipt, AppendRecord, Clock, DurableLog, LogError, LogRecord, OffsetRange, RecordHeaders};
+use super::{
+    partition_for_key, AppendReceipt, AppendRecord, Clock, DurableLog, LogError, LogRecord,
+    OffsetRange, RecordHeaders,
+};
 
 const MIB: u64 = 1024 * 1024;
 const RECOVERY_CHUNK_BYTES: usize = 1024 * 1024;
@@ -132,13 +136,29 @@ impl EmbeddedLogConfig {
     /// Checks the settings against each other; says which one to change.
     pub fn validate(&self) -> Result<(), LogError> {
         let problem = if self.partitions == 0 || self.partitions > 4096 {
-            Some(format!("partitions is {}, must be 1 to 4096", self.partitions))
+            Some(format!(
+                "partitions is {}, must be 1 to 4096",
+                self.partitions
+            ))
         } else if self.segment_max_bytes < 4096 {
-            Some(format!("segment_max_bytes is {}, must be at least 4096", self.segment_max_bytes))
+            Some(format!(
+                "segment_max_bytes is {}, must be at least 4096",
+                self.segment_max_bytes
+            ))
         } else if self.segment_max_age_ms <= 0 {
-            Some(format!("segment_max_age_ms is {}, must be positive", self.segment_max_age_ms))
-        } else if self.max_record_bytes < RECORD_HEADER_BYTES || self.max_record_bytes > record::MAX_RECORD_BODY_BYTES as usize {
-            Some(format!("max_record_bytes is {}, must be {} to {}", self.max_record_bytes, RECORD_HEADER_BYTES, record::MAX_RECORD_BODY_BYTES))
+            Some(format!(
+                "segment_max_age_ms is {}, must be positive",
+                self.segment_max_age_ms
+            ))
+        } else if self.max_record_bytes < RECORD_HEADER_BYTES
+            || self.max_record_bytes > record::MAX_RECORD_BODY_BYTES as usize
+        {
+            Some(format!(
+                "max_record_bytes is {}, must be {} to {}",
+                self.max_record_bytes,
+                RECORD_HEADER_BYTES,
+                record::MAX_RECORD_BODY_BYTES
+            ))
         } else if self.max_unflushed_bytes < self.max_record_bytes {
             Some(format!(
                 "max_unflushed_bytes ({}) must be at least max_record_bytes ({}) or a largest record could never be appended",
@@ -202,7 +222,11 @@ impl Segment {
 
     fn note_record(&mut self, location: RecordLocation, index_interval_bytes: u64) {
         if self.index.is_empty() || self.bytes_since_index_entry >= index_interval_bytes {
-            self.index.push(IndexEntry { offset: location.offset, position: location.position, timestamp_ms: location.timestamp_ms });
+            self.index.push(IndexEntry {
+                offset: location.offset,
+                position: location.position,
+                timestamp_ms: location.timestamp_ms,
+            });
             self.bytes_since_index_entry = 0;
         }
         self.bytes_since_index_entry += u64::from(location.encoded_bytes);
@@ -222,7 +246,9 @@ impl Segment {
     }
 
     fn position_for_time(&self, time_ms: i64) -> u64 {
-        let after = self.index.partition_point(|entry| entry.timestamp_ms < time_ms);
+        let after = self
+            .index
+            .partition_point(|entry| entry.timestamp_ms < time_ms);
         match after.checked_sub(1).and_then(|at| self.index.get(at)) {
             Some(entry) => entry.position,
             None => SEGMENT_MAGIC.len() as u64,
@@ -237,13 +263,21 @@ struct SegmentSet {
 
 impl SegmentSet {
     fn range(&self) -> OffsetRange {
-        let earliest = self.segments.front().map_or(0, |segment| segment.base_offset);
-        let next = self.segments.back().map_or(earliest, |segment| segment.next_offset);
+        let earliest = self
+            .segments
+            .front()
+            .map_or(0, |segment| segment.base_offset);
+        let next = self
+            .segments
+            .back()
+            .map_or(earliest, |segment| segment.next_offset);
         OffsetRange { earliest, next }
     }
 
     fn segment_for_offset(&self, offset: u64) -> Option<&Segment> {
-        let after = self.segments.partition_point(|segment| segment.base_offset <= offset);
+        let after = self
+            .segments
+            .partition_point(|segment| segment.base_offset <= offset);
         after.checked_sub(1).and_then(|at| self.segments.get(at))
     }
 }
@@ -331,21 +365,35 @@ pub struct EmbeddedLog {
 
 impl std::fmt::Debug for EmbeddedLog {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("EmbeddedLog").field("partitions", &self.partitions.len()).finish_non_exhaustive()
+        formatter
+            .debug_struct("EmbeddedLog")
+            .field("partitions", &self.partitions.len())
+            .finish_non_exhaustive()
     }
 }
 
 fn lock_directory(directory: &Path) -> Result<File, LogError> {
     let path = directory.join("LOCK");
-    let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_error("open lock file", &path))?;
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error("open lock file", &path))?;
     // SAFETY: flock on a file descriptor we own and keep open; no memory is involved.
     let result = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if result != 0 {
         let error = std::io::Error::last_os_error();
         if error.kind() == std::io::ErrorKind::WouldBlock {
-            return Err(LogError::Locked { path: directory.to_path_buf() });
+            return Err(LogError::Locked {
+                path: directory.to_path_buf(),
+            });
         }
-        return Err(LogError::Io { action: "lock", path, source: error });
+        return Err(LogError::Io {
+            action: "lock",
+            path,
+            source: error,
+        });
     }
     Ok(file)
 }
@@ -354,36 +402,67 @@ fn count_partition_directories(directory: &Path) -> Result<u32, LogError> {
     let mut count = 0;
     for entry in fs::read_dir(directory).map_err(io_error("list", directory))? {
         let entry = entry.map_err(io_error("list", directory))?;
-        if entry.file_name().to_str().is_some_and(|name| name.starts_with("partition-")) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with("partition-"))
+        {
             count += 1;
         }
     }
     Ok(count)
 }
 
-fn create_segment_file(directory: &Path, base_offset: u64) -> Result<(PathBuf, Arc<File>), LogError> {
+fn create_segment_file(
+    directory: &Path,
+    base_offset: u64,
+) -> Result<(PathBuf, Arc<File>), LogError> {
     let path = segment_path(directory, base_offset);
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_error("create segment", &path))?;
-    file.write_all_at(&SEGMENT_MAGIC, 0).map_err(io_error("write segment magic", &path))?;
-    file.sync_data().map_err(io_error("fsync new segment", &path))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(io_error("create segment", &path))?;
+    file.write_all_at(&SEGMENT_MAGIC, 0)
+        .map_err(io_error("write segment magic", &path))?;
+    file.sync_data()
+        .map_err(io_error("fsync new segment", &path))?;
     sync_directory(directory)?;
     Ok((path, Arc::new(file)))
 }
 
 /// Scans one segment file in bounded chunks; returns the segment's metadata, the
 /// length of its valid prefix and why the valid prefix ends early, if it does.
-fn scan_segment_file(path: PathBuf, file: Arc<File>, base_offset: u64, index_interval_bytes: u64) -> Result<(Segment, Option<ScanStop>), LogError> {
-    let file_bytes = file.metadata().map_err(io_error("stat segment", &path))?.len();
+fn scan_segment_file(
+    path: PathBuf,
+    file: Arc<File>,
+    base_offset: u64,
+    index_interval_bytes: u64,
+) -> Result<(Segment, Option<ScanStop>), LogError> {
+    let file_bytes = file
+        .metadata()
+        .map_err(io_error("stat segment", &path))?
+        .len();
     let mut segment = Segment::new(base_offset, path, file);
     let magic_len = SEGMENT_MAGIC.len() as u64;
     if file_bytes < magic_len {
         // A segment whose creation was cut short (even a 0-byte file): no magic, so
         // it must be rewritten before anything is appended to it.
         segment.size_bytes = 0;
-        return Ok((segment, Some(ScanStop::NeedMore { needed_bytes: SEGMENT_MAGIC.len() })));
+        return Ok((
+            segment,
+            Some(ScanStop::NeedMore {
+                needed_bytes: SEGMENT_MAGIC.len(),
+            }),
+        ));
     }
     let mut magic = [0u8; SEGMENT_MAGIC.len()];
-    segment.file.read_exact_at(&mut magic, 0).map_err(io_error("read segment", &segment.path))?;
+    segment
+        .file
+        .read_exact_at(&mut magic, 0)
+        .map_err(io_error("read segment", &segment.path))?;
     if magic != SEGMENT_MAGIC {
         segment.size_bytes = 0;
         return Ok((segment, Some(ScanStop::Corrupt(CorruptRecord::BadMagic))));
@@ -393,7 +472,9 @@ fn scan_segment_file(path: PathBuf, file: Arc<File>, base_offset: u64, index_int
     let mut read_position = magic_len;
     loop {
         let unread = file_bytes - read_position;
-        let (consumed, stop) = scanner.scan(&buffer, |location, _| segment.note_record(location, index_interval_bytes));
+        let (consumed, stop) = scanner.scan(&buffer, |location, _| {
+            segment.note_record(location, index_interval_bytes)
+        });
         buffer.drain(..consumed);
         let needed_bytes = match stop {
             ScanStop::Corrupt(reason) => return Ok((segment, Some(ScanStop::Corrupt(reason)))),
@@ -408,15 +489,25 @@ fn scan_segment_file(path: PathBuf, file: Arc<File>, base_offset: u64, index_int
             // for a length that the file cannot hold.
             return Ok((segment, Some(ScanStop::NeedMore { needed_bytes })));
         }
-        let want = needed_bytes.saturating_sub(buffer.len()).max(RECOVERY_CHUNK_BYTES).min(unread as usize);
+        let want = needed_bytes
+            .saturating_sub(buffer.len())
+            .max(RECOVERY_CHUNK_BYTES)
+            .min(unread as usize);
         let filled = buffer.len();
         buffer.resize(filled + want, 0);
-        segment.file.read_exact_at(&mut buffer[filled..], read_position).map_err(io_error("read segment", &segment.path))?;
+        segment
+            .file
+            .read_exact_at(&mut buffer[filled..], read_position)
+            .map_err(io_error("read segment", &segment.path))?;
         read_position += want as u64;
     }
 }
 
-fn recover_partition(id: u32, directory: &Path, index_interval_bytes: u64) -> Result<SegmentSet, LogError> {
+fn recover_partition(
+    id: u32,
+    directory: &Path,
+    index_interval_bytes: u64,
+) -> Result<SegmentSet, LogError> {
     fs::create_dir_all(directory).map_err(io_error("create partition directory", directory))?;
     let mut bases = Vec::new();
     for entry in fs::read_dir(directory).map_err(io_error("list", directory))? {
@@ -430,21 +521,39 @@ fn recover_partition(id: u32, directory: &Path, index_interval_bytes: u64) -> Re
     for (index, base_offset) in bases.iter().copied().enumerate() {
         let is_last = index + 1 == bases.len();
         let path = segment_path(directory, base_offset);
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_error("open segment", &path))?;
-        let (mut segment, stop) = scan_segment_file(path, Arc::new(file), base_offset, index_interval_bytes)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_error("open segment", &path))?;
+        let (mut segment, stop) =
+            scan_segment_file(path, Arc::new(file), base_offset, index_interval_bytes)?;
         if let Some(previous) = segments.back() {
             if previous.next_offset != base_offset {
-                let reason = CorruptRecord::OffsetOutOfSequence { expected: previous.next_offset, found: base_offset };
-                return Err(LogError::CorruptSegment { path: segment.path, position: 0, reason });
+                let reason = CorruptRecord::OffsetOutOfSequence {
+                    expected: previous.next_offset,
+                    found: base_offset,
+                };
+                return Err(LogError::CorruptSegment {
+                    path: segment.path,
+                    position: 0,
+                    reason,
+                });
             }
         }
         if let Some(stop) = stop {
             if !is_last {
                 let reason = match stop {
                     ScanStop::Corrupt(reason) => reason,
-                    ScanStop::NeedMore { needed_bytes } => CorruptRecord::Truncated { needed_bytes },
+                    ScanStop::NeedMore { needed_bytes } => {
+                        CorruptRecord::Truncated { needed_bytes }
+                    }
                 };
-                return Err(LogError::CorruptSegment { path: segment.path, position: segment.size_bytes, reason });
+                return Err(LogError::CorruptSegment {
+                    path: segment.path,
+                    position: segment.size_bytes,
+                    reason,
+                });
             }
             tracing::warn!(
                 partition = id,
@@ -454,13 +563,25 @@ fn recover_partition(id: u32, directory: &Path, index_interval_bytes: u64) -> Re
                 "durable log: truncating a torn or damaged tail of the active segment (records there were never reported durable)"
             );
             if segment.size_bytes < SEGMENT_MAGIC.len() as u64 {
-                segment.file.set_len(0).map_err(io_error("truncate segment", &segment.path))?;
-                segment.file.write_all_at(&SEGMENT_MAGIC, 0).map_err(io_error("write segment magic", &segment.path))?;
+                segment
+                    .file
+                    .set_len(0)
+                    .map_err(io_error("truncate segment", &segment.path))?;
+                segment
+                    .file
+                    .write_all_at(&SEGMENT_MAGIC, 0)
+                    .map_err(io_error("write segment magic", &segment.path))?;
                 segment.size_bytes = SEGMENT_MAGIC.len() as u64;
             } else {
-                segment.file.set_len(segment.size_bytes).map_err(io_error("truncate segment", &segment.path))?;
+                segment
+                    .file
+                    .set_len(segment.size_bytes)
+                    .map_err(io_error("truncate segment", &segment.path))?;
             }
-            segment.file.sync_all().map_err(io_error("fsync truncated segment", &segment.path))?;
+            segment
+                .file
+                .sync_all()
+                .map_err(io_error("fsync truncated segment", &segment.path))?;
         }
         segments.push_back(segment);
     }
@@ -475,7 +596,12 @@ impl Partition {
     /// Writes one group of encoded records (offset order) and fsyncs, rolling to new
     /// segments as needed. Returns each record's location and, for records that start
     /// a new segment, that segment's path and file.
-    fn write_group(&self, active: &mut ActiveSegment, encoded: &[u8], records: &[PendingRecord]) -> Result<Vec<WrittenRecord>, LogError> {
+    fn write_group(
+        &self,
+        active: &mut ActiveSegment,
+        encoded: &[u8],
+        records: &[PendingRecord],
+    ) -> Result<Vec<WrittenRecord>, LogError> {
         let mut locations = Vec::with_capacity(records.len());
         let mut run_start = 0usize;
         let mut cursor = 0usize;
@@ -484,12 +610,20 @@ impl Partition {
             let length = pending.encoded_bytes as usize;
             let holds_records = active.size_bytes > SEGMENT_MAGIC.len() as u64;
             let too_big = active.size_bytes + length as u64 > self.segment_max_bytes;
-            let too_old = active.first_timestamp_ms.is_some_and(|first| pending.receipt.timestamp_ms.saturating_sub(first) >= self.segment_max_age_ms);
+            let too_old = active.first_timestamp_ms.is_some_and(|first| {
+                pending.receipt.timestamp_ms.saturating_sub(first) >= self.segment_max_age_ms
+            });
             let mut new_segment = None;
             if holds_records && (too_big || too_old) {
                 let path = segment_path(&self.directory, active.base_offset);
-                active.file.write_all_at(&encoded[run_start..cursor], run_position).map_err(io_error("write segment", &path))?;
-                active.file.sync_data().map_err(io_error("fsync segment", &path))?;
+                active
+                    .file
+                    .write_all_at(&encoded[run_start..cursor], run_position)
+                    .map_err(io_error("write segment", &path))?;
+                active
+                    .file
+                    .sync_data()
+                    .map_err(io_error("fsync segment", &path))?;
                 let (path, file) = create_segment_file(&self.directory, pending.receipt.offset)?;
                 *active = ActiveSegment {
                     base_offset: pending.receipt.offset,
@@ -508,21 +642,33 @@ impl Partition {
                 encoded_bytes: pending.encoded_bytes,
             };
             active.size_bytes += length as u64;
-            active.first_timestamp_ms.get_or_insert(pending.receipt.timestamp_ms);
+            active
+                .first_timestamp_ms
+                .get_or_insert(pending.receipt.timestamp_ms);
             cursor += length;
             locations.push((location, new_segment));
         }
         let path = segment_path(&self.directory, active.base_offset);
-        active.file.write_all_at(&encoded[run_start..cursor], run_position).map_err(io_error("write segment", &path))?;
-        active.file.sync_data().map_err(io_error("fsync segment", &path))?;
+        active
+            .file
+            .write_all_at(&encoded[run_start..cursor], run_position)
+            .map_err(io_error("write segment", &path))?;
+        active
+            .file
+            .sync_data()
+            .map_err(io_error("fsync segment", &path))?;
         Ok(locations)
     }
 
     fn publish(&self, locations: Vec<WrittenRecord>) {
-        let mut set = self.segments.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut set = self
+            .segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for (location, new_segment) in locations {
             if let Some((path, file)) = new_segment {
-                set.segments.push_back(Segment::new(location.offset, path, file));
+                set.segments
+                    .push_back(Segment::new(location.offset, path, file));
             }
             if let Some(segment) = set.segments.back_mut() {
                 segment.note_record(location, self.index_interval_bytes);
@@ -535,9 +681,15 @@ impl Partition {
         let mut encoded = Vec::new();
         loop {
             let records = {
-                let mut queue = self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let mut queue = self
+                    .queue
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
                 while queue.records.is_empty() && !queue.closed {
-                    queue = self.queue_changed.wait(queue).unwrap_or_else(|poisoned| poisoned.into_inner());
+                    queue = self
+                        .queue_changed
+                        .wait(queue)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
                 }
                 if queue.records.is_empty() {
                     return;
@@ -549,7 +701,8 @@ impl Partition {
             match self.write_group(&mut active, &encoded, &records) {
                 Ok(locations) => {
                     self.fsyncs.fetch_add(1, Ordering::Relaxed);
-                    self.records_flushed.fetch_add(records.len() as u64, Ordering::Relaxed);
+                    self.records_flushed
+                        .fetch_add(records.len() as u64, Ordering::Relaxed);
                     self.publish(locations);
                     for pending in records {
                         // The appender may have given up waiting; the record is durable anyway.
@@ -559,7 +712,10 @@ impl Partition {
                 Err(error) => {
                     let cause = error.to_string();
                     tracing::error!(partition = self.id, %cause, "durable log: write failed; partition stops accepting appends");
-                    let mut queue = self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut queue = self
+                        .queue
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
                     queue.failure = Some(cause.clone());
                     let stranded = std::mem::take(&mut queue.records);
                     drop(queue);
@@ -575,10 +731,18 @@ impl Partition {
     /// Reads durable records from `from_offset`, at most about `max_bytes` of values.
     fn read(&self, from_offset: u64, max_bytes: usize) -> Result<Vec<LogRecord>, LogError> {
         let (file, path, mut position, end_position) = {
-            let set = self.segments.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let set = self
+                .segments
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let range = set.range();
             if from_offset < range.earliest || from_offset > range.next {
-                return Err(LogError::OffsetOutOfRange { partition: self.id, requested: from_offset, earliest: range.earliest, next: range.next });
+                return Err(LogError::OffsetOutOfRange {
+                    partition: self.id,
+                    requested: from_offset,
+                    earliest: range.earliest,
+                    next: range.next,
+                });
             }
             if from_offset == range.next {
                 return Ok(Vec::new());
@@ -586,7 +750,12 @@ impl Partition {
             let Some(segment) = set.segment_for_offset(from_offset) else {
                 return Ok(Vec::new());
             };
-            (segment.file.clone(), segment.path.clone(), segment.position_for_offset(from_offset), segment.size_bytes)
+            (
+                segment.file.clone(),
+                segment.path.clone(),
+                segment.position_for_offset(from_offset),
+                segment.size_bytes,
+            )
         };
         let chunk_bytes = max_bytes.clamp(64 * 1024, 8 * MIB as usize);
         let mut buffer: Vec<u8> = Vec::new();
@@ -596,7 +765,10 @@ impl Partition {
         while position < end_position {
             let cursor = (position - buffer_position) as usize;
             match decode_record(buffer.get(cursor..).unwrap_or(&[])) {
-                Decoded::Record { record, encoded_bytes } => {
+                Decoded::Record {
+                    record,
+                    encoded_bytes,
+                } => {
                     position += encoded_bytes as u64;
                     if record.meta.offset < from_offset {
                         continue;
@@ -620,15 +792,27 @@ impl Partition {
                 Decoded::Incomplete { needed_bytes } => {
                     if position + needed_bytes as u64 > end_position {
                         let reason = CorruptRecord::Truncated { needed_bytes };
-                        return Err(LogError::CorruptSegment { path, position, reason });
+                        return Err(LogError::CorruptSegment {
+                            path,
+                            position,
+                            reason,
+                        });
                     }
-                    let want = (needed_bytes.max(chunk_bytes) as u64).min(end_position - position) as usize;
+                    let want = (needed_bytes.max(chunk_bytes) as u64).min(end_position - position)
+                        as usize;
                     buffer.clear();
                     buffer.resize(want, 0);
-                    file.read_exact_at(&mut buffer, position).map_err(io_error("read segment", &path))?;
+                    file.read_exact_at(&mut buffer, position)
+                        .map_err(io_error("read segment", &path))?;
                     buffer_position = position;
                 }
-                Decoded::Corrupt(reason) => return Err(LogError::CorruptSegment { path, position, reason }),
+                Decoded::Corrupt(reason) => {
+                    return Err(LogError::CorruptSegment {
+                        path,
+                        position,
+                        reason,
+                    })
+                }
             }
         }
         Ok(records)
@@ -636,19 +820,38 @@ impl Partition {
 
     fn offset_for_time(&self, time_ms: i64) -> Result<u64, LogError> {
         let (file, path, mut position, end_position, segment_next) = {
-            let set = self.segments.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let found = set.segments.iter().find(|segment| segment.last_timestamp_ms.is_some_and(|last| last >= time_ms));
+            let set = self
+                .segments
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let found = set.segments.iter().find(|segment| {
+                segment
+                    .last_timestamp_ms
+                    .is_some_and(|last| last >= time_ms)
+            });
             let Some(segment) = found else {
                 return Ok(set.range().next);
             };
-            (segment.file.clone(), segment.path.clone(), segment.position_for_time(time_ms), segment.size_bytes, segment.next_offset)
+            (
+                segment.file.clone(),
+                segment.path.clone(),
+                segment.position_for_time(time_ms),
+                segment.size_bytes,
+                segment.next_offset,
+            )
         };
         let mut header = [0u8; RECORD_HEADER_BYTES];
         while position < end_position {
-            file.read_exact_at(&mut header, position).map_err(io_error("read segment", &path))?;
+            file.read_exact_at(&mut header, position)
+                .map_err(io_error("read segment", &path))?;
             let mut prefix = [0u8; RECORD_PREFIX_BYTES];
             prefix.copy_from_slice(&header[..RECORD_PREFIX_BYTES]);
-            let length = record_len_from_prefix(&prefix).map_err(|reason| LogError::CorruptSegment { path: path.clone(), position, reason })?;
+            let length =
+                record_len_from_prefix(&prefix).map_err(|reason| LogError::CorruptSegment {
+                    path: path.clone(),
+                    position,
+                    reason,
+                })?;
             let (offset, timestamp_ms) = peek_offset_and_timestamp(&header);
             if timestamp_ms >= time_ms {
                 return Ok(offset);
@@ -660,14 +863,28 @@ impl Partition {
         Ok(segment_next)
     }
 
-    fn enforce_retention(&self, now_ms: i64, max_bytes: Option<u64>, max_age_ms: Option<i64>) -> (Vec<Segment>, u64) {
-        let mut set = self.segments.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn enforce_retention(
+        &self,
+        now_ms: i64,
+        max_bytes: Option<u64>,
+        max_age_ms: Option<i64>,
+    ) -> (Vec<Segment>, u64) {
+        let mut set = self
+            .segments
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut total_bytes: u64 = set.segments.iter().map(|segment| segment.size_bytes).sum();
         let mut removed = Vec::new();
         while set.segments.len() > 1 {
-            let Some(oldest) = set.segments.front() else { break };
+            let Some(oldest) = set.segments.front() else {
+                break;
+            };
             let too_big = max_bytes.is_some_and(|limit| total_bytes > limit);
-            let too_old = max_age_ms.is_some_and(|age| oldest.last_timestamp_ms.is_none_or(|last| last < now_ms.saturating_sub(age)));
+            let too_old = max_age_ms.is_some_and(|age| {
+                oldest
+                    .last_timestamp_ms
+                    .is_none_or(|last| last < now_ms.saturating_sub(age))
+            });
             if !(too_big || too_old) {
                 break;
             }
@@ -697,14 +914,18 @@ impl EmbeddedLog {
                 config.partitions
             )));
         }
-        let budget_units = (config.max_unflushed_bytes / BACKPRESSURE_UNIT_BYTES).clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)) as u32;
+        let budget_units = (config.max_unflushed_bytes / BACKPRESSURE_UNIT_BYTES)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize))
+            as u32;
         let mut partitions = Vec::new();
         let mut flushers = Vec::new();
         for id in 0..config.partitions {
             let directory = root.join(format!("partition-{id:04}"));
             let set = recover_partition(id, &directory, config.index_interval_bytes)?;
             let Some(last) = set.segments.back() else {
-                return Err(LogError::InvalidConfig(format!("partition {id} recovered no segment")));
+                return Err(LogError::InvalidConfig(format!(
+                    "partition {id} recovered no segment"
+                )));
             };
             let active = ActiveSegment {
                 base_offset: last.base_offset,
@@ -715,7 +936,12 @@ impl EmbeddedLog {
             let durable_next_offset = last.next_offset;
             let queue = AppendQueue {
                 next_offset: last.next_offset,
-                last_timestamp_ms: set.segments.iter().rev().find_map(|segment| segment.last_timestamp_ms).unwrap_or(i64::MIN),
+                last_timestamp_ms: set
+                    .segments
+                    .iter()
+                    .rev()
+                    .find_map(|segment| segment.last_timestamp_ms)
+                    .unwrap_or(i64::MIN),
                 encoded: Vec::new(),
                 records: Vec::new(),
                 closed: false,
@@ -760,14 +986,20 @@ impl EmbeddedLog {
     fn partition(&self, partition: u32) -> Result<&Arc<Partition>, LogError> {
         self.partitions
             .get(partition as usize)
-            .ok_or(LogError::UnknownPartition { partition, partition_count: self.partitions.len() as u32 })
+            .ok_or(LogError::UnknownPartition {
+                partition,
+                partition_count: self.partitions.len() as u32,
+            })
     }
 
     /// Appends a record and waits until it is fsynced. See [`DurableLog::append`].
     pub async fn append_durable(&self, record: AppendRecord) -> Result<AppendReceipt, LogError> {
         let agent_id = record.headers.agent_id.as_str();
         if agent_id.len() > u16::MAX as usize {
-            return Err(LogError::AgentIdTooLong { length: agent_id.len(), max: u16::MAX as usize });
+            return Err(LogError::AgentIdTooLong {
+                length: agent_id.len(),
+                max: u16::MAX as usize,
+            });
         }
         let record_bytes = encoded_len(agent_id, record.value.len());
         if record_bytes > self.max_record_bytes {
@@ -780,12 +1012,25 @@ impl EmbeddedLog {
         }
         let partition_id = partition_for_key(agent_id, self.partitions.len() as u32);
         let partition = self.partition(partition_id)?;
-        let units = record_bytes.div_ceil(BACKPRESSURE_UNIT_BYTES).clamp(1, partition.budget_units as usize) as u32;
-        let budget = partition.unflushed_budget.clone().acquire_many_owned(units).await.map_err(|_| LogError::Closed)?;
+        let units = record_bytes
+            .div_ceil(BACKPRESSURE_UNIT_BYTES)
+            .clamp(1, partition.budget_units as usize) as u32;
+        let budget = partition
+            .unflushed_budget
+            .clone()
+            .acquire_many_owned(units)
+            .await
+            .map_err(|_| LogError::Closed)?;
         let reply = {
-            let mut queue = partition.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut queue = partition
+                .queue
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             if let Some(cause) = &queue.failure {
-                return Err(LogError::Failed { partition: partition_id, cause: cause.clone() });
+                return Err(LogError::Failed {
+                    partition: partition_id,
+                    cause: cause.clone(),
+                });
             }
             if queue.closed {
                 return Err(LogError::Closed);
@@ -804,7 +1049,11 @@ impl EmbeddedLog {
             queue.last_timestamp_ms = timestamp_ms;
             let (reply, receiver) = oneshot::channel();
             queue.records.push(PendingRecord {
-                receipt: AppendReceipt { partition: partition_id, offset, timestamp_ms },
+                receipt: AppendReceipt {
+                    partition: partition_id,
+                    offset,
+                    timestamp_ms,
+                },
                 encoded_bytes: record_bytes as u32,
                 reply,
                 _budget: budget,
@@ -814,20 +1063,31 @@ impl EmbeddedLog {
         };
         match reply.await {
             Ok(Ok(receipt)) => Ok(receipt),
-            Ok(Err(cause)) => Err(LogError::Failed { partition: partition_id, cause }),
+            Ok(Err(cause)) => Err(LogError::Failed {
+                partition: partition_id,
+                cause,
+            }),
             Err(_) => Err(LogError::Closed),
         }
     }
 
     /// Reads durable records; see [`DurableLog::read`]. Blocking (bounded `pread`s).
-    pub fn read_records(&self, partition: u32, from_offset: u64, max_bytes: usize) -> Result<Vec<LogRecord>, LogError> {
+    pub fn read_records(
+        &self,
+        partition: u32,
+        from_offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogRecord>, LogError> {
         self.partition(partition)?.read(from_offset, max_bytes)
     }
 
     /// The retained, durable offsets of a partition.
     pub fn retained_offsets(&self, partition: u32) -> Result<OffsetRange, LogError> {
         let partition = self.partition(partition)?;
-        let set = partition.segments.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let set = partition
+            .segments
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok(set.range())
     }
 
@@ -839,8 +1099,14 @@ impl EmbeddedLog {
     /// Bytes on disk of a partition's segments, and how many segments there are.
     pub fn disk_usage(&self, partition: u32) -> Result<(u64, usize), LogError> {
         let partition = self.partition(partition)?;
-        let set = partition.segments.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        Ok((set.segments.iter().map(|segment| segment.size_bytes).sum(), set.segments.len()))
+        let set = partition
+            .segments
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok((
+            set.segments.iter().map(|segment| segment.size_bytes).sum(),
+            set.segments.len(),
+        ))
     }
 
     /// Watches a partition's next durable offset: a consumer that has caught up awaits
@@ -860,7 +1126,12 @@ impl EmbeddedLog {
     }
 
     /// See [`DurableLog::commit_position`]. Blocking (one small file write and fsyncs).
-    pub fn commit_consumer_position(&self, group: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
+    pub fn commit_consumer_position(
+        &self,
+        group: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<(), LogError> {
         self.partition(partition)?;
         self.positions.commit(group, partition, next_offset)
     }
@@ -877,10 +1148,15 @@ impl EmbeddedLog {
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport, LogError> {
         let mut report = RetentionReport::default();
         for partition in &self.partitions {
-            let (removed, earliest) = partition.enforce_retention(now_ms, self.retention_max_bytes, self.retention_max_age_ms);
+            let (removed, earliest) = partition.enforce_retention(
+                now_ms,
+                self.retention_max_bytes,
+                self.retention_max_age_ms,
+            );
             for segment in removed {
                 // Oldest first: a crash part-way leaves a contiguous run of newer segments.
-                fs::remove_file(&segment.path).map_err(io_error("delete expired segment", &segment.path))?;
+                fs::remove_file(&segment.path)
+                    .map_err(io_error("delete expired segment", &segment.path))?;
                 report.segments_deleted += 1;
                 report.bytes_deleted += segment.size_bytes;
             }
@@ -893,11 +1169,19 @@ impl EmbeddedLog {
 impl Drop for EmbeddedLog {
     fn drop(&mut self) {
         for partition in &self.partitions {
-            let mut queue = partition.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut queue = partition
+                .queue
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             queue.closed = true;
             partition.queue_changed.notify_all();
         }
-        let handles = std::mem::take(&mut *self.flushers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let handles = std::mem::take(
+            &mut *self
+                .flushers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
         for handle in handles {
             let _ = handle.join();
         }
@@ -909,27 +1193,51 @@ impl DurableLog for EmbeddedLog {
         self.partitions.len() as u32
     }
 
-    fn append(&self, record: AppendRecord) -> impl std::future::Future<Output = Result<AppendReceipt, LogError>> + Send {
+    fn append(
+        &self,
+        record: AppendRecord,
+    ) -> impl std::future::Future<Output = Result<AppendReceipt, LogError>> + Send {
         self.append_durable(record)
     }
 
-    fn read(&self, partition: u32, from_offset: u64, max_bytes: usize) -> impl std::future::Future<Output = Result<Vec<LogRecord>, LogError>> + Send {
+    fn read(
+        &self,
+        partition: u32,
+        from_offset: u64,
+        max_bytes: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<LogRecord>, LogError>> + Send {
         std::future::ready(self.read_records(partition, from_offset, max_bytes))
     }
 
-    fn offset_range(&self, partition: u32) -> impl std::future::Future<Output = Result<OffsetRange, LogError>> + Send {
+    fn offset_range(
+        &self,
+        partition: u32,
+    ) -> impl std::future::Future<Output = Result<OffsetRange, LogError>> + Send {
         std::future::ready(self.retained_offsets(partition))
     }
 
-    fn offset_for_time(&self, partition: u32, time_ms: i64) -> impl std::future::Future<Output = Result<u64, LogError>> + Send {
+    fn offset_for_time(
+        &self,
+        partition: u32,
+        time_ms: i64,
+    ) -> impl std::future::Future<Output = Result<u64, LogError>> + Send {
         std::future::ready(self.offset_at_time(partition, time_ms))
     }
 
-    fn commit_position(&self, group: &str, partition: u32, next_offset: u64) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+    fn commit_position(
+        &self,
+        group: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
         std::future::ready(self.commit_consumer_position(group, partition, next_offset))
     }
 
-    fn load_position(&self, group: &str, partition: u32) -> impl std::future::Future<Output = Result<Option<u64>, LogError>> + Send {
+    fn load_position(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> impl std::future::Future<Output = Result<Option<u64>, LogError>> + Send {
         std::future::ready(self.consumer_position(group, partition))
     }
 }

@@ -36,7 +36,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 
-use super::{partition_for_key, AppendReceipt, AppendRecord, DurableLog, LogError, LogRecord, OffsetRange, RecordHeaders};
+use super::{
+    partition_for_key, AppendReceipt, AppendRecord, DurableLog, LogError, LogRecord, OffsetRange,
+    RecordHeaders,
+};
 
 /// Header names every record carries. Values are UTF-8 text (the agent id, and the
 /// batch sequence and protocol version in decimal) so that any Kafka tool shows them.
@@ -98,29 +101,46 @@ impl Default for KafkaLogConfig {
 impl KafkaLogConfig {
     /// A config for these brokers and topic with every other setting at its default.
     pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
-        Self { brokers: brokers.into(), topic: topic.into(), ..Self::default() }
+        Self {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            ..Self::default()
+        }
     }
 
     /// Checks the settings that librdkafka would otherwise reject with a vaguer message.
     pub fn validate(&self) -> Result<(), LogError> {
         let invalid = |message: String| Err(LogError::InvalidConfig(format!("kafka: {message}")));
         if self.brokers.trim().is_empty() {
-            return invalid("brokers is empty; set it to host:port of at least one broker".to_owned());
+            return invalid(
+                "brokers is empty; set it to host:port of at least one broker".to_owned(),
+            );
         }
-        if self.topic.is_empty() || self.topic.len() > 249 || !self.topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        if self.topic.is_empty()
+            || self.topic.len() > 249
+            || !self
+                .topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
             return invalid(format!("topic {:?} is not a valid Kafka topic name (1 to 249 characters from A-Z a-z 0-9 . _ -)", self.topic));
         }
         if self.batch_size_bytes == 0 || self.max_queue_kbytes == 0 {
             return invalid("batch_size_bytes and max_queue_kbytes must be above 0".to_owned());
         }
-        if self.max_record_bytes == 0 || self.max_record_bytes as u64 > u64::from(self.max_queue_kbytes) * 1024 {
+        if self.max_record_bytes == 0
+            || self.max_record_bytes as u64 > u64::from(self.max_queue_kbytes) * 1024
+        {
             return invalid(format!(
                 "max_record_bytes {} must be above 0 and fit in the local queue of {} KiB",
                 self.max_record_bytes, self.max_queue_kbytes
             ));
         }
         if self.linger_ms > 900_000 {
-            return invalid(format!("linger_ms {} is above librdkafka's limit of 900000", self.linger_ms));
+            return invalid(format!(
+                "linger_ms {} is above librdkafka's limit of 900000",
+                self.linger_ms
+            ));
         }
         Ok(())
     }
@@ -130,7 +150,10 @@ impl KafkaLogConfig {
         config
             .set("bootstrap.servers", &self.brokers)
             .set("client.id", format!("{}-{role}", self.client_id))
-            .set("socket.timeout.ms", self.request_timeout_ms.max(10).to_string());
+            .set(
+                "socket.timeout.ms",
+                self.request_timeout_ms.max(10).to_string(),
+            );
         config
     }
 
@@ -142,9 +165,17 @@ impl KafkaLogConfig {
             .set("compression.type", "zstd")
             .set("linger.ms", self.linger_ms.to_string())
             .set("batch.size", self.batch_size_bytes.to_string())
-            .set("queue.buffering.max.kbytes", self.max_queue_kbytes.to_string())
+            .set(
+                "queue.buffering.max.kbytes",
+                self.max_queue_kbytes.to_string(),
+            )
             .set("queue.buffering.max.messages", "1000000")
-            .set("message.max.bytes", (self.max_record_bytes + 64 * 1024).max(1_000_000).to_string())
+            .set(
+                "message.max.bytes",
+                (self.max_record_bytes + 64 * 1024)
+                    .max(1_000_000)
+                    .to_string(),
+            )
             .set("message.timeout.ms", self.delivery_timeout_ms.to_string());
         config
     }
@@ -236,7 +267,10 @@ impl KafkaLog {
     /// brokers do not answer within `request_timeout_ms` or the topic does not exist.
     pub async fn connect(config: KafkaLogConfig) -> Result<Self, LogError> {
         config.validate()?;
-        let producer: FutureProducer = config.producer_config().create().map_err(|error| kafka_error("create producer", &config.topic, error))?;
+        let producer: FutureProducer = config
+            .producer_config()
+            .create()
+            .map_err(|error| kafka_error("create producer", &config.topic, error))?;
         let topic = config.topic.clone();
         let timeout = Duration::from_millis(config.request_timeout_ms);
         let (producer, partition_count) = blocking(move || {
@@ -276,15 +310,27 @@ impl KafkaLog {
     /// shutdown).
     pub async fn flush(&self, timeout: Duration) -> Result<(), LogError> {
         let inner = Arc::clone(&self.inner);
-        blocking(move || inner.current_producer()?.flush(timeout).map_err(|error| kafka_error("flush", &inner.config.topic, error))).await
+        blocking(move || {
+            inner
+                .current_producer()?
+                .flush(timeout)
+                .map_err(|error| kafka_error("flush", &inner.config.topic, error))
+        })
+        .await
     }
 
     /// Appends a record and resolves once the brokers acknowledged it (`acks=all`).
-    pub async fn append_acknowledged(&self, record: AppendRecord) -> Result<AppendReceipt, LogError> {
+    pub async fn append_acknowledged(
+        &self,
+        record: AppendRecord,
+    ) -> Result<AppendReceipt, LogError> {
         match self.enqueue(record).await {
             Ok(acknowledgement) => acknowledgement.await,
             Err(error) => {
-                self.inner.counters.failed_appends.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .failed_appends
+                    .fetch_add(1, Ordering::Relaxed);
                 Err(error)
             }
         }
@@ -296,12 +342,21 @@ impl KafkaLog {
     /// in their partition, while their acknowledgements are awaited together. Waits
     /// (backpressure) while the local queue is full. The record is durable only when
     /// the returned future resolves `Ok`.
-    pub async fn enqueue(&self, record: AppendRecord) -> Result<impl std::future::Future<Output = Result<AppendReceipt, LogError>> + Send + 'static, LogError> {
+    pub async fn enqueue(
+        &self,
+        record: AppendRecord,
+    ) -> Result<
+        impl std::future::Future<Output = Result<AppendReceipt, LogError>> + Send + 'static,
+        LogError,
+    > {
         let inner = Arc::clone(&self.inner);
         let topic = inner.config.topic.as_str();
         let headers = &record.headers;
         if headers.agent_id.len() > MAX_AGENT_ID_BYTES {
-            return Err(LogError::AgentIdTooLong { length: headers.agent_id.len(), max: MAX_AGENT_ID_BYTES });
+            return Err(LogError::AgentIdTooLong {
+                length: headers.agent_id.len(),
+                max: MAX_AGENT_ID_BYTES,
+            });
         }
         let record_bytes = record.value.len() + headers.agent_id.len();
         if record_bytes > inner.config.max_record_bytes {
@@ -316,10 +371,22 @@ impl KafkaLog {
         let batch_seq = headers.batch_seq.to_string();
         let protocol_version = headers.protocol_version.to_string();
         let kafka_headers = OwnedHeaders::new_with_capacity(3)
-            .insert(Header { key: HEADER_AGENT_ID, value: Some(headers.agent_id.as_bytes()) })
-            .insert(Header { key: HEADER_BATCH_SEQ, value: Some(batch_seq.as_bytes()) })
-            .insert(Header { key: HEADER_PROTOCOL_VERSION, value: Some(protocol_version.as_bytes()) });
-        let partition_i32 = i32::try_from(partition).map_err(|_| LogError::UnknownPartition { partition, partition_count: inner.partition_count })?;
+            .insert(Header {
+                key: HEADER_AGENT_ID,
+                value: Some(headers.agent_id.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_BATCH_SEQ,
+                value: Some(batch_seq.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_PROTOCOL_VERSION,
+                value: Some(protocol_version.as_bytes()),
+            });
+        let partition_i32 = i32::try_from(partition).map_err(|_| LogError::UnknownPartition {
+            partition,
+            partition_count: inner.partition_count,
+        })?;
 
         let delivery = {
             let _enqueue_turn = inner.enqueue.lock().await;
@@ -336,15 +403,24 @@ impl KafkaLog {
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                         if waiting_since.is_none() {
                             waiting_since = Some(Instant::now());
-                            inner.counters.queue_full_waits.fetch_add(1, Ordering::Relaxed);
+                            inner
+                                .counters
+                                .queue_full_waits
+                                .fetch_add(1, Ordering::Relaxed);
                         }
-                        tokio::time::sleep(Duration::from_millis(inner.config.queue_full_backoff_ms.max(1))).await;
+                        tokio::time::sleep(Duration::from_millis(
+                            inner.config.queue_full_backoff_ms.max(1),
+                        ))
+                        .await;
                     }
                     Err((error, _)) => return Err(produce_error(&record, topic, error)),
                 }
             };
             if let Some(started) = waiting_since {
-                inner.counters.backpressure_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                inner
+                    .counters
+                    .backpressure_us
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             }
             delivery
         };
@@ -361,19 +437,31 @@ impl KafkaLog {
                     .map_err(|_| LogError::Kafka {
                         operation: "append",
                         topic: topic.to_owned(),
-                        detail: format!("broker acknowledged with invalid offset {}", delivered.offset),
+                        detail: format!(
+                            "broker acknowledged with invalid offset {}",
+                            delivered.offset
+                        ),
                     }),
                 Ok(Err((error, _))) => Err(produce_error(&record, topic, error)),
                 Err(_canceled) => Err(LogError::Closed),
             };
-            let counter = if result.is_ok() { &inner.counters.appended_records } else { &inner.counters.failed_appends };
+            let counter = if result.is_ok() {
+                &inner.counters.appended_records
+            } else {
+                &inner.counters.failed_appends
+            };
             counter.fetch_add(1, Ordering::Relaxed);
             result
         })
     }
 
     /// Reads records of `partition` from `from_offset`; see [`DurableLog::read`].
-    pub async fn read_records(&self, partition: u32, from_offset: u64, max_bytes: usize) -> Result<Vec<LogRecord>, LogError> {
+    pub async fn read_records(
+        &self,
+        partition: u32,
+        from_offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogRecord>, LogError> {
         self.check_partition(partition)?;
         let inner = Arc::clone(&self.inner);
         blocking(move || inner.read_blocking(partition, from_offset, max_bytes)).await
@@ -395,7 +483,12 @@ impl KafkaLog {
     }
 
     /// Commits `next_offset` for `group` on `partition` as a consumer-group offset.
-    pub async fn commit_group_offset(&self, group: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
+    pub async fn commit_group_offset(
+        &self,
+        group: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<(), LogError> {
         self.check_partition(partition)?;
         let consumer = self.inner.group_consumer(group)?;
         let inner = Arc::clone(&self.inner);
@@ -403,14 +496,21 @@ impl KafkaLog {
             let topic = inner.config.topic.as_str();
             let offset = offset_from_u64(next_offset, topic)?;
             let mut list = TopicPartitionList::new();
-            list.add_partition_offset(topic, partition as i32, offset).map_err(|error| kafka_error("commit", topic, error))?;
-            consumer.commit(&list, CommitMode::Sync).map_err(|error| kafka_error("commit", topic, error))
+            list.add_partition_offset(topic, partition as i32, offset)
+                .map_err(|error| kafka_error("commit", topic, error))?;
+            consumer
+                .commit(&list, CommitMode::Sync)
+                .map_err(|error| kafka_error("commit", topic, error))
         })
         .await
     }
 
     /// The offset `group` last committed for `partition`, if any.
-    pub async fn committed_group_offset(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError> {
+    pub async fn committed_group_offset(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, LogError> {
         self.check_partition(partition)?;
         let consumer = self.inner.group_consumer(group)?;
         let inner = Arc::clone(&self.inner);
@@ -421,7 +521,9 @@ impl KafkaLog {
             let committed = consumer
                 .committed_offsets(list, inner.request_timeout())
                 .map_err(|error| kafka_error("load committed offset", topic, error))?;
-            let found = committed.find_partition(topic, partition as i32).map(|element| element.offset());
+            let found = committed
+                .find_partition(topic, partition as i32)
+                .map(|element| element.offset());
             match found {
                 Some(Offset::Offset(offset)) if offset >= 0 => Ok(Some(offset as u64)),
                 _ => Ok(None),
@@ -432,7 +534,10 @@ impl KafkaLog {
 
     fn check_partition(&self, partition: u32) -> Result<(), LogError> {
         if partition >= self.inner.partition_count {
-            return Err(LogError::UnknownPartition { partition, partition_count: self.inner.partition_count });
+            return Err(LogError::UnknownPartition {
+                partition,
+                partition_count: self.inner.partition_count,
+            });
         }
         Ok(())
     }
@@ -444,7 +549,10 @@ impl Inner {
     }
 
     fn current_producer(&self) -> Result<FutureProducer, LogError> {
-        self.producer.read().map(|producer| producer.clone()).map_err(|_| LogError::Closed)
+        self.producer
+            .read()
+            .map(|producer| producer.clone())
+            .map_err(|_| LogError::Closed)
     }
 
     /// The producer, recreated first if librdkafka reported a fatal error. Records still
@@ -455,11 +563,14 @@ impl Inner {
             return Ok(current);
         };
         tracing::error!(topic = %self.config.topic, ?code, %reason, "kafka producer hit a fatal error; recreating it");
-        let replacement: FutureProducer = self
-            .config
-            .producer_config()
-            .create()
-            .map_err(|error| kafka_error("recreate producer after a fatal error", &self.config.topic, error))?;
+        let replacement: FutureProducer =
+            self.config.producer_config().create().map_err(|error| {
+                kafka_error(
+                    "recreate producer after a fatal error",
+                    &self.config.topic,
+                    error,
+                )
+            })?;
         let mut slot = self.producer.write().map_err(|_| LogError::Closed)?;
         *slot = replacement.clone();
         Ok(replacement)
@@ -472,7 +583,10 @@ impl Inner {
             .client()
             .fetch_watermarks(topic, partition as i32, self.request_timeout())
             .map_err(|error| kafka_error("fetch watermarks", topic, error))?;
-        Ok(OffsetRange { earliest: low.max(0) as u64, next: high.max(0) as u64 })
+        Ok(OffsetRange {
+            earliest: low.max(0) as u64,
+            next: high.max(0) as u64,
+        })
     }
 
     fn offset_for_time_blocking(&self, partition: u32, time_ms: i64) -> Result<u64, LogError> {
@@ -499,31 +613,55 @@ impl Inner {
     }
 
     fn reader(&self, partition: u32) -> Result<&Mutex<Option<PartitionReader>>, LogError> {
-        self.readers.get(partition as usize).ok_or(LogError::UnknownPartition { partition, partition_count: self.partition_count })
+        self.readers
+            .get(partition as usize)
+            .ok_or(LogError::UnknownPartition {
+                partition,
+                partition_count: self.partition_count,
+            })
     }
 
-    fn ensure_reader<'a>(&self, slot: &'a mut Option<PartitionReader>, partition: u32) -> Result<&'a mut PartitionReader, LogError> {
+    fn ensure_reader<'a>(
+        &self,
+        slot: &'a mut Option<PartitionReader>,
+        partition: u32,
+    ) -> Result<&'a mut PartitionReader, LogError> {
         if slot.is_none() {
             let consumer: BaseConsumer = self
                 .config
                 .reader_config(partition)
                 .create()
                 .map_err(|error| kafka_error("create reader", &self.config.topic, error))?;
-            *slot = Some(PartitionReader { consumer, next_offset: None });
+            *slot = Some(PartitionReader {
+                consumer,
+                next_offset: None,
+            });
         }
         slot.as_mut().ok_or(LogError::Closed)
     }
 
-    fn read_blocking(&self, partition: u32, from_offset: u64, max_bytes: usize) -> Result<Vec<LogRecord>, LogError> {
+    fn read_blocking(
+        &self,
+        partition: u32,
+        from_offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<LogRecord>, LogError> {
         let topic = self.config.topic.as_str();
         let slot = self.reader(partition)?;
         let mut guard = slot.lock().map_err(|_| LogError::Closed)?;
         let reader = self.ensure_reader(&mut guard, partition)?;
         if reader.next_offset != Some(from_offset) {
             let mut list = TopicPartitionList::new();
-            list.add_partition_offset(topic, partition as i32, offset_from_u64(from_offset, topic)?)
+            list.add_partition_offset(
+                topic,
+                partition as i32,
+                offset_from_u64(from_offset, topic)?,
+            )
+            .map_err(|error| kafka_error("assign reader", topic, error))?;
+            reader
+                .consumer
+                .assign(&list)
                 .map_err(|error| kafka_error("assign reader", topic, error))?;
-            reader.consumer.assign(&list).map_err(|error| kafka_error("assign reader", topic, error))?;
             reader.next_offset = Some(from_offset);
         }
         let mut records = Vec::new();
@@ -533,13 +671,20 @@ impl Inner {
             let message = match reader.consumer.poll(wait) {
                 None => break,
                 Some(Ok(message)) => message,
-                Some(Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange))) => {
+                Some(Err(KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
+                ))) => {
                     reader.next_offset = None;
                     if !records.is_empty() {
                         break;
                     }
                     let range = self.watermarks(partition)?;
-                    return Err(LogError::OffsetOutOfRange { partition, requested: from_offset, earliest: range.earliest, next: range.next });
+                    return Err(LogError::OffsetOutOfRange {
+                        partition,
+                        requested: from_offset,
+                        earliest: range.earliest,
+                        next: range.next,
+                    });
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
                 Some(Err(error)) => {
@@ -577,7 +722,9 @@ impl Inner {
 
     fn group_consumer(&self, group: &str) -> Result<Arc<BaseConsumer>, LogError> {
         if group.is_empty() || group.len() > 255 {
-            return Err(LogError::InvalidGroupName { name: group.to_owned() });
+            return Err(LogError::InvalidGroupName {
+                name: group.to_owned(),
+            });
         }
         let mut groups = self.groups.lock().map_err(|_| LogError::Closed)?;
         if let Some(existing) = groups.get(group) {
@@ -599,28 +746,55 @@ impl DurableLog for KafkaLog {
         self.inner.partition_count
     }
 
-    fn append(&self, record: AppendRecord) -> impl std::future::Future<Output = Result<AppendReceipt, LogError>> + Send {
+    fn append(
+        &self,
+        record: AppendRecord,
+    ) -> impl std::future::Future<Output = Result<AppendReceipt, LogError>> + Send {
         self.append_acknowledged(record)
     }
 
-    fn read(&self, partition: u32, from_offset: u64, max_bytes: usize) -> impl std::future::Future<Output = Result<Vec<LogRecord>, LogError>> + Send {
+    fn read(
+        &self,
+        partition: u32,
+        from_offset: u64,
+        max_bytes: usize,
+    ) -> impl std::future::Future<Output = Result<Vec<LogRecord>, LogError>> + Send {
         self.read_records(partition, from_offset, max_bytes)
     }
 
-    fn offset_range(&self, partition: u32) -> impl std::future::Future<Output = Result<OffsetRange, LogError>> + Send {
+    fn offset_range(
+        &self,
+        partition: u32,
+    ) -> impl std::future::Future<Output = Result<OffsetRange, LogError>> + Send {
         self.retained_offsets(partition)
     }
 
-    fn offset_for_time(&self, partition: u32, time_ms: i64) -> impl std::future::Future<Output = Result<u64, LogError>> + Send {
+    fn offset_for_time(
+        &self,
+        partition: u32,
+        time_ms: i64,
+    ) -> impl std::future::Future<Output = Result<u64, LogError>> + Send {
         self.offset_at_time(partition, time_ms)
     }
 
-    fn commit_position(&self, group: &str, partition: u32, next_offset: u64) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
+    fn commit_position(
+        &self,
+        group: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> impl std::future::Future<Output = Result<(), LogError>> + Send {
         let group = group.to_owned();
-        async move { self.commit_group_offset(&group, partition, next_offset).await }
+        async move {
+            self.commit_group_offset(&group, partition, next_offset)
+                .await
+        }
     }
 
-    fn load_position(&self, group: &str, partition: u32) -> impl std::future::Future<Output = Result<Option<u64>, LogError>> + Send {
+    fn load_position(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> impl std::future::Future<Output = Result<Option<u64>, LogError>> + Send {
         let group = group.to_owned();
         async move { self.committed_group_offset(&group, partition).await }
     }
@@ -628,26 +802,44 @@ impl DurableLog for KafkaLog {
 
 /// Parses a consumed message back into a [`LogRecord`]; a message without our headers
 /// is reported, never panicked on.
-fn log_record(message: &BorrowedMessage<'_>, partition: u32, offset: u64) -> Result<LogRecord, LogError> {
-    let foreign = |reason: String| LogError::ForeignRecord { partition, offset, reason };
-    let headers = message.headers().ok_or_else(|| foreign("it has no headers".to_owned()))?;
+fn log_record(
+    message: &BorrowedMessage<'_>,
+    partition: u32,
+    offset: u64,
+) -> Result<LogRecord, LogError> {
+    let foreign = |reason: String| LogError::ForeignRecord {
+        partition,
+        offset,
+        reason,
+    };
+    let headers = message
+        .headers()
+        .ok_or_else(|| foreign("it has no headers".to_owned()))?;
     let mut agent_id = None;
     let mut batch_seq = None;
     let mut protocol_version = None;
     for header in headers.iter() {
         let text = || -> Result<&str, LogError> {
-            let bytes = header.value.ok_or_else(|| foreign(format!("header {} has no value", header.key)))?;
-            std::str::from_utf8(bytes).map_err(|_| foreign(format!("header {} is not UTF-8", header.key)))
+            let bytes = header
+                .value
+                .ok_or_else(|| foreign(format!("header {} has no value", header.key)))?;
+            std::str::from_utf8(bytes)
+                .map_err(|_| foreign(format!("header {} is not UTF-8", header.key)))
         };
         match header.key {
             HEADER_AGENT_ID => agent_id = Some(text()?.to_owned()),
             HEADER_BATCH_SEQ => {
                 let value = text()?;
-                batch_seq = Some(value.parse::<u64>().map_err(|_| foreign(format!("header batch_seq {value:?} is not a u64")))?);
+                batch_seq =
+                    Some(value.parse::<u64>().map_err(|_| {
+                        foreign(format!("header batch_seq {value:?} is not a u64"))
+                    })?);
             }
             HEADER_PROTOCOL_VERSION => {
                 let value = text()?;
-                protocol_version = Some(value.parse::<u16>().map_err(|_| foreign(format!("header protocol_version {value:?} is not a u16")))?);
+                protocol_version = Some(value.parse::<u16>().map_err(|_| {
+                    foreign(format!("header protocol_version {value:?} is not a u16"))
+                })?);
             }
             _ => {}
         }
@@ -666,19 +858,34 @@ fn log_record(message: &BorrowedMessage<'_>, partition: u32, offset: u64) -> Res
     })
 }
 
-fn topic_partition_count(producer: &FutureProducer, topic: &str, timeout: Duration) -> Result<u32, LogError> {
-    let metadata = producer.client().fetch_metadata(Some(topic), timeout).map_err(|error| kafka_error("fetch metadata", topic, error))?;
-    let found = metadata.topics().iter().find(|candidate| candidate.name() == topic);
+fn topic_partition_count(
+    producer: &FutureProducer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<u32, LogError> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|error| kafka_error("fetch metadata", topic, error))?;
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic);
     match found {
-        Some(found) if found.error().is_none() && !found.partitions().is_empty() => u32::try_from(found.partitions().len()).map_err(|_| LogError::Kafka {
-            operation: "fetch metadata",
-            topic: topic.to_owned(),
-            detail: "too many partitions".to_owned(),
-        }),
+        Some(found) if found.error().is_none() && !found.partitions().is_empty() => {
+            u32::try_from(found.partitions().len()).map_err(|_| LogError::Kafka {
+                operation: "fetch metadata",
+                topic: topic.to_owned(),
+                detail: "too many partitions".to_owned(),
+            })
+        }
         Some(found) => Err(LogError::Kafka {
             operation: "fetch metadata",
             topic: topic.to_owned(),
-            detail: format!("the topic is not usable ({:?}); create it before starting the collector", found.error()),
+            detail: format!(
+                "the topic is not usable ({:?}); create it before starting the collector",
+                found.error()
+            ),
         }),
         None => Err(LogError::Kafka {
             operation: "fetch metadata",
@@ -689,34 +896,49 @@ fn topic_partition_count(producer: &FutureProducer, topic: &str, timeout: Durati
 }
 
 fn offset_from_u64(offset: u64, topic: &str) -> Result<Offset, LogError> {
-    i64::try_from(offset).map(Offset::Offset).map_err(|_| LogError::Kafka {
-        operation: "position",
-        topic: topic.to_owned(),
-        detail: format!("offset {offset} is beyond Kafka's i64 offsets"),
-    })
+    i64::try_from(offset)
+        .map(Offset::Offset)
+        .map_err(|_| LogError::Kafka {
+            operation: "position",
+            topic: topic.to_owned(),
+            detail: format!("offset {offset} is beyond Kafka's i64 offsets"),
+        })
 }
 
 fn kafka_error(operation: &'static str, topic: &str, error: KafkaError) -> LogError {
-    LogError::Kafka { operation, topic: topic.to_owned(), detail: error.to_string() }
+    LogError::Kafka {
+        operation,
+        topic: topic.to_owned(),
+        detail: error.to_string(),
+    }
 }
 
 fn produce_error(record: &AppendRecord, topic: &str, error: KafkaError) -> LogError {
     match error.rdkafka_error_code() {
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => LogError::RecordTooLarge {
-            agent_id: record.headers.agent_id.clone(),
-            batch_seq: record.headers.batch_seq,
-            record_bytes: record.value.len(),
-            max_record_bytes: record.value.len().saturating_sub(1),
-        },
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+            LogError::RecordTooLarge {
+                agent_id: record.headers.agent_id.clone(),
+                batch_seq: record.headers.batch_seq,
+                record_bytes: record.value.len(),
+                max_record_bytes: record.value.len().saturating_sub(1),
+            }
+        }
         _ => LogError::Kafka {
             operation: "append",
             topic: topic.to_owned(),
-            detail: format!("agent {} batch {}: {error}", record.headers.agent_id, record.headers.batch_seq),
+            detail: format!(
+                "agent {} batch {}: {error}",
+                record.headers.agent_id, record.headers.batch_seq
+            ),
         },
     }
 }
 
 /// Runs a blocking librdkafka call on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, LogError> + Send + 'static) -> Result<T, LogError> {
-    tokio::task::spawn_blocking(work).await.map_err(|_| LogError::Closed)?
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, LogError> + Send + 'static,
+) -> Result<T, LogError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| LogError::Closed)?
 }

@@ -93,15 +93,32 @@ pub enum LogError {
         source: std::io::Error,
     },
     #[error("durable log segment {path} is damaged at byte {position}: {reason}; it is a sealed segment, so this is not a torn write: restore the file from a backup, or move it and every later segment aside to start over from the records before it")]
-    CorruptSegment { path: PathBuf, position: u64, reason: record::CorruptRecord },
+    CorruptSegment {
+        path: PathBuf,
+        position: u64,
+        reason: record::CorruptRecord,
+    },
     #[error("durable log partition {partition} is stopped after an earlier write or fsync failure ({cause}); nothing after it was acknowledged; restart the collector so recovery can check the files")]
     Failed { partition: u32, cause: String },
     #[error("offset {requested} is outside partition {partition}'s retained range [{earliest}, {next}); retention may have deleted it: restart from {earliest} or from a time")]
-    OffsetOutOfRange { partition: u32, requested: u64, earliest: u64, next: u64 },
+    OffsetOutOfRange {
+        partition: u32,
+        requested: u64,
+        earliest: u64,
+        next: u64,
+    },
     #[error("partition {partition} does not exist; this log has {partition_count} partitions")]
-    UnknownPartition { partition: u32, partition_count: u32 },
+    UnknownPartition {
+        partition: u32,
+        partition_count: u32,
+    },
     #[error("record of {record_bytes} bytes exceeds the log's limit of {max_record_bytes} bytes (agent {agent_id}, batch {batch_seq}); lower the agent's batch size or raise max_record_bytes")]
-    RecordTooLarge { agent_id: String, batch_seq: u64, record_bytes: usize, max_record_bytes: usize },
+    RecordTooLarge {
+        agent_id: String,
+        batch_seq: u64,
+        record_bytes: usize,
+        max_record_bytes: usize,
+    },
     #[error("agent id of {length} bytes is longer than the {max} bytes a record key may have")]
     AgentIdTooLong { length: usize, max: usize },
     #[error("consumer group name {name:?} is not usable: use 1 to 128 characters from A-Z a-z 0-9 . _ -")]
@@ -115,9 +132,17 @@ pub enum LogError {
     #[error("durable log is closed")]
     Closed,
     #[error("Kafka {operation} on topic {topic} failed: {detail}; the agent keeps the batch and retries; check that the brokers in the collector config are reachable and the topic exists")]
-    Kafka { operation: &'static str, topic: String, detail: String },
+    Kafka {
+        operation: &'static str,
+        topic: String,
+        detail: String,
+    },
     #[error("record at partition {partition} offset {offset} was not written by Tributary: {reason}; skip it by committing offset {offset} + 1 for the consumer group")]
-    ForeignRecord { partition: u32, offset: u64, reason: String },
+    ForeignRecord {
+        partition: u32,
+        offset: u64,
+        reason: String,
+    },
 }
 
 impl LogError {
@@ -125,7 +150,10 @@ impl LogError {
     /// Everything but a record that can never fit is worth retrying: the log may be
     /// restarted or repaired meanwhile, and the agent keeps the batch until acked.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, LogError::RecordTooLarge { .. } | LogError::AgentIdTooLong { .. })
+        !matches!(
+            self,
+            LogError::RecordTooLarge { .. } | LogError::AgentIdTooLong { .. }
+        )
     }
 }
 
@@ -146,31 +174,62 @@ pub trait DurableLog: Send + Sync + 'static {
     /// Appends a record; resolves once it is durable. An agent may be acked only after
     /// this resolves `Ok`. Waits (asynchronously) when too much is in flight:
     /// backpressure, not an error.
-    fn append(&self, record: AppendRecord) -> impl Future<Output = Result<AppendReceipt, LogError>> + Send;
+    fn append(
+        &self,
+        record: AppendRecord,
+    ) -> impl Future<Output = Result<AppendReceipt, LogError>> + Send;
 
     /// Reads durable records of `partition` starting at `from_offset`, in offset order,
     /// stopping once about `max_bytes` of values were read (at least one record is
     /// returned if any is available, however large). Empty when `from_offset` is the
     /// partition's next offset (caught up).
-    fn read(&self, partition: u32, from_offset: u64, max_bytes: usize) -> impl Future<Output = Result<Vec<LogRecord>, LogError>> + Send;
+    fn read(
+        &self,
+        partition: u32,
+        from_offset: u64,
+        max_bytes: usize,
+    ) -> impl Future<Output = Result<Vec<LogRecord>, LogError>> + Send;
 
     /// The retained offsets of `partition`.
-    fn offset_range(&self, partition: u32) -> impl Future<Output = Result<OffsetRange, LogError>> + Send;
+    fn offset_range(
+        &self,
+        partition: u32,
+    ) -> impl Future<Output = Result<OffsetRange, LogError>> + Send;
 
     /// The first offset whose record timestamp is at or after `time_ms`, or the
     /// partition's next offset if there is none (replay starts at the end).
-    fn offset_for_time(&self, partition: u32, time_ms: i64) -> impl Future<Output = Result<u64, LogError>> + Send;
+    fn offset_for_time(
+        &self,
+        partition: u32,
+        time_ms: i64,
+    ) -> impl Future<Output = Result<u64, LogError>> + Send;
 
     /// Durably records that consumer `group` will continue `partition` at `next_offset`.
-    fn commit_position(&self, group: &str, partition: u32, next_offset: u64) -> impl Future<Output = Result<(), LogError>> + Send;
+    fn commit_position(
+        &self,
+        group: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> impl Future<Output = Result<(), LogError>> + Send;
 
     /// The position last committed by `group` for `partition`, if any.
-    fn load_position(&self, group: &str, partition: u32) -> impl Future<Output = Result<Option<u64>, LogError>> + Send;
+    fn load_position(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> impl Future<Output = Result<Option<u64>, LogError>> + Send;
 }
 
 /// Maps an I/O error to [`LogError::Io`] naming the action and the file.
-pub(crate) fn io_error<'a>(action: &'static str, path: &'a std::path::Path) -> impl FnOnce(std::io::Error) -> LogError + 'a {
-    move |source| LogError::Io { action, path: path.to_path_buf(), source }
+pub(crate) fn io_error<'a>(
+    action: &'static str,
+    path: &'a std::path::Path,
+) -> impl FnOnce(std::io::Error) -> LogError + 'a {
+    move |source| LogError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Partition for an agent id: FNV-1a of the key modulo the partition count. Chosen
@@ -212,7 +271,9 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(now_ms: i64) -> Self {
-        Self { now_ms: AtomicI64::new(now_ms) }
+        Self {
+            now_ms: AtomicI64::new(now_ms),
+        }
     }
 
     pub fn set_ms(&self, now_ms: i64) {

@@ -25,13 +25,17 @@ pub(crate) struct PositionStore {
 pub(crate) fn validate_group_name(name: &str) -> Result<(), LogError> {
     let usable = !name.is_empty()
         && name.len() <= MAX_GROUP_NAME_CHARS
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         && name != "."
         && name != "..";
     if usable {
         Ok(())
     } else {
-        Err(LogError::InvalidGroupName { name: name.to_owned() })
+        Err(LogError::InvalidGroupName {
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -46,13 +50,19 @@ fn parse(path: &Path, text: &str) -> Result<BTreeMap<u32, u64>, LogError> {
         }
         let mut fields = line.split_ascii_whitespace();
         let parsed = match (fields.next(), fields.next(), fields.next()) {
-            (Some(partition), Some(offset), None) => partition.parse::<u32>().ok().zip(offset.parse::<u64>().ok()),
+            (Some(partition), Some(offset), None) => partition
+                .parse::<u32>()
+                .ok()
+                .zip(offset.parse::<u64>().ok()),
             _ => None,
         };
         let Some((partition, offset)) = parsed else {
             return Err(LogError::CorruptPositions {
                 path: path.to_path_buf(),
-                reason: format!("line {} is {line:?}, expected `partition next_offset`", line_number + 1),
+                reason: format!(
+                    "line {} is {line:?}, expected `partition next_offset`",
+                    line_number + 1
+                ),
             });
         };
         positions.insert(partition, offset);
@@ -61,27 +71,43 @@ fn parse(path: &Path, text: &str) -> Result<BTreeMap<u32, u64>, LogError> {
 }
 
 pub(crate) fn sync_directory(directory: &Path) -> Result<(), LogError> {
-    let handle = fs::File::open(directory).map_err(io_error("open directory for fsync", directory))?;
-    handle.sync_all().map_err(io_error("fsync directory", directory))
+    let handle =
+        fs::File::open(directory).map_err(io_error("open directory for fsync", directory))?;
+    handle
+        .sync_all()
+        .map_err(io_error("fsync directory", directory))
 }
 
 impl PositionStore {
     pub(crate) fn open(directory: PathBuf) -> Result<Self, LogError> {
         fs::create_dir_all(&directory).map_err(io_error("create directory", &directory))?;
-        Ok(Self { directory, groups: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            directory,
+            groups: Mutex::new(HashMap::new()),
+        })
     }
 
     fn group_path(&self, group: &str) -> PathBuf {
         self.directory.join(format!("{group}.positions"))
     }
 
-    fn load_group<'a>(&self, groups: &'a mut HashMap<String, BTreeMap<u32, u64>>, group: &str) -> Result<&'a mut BTreeMap<u32, u64>, LogError> {
+    fn load_group<'a>(
+        &self,
+        groups: &'a mut HashMap<String, BTreeMap<u32, u64>>,
+        group: &str,
+    ) -> Result<&'a mut BTreeMap<u32, u64>, LogError> {
         if !groups.contains_key(group) {
             let path = self.group_path(group);
             let positions = match fs::read_to_string(&path) {
                 Ok(text) => parse(&path, &text)?,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-                Err(source) => return Err(LogError::Io { action: "read", path, source }),
+                Err(source) => {
+                    return Err(LogError::Io {
+                        action: "read",
+                        path,
+                        source,
+                    })
+                }
             };
             groups.insert(group.to_owned(), positions);
         }
@@ -91,10 +117,18 @@ impl PositionStore {
     pub(crate) fn load(&self, group: &str, partition: u32) -> Result<Option<u64>, LogError> {
         validate_group_name(group)?;
         let mut groups = self.groups.lock().map_err(|_| LogError::Closed)?;
-        Ok(self.load_group(&mut groups, group)?.get(&partition).copied())
+        Ok(self
+            .load_group(&mut groups, group)?
+            .get(&partition)
+            .copied())
     }
 
-    pub(crate) fn commit(&self, group: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
+    pub(crate) fn commit(
+        &self,
+        group: &str,
+        partition: u32,
+        next_offset: u64,
+    ) -> Result<(), LogError> {
         validate_group_name(group)?;
         let mut groups = self.groups.lock().map_err(|_| LogError::Closed)?;
         let positions = self.load_group(&mut groups, group)?;
@@ -106,11 +140,15 @@ impl PositionStore {
         }
         let final_path = self.group_path(group);
         let temporary_path = self.directory.join(format!("{group}.positions.tmp"));
-        let mut file = fs::File::create(&temporary_path).map_err(io_error("create", &temporary_path))?;
-        file.write_all(text.as_bytes()).map_err(io_error("write", &temporary_path))?;
-        file.sync_all().map_err(io_error("fsync", &temporary_path))?;
+        let mut file =
+            fs::File::create(&temporary_path).map_err(io_error("create", &temporary_path))?;
+        file.write_all(text.as_bytes())
+            .map_err(io_error("write", &temporary_path))?;
+        file.sync_all()
+            .map_err(io_error("fsync", &temporary_path))?;
         drop(file);
-        fs::rename(&temporary_path, &final_path).map_err(io_error("rename into place", &final_path))?;
+        fs::rename(&temporary_path, &final_path)
+            .map_err(io_error("rename into place", &final_path))?;
         sync_directory(&self.directory)?;
         *positions = updated;
         Ok(())
@@ -125,15 +163,24 @@ mod tests {
     fn group_names_are_checked() {
         assert!(validate_group_name("processor-1.v2_a").is_ok());
         for bad in ["", ".", "..", "a/b", "ä", &"x".repeat(129)] {
-            assert!(validate_group_name(bad).is_err(), "{bad:?} should be rejected");
+            assert!(
+                validate_group_name(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
     #[test]
     fn parse_rejects_garbage_with_line_number() {
         let path = Path::new("g.positions");
-        assert_eq!(parse(path, "0 5\n3 9\n").ok(), Some(BTreeMap::from([(0, 5), (3, 9)])));
-        let error = parse(path, "0 5\nbroken\n").err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(
+            parse(path, "0 5\n3 9\n").ok(),
+            Some(BTreeMap::from([(0, 5), (3, 9)]))
+        );
+        let error = parse(path, "0 5\nbroken\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("line 2"), "{error}");
     }
 }

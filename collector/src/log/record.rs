@@ -71,12 +71,17 @@ pub enum CorruptRecord {
     #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     ChecksumMismatch { stored: u32, computed: u32 },
     #[error("agent id length {agent_id_length} runs past the end of a {body_length}-byte body")]
-    AgentIdOverrun { agent_id_length: u16, body_length: u32 },
+    AgentIdOverrun {
+        agent_id_length: u16,
+        body_length: u32,
+    },
     #[error("agent id is not valid UTF-8")]
     AgentIdNotUtf8,
     #[error("record holds offset {found}, but offset {expected} was expected next")]
     OffsetOutOfSequence { expected: u64, found: u64 },
-    #[error("record timestamp {found_ms} ms goes back before the previous record's {previous_ms} ms")]
+    #[error(
+        "record timestamp {found_ms} ms goes back before the previous record's {previous_ms} ms"
+    )]
     TimestampWentBack { previous_ms: i64, found_ms: i64 },
     #[error("segment does not start with the Tributary log magic")]
     BadMagic,
@@ -88,7 +93,10 @@ pub enum CorruptRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decoded<'a> {
     /// A whole record, and how many bytes of the buffer it took.
-    Record { record: RecordView<'a>, encoded_bytes: usize },
+    Record {
+        record: RecordView<'a>,
+        encoded_bytes: usize,
+    },
     /// The buffer holds only the beginning of a record; `needed_bytes` is the whole
     /// record's size once known, or the prefix size before that.
     Incomplete { needed_bytes: usize },
@@ -166,7 +174,9 @@ pub fn peek_offset_and_timestamp(header: &[u8; RECORD_HEADER_BYTES]) -> (u64, i6
 /// Decodes the record at the start of `buffer`, verifying its checksum.
 pub fn decode_record(buffer: &[u8]) -> Decoded<'_> {
     let Some(prefix) = buffer.get(..RECORD_PREFIX_BYTES) else {
-        return Decoded::Incomplete { needed_bytes: RECORD_PREFIX_BYTES };
+        return Decoded::Incomplete {
+            needed_bytes: RECORD_PREFIX_BYTES,
+        };
     };
     let mut prefix_array = [0u8; RECORD_PREFIX_BYTES];
     prefix_array.copy_from_slice(prefix);
@@ -175,7 +185,9 @@ pub fn decode_record(buffer: &[u8]) -> Decoded<'_> {
         Err(reason) => return Decoded::Corrupt(reason),
     };
     let Some(body) = buffer.get(RECORD_PREFIX_BYTES..encoded_bytes) else {
-        return Decoded::Incomplete { needed_bytes: encoded_bytes };
+        return Decoded::Incomplete {
+            needed_bytes: encoded_bytes,
+        };
     };
     let stored = u32_at(prefix, 4);
     let computed = crc32fast::hash(body);
@@ -186,7 +198,10 @@ pub fn decode_record(buffer: &[u8]) -> Decoded<'_> {
     let agent_id_length = u16_at(body, 26);
     let agent_id_end = RECORD_FIXED_BODY_BYTES + agent_id_length as usize;
     let Some(agent_id_bytes) = body.get(RECORD_FIXED_BODY_BYTES..agent_id_end) else {
-        return Decoded::Corrupt(CorruptRecord::AgentIdOverrun { agent_id_length, body_length });
+        return Decoded::Corrupt(CorruptRecord::AgentIdOverrun {
+            agent_id_length,
+            body_length,
+        });
     };
     let Ok(agent_id) = std::str::from_utf8(agent_id_bytes) else {
         return Decoded::Corrupt(CorruptRecord::AgentIdNotUtf8);
@@ -199,7 +214,10 @@ pub fn decode_record(buffer: &[u8]) -> Decoded<'_> {
         agent_id,
     };
     let value = &body[agent_id_end..];
-    Decoded::Record { record: RecordView { meta, value }, encoded_bytes }
+    Decoded::Record {
+        record: RecordView { meta, value },
+        encoded_bytes,
+    }
 }
 
 /// Where a whole record sits in a segment file.
@@ -238,7 +256,11 @@ impl SegmentScanner {
     /// A scanner for a segment whose first record has `base_offset`, positioned just
     /// after the magic.
     pub fn new(base_offset: u64) -> Self {
-        Self { next_offset: base_offset, position: SEGMENT_MAGIC.len() as u64, last_timestamp_ms: None }
+        Self {
+            next_offset: base_offset,
+            position: SEGMENT_MAGIC.len() as u64,
+            last_timestamp_ms: None,
+        }
     }
 
     /// File position of the next byte the scanner expects.
@@ -258,21 +280,36 @@ impl SegmentScanner {
     /// Scans whole records from `bytes` (which start at [`Self::position`]), calling
     /// `on_record` for each, and returns the number of bytes consumed and why it
     /// stopped (`NeedMore` when `bytes` ends inside or at the end of a record).
-    pub fn scan(&mut self, bytes: &[u8], mut on_record: impl FnMut(RecordLocation, &RecordView<'_>)) -> (usize, ScanStop) {
+    pub fn scan(
+        &mut self,
+        bytes: &[u8],
+        mut on_record: impl FnMut(RecordLocation, &RecordView<'_>),
+    ) -> (usize, ScanStop) {
         let mut consumed = 0usize;
         loop {
             let rest = &bytes[consumed..];
             match decode_record(rest) {
-                Decoded::Incomplete { needed_bytes } => return (consumed, ScanStop::NeedMore { needed_bytes }),
+                Decoded::Incomplete { needed_bytes } => {
+                    return (consumed, ScanStop::NeedMore { needed_bytes })
+                }
                 Decoded::Corrupt(reason) => return (consumed, ScanStop::Corrupt(reason)),
-                Decoded::Record { record, encoded_bytes } => {
+                Decoded::Record {
+                    record,
+                    encoded_bytes,
+                } => {
                     if record.meta.offset != self.next_offset {
-                        let reason = CorruptRecord::OffsetOutOfSequence { expected: self.next_offset, found: record.meta.offset };
+                        let reason = CorruptRecord::OffsetOutOfSequence {
+                            expected: self.next_offset,
+                            found: record.meta.offset,
+                        };
                         return (consumed, ScanStop::Corrupt(reason));
                     }
                     if let Some(previous_ms) = self.last_timestamp_ms {
                         if record.meta.timestamp_ms < previous_ms {
-                            let reason = CorruptRecord::TimestampWentBack { previous_ms, found_ms: record.meta.timestamp_ms };
+                            let reason = CorruptRecord::TimestampWentBack {
+                                previous_ms,
+                                found_ms: record.meta.timestamp_ms,
+                            };
                             return (consumed, ScanStop::Corrupt(reason));
                         }
                     }
@@ -311,11 +348,21 @@ pub struct SegmentRecovery {
 pub fn recover_segment(bytes: &[u8], base_offset: u64) -> SegmentRecovery {
     let magic_len = SEGMENT_MAGIC.len();
     if bytes.len() < magic_len {
-        let stop = (!bytes.is_empty()).then_some(ScanStop::NeedMore { needed_bytes: magic_len });
-        return SegmentRecovery { records: Vec::new(), valid_bytes: 0, stop };
+        let stop = (!bytes.is_empty()).then_some(ScanStop::NeedMore {
+            needed_bytes: magic_len,
+        });
+        return SegmentRecovery {
+            records: Vec::new(),
+            valid_bytes: 0,
+            stop,
+        };
     }
     if bytes[..magic_len] != SEGMENT_MAGIC {
-        return SegmentRecovery { records: Vec::new(), valid_bytes: 0, stop: Some(ScanStop::Corrupt(CorruptRecord::BadMagic)) };
+        return SegmentRecovery {
+            records: Vec::new(),
+            valid_bytes: 0,
+            stop: Some(ScanStop::Corrupt(CorruptRecord::BadMagic)),
+        };
     }
     let mut scanner = SegmentScanner::new(base_offset);
     let mut records = Vec::new();
@@ -325,7 +372,11 @@ pub fn recover_segment(bytes: &[u8], base_offset: u64) -> SegmentRecovery {
         ScanStop::NeedMore { .. } if valid_bytes == bytes.len() as u64 => None,
         other => Some(other),
     };
-    SegmentRecovery { records, valid_bytes, stop }
+    SegmentRecovery {
+        records,
+        valid_bytes,
+        stop,
+    }
 }
 
 #[cfg(test)]
@@ -351,17 +402,32 @@ mod tests {
     }
 
     fn records_strategy() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
-        prop::collection::vec(("[a-z0-9-]{0,12}", prop::collection::vec(any::<u8>(), 0..300)), 0..12)
+        prop::collection::vec(
+            (
+                "[a-z0-9-]{0,12}",
+                prop::collection::vec(any::<u8>(), 0..300),
+            ),
+            0..12,
+        )
     }
 
     #[test]
     fn round_trip_one_record() {
-        let meta = RecordMeta { offset: 7, timestamp_ms: -5, agent_id: "gw-1", batch_seq: 42, protocol_version: 3 };
+        let meta = RecordMeta {
+            offset: 7,
+            timestamp_ms: -5,
+            agent_id: "gw-1",
+            batch_seq: 42,
+            protocol_version: 3,
+        };
         let mut bytes = Vec::new();
         encode_record(&meta, b"hello", &mut bytes);
         assert_eq!(bytes.len(), encoded_len("gw-1", 5));
         match decode_record(&bytes) {
-            Decoded::Record { record, encoded_bytes } => {
+            Decoded::Record {
+                record,
+                encoded_bytes,
+            } => {
                 assert_eq!(encoded_bytes, bytes.len());
                 assert_eq!(record.meta, meta);
                 assert_eq!(record.value, b"hello");
@@ -376,9 +442,15 @@ mod tests {
     #[test]
     fn garbage_length_is_corruption_not_allocation() {
         let bytes = [0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0];
-        assert!(matches!(decode_record(&bytes), Decoded::Corrupt(CorruptRecord::BodyTooLong { .. })));
+        assert!(matches!(
+            decode_record(&bytes),
+            Decoded::Corrupt(CorruptRecord::BodyTooLong { .. })
+        ));
         let zeros = [0u8; 64];
-        assert!(matches!(decode_record(&zeros), Decoded::Corrupt(CorruptRecord::BodyTooShort { .. })));
+        assert!(matches!(
+            decode_record(&zeros),
+            Decoded::Corrupt(CorruptRecord::BodyTooShort { .. })
+        ));
     }
 
     #[test]
@@ -386,7 +458,10 @@ mod tests {
         let recovery = recover_segment(&SEGMENT_MAGIC[..3], 10);
         assert!(recovery.records.is_empty());
         assert_eq!(recovery.valid_bytes, 0);
-        assert!(recover_segment(b"NOTALOG!xxxx", 0).stop == Some(ScanStop::Corrupt(CorruptRecord::BadMagic)));
+        assert!(
+            recover_segment(b"NOTALOG!xxxx", 0).stop
+                == Some(ScanStop::Corrupt(CorruptRecord::BadMagic))
+        );
     }
 
     proptest! {

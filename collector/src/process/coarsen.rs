@@ -22,16 +22,28 @@ pub fn coarsen<'a>(
     fine_resolution_ms: i64,
     coarse_resolution_ms: i64,
 ) -> Result<Vec<(i64, Summary)>, ProcessError> {
-    if fine_resolution_ms <= 0 || coarse_resolution_ms <= 0 || coarse_resolution_ms % fine_resolution_ms != 0 {
-        return Err(ProcessError::ResolutionsNotNested { fine_resolution_ms, coarse_resolution_ms });
+    if fine_resolution_ms <= 0
+        || coarse_resolution_ms <= 0
+        || coarse_resolution_ms % fine_resolution_ms != 0
+    {
+        return Err(ProcessError::ResolutionsNotNested {
+            fine_resolution_ms,
+            coarse_resolution_ms,
+        });
     }
     let mut coarse: BTreeMap<i64, Summary> = BTreeMap::new();
     for (window_start_ms, summary) in fine_windows {
         if window_start_ms.rem_euclid(fine_resolution_ms) != 0 {
-            return Err(ProcessError::MisalignedWindow { window_start_ms, resolution_ms: fine_resolution_ms });
+            return Err(ProcessError::MisalignedWindow {
+                window_start_ms,
+                resolution_ms: fine_resolution_ms,
+            });
         }
         let coarse_start_ms = window_start_ms - window_start_ms.rem_euclid(coarse_resolution_ms);
-        coarse.entry(coarse_start_ms).or_insert_with(Summary::empty).merge(summary);
+        coarse
+            .entry(coarse_start_ms)
+            .or_insert_with(Summary::empty)
+            .merge(summary);
     }
     Ok(coarse.into_iter().collect())
 }
@@ -55,9 +67,20 @@ mod tests {
 
     #[test]
     fn merges_fine_windows_into_the_coarse_window_containing_them() {
-        let windows: Vec<(i64, Summary)> =
-            (-3..5).map(|minute| (minute * 60_000, Summary::from_reading(minute * 60_000 + 1, minute as f64))).collect();
-        let coarse = coarsen(windows.iter().map(|(start, summary)| (*start, summary)), 60_000, 120_000).unwrap();
+        let windows: Vec<(i64, Summary)> = (-3..5)
+            .map(|minute| {
+                (
+                    minute * 60_000,
+                    Summary::from_reading(minute * 60_000 + 1, minute as f64),
+                )
+            })
+            .collect();
+        let coarse = coarsen(
+            windows.iter().map(|(start, summary)| (*start, summary)),
+            60_000,
+            120_000,
+        )
+        .unwrap();
         let starts: Vec<i64> = coarse.iter().map(|(start, _)| *start).collect();
         assert_eq!(starts, vec![-240_000, -120_000, 0, 120_000, 240_000]);
         assert_eq!(coarse[0].1.count, 1);

@@ -80,16 +80,27 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// Checks the configuration; the error names the field and what to change.
     pub fn validate(&self) -> Result<(), ProcessError> {
-        let invalid = |field: &'static str, reason: String| Err(ProcessError::InvalidConfig { field, reason });
+        let invalid = |field: &'static str, reason: String| {
+            Err(ProcessError::InvalidConfig { field, reason })
+        };
         if self.resolutions_ms.is_empty() {
-            return invalid("resolutions_ms", "list at least one window width, e.g. [60000, 3600000]".into());
+            return invalid(
+                "resolutions_ms",
+                "list at least one window width, e.g. [60000, 3600000]".into(),
+            );
         }
         if self.resolutions_ms.len() > usize::from(u8::MAX) {
-            return invalid("resolutions_ms", format!("{} resolutions; at most 255", self.resolutions_ms.len()));
+            return invalid(
+                "resolutions_ms",
+                format!("{} resolutions; at most 255", self.resolutions_ms.len()),
+            );
         }
         for (position, resolution_ms) in self.resolutions_ms.iter().enumerate() {
             if *resolution_ms <= 0 {
-                return invalid("resolutions_ms", format!("entry {position} is {resolution_ms}; widths must be positive"));
+                return invalid(
+                    "resolutions_ms",
+                    format!("entry {position} is {resolution_ms}; widths must be positive"),
+                );
             }
             if self.resolutions_ms[..position].contains(resolution_ms) {
                 return invalid("resolutions_ms", format!("{resolution_ms} is listed twice"));
@@ -114,8 +125,14 @@ impl EngineConfig {
             }
         }
         for (field, value) in [
-            ("max_dedup_intervals_per_agent", self.max_dedup_intervals_per_agent),
-            ("max_pending_batches_per_agent", self.max_pending_batches_per_agent),
+            (
+                "max_dedup_intervals_per_agent",
+                self.max_dedup_intervals_per_agent,
+            ),
+            (
+                "max_pending_batches_per_agent",
+                self.max_pending_batches_per_agent,
+            ),
             ("max_series", self.max_series),
             ("max_agents", self.max_agents),
         ] {
@@ -124,7 +141,10 @@ impl EngineConfig {
             }
         }
         if self.max_series > u32::MAX as usize || self.max_agents > u32::MAX as usize {
-            return invalid("max_series", "series and agent limits must fit in 32 bits".into());
+            return invalid(
+                "max_series",
+                "series and agent limits must fit in 32 bits".into(),
+            );
         }
         Ok(())
     }

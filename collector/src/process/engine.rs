@@ -55,8 +55,15 @@ pub struct WindowResult {
 /// What a refused item was.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LateItem {
-    Reading { time_ms: i64, value: f64 },
-    Summary { window_start_ms: i64, window_ms: u32, summary: Summary },
+    Reading {
+        time_ms: i64,
+        value: f64,
+    },
+    Summary {
+        window_start_ms: i64,
+        window_ms: u32,
+        summary: Summary,
+    },
 }
 
 impl LateItem {
@@ -187,9 +194,17 @@ const MAX_CACHED_SERIES_IDS_PER_AGENT: usize = 1 << 20;
 /// The engine number of a known series: from the agent's cache when the key matches,
 /// else from the series index.
 #[inline]
-fn known_series(series: &SeriesTable, cache: Option<&FastHashMap<u32, u32>>, definition: &SeriesDef) -> Option<u32> {
+fn known_series(
+    series: &SeriesTable,
+    cache: Option<&FastHashMap<u32, u32>>,
+    definition: &SeriesDef,
+) -> Option<u32> {
     if let Some(number) = cache.and_then(|cache| cache.get(&definition.id)) {
-        if series.keys.get(*number as usize).is_some_and(|key| **key == definition.key) {
+        if series
+            .keys
+            .get(*number as usize)
+            .is_some_and(|key| **key == definition.key)
+        {
             return Some(*number);
         }
     }
@@ -223,7 +238,12 @@ struct WindowStore {
 impl WindowStore {
     /// The slot of `key`, opened (and registered with the agent) if it does not exist.
     #[inline]
-    fn slot_for(&mut self, key: WindowKey, agent: &mut AgentState, counters: &mut EngineCounters) -> u32 {
+    fn slot_for(
+        &mut self,
+        key: WindowKey,
+        agent: &mut AgentState,
+        counters: &mut EngineCounters,
+    ) -> u32 {
         if let Some(slot) = self.index.get(&key) {
             return *slot;
         }
@@ -239,7 +259,13 @@ impl WindowStore {
                 slot
             }
             None => {
-                self.slots.push(WindowSlot { key, summary: Summary::empty(), dirty: false, occupied: true, generation: 0 });
+                self.slots.push(WindowSlot {
+                    key,
+                    summary: Summary::empty(),
+                    dirty: false,
+                    occupied: true,
+                    generation: 0,
+                });
                 (self.slots.len() - 1) as u32
             }
         };
@@ -354,19 +380,35 @@ impl WindowEngine {
     ///
     /// Errors leave the state unchanged (the batch is not recorded as seen): the caller
     /// should report the record and move on (it can never succeed on retry).
-    pub fn ingest_batch(&mut self, batch: &Batch, now_ms: i64, out: &mut EngineOutput) -> Result<IngestOutcome, ProcessError> {
+    pub fn ingest_batch(
+        &mut self,
+        batch: &Batch,
+        now_ms: i64,
+        out: &mut EngineOutput,
+    ) -> Result<IngestOutcome, ProcessError> {
         let known_agent = self.agent_index.get(batch.agent_id.as_str()).copied();
         if let Some(agent) = known_agent {
-            if self.agents.get(agent as usize).is_some_and(|state| state.sequences.is_seen(batch.batch_seq)) {
+            if self
+                .agents
+                .get(agent as usize)
+                .is_some_and(|state| state.sequences.is_seen(batch.batch_seq))
+            {
                 self.counters.duplicate_batches += 1;
                 return Ok(IngestOutcome::Duplicate);
             }
         } else if self.agents.len() >= self.config.max_agents {
-            return Err(ProcessError::TooManyAgents { agent_id: batch.agent_id.clone(), max_agents: self.config.max_agents });
+            return Err(ProcessError::TooManyAgents {
+                agent_id: batch.agent_id.clone(),
+                max_agents: self.config.max_agents,
+            });
         }
         let agent = known_agent.unwrap_or(self.agents.len() as u32);
         let uses_summaries = self.config.rollup_source == RollupSource::EdgeSummaries;
-        let rolled_up_items = if uses_summaries { batch.summaries.len() } else { batch.readings.len() };
+        let rolled_up_items = if uses_summaries {
+            batch.summaries.len()
+        } else {
+            batch.readings.len()
+        };
         let cache_missed = rolled_up_items > 0 && self.resolve_series(batch, agent)?;
         let agent = match known_agent {
             Some(agent) => agent,
@@ -377,14 +419,23 @@ impl WindowEngine {
                 if state.series_cache.len() > MAX_CACHED_SERIES_IDS_PER_AGENT {
                     state.series_cache.clear();
                 }
-                state.series_cache.extend(self.local_series.iter().map(|(id, number)| (*id, *number)));
+                state
+                    .series_cache
+                    .extend(self.local_series.iter().map(|(id, number)| (*id, *number)));
             }
         }
-        let ignored_items = if uses_summaries { batch.readings.len() } else { batch.summaries.len() };
+        let ignored_items = if uses_summaries {
+            batch.readings.len()
+        } else {
+            batch.summaries.len()
+        };
         self.counters.items_not_rolled_up += ignored_items as u64;
 
-        let max_event_ms =
-            if uses_summaries { self.window_summaries(batch, agent, now_ms, out) } else { self.window_readings(batch, agent, now_ms, out) };
+        let max_event_ms = if uses_summaries {
+            self.window_summaries(batch, agent, now_ms, out)
+        } else {
+            self.window_readings(batch, agent, now_ms, out)
+        };
 
         let Some(state) = self.agents.get_mut(agent as usize) else {
             return Ok(IngestOutcome::Processed);
@@ -439,11 +490,15 @@ impl WindowEngine {
     /// missed (and should learn `local_series`).
     fn resolve_series(&mut self, batch: &Batch, agent: u32) -> Result<bool, ProcessError> {
         self.local_series.clear();
-        let cache = self.agents.get(agent as usize).map(|state| &state.series_cache);
+        let cache = self
+            .agents
+            .get(agent as usize)
+            .map(|state| &state.series_cache);
         let mut new_series = 0usize;
         for (position, definition) in batch.series.iter().enumerate() {
             if let Some(previous) = self.local_series.insert(definition.id, position as u32) {
-                if batch.series.get(previous as usize).map(|def| &def.key) != Some(&definition.key) {
+                if batch.series.get(previous as usize).map(|def| &def.key) != Some(&definition.key)
+                {
                     return Err(ProcessError::ConflictingSeriesDefinition {
                         agent_id: batch.agent_id.clone(),
                         batch_seq: batch.batch_seq,
@@ -462,14 +517,18 @@ impl WindowEngine {
         let mut last_checked = None;
         if self.config.rollup_source == RollupSource::EdgeSummaries {
             for summary in &batch.summaries {
-                if last_checked != Some(summary.series) && !self.local_series.contains_key(&summary.series) {
+                if last_checked != Some(summary.series)
+                    && !self.local_series.contains_key(&summary.series)
+                {
                     return Err(undefined(summary.series));
                 }
                 last_checked = Some(summary.series);
             }
         } else {
             for reading in &batch.readings {
-                if last_checked != Some(reading.series) && !self.local_series.contains_key(&reading.series) {
+                if last_checked != Some(reading.series)
+                    && !self.local_series.contains_key(&reading.series)
+                {
                     return Err(undefined(reading.series));
                 }
                 last_checked = Some(reading.series);
@@ -509,16 +568,29 @@ impl WindowEngine {
     }
 
     fn series_key(&self, series: u32) -> Arc<SeriesKey> {
-        self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", "")))
+        self.series
+            .keys
+            .get(series as usize)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(SeriesKey::new("", "")))
     }
 
     fn agent_id(&self, agent: u32) -> Arc<str> {
-        self.agents.get(agent as usize).map(|state| state.id.clone()).unwrap_or_else(|| Arc::from(""))
+        self.agents
+            .get(agent as usize)
+            .map(|state| state.id.clone())
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     /// Raw-readings mode: each reading observed into its window at every resolution.
     /// Returns the largest accepted event time.
-    fn window_readings(&mut self, batch: &Batch, agent: u32, now_ms: i64, out: &mut EngineOutput) -> Option<i64> {
+    fn window_readings(
+        &mut self,
+        batch: &Batch,
+        agent: u32,
+        now_ms: i64,
+        out: &mut EngineOutput,
+    ) -> Option<i64> {
         let horizon_ms = now_ms.saturating_add(self.config.max_event_time_ahead_ms);
         let mut max_event_ms: Option<i64> = None;
         // Last window hit per resolution: (series, window start, slot).
@@ -548,15 +620,24 @@ impl WindowEngine {
                 out.late.push(LateReading {
                     agent_id: state.id.clone(),
                     batch_seq: batch.batch_seq,
-                    series: self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                    series: self
+                        .series
+                        .keys
+                        .get(series as usize)
+                        .cloned()
+                        .unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
                     resolution_ms: None,
                     window_start_ms: None,
-                    item: LateItem::Reading { time_ms: reading.time_ms, value: reading.value },
+                    item: LateItem::Reading {
+                        time_ms: reading.time_ms,
+                        value: reading.value,
+                    },
                     reason,
                 });
                 continue;
             }
-            max_event_ms = Some(max_event_ms.map_or(reading.time_ms, |max| max.max(reading.time_ms)));
+            max_event_ms =
+                Some(max_event_ms.map_or(reading.time_ms, |max| max.max(reading.time_ms)));
             for (resolution_index, resolution_ms) in self.config.resolutions_ms.iter().enumerate() {
                 let Some(start_ms) = window_start(reading.time_ms, *resolution_ms) else {
                     // Only i64::MIN-adjacent times overflow; report once per resolution.
@@ -564,33 +645,62 @@ impl WindowEngine {
                     out.late.push(LateReading {
                         agent_id: state.id.clone(),
                         batch_seq: batch.batch_seq,
-                        series: self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                        series: self
+                            .series
+                            .keys
+                            .get(series as usize)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
                         resolution_ms: Some(*resolution_ms),
                         window_start_ms: None,
-                        item: LateItem::Reading { time_ms: reading.time_ms, value: reading.value },
+                        item: LateItem::Reading {
+                            time_ms: reading.time_ms,
+                            value: reading.value,
+                        },
                         reason: LateReason::EventTimeOutOfRange,
                     });
                     continue;
                 };
-                let closed_through = state.closed_through_ms.get(resolution_index).copied().unwrap_or(i64::MIN);
+                let closed_through = state
+                    .closed_through_ms
+                    .get(resolution_index)
+                    .copied()
+                    .unwrap_or(i64::MIN);
                 if start_ms.saturating_add(*resolution_ms) <= closed_through {
                     self.counters.readings_late += 1;
                     out.late.push(LateReading {
                         agent_id: state.id.clone(),
                         batch_seq: batch.batch_seq,
-                        series: self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                        series: self
+                            .series
+                            .keys
+                            .get(series as usize)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
                         resolution_ms: Some(*resolution_ms),
                         window_start_ms: Some(start_ms),
-                        item: LateItem::Reading { time_ms: reading.time_ms, value: reading.value },
+                        item: LateItem::Reading {
+                            time_ms: reading.time_ms,
+                            value: reading.value,
+                        },
                         reason: LateReason::WindowClosed,
                     });
                     continue;
                 }
                 let cached = cache.get(resolution_index).copied().flatten();
                 let slot = match cached {
-                    Some((cached_series, cached_start, slot)) if cached_series == series && cached_start == start_ms => slot,
+                    Some((cached_series, cached_start, slot))
+                        if cached_series == series && cached_start == start_ms =>
+                    {
+                        slot
+                    }
                     _ => {
-                        let key = WindowKey { agent, series, resolution_index: resolution_index as u8, window_start_ms: start_ms };
+                        let key = WindowKey {
+                            agent,
+                            series,
+                            resolution_index: resolution_index as u8,
+                            window_start_ms: start_ms,
+                        };
                         let slot = self.windows.slot_for(key, state, &mut self.counters);
                         if let Some(entry) = cache.get_mut(resolution_index) {
                             *entry = Some((series, start_ms, slot));
@@ -610,7 +720,13 @@ impl WindowEngine {
     /// Edge-summaries mode: each summary merged into the window containing its start at
     /// every resolution. Returns the largest accepted event time (a summary's last
     /// possible instant, `start + width - 1`).
-    fn window_summaries(&mut self, batch: &Batch, agent: u32, now_ms: i64, out: &mut EngineOutput) -> Option<i64> {
+    fn window_summaries(
+        &mut self,
+        batch: &Batch,
+        agent: u32,
+        now_ms: i64,
+        out: &mut EngineOutput,
+    ) -> Option<i64> {
         let horizon_ms = now_ms.saturating_add(self.config.max_event_time_ahead_ms);
         let mut max_event_ms: Option<i64> = None;
         let state = self.agents.get_mut(agent as usize)?;
@@ -618,8 +734,12 @@ impl WindowEngine {
             if edge.summary.count == 0 {
                 continue;
             }
-            let Some(series) = self.local_series.get(&edge.series).copied() else { continue };
-            let event_ms = edge.window_start_ms.saturating_add(i64::from(edge.window_ms.max(1)) - 1);
+            let Some(series) = self.local_series.get(&edge.series).copied() else {
+                continue;
+            };
+            let event_ms = edge
+                .window_start_ms
+                .saturating_add(i64::from(edge.window_ms.max(1)) - 1);
             let refusal = if !summary_is_valid(&edge.summary) {
                 Some(LateReason::Invalid)
             } else if event_ms > horizon_ms {
@@ -632,7 +752,13 @@ impl WindowEngine {
                 window_ms: edge.window_ms,
                 summary: edge.summary.clone(),
             };
-            let series_key = || self.series.keys.get(series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", "")));
+            let series_key = || {
+                self.series
+                    .keys
+                    .get(series as usize)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(SeriesKey::new("", "")))
+            };
             if let Some(reason) = refusal {
                 self.counters.readings_refused += edge.summary.count;
                 out.late.push(LateReading {
@@ -648,7 +774,8 @@ impl WindowEngine {
             }
             max_event_ms = Some(max_event_ms.map_or(event_ms, |max| max.max(event_ms)));
             let edge_width_ms = i64::from(edge.window_ms);
-            let mut misaligned = edge_width_ms == 0 || edge.window_start_ms.rem_euclid(edge_width_ms.max(1)) != 0;
+            let mut misaligned =
+                edge_width_ms == 0 || edge.window_start_ms.rem_euclid(edge_width_ms.max(1)) != 0;
             for (resolution_index, resolution_ms) in self.config.resolutions_ms.iter().enumerate() {
                 if edge_width_ms == 0 || resolution_ms % edge_width_ms != 0 {
                     misaligned = true;
@@ -656,7 +783,11 @@ impl WindowEngine {
                 let (start_ms, reason) = match window_start(edge.window_start_ms, *resolution_ms) {
                     None => (None, Some(LateReason::EventTimeOutOfRange)),
                     Some(start_ms) => {
-                        let closed_through = state.closed_through_ms.get(resolution_index).copied().unwrap_or(i64::MIN);
+                        let closed_through = state
+                            .closed_through_ms
+                            .get(resolution_index)
+                            .copied()
+                            .unwrap_or(i64::MIN);
                         if start_ms.saturating_add(*resolution_ms) <= closed_through {
                             (Some(start_ms), Some(LateReason::WindowClosed))
                         } else {
@@ -666,7 +797,12 @@ impl WindowEngine {
                 };
                 match (start_ms, reason) {
                     (Some(start_ms), None) => {
-                        let key = WindowKey { agent, series, resolution_index: resolution_index as u8, window_start_ms: start_ms };
+                        let key = WindowKey {
+                            agent,
+                            series,
+                            resolution_index: resolution_index as u8,
+                            window_start_ms: start_ms,
+                        };
                         let slot = self.windows.slot_for(key, state, &mut self.counters);
                         if let Some(summary) = self.windows.mark_dirty(slot) {
                             summary.merge(&edge.summary);
@@ -696,10 +832,17 @@ impl WindowEngine {
 
     /// After the agent's sequence prefix moved: counts, moves the closing frontier to
     /// the watermark and emits the windows it closed.
-    fn after_sequence_change(&mut self, agent: u32, effects: SequenceEffects, out: &mut EngineOutput) {
+    fn after_sequence_change(
+        &mut self,
+        agent: u32,
+        effects: SequenceEffects,
+        out: &mut EngineOutput,
+    ) {
         self.counters.sequence_numbers_assumed_seen += effects.assumed_seen;
         self.counters.sequence_numbers_skipped += effects.skipped;
-        let Some(state) = self.agents.get_mut(agent as usize) else { return };
+        let Some(state) = self.agents.get_mut(agent as usize) else {
+            return;
+        };
         if let Some(prefix_max_ms) = state.sequences.prefix_max_event_ms() {
             let frontier_ms = prefix_max_ms
                 .saturating_sub(self.config.out_of_orderness_ms)
@@ -713,16 +856,24 @@ impl WindowEngine {
 
     /// Emits and evicts the agent's windows that end at or before its frontier.
     fn close_windows(&mut self, agent: u32, out: &mut EngineOutput) {
-        let Some(state) = self.agents.get_mut(agent as usize) else { return };
+        let Some(state) = self.agents.get_mut(agent as usize) else {
+            return;
+        };
         for (resolution_index, resolution_ms) in self.config.resolutions_ms.iter().enumerate() {
-            let (Some(open), Some(closed_through)) =
-                (state.open.get_mut(resolution_index), state.closed_through_ms.get(resolution_index))
-            else {
+            let (Some(open), Some(closed_through)) = (
+                state.open.get_mut(resolution_index),
+                state.closed_through_ms.get(resolution_index),
+            ) else {
                 continue;
             };
             // Closed iff start + resolution <= closed_through.
-            let Some(last_closed_start) = closed_through.checked_sub(*resolution_ms) else { continue };
-            if open.first_key_value().is_none_or(|((start, _), _)| *start > last_closed_start) {
+            let Some(last_closed_start) = closed_through.checked_sub(*resolution_ms) else {
+                continue;
+            };
+            if open
+                .first_key_value()
+                .is_none_or(|((start, _), _)| *start > last_closed_start)
+            {
                 continue;
             }
             let closed = match last_closed_start.checked_add(1) {
@@ -737,7 +888,12 @@ impl WindowEngine {
                     self.counters.windows_finalised += 1;
                     out.results.push(WindowResult {
                         agent_id: state.id.clone(),
-                        series: self.series.keys.get(key.series as usize).cloned().unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
+                        series: self
+                            .series
+                            .keys
+                            .get(key.series as usize)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(SeriesKey::new("", ""))),
                         resolution_ms: *resolution_ms,
                         window_start_ms: key.window_start_ms,
                         version: summary.count | FINAL_VERSION_BIT,
@@ -752,13 +908,18 @@ impl WindowEngine {
     /// Treats the agent as idle: gives up its sequence gaps and finalises every open
     /// window; data for those windows that still arrives is reported late.
     fn flush_agent(&mut self, agent: u32, now_ms: i64, out: &mut EngineOutput) {
-        let Some(state) = self.agents.get_mut(agent as usize) else { return };
+        let Some(state) = self.agents.get_mut(agent as usize) else {
+            return;
+        };
         if !state.has_open_windows() {
             return;
         }
         let effects = state.sequences.skip_all_gaps(now_ms);
-        for ((closed_through, open), resolution_ms) in
-            state.closed_through_ms.iter_mut().zip(&state.open).zip(&self.config.resolutions_ms)
+        for ((closed_through, open), resolution_ms) in state
+            .closed_through_ms
+            .iter_mut()
+            .zip(&state.open)
+            .zip(&self.config.resolutions_ms)
         {
             if let Some(((last_start, _), _)) = open.last_key_value() {
                 *closed_through = (*closed_through).max(last_start.saturating_add(*resolution_ms));
@@ -776,13 +937,19 @@ impl WindowEngine {
         }
         self.next_tick_ms = Some(now_ms.saturating_add(self.config.emit_interval_ms));
         for agent in 0..self.agents.len() as u32 {
-            let Some(state) = self.agents.get_mut(agent as usize) else { continue };
-            if state.has_open_windows() && now_ms.saturating_sub(state.last_activity_ms) >= self.config.idle_timeout_ms {
+            let Some(state) = self.agents.get_mut(agent as usize) else {
+                continue;
+            };
+            if state.has_open_windows()
+                && now_ms.saturating_sub(state.last_activity_ms) >= self.config.idle_timeout_ms
+            {
                 self.flush_agent(agent, now_ms, out);
                 continue;
             }
             if state.sequences.pending_batches() > 0 {
-                let effects = state.sequences.skip_stalled_gap(now_ms, self.config.sequence_gap_timeout_ms);
+                let effects = state
+                    .sequences
+                    .skip_stalled_gap(now_ms, self.config.sequence_gap_timeout_ms);
                 if effects != SequenceEffects::default() {
                     self.after_sequence_change(agent, effects, out);
                 }
@@ -796,7 +963,9 @@ impl WindowEngine {
     fn emit_running(&mut self, out: &mut EngineOutput) {
         let mut queue = std::mem::take(&mut self.windows.dirty);
         for (slot, generation) in queue.drain(..) {
-            let Some(entry) = self.windows.slots.get_mut(slot as usize) else { continue };
+            let Some(entry) = self.windows.slots.get_mut(slot as usize) else {
+                continue;
+            };
             if !entry.occupied || !entry.dirty || entry.generation != generation {
                 continue;
             }
@@ -807,7 +976,12 @@ impl WindowEngine {
             out.results.push(WindowResult {
                 agent_id: self.agent_id(key.agent),
                 series: self.series_key(key.series),
-                resolution_ms: self.config.resolutions_ms.get(usize::from(key.resolution_index)).copied().unwrap_or(0),
+                resolution_ms: self
+                    .config
+                    .resolutions_ms
+                    .get(usize::from(key.resolution_index))
+                    .copied()
+                    .unwrap_or(0),
                 window_start_ms: key.window_start_ms,
                 version: summary.count,
                 summary,
@@ -845,7 +1019,9 @@ impl WindowEngine {
                     + agent
                         .open
                         .iter()
-                        .map(|open| open.len() * (size_of::<((i64, u32), u32)>() + BTREE_OVERHEAD_PER_ENTRY))
+                        .map(|open| {
+                            open.len() * (size_of::<((i64, u32), u32)>() + BTREE_OVERHEAD_PER_ENTRY)
+                        })
                         .sum::<usize>()
             })
             .sum();
@@ -858,7 +1034,11 @@ impl WindowEngine {
                     + key.device_id.capacity()
                     + key.metric.capacity()
                     + key.tags.capacity() * size_of::<(String, String)>()
-                    + key.tags.iter().map(|(name, value)| name.capacity() + value.capacity()).sum::<usize>()
+                    + key
+                        .tags
+                        .iter()
+                        .map(|(name, value)| name.capacity() + value.capacity())
+                        .sum::<usize>()
             })
             .sum::<usize>()
             + self.series.keys.capacity() * size_of::<Arc<SeriesKey>>()
@@ -921,7 +1101,12 @@ impl WindowEngine {
     /// the same state always gives the same bytes.
     pub fn checkpoint(&self) -> Vec<u8> {
         let mut slots: Vec<u32> = self.windows.index.values().copied().collect();
-        slots.sort_by_key(|slot| self.windows.slots.get(*slot as usize).map(|entry| entry.key));
+        slots.sort_by_key(|slot| {
+            self.windows
+                .slots
+                .get(*slot as usize)
+                .map(|entry| entry.key)
+        });
         let mut position_of_slot: FastHashMap<u32, u32> = FastHashMap::default();
         let mut windows = Vec::with_capacity(slots.len());
         for slot in &slots {
@@ -939,7 +1124,9 @@ impl WindowEngine {
         let mut dirty = Vec::new();
         let mut queued = vec![false; windows.len()];
         for (slot, generation) in &self.windows.dirty {
-            let Some(entry) = self.windows.slots.get(*slot as usize) else { continue };
+            let Some(entry) = self.windows.slots.get(*slot as usize) else {
+                continue;
+            };
             if !entry.occupied || !entry.dirty || entry.generation != *generation {
                 continue;
             }
@@ -995,24 +1182,37 @@ impl WindowEngine {
         let body = match bytes {
             [m0, m1, m2, m3, format, body @ ..] if [*m0, *m1, *m2, *m3] == CHECKPOINT_MAGIC => {
                 if *format != CHECKPOINT_FORMAT {
-                    return Err(corrupt(format!("format {format}, this build reads format {CHECKPOINT_FORMAT}")));
+                    return Err(corrupt(format!(
+                        "format {format}, this build reads format {CHECKPOINT_FORMAT}"
+                    )));
                 }
                 body
             }
-            _ => return Err(corrupt("it does not start with the window-engine checkpoint magic".into())),
+            _ => {
+                return Err(corrupt(
+                    "it does not start with the window-engine checkpoint magic".into(),
+                ))
+            }
         };
-        let checkpoint: Checkpoint = postcard::from_bytes(body).map_err(|error| corrupt(error.to_string()))?;
+        let checkpoint: Checkpoint =
+            postcard::from_bytes(body).map_err(|error| corrupt(error.to_string()))?;
         if checkpoint.config != config {
             return Err(ProcessError::CheckpointConfigMismatch);
         }
         let mut engine = WindowEngine::new(config)?;
         let resolutions = engine.config.resolutions_ms.len();
-        if checkpoint.series.len() > engine.config.max_series || checkpoint.agents.len() > engine.config.max_agents {
-            return Err(corrupt("it holds more series or agents than the configured limits".into()));
+        if checkpoint.series.len() > engine.config.max_series
+            || checkpoint.agents.len() > engine.config.max_agents
+        {
+            return Err(corrupt(
+                "it holds more series or agents than the configured limits".into(),
+            ));
         }
         for (key, owner) in checkpoint.series {
             if owner as usize >= checkpoint.agents.len() {
-                return Err(corrupt(format!("series owner {owner} is not a known agent")));
+                return Err(corrupt(format!(
+                    "series owner {owner} is not a known agent"
+                )));
             }
             let number = engine.series.keys.len() as u32;
             let key = Arc::new(key);
@@ -1023,9 +1223,15 @@ impl WindowEngine {
             engine.series.owners.push(owner);
         }
         for agent in checkpoint.agents {
-            agent.sequences.validate().map_err(|reason| corrupt(format!("agent {:?}: {reason}", agent.id)))?;
+            agent
+                .sequences
+                .validate()
+                .map_err(|reason| corrupt(format!("agent {:?}: {reason}", agent.id)))?;
             if agent.closed_through_ms.len() != resolutions {
-                return Err(corrupt(format!("agent {:?} has frontiers for another number of resolutions", agent.id)));
+                return Err(corrupt(format!(
+                    "agent {:?} has frontiers for another number of resolutions",
+                    agent.id
+                )));
             }
             if engine.agent_index.contains_key(agent.id.as_str()) {
                 return Err(corrupt(format!("agent {:?} is listed twice", agent.id)));
@@ -1039,8 +1245,12 @@ impl WindowEngine {
         }
         let mut slots = Vec::with_capacity(checkpoint.windows.len());
         for window in checkpoint.windows {
-            if window.series as usize >= engine.series.keys.len() || usize::from(window.resolution_index) >= resolutions {
-                return Err(corrupt("a window refers to an unknown series or resolution".into()));
+            if window.series as usize >= engine.series.keys.len()
+                || usize::from(window.resolution_index) >= resolutions
+            {
+                return Err(corrupt(
+                    "a window refers to an unknown series or resolution".into(),
+                ));
             }
             let key = WindowKey {
                 agent: window.agent,
@@ -1063,7 +1273,9 @@ impl WindowEngine {
         }
         for position in checkpoint.dirty {
             let Some(slot) = slots.get(position as usize) else {
-                return Err(corrupt("the emission queue refers to an unknown window".into()));
+                return Err(corrupt(
+                    "the emission queue refers to an unknown window".into(),
+                ));
             };
             engine.windows.mark_dirty(*slot);
         }

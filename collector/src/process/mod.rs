@@ -23,8 +23,8 @@ use thiserror::Error;
 pub use coarsen::coarsen;
 pub use config::{EngineConfig, RollupSource};
 pub use engine::{
-    EngineCounters, EngineOutput, IngestOutcome, LateItem, LateReading, LateReason, WindowEngine, WindowResult,
-    FINAL_VERSION_BIT,
+    EngineCounters, EngineOutput, IngestOutcome, LateItem, LateReading, LateReason, WindowEngine,
+    WindowResult, FINAL_VERSION_BIT,
 };
 
 /// What the window processor's core refuses, and why.
@@ -37,26 +37,46 @@ pub enum ProcessError {
          log records must carry the definitions of every series they use (is the ingest \
          resolving the session dictionary?); the record was not processed"
     )]
-    UndefinedSeries { agent_id: String, batch_seq: u64, series_id: u32 },
+    UndefinedSeries {
+        agent_id: String,
+        batch_seq: u64,
+        series_id: u32,
+    },
     #[error(
         "batch {batch_seq} of agent {agent_id:?} defines series id {series_id} twice with different \
          keys; the record was not processed"
     )]
-    ConflictingSeriesDefinition { agent_id: String, batch_seq: u64, series_id: u32 },
+    ConflictingSeriesDefinition {
+        agent_id: String,
+        batch_seq: u64,
+        series_id: u32,
+    },
     #[error(
         "batch {batch_seq} of agent {agent_id:?} would take the engine past max_series = {max_series}; \
          raise max_series or find the agent minting series (tags with unbounded values?)"
     )]
-    TooManySeries { agent_id: String, batch_seq: u64, max_series: usize },
-    #[error("agent {agent_id:?} would take the engine past max_agents = {max_agents}; raise max_agents")]
+    TooManySeries {
+        agent_id: String,
+        batch_seq: u64,
+        max_series: usize,
+    },
+    #[error(
+        "agent {agent_id:?} would take the engine past max_agents = {max_agents}; raise max_agents"
+    )]
     TooManyAgents { agent_id: String, max_agents: usize },
     #[error(
         "cannot coarsen {fine_resolution_ms} ms windows into {coarse_resolution_ms} ms windows: the \
          coarse width must be a positive multiple of the fine one"
     )]
-    ResolutionsNotNested { fine_resolution_ms: i64, coarse_resolution_ms: i64 },
+    ResolutionsNotNested {
+        fine_resolution_ms: i64,
+        coarse_resolution_ms: i64,
+    },
     #[error("window starting at {window_start_ms} ms is not aligned to its {resolution_ms} ms resolution")]
-    MisalignedWindow { window_start_ms: i64, resolution_ms: i64 },
+    MisalignedWindow {
+        window_start_ms: i64,
+        resolution_ms: i64,
+    },
     #[error(
         "window engine checkpoint is unreadable: {reason}; restore the previous checkpoint with its \
          offsets, or replay the partition from its start into an empty engine"

@@ -69,7 +69,10 @@ fn max_option(left: Option<i64>, right: Option<i64>) -> Option<i64> {
 impl SequenceTracker {
     /// Whether batch `seq` was seen (or assumed seen) before.
     pub fn is_seen(&self, seq: u64) -> bool {
-        self.seen.range(..=seq).next_back().is_some_and(|(_, end)| *end >= seq)
+        self.seen
+            .range(..=seq)
+            .next_back()
+            .is_some_and(|(_, end)| *end >= seq)
     }
 
     /// The largest event time within the contiguous prefix of sequence numbers.
@@ -97,7 +100,10 @@ impl SequenceTracker {
         max_intervals: usize,
         max_pending: usize,
     ) -> SequenceEffects {
-        let mut effects = SequenceEffects { assumed_seen: self.insert_seen(seq, max_intervals), skipped: 0 };
+        let mut effects = SequenceEffects {
+            assumed_seen: self.insert_seen(seq, max_intervals),
+            skipped: 0,
+        };
         match self.through_seq {
             None => {
                 self.through_seq = Some(seq);
@@ -107,7 +113,10 @@ impl SequenceTracker {
                 self.through_max_event_ms = max_option(self.through_max_event_ms, max_event_ms);
             }
             Some(_) => {
-                let fills_gap = self.pending.last_key_value().is_some_and(|(highest, _)| seq < *highest);
+                let fills_gap = self
+                    .pending
+                    .last_key_value()
+                    .is_some_and(|(highest, _)| seq < *highest);
                 if self.pending.is_empty() || fills_gap {
                     self.gap_progress_ms = now_ms;
                 }
@@ -142,7 +151,9 @@ impl SequenceTracker {
     /// Moves the prefix to the lowest pending batch, counting the numbers jumped over.
     fn skip_gap(&mut self, now_ms: i64) -> SequenceEffects {
         let mut effects = SequenceEffects::default();
-        if let (Some(through), Some((lowest, _))) = (self.through_seq, self.pending.first_key_value()) {
+        if let (Some(through), Some((lowest, _))) =
+            (self.through_seq, self.pending.first_key_value())
+        {
             effects.skipped = lowest.saturating_sub(through).saturating_sub(1);
             self.through_seq = Some(lowest.saturating_sub(1));
         }
@@ -151,7 +162,9 @@ impl SequenceTracker {
     }
 
     fn absorb_contiguous(&mut self, now_ms: i64) {
-        let Some(mut through) = self.through_seq else { return };
+        let Some(mut through) = self.through_seq else {
+            return;
+        };
         let mut advanced = false;
         while let Some(entry) = self.pending.first_entry() {
             if through.checked_add(1) != Some(*entry.key()) {
@@ -195,7 +208,8 @@ impl SequenceTracker {
             else {
                 break;
             };
-            assumed = assumed.saturating_add(second_start.saturating_sub(first_end).saturating_sub(1));
+            assumed =
+                assumed.saturating_add(second_start.saturating_sub(first_end).saturating_sub(1));
             self.seen.insert(first_start, second_end);
         }
         assumed
@@ -227,7 +241,8 @@ impl SequenceTracker {
     /// Heap bytes held, approximately (B-tree entries plus node overhead).
     pub fn heap_bytes(&self) -> usize {
         const NODE_OVERHEAD_PER_ENTRY: usize = 8;
-        self.seen.len() * (16 + NODE_OVERHEAD_PER_ENTRY) + self.pending.len() * (24 + NODE_OVERHEAD_PER_ENTRY)
+        self.seen.len() * (16 + NODE_OVERHEAD_PER_ENTRY)
+            + self.pending.len() * (24 + NODE_OVERHEAD_PER_ENTRY)
     }
 }
 
@@ -272,7 +287,10 @@ mod tests {
         tracker.record(1, Some(10), 0, INTERVALS, PENDING);
         tracker.record(5, Some(50), 100, INTERVALS, PENDING);
         tracker.record(3, Some(30), 900, INTERVALS, PENDING); // progress inside the gap
-        assert_eq!(tracker.skip_stalled_gap(1_500, 1_000), SequenceEffects::default());
+        assert_eq!(
+            tracker.skip_stalled_gap(1_500, 1_000),
+            SequenceEffects::default()
+        );
         let effects = tracker.skip_stalled_gap(1_900, 1_000);
         assert_eq!(effects.skipped, 1); // seq 2 given up, then 3 absorbed; 4 given up later
         assert_eq!(tracker.prefix_max_event_ms(), Some(30));

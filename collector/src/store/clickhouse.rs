@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
 use serde::{Deserialize, Serialize};
 
-use super::schema::{self, Dialect, SchemaConfig, SeriesSelector, LAST_SEEN_TABLE, LATE_TABLE, RAW_TABLE};
+use super::schema::{
+    self, Dialect, SchemaConfig, SeriesSelector, LAST_SEEN_TABLE, LATE_TABLE, RAW_TABLE,
+};
 use super::{
-    BatchPolicy, DeviceRow, FlushReport, LastSeenRow, LateCountRow, LatestValueRow, PendingWrites, RawReadingRow,
-    RetryPolicy, RollupRow, SeriesRow, Store, StoreError,
+    BatchPolicy, DeviceRow, FlushReport, LastSeenRow, LateCountRow, LatestValueRow, PendingWrites,
+    RawReadingRow, RetryPolicy, RollupRow, SeriesRow, Store, StoreError,
 };
 use crate::process::{LateReading, WindowResult};
 
@@ -93,7 +95,9 @@ impl ClickHouseStore {
     /// Connects, detects the server version, and creates (or checks) the schema.
     pub async fn connect(config: ClickHouseStoreConfig, now_ms: i64) -> Result<Self, StoreError> {
         config.schema.validate()?;
-        let mut client = Client::default().with_url(&config.url).with_validation(false);
+        let mut client = Client::default()
+            .with_url(&config.url)
+            .with_validation(false);
         if let Some(user) = &config.user {
             client = client.with_user(user);
         }
@@ -103,13 +107,20 @@ impl ClickHouseStore {
         let mut store = Self {
             insert_client: client.clone().with_database(&config.schema.database),
             client,
-            resolutions_ms: config.schema.rollups.iter().map(|rollup| rollup.resolution_ms).collect(),
+            resolutions_ms: config
+                .schema
+                .rollups
+                .iter()
+                .map(|rollup| rollup.resolution_ms)
+                .collect(),
             config,
             dialect: Dialect::Legacy,
             server_version: String::new(),
             pending: PendingWrites::default(),
         };
-        let version: VersionRow = store.fetch_one("SELECT version() AS version", "detect the server version").await?;
+        let version: VersionRow = store
+            .fetch_one("SELECT version() AS version", "detect the server version")
+            .await?;
         store.dialect = Dialect::for_version(&version.version)?;
         store.server_version = version.version;
         store.migrate(now_ms).await?;
@@ -137,7 +148,11 @@ impl ClickHouseStore {
     }
 
     fn error(&self, operation: &str, source: ::clickhouse::error::Error) -> StoreError {
-        StoreError::ClickHouse { url: self.config.url.clone(), operation: operation.to_string(), source }
+        StoreError::ClickHouse {
+            url: self.config.url.clone(),
+            operation: operation.to_string(),
+            source,
+        }
     }
 
     fn timed_out(&self, operation: &str) -> StoreError {
@@ -156,7 +171,11 @@ impl ClickHouseStore {
         }
     }
 
-    async fn fetch_all<T: RowOwned + RowRead>(&self, sql: &str, operation: &str) -> Result<Vec<T>, StoreError> {
+    async fn fetch_all<T: RowOwned + RowRead>(
+        &self,
+        sql: &str,
+        operation: &str,
+    ) -> Result<Vec<T>, StoreError> {
         match tokio::time::timeout(self.timeout(), self.client.query(sql).fetch_all::<T>()).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(source)) => Err(self.error(operation, source)),
@@ -164,7 +183,11 @@ impl ClickHouseStore {
         }
     }
 
-    async fn fetch_one<T: RowOwned + RowRead>(&self, sql: &str, operation: &str) -> Result<T, StoreError> {
+    async fn fetch_one<T: RowOwned + RowRead>(
+        &self,
+        sql: &str,
+        operation: &str,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout(), self.client.query(sql).fetch_one::<T>()).await {
             Ok(Ok(row)) => Ok(row),
             Ok(Err(source)) => Err(self.error(operation, source)),
@@ -178,8 +201,12 @@ impl ClickHouseStore {
             self.execute(&statement, "create the schema").await?;
         }
         let database = self.database();
-        let found: SchemaVersionRow =
-            self.fetch_one(&schema::sql_schema_version(database), "read the schema version").await?;
+        let found: SchemaVersionRow = self
+            .fetch_one(
+                &schema::sql_schema_version(database),
+                "read the schema version",
+            )
+            .await?;
         if found.version > schema::SCHEMA_VERSION {
             return Err(StoreError::SchemaTooNew {
                 database: database.to_string(),
@@ -188,7 +215,11 @@ impl ClickHouseStore {
             });
         }
         if found.version < schema::SCHEMA_VERSION {
-            self.execute(&schema::sql_record_schema_version(database, now_ms), "record the schema version").await?;
+            self.execute(
+                &schema::sql_record_schema_version(database, now_ms),
+                "record the schema version",
+            )
+            .await?;
         }
         Ok(())
     }
@@ -217,7 +248,12 @@ impl ClickHouseStore {
     }
 
     /// Inserts `rows` as one block, retrying the same block with backoff.
-    async fn insert_with_retry<T>(&self, table: &str, rows: &[T], report: &mut FlushReport) -> Result<(), StoreError>
+    async fn insert_with_retry<T>(
+        &self,
+        table: &str,
+        rows: &[T],
+        report: &mut FlushReport,
+    ) -> Result<(), StoreError>
     where
         T: RowOwned + RowWrite + Serialize + Sync,
     {
@@ -237,7 +273,8 @@ impl ClickHouseStore {
                 Err(error) if !error.is_transient() => return Err(error),
                 Err(error) => {
                     let delay_ms = self.config.retry.delay_ms(attempt);
-                    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    let elapsed_ms =
+                        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     if !self.config.retry.should_retry(elapsed_ms, delay_ms) {
                         return Err(StoreError::RetriesExhausted {
                             url: self.config.url.clone(),
@@ -266,7 +303,11 @@ impl ClickHouseStore {
         }
         let resolutions: Vec<i64> = self.pending.rollups.keys().copied().collect();
         for resolution_ms in resolutions {
-            let rows = self.pending.rollups.remove(&resolution_ms).unwrap_or_default();
+            let rows = self
+                .pending
+                .rollups
+                .remove(&resolution_ms)
+                .unwrap_or_default();
             let table = schema::rollup_table_name(resolution_ms);
             if let Err(error) = self.insert_with_retry(&table, &rows, &mut report).await {
                 self.pending.rollups.insert(resolution_ms, rows);
@@ -279,7 +320,8 @@ impl ClickHouseStore {
             return Err(error);
         }
         let last_seen = self.pending.last_seen_rows();
-        self.insert_with_retry(LAST_SEEN_TABLE, &last_seen, &mut report).await?;
+        self.insert_with_retry(LAST_SEEN_TABLE, &last_seen, &mut report)
+            .await?;
         self.pending.last_seen.clear();
         self.pending.mark_flushed();
         Ok(report)
@@ -287,18 +329,29 @@ impl ClickHouseStore {
 
     /// Devices and the agent that reported each last.
     pub async fn list_devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        self.fetch_all(&schema::sql_list_devices(self.database()), "list devices").await
+        self.fetch_all(&schema::sql_list_devices(self.database()), "list devices")
+            .await
     }
 
     /// Every series with when it was last seen.
     pub async fn list_series(&self) -> Result<Vec<SeriesRow>, StoreError> {
-        self.fetch_all(&schema::sql_list_series(self.database()), "list series").await
+        self.fetch_all(&schema::sql_list_series(self.database()), "list series")
+            .await
     }
 
     /// Latest value per series (all series when `series` is empty), from the finest rollup.
-    pub async fn latest_values(&self, series: &[SeriesSelector]) -> Result<Vec<LatestValueRow>, StoreError> {
-        let Some(finest) = self.config.schema.finest_resolution_ms() else { return Ok(Vec::new()) };
-        self.fetch_all(&schema::sql_latest_values(self.database(), finest, series), "read latest values").await
+    pub async fn latest_values(
+        &self,
+        series: &[SeriesSelector],
+    ) -> Result<Vec<LatestValueRow>, StoreError> {
+        let Some(finest) = self.config.schema.finest_resolution_ms() else {
+            return Ok(Vec::new());
+        };
+        self.fetch_all(
+            &schema::sql_latest_values(self.database(), finest, series),
+            "read latest values",
+        )
+        .await
     }
 
     /// Windows of `series` at `resolution_ms` starting in `[from_ms, to_ms)`, one row per
@@ -333,13 +386,24 @@ impl ClickHouseStore {
     }
 
     /// Late rows and readings with event time in `[from_ms, to_ms)` per agent, reason, resolution.
-    pub async fn late_counts(&self, from_ms: i64, to_ms: i64) -> Result<Vec<LateCountRow>, StoreError> {
-        self.fetch_all(&schema::sql_late_counts(self.database(), from_ms, to_ms), "count late readings").await
+    pub async fn late_counts(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<LateCountRow>, StoreError> {
+        self.fetch_all(
+            &schema::sql_late_counts(self.database(), from_ms, to_ms),
+            "count late readings",
+        )
+        .await
     }
 
     /// Drops daily partitions older than each table's retention; returns `(table, day)` pairs
     /// dropped. Needed on servers without `TTL`; harmless (usually a no-op) on the others.
-    pub async fn drop_expired_partitions(&self, now_ms: i64) -> Result<Vec<(String, u32)>, StoreError> {
+    pub async fn drop_expired_partitions(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<(String, u32)>, StoreError> {
         let mut dropped = Vec::new();
         for retained in self.config.schema.retained_tables() {
             let partitions: Vec<PartitionRow> = self
@@ -368,8 +432,13 @@ impl Store for ClickHouseStore {
         self.pending.push_raw(rows, now_ms);
     }
 
-    fn write_window_results(&mut self, results: &[WindowResult], now_ms: i64) -> Result<(), StoreError> {
-        self.pending.push_results(results, &self.resolutions_ms, now_ms)
+    fn write_window_results(
+        &mut self,
+        results: &[WindowResult],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.pending
+            .push_results(results, &self.resolutions_ms, now_ms)
     }
 
     fn write_late_readings(&mut self, late: &[LateReading], now_ms: i64) {
@@ -388,7 +457,9 @@ impl Store for ClickHouseStore {
         self.pending.flush_due(&self.config.batch, now_ms)
     }
 
-    fn flush(&mut self) -> impl std::future::Future<Output = Result<FlushReport, StoreError>> + Send {
+    fn flush(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<FlushReport, StoreError>> + Send {
         self.flush_pending()
     }
 }

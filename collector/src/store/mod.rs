@@ -47,17 +47,31 @@ pub enum StoreError {
         source: ::clickhouse::error::Error,
     },
     #[error("ClickHouse at {url}: {operation} timed out after {timeout_ms} ms")]
-    Timeout { url: String, operation: String, timeout_ms: u64 },
+    Timeout {
+        url: String,
+        operation: String,
+        timeout_ms: u64,
+    },
     #[error(
         "ClickHouse at {url}: gave up writing {table} after {attempts} attempts over {elapsed_ms} ms \
          (last error: {last_error}); the rows stay buffered, call flush again once the server is back"
     )]
-    RetriesExhausted { url: String, table: String, attempts: u32, elapsed_ms: u64, last_error: String },
+    RetriesExhausted {
+        url: String,
+        table: String,
+        attempts: u32,
+        elapsed_ms: u64,
+        last_error: String,
+    },
     #[error(
         "database {database} has schema version {found}, newer than this collector's {supported}; \
          upgrade the collector or point it at another database"
     )]
-    SchemaTooNew { database: String, found: u32, supported: u32 },
+    SchemaTooNew {
+        database: String,
+        found: u32,
+        supported: u32,
+    },
 }
 
 /// Server exception codes worth retrying: overload, timeouts, network, read-only replicas.
@@ -74,8 +88,11 @@ impl StoreError {
                 let message = source.to_string();
                 match message.split("Code: ").nth(1) {
                     Some(rest) => {
-                        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                        digits.parse::<u32>().is_ok_and(|code| TRANSIENT_SERVER_CODES.contains(&code))
+                        let digits: String =
+                            rest.chars().take_while(char::is_ascii_digit).collect();
+                        digits
+                            .parse::<u32>()
+                            .is_ok_and(|code| TRANSIENT_SERVER_CODES.contains(&code))
                     }
                     None => true,
                 }
@@ -112,7 +129,11 @@ pub fn render_tags(tags: &[(String, String)]) -> String {
 
 impl SeriesSelector {
     pub fn for_key(key: &SeriesKey) -> Self {
-        Self { device_id: key.device_id.clone(), metric: key.metric.clone(), tags: render_tags(&key.tags) }
+        Self {
+            device_id: key.device_id.clone(),
+            metric: key.metric.clone(),
+            tags: render_tags(&key.tags),
+        }
     }
 }
 
@@ -138,7 +159,11 @@ pub fn raw_rows_from_batch(batch: &Batch) -> (Vec<RawReadingRow>, usize) {
     let mut rows = Vec::with_capacity(batch.readings.len());
     let mut undefined = 0;
     for (position, reading) in batch.readings.iter().enumerate() {
-        let Some(definition) = batch.series.iter().find(|definition| definition.id == reading.series) else {
+        let Some(definition) = batch
+            .series
+            .iter()
+            .find(|definition| definition.id == reading.series)
+        else {
             undefined += 1;
             continue;
         };
@@ -284,9 +309,11 @@ impl LateRow {
     pub fn from_late(late: &LateReading) -> Self {
         let (item_kind, time_ms, window_ms, value) = match &late.item {
             LateItem::Reading { time_ms, value } => ("reading", *time_ms, 0, *value),
-            LateItem::Summary { window_start_ms, window_ms, summary } => {
-                ("summary", *window_start_ms, *window_ms, summary.sum)
-            }
+            LateItem::Summary {
+                window_start_ms,
+                window_ms,
+                summary,
+            } => ("summary", *window_start_ms, *window_ms, summary.sum),
         };
         let reason = match late.reason {
             LateReason::WindowClosed => "window_closed",
@@ -362,8 +389,14 @@ pub fn last_seen_from_batch(batch: &Batch, received_ms: i64) -> Vec<LastSeenRow>
     let mut devices: Vec<&str> = Vec::new();
     for definition in &batch.series {
         let key = &definition.key;
-        let used = batch.readings.iter().any(|reading| reading.series == definition.id)
-            || batch.summaries.iter().any(|summary| summary.series == definition.id);
+        let used = batch
+            .readings
+            .iter()
+            .any(|reading| reading.series == definition.id)
+            || batch
+                .summaries
+                .iter()
+                .any(|summary| summary.series == definition.id);
         if !used {
             continue;
         }
@@ -371,7 +404,12 @@ pub fn last_seen_from_batch(batch: &Batch, received_ms: i64) -> Vec<LastSeenRow>
             devices.push(&key.device_id);
             rows.push(row(SeenKind::Device, &key.device_id, "", String::new()));
         }
-        rows.push(row(SeenKind::Series, &key.device_id, &key.metric, render_tags(&key.tags)));
+        rows.push(row(
+            SeenKind::Series,
+            &key.device_id,
+            &key.metric,
+            render_tags(&key.tags),
+        ));
     }
     rows
 }
@@ -425,7 +463,10 @@ pub struct BatchPolicy {
 impl Default for BatchPolicy {
     /// Large parts (ClickHouse wants few, big inserts) within the 1 s freshness goal.
     fn default() -> Self {
-        Self { max_batch_rows: 50_000, max_batch_age_ms: 1_000 }
+        Self {
+            max_batch_rows: 50_000,
+            max_batch_age_ms: 1_000,
+        }
     }
 }
 
@@ -441,7 +482,11 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { initial_delay_ms: 100, max_delay_ms: 5_000, give_up_after_ms: 600_000 }
+        Self {
+            initial_delay_ms: 100,
+            max_delay_ms: 5_000,
+            give_up_after_ms: 600_000,
+        }
     }
 }
 
@@ -449,7 +494,9 @@ impl RetryPolicy {
     /// Delay before retry number `attempt` (0 = the first retry).
     pub fn delay_ms(&self, attempt: u32) -> u64 {
         let factor = 1_u64.checked_shl(attempt.min(63)).unwrap_or(u64::MAX);
-        self.initial_delay_ms.saturating_mul(factor).min(self.max_delay_ms)
+        self.initial_delay_ms
+            .saturating_mul(factor)
+            .min(self.max_delay_ms)
     }
 
     /// Whether to retry after `elapsed_ms` of failures, given the next delay.
@@ -494,12 +541,25 @@ impl PendingWrites {
     }
 
     /// Buffers window results; refuses (buffering none of them) a resolution without a table.
-    pub fn push_results(&mut self, results: &[WindowResult], known: &[i64], now_ms: i64) -> Result<(), StoreError> {
-        if let Some(result) = results.iter().find(|result| !known.contains(&result.resolution_ms)) {
-            return Err(StoreError::UnknownResolution { resolution_ms: result.resolution_ms });
+    pub fn push_results(
+        &mut self,
+        results: &[WindowResult],
+        known: &[i64],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if let Some(result) = results
+            .iter()
+            .find(|result| !known.contains(&result.resolution_ms))
+        {
+            return Err(StoreError::UnknownResolution {
+                resolution_ms: result.resolution_ms,
+            });
         }
         for result in results {
-            self.rollups.entry(result.resolution_ms).or_default().push(RollupRow::from_result(result));
+            self.rollups
+                .entry(result.resolution_ms)
+                .or_default()
+                .push(RollupRow::from_result(result));
         }
         self.touch(now_ms);
         Ok(())
@@ -523,14 +583,16 @@ impl PendingWrites {
     pub fn last_seen_rows(&self) -> Vec<LastSeenRow> {
         self.last_seen
             .iter()
-            .map(|((kind, agent_id, device_id, metric, tags), seen)| LastSeenRow {
-                kind: kind.clone(),
-                agent_id: agent_id.clone(),
-                device_id: device_id.clone(),
-                metric: metric.clone(),
-                tags: tags.clone(),
-                last_seen_ms: *seen,
-            })
+            .map(
+                |((kind, agent_id, device_id, metric, tags), seen)| LastSeenRow {
+                    kind: kind.clone(),
+                    agent_id: agent_id.clone(),
+                    device_id: device_id.clone(),
+                    metric: metric.clone(),
+                    tags: tags.clone(),
+                    last_seen_ms: *seen,
+                },
+            )
             .collect()
     }
 
@@ -540,7 +602,9 @@ impl PendingWrites {
             return false;
         }
         self.row_count() >= policy.max_batch_rows
-            || self.oldest_buffered_ms.is_some_and(|oldest| now_ms.saturating_sub(oldest) >= policy.max_batch_age_ms)
+            || self
+                .oldest_buffered_ms
+                .is_some_and(|oldest| now_ms.saturating_sub(oldest) >= policy.max_batch_age_ms)
     }
 
     /// Call once everything buffered is durable.
@@ -570,7 +634,11 @@ pub struct FlushReport {
 /// the next `flush` sends them again.
 pub trait Store: Send {
     fn write_raw_readings(&mut self, rows: Vec<RawReadingRow>, now_ms: i64);
-    fn write_window_results(&mut self, results: &[WindowResult], now_ms: i64) -> Result<(), StoreError>;
+    fn write_window_results(
+        &mut self,
+        results: &[WindowResult],
+        now_ms: i64,
+    ) -> Result<(), StoreError>;
     fn write_late_readings(&mut self, late: &[LateReading], now_ms: i64);
     fn write_last_seen(&mut self, rows: Vec<LastSeenRow>, now_ms: i64);
     /// Rows buffered and not yet durable.
@@ -594,7 +662,11 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_its_cap_and_gives_up_in_time() {
-        let policy = RetryPolicy { initial_delay_ms: 100, max_delay_ms: 1_000, give_up_after_ms: 2_000 };
+        let policy = RetryPolicy {
+            initial_delay_ms: 100,
+            max_delay_ms: 1_000,
+            give_up_after_ms: 2_000,
+        };
         let delays: Vec<u64> = (0..6).map(|attempt| policy.delay_ms(attempt)).collect();
         assert_eq!(delays, vec![100, 200, 400, 800, 1_000, 1_000]);
         assert_eq!(policy.delay_ms(200), 1_000);
@@ -604,7 +676,10 @@ mod tests {
 
     #[test]
     fn flush_is_due_by_rows_or_by_age() {
-        let policy = BatchPolicy { max_batch_rows: 3, max_batch_age_ms: 1_000 };
+        let policy = BatchPolicy {
+            max_batch_rows: 3,
+            max_batch_age_ms: 1_000,
+        };
         let mut pending = PendingWrites::default();
         assert!(!pending.flush_due(&policy, 0));
         let seen = |agent: &str, ms: u64| LastSeenRow {

@@ -50,7 +50,11 @@ impl Dialect {
     /// The dialect for a `SELECT version()` answer such as `18.16.1` or `26.9.2.1`.
     pub fn for_version(version: &str) -> Result<Self, SchemaError> {
         let (major, minor) = parse_version(version)?;
-        Ok(if (major, minor) >= MODERN_MIN_VERSION { Dialect::Modern } else { Dialect::Legacy })
+        Ok(if (major, minor) >= MODERN_MIN_VERSION {
+            Dialect::Modern
+        } else {
+            Dialect::Legacy
+        })
     }
 
     pub fn name(self) -> &'static str {
@@ -76,10 +80,18 @@ pub enum SchemaError {
 
 /// Parses the leading `MAJOR.MINOR` of a ClickHouse version string.
 pub fn parse_version(version: &str) -> Result<(u32, u32), SchemaError> {
-    let unparsable = || SchemaError::UnparsableVersion { version: version.to_string() };
+    let unparsable = || SchemaError::UnparsableVersion {
+        version: version.to_string(),
+    };
     let mut parts = version.trim().split('.');
-    let major = parts.next().and_then(|part| part.parse().ok()).ok_or_else(unparsable)?;
-    let minor = parts.next().and_then(|part| part.parse().ok()).ok_or_else(unparsable)?;
+    let major = parts
+        .next()
+        .and_then(|part| part.parse().ok())
+        .ok_or_else(unparsable)?;
+    let minor = parts
+        .next()
+        .and_then(|part| part.parse().ok())
+        .ok_or_else(unparsable)?;
     Ok((major, minor))
 }
 
@@ -109,8 +121,14 @@ impl Default for SchemaConfig {
             raw_retention_days: 7,
             late_retention_days: 30,
             rollups: vec![
-                RollupSpec { resolution_ms: 60_000, retention_days: 90 },
-                RollupSpec { resolution_ms: 3_600_000, retention_days: 730 },
+                RollupSpec {
+                    resolution_ms: 60_000,
+                    retention_days: 90,
+                },
+                RollupSpec {
+                    resolution_ms: 3_600_000,
+                    retention_days: 730,
+                },
             ],
         }
     }
@@ -135,19 +153,29 @@ impl SchemaConfig {
             return Err(SchemaError::BadDatabaseName { name: name.clone() });
         }
         for (index, rollup) in self.rollups.iter().enumerate() {
-            let repeated = self.rollups[..index].iter().any(|other| other.resolution_ms == rollup.resolution_ms);
+            let repeated = self.rollups[..index]
+                .iter()
+                .any(|other| other.resolution_ms == rollup.resolution_ms);
             if rollup.resolution_ms <= 0 || repeated {
-                return Err(SchemaError::BadResolution { resolution_ms: rollup.resolution_ms });
+                return Err(SchemaError::BadResolution {
+                    resolution_ms: rollup.resolution_ms,
+                });
             }
             if rollup.retention_days == 0 {
-                return Err(SchemaError::ZeroRetention { what: rollup_table_name(rollup.resolution_ms) });
+                return Err(SchemaError::ZeroRetention {
+                    what: rollup_table_name(rollup.resolution_ms),
+                });
             }
         }
         if self.raw_retention_days == 0 {
-            return Err(SchemaError::ZeroRetention { what: RAW_TABLE.to_string() });
+            return Err(SchemaError::ZeroRetention {
+                what: RAW_TABLE.to_string(),
+            });
         }
         if self.late_retention_days == 0 {
-            return Err(SchemaError::ZeroRetention { what: LATE_TABLE.to_string() });
+            return Err(SchemaError::ZeroRetention {
+                what: LATE_TABLE.to_string(),
+            });
         }
         Ok(())
     }
@@ -160,8 +188,14 @@ impl SchemaConfig {
     /// Every table with daily partitions and its retention.
     pub fn retained_tables(&self) -> Vec<RetainedTable> {
         let mut tables = vec![
-            RetainedTable { table: RAW_TABLE.to_string(), retention_days: self.raw_retention_days },
-            RetainedTable { table: LATE_TABLE.to_string(), retention_days: self.late_retention_days },
+            RetainedTable {
+                table: RAW_TABLE.to_string(),
+                retention_days: self.raw_retention_days,
+            },
+            RetainedTable {
+                table: LATE_TABLE.to_string(),
+                retention_days: self.late_retention_days,
+            },
         ];
         tables.extend(self.rollups.iter().map(|rollup| RetainedTable {
             table: rollup_table_name(rollup.resolution_ms),
@@ -178,7 +212,12 @@ pub const SCHEMA_VERSION_TABLE: &str = "schema_version";
 
 /// `rollup_1m`, `rollup_1h`, `rollup_1d`, `rollup_10s`, or `rollup_1500ms` for odd widths.
 pub fn rollup_table_name(resolution_ms: i64) -> String {
-    const UNITS: [(i64, &str); 4] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+    const UNITS: [(i64, &str); 4] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+    ];
     for (unit_ms, suffix) in UNITS {
         if resolution_ms >= unit_ms && resolution_ms % unit_ms == 0 {
             return format!("rollup_{}{suffix}", resolution_ms / unit_ms);
@@ -210,7 +249,11 @@ struct Column {
 }
 
 const fn column(name: &'static str, legacy: &'static str, modern: &'static str) -> Column {
-    Column { name, legacy, modern }
+    Column {
+        name,
+        legacy,
+        modern,
+    }
 }
 
 const LOW_CARDINALITY_STRING: &str = "LowCardinality(String)";
@@ -237,7 +280,9 @@ fn derived_time_column(name: &str, millis_column: &str, dialect: Dialect) -> Str
 fn ttl_clause(time_column: &str, retention_days: u32, dialect: Dialect) -> String {
     match dialect {
         Dialect::Legacy => String::new(),
-        Dialect::Modern => format!("\nTTL toDateTime({time_column}) + INTERVAL {retention_days} DAY"),
+        Dialect::Modern => {
+            format!("\nTTL toDateTime({time_column}) + INTERVAL {retention_days} DAY")
+        }
     }
 }
 
@@ -314,14 +359,22 @@ pub fn render_schema(config: &SchemaConfig, dialect: Dialect) -> Result<Vec<Stri
         device,
         metric,
         tags,
-        &column("window_start_ms", "Int64", "Int64 CODEC(DoubleDelta, ZSTD(1))"),
+        &column(
+            "window_start_ms",
+            "Int64",
+            "Int64 CODEC(DoubleDelta, ZSTD(1))",
+        ),
         &column("version", "UInt64", "UInt64 CODEC(Delta, ZSTD(1))"),
         &column("is_final", "UInt8", "UInt8 CODEC(ZSTD(1))"),
         &column("count", "UInt64", "UInt64 CODEC(ZSTD(1))"),
         &column("sum", "Float64", gorilla),
         &column("min", "Float64", gorilla),
         &column("max", "Float64", gorilla),
-        &column("first_time_ms", "Int64", "Int64 CODEC(DoubleDelta, ZSTD(1))"),
+        &column(
+            "first_time_ms",
+            "Int64",
+            "Int64 CODEC(DoubleDelta, ZSTD(1))",
+        ),
         &column("first_value", "Float64", gorilla),
         &column("last_time_ms", "Int64", "Int64 CODEC(DoubleDelta, ZSTD(1))"),
         &column("last_value", "Float64", gorilla),
@@ -389,7 +442,10 @@ pub fn render_schema(config: &SchemaConfig, dialect: Dialect) -> Result<Vec<Stri
         &last_seen_columns,
         "last_seen_ms UInt64",
         "ReplacingMergeTree(last_seen_ms)",
-        &format!("\nORDER BY (kind, agent_id, device_id, metric, tags){}", dedup_settings(dialect)),
+        &format!(
+            "\nORDER BY (kind, agent_id, device_id, metric, tags){}",
+            dedup_settings(dialect)
+        ),
         dialect,
     ));
     Ok(statements)
@@ -472,8 +528,16 @@ pub fn sql_list_series(database: &str) -> String {
 
 /// Latest value per series, from the finest rollup table: [`super::LatestValueRow`].
 /// `series` empty means every series.
-pub fn sql_latest_values(database: &str, finest_resolution_ms: i64, series: &[SeriesSelector]) -> String {
-    let filter = if series.is_empty() { String::new() } else { format!("\nWHERE {}", series_condition(series)) };
+pub fn sql_latest_values(
+    database: &str,
+    finest_resolution_ms: i64,
+    series: &[SeriesSelector],
+) -> String {
+    let filter = if series.is_empty() {
+        String::new()
+    } else {
+        format!("\nWHERE {}", series_condition(series))
+    };
     format!(
         "SELECT device_id, metric, tags, max(last_time_ms) AS latest_time_ms, argMax(last_value, last_time_ms) AS latest_value\n\
          FROM {database}.{} FINAL{filter}\nGROUP BY device_id, metric, tags\nORDER BY device_id, metric, tags",
@@ -505,7 +569,12 @@ pub fn sql_rollup_range(
 
 /// Raw readings of `series` with event time in `[from_ms, to_ms)`, each once:
 /// [`super::RawReadingRow`]. `None` for an empty selection.
-pub fn sql_raw_range(database: &str, series: &[SeriesSelector], from_ms: i64, to_ms: i64) -> Option<String> {
+pub fn sql_raw_range(
+    database: &str,
+    series: &[SeriesSelector],
+    from_ms: i64,
+    to_ms: i64,
+) -> Option<String> {
     if series.is_empty() {
         return None;
     }
@@ -547,11 +616,16 @@ pub fn utc_day_number(time_ms: i64) -> u32 {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z - era * 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     let number = year.clamp(0, 9_999) * 10_000 + month * 100 + day;
     u32::try_from(number).unwrap_or(0)
@@ -619,8 +693,14 @@ mod tests {
             .collect();
         // now = 2026-01-01 12:00 UTC, 1 day: 2025-12-31 12:00 is the cutoff, its day is kept.
         let now_ms = 1_767_225_600_000 + 12 * 3_600_000;
-        assert_eq!(partitions_to_drop(&partitions, now_ms, 1), vec![20_251_229, 20_251_230]);
-        assert_eq!(partitions_to_drop(&partitions, now_ms, 30), Vec::<u32>::new());
+        assert_eq!(
+            partitions_to_drop(&partitions, now_ms, 1),
+            vec![20_251_229, 20_251_230]
+        );
+        assert_eq!(
+            partitions_to_drop(&partitions, now_ms, 30),
+            Vec::<u32>::new()
+        );
     }
 
     #[test]
@@ -630,9 +710,15 @@ mod tests {
         config.database = "x; DROP".to_string();
         assert!(config.validate().is_err());
         let mut config = SchemaConfig::default();
-        config.rollups.push(RollupSpec { resolution_ms: 60_000, retention_days: 1 });
+        config.rollups.push(RollupSpec {
+            resolution_ms: 60_000,
+            retention_days: 1,
+        });
         assert!(config.validate().is_err());
-        let config = SchemaConfig { raw_retention_days: 0, ..SchemaConfig::default() };
+        let config = SchemaConfig {
+            raw_retention_days: 0,
+            ..SchemaConfig::default()
+        };
         assert!(config.validate().is_err());
     }
 

@@ -30,7 +30,9 @@ pub async fn fresh_topic(purpose: &str, partitions: i32) -> Option<(String, Stri
         .await
         .unwrap_or_else(|error| panic!("kafka at {brokers}: create topic {topic}: {error}"));
     for result in results {
-        result.unwrap_or_else(|(name, code)| panic!("kafka at {brokers}: create topic {name}: {code}"));
+        result.unwrap_or_else(|(name, code)| {
+            panic!("kafka at {brokers}: create topic {name}: {code}")
+        });
     }
     Some((brokers, topic))
 }
@@ -45,14 +47,21 @@ pub async fn connect(config: KafkaLogConfig) -> KafkaLog {
                 eprintln!("connect to {} not ready yet: {error}", config.topic);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Err(error) => panic!("connect to topic {} at {}: {error}", config.topic, config.brokers),
+            Err(error) => panic!(
+                "connect to topic {} at {}: {error}",
+                config.topic, config.brokers
+            ),
         }
     }
 }
 
 pub fn record(agent_id: &str, batch_seq: u64, value: impl Into<Bytes>) -> AppendRecord {
     AppendRecord {
-        headers: RecordHeaders { agent_id: agent_id.to_owned(), batch_seq, protocol_version: 1 },
+        headers: RecordHeaders {
+            agent_id: agent_id.to_owned(),
+            batch_seq,
+            protocol_version: 1,
+        },
         value: value.into(),
     }
 }

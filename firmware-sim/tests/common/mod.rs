@@ -33,13 +33,18 @@ pub fn mqtt_address() -> Option<String> {
         }
     }
     let ci = std::env::var("CI").is_ok_and(|value| value == "true" || value == "1");
-    assert!(!ci, "CI=true and {NAME} is not configured; run deploy/dev/services.sh up");
+    assert!(
+        !ci,
+        "CI=true and {NAME} is not configured; run deploy/dev/services.sh up"
+    );
     eprintln!("SKIPPED: {NAME} is not set; start the services with `deploy/dev/services.sh up`");
     None
 }
 
 pub fn unique_suffix() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     format!("{}-{nanos}", std::process::id())
 }
 
@@ -51,7 +56,9 @@ pub fn account(ledger: &mut Ledger, readings: &[ParsedReading]) {
     for reading in readings {
         let series = SeriesName::new(reading.key.device_id.clone(), reading.key.metric.clone());
         match reading.time_ms {
-            Some(time_ms) if time_ms >= MIN_VALID_MS => ledger.record(&series, time_ms, reading.value, false),
+            Some(time_ms) if time_ms >= MIN_VALID_MS => {
+                ledger.record(&series, time_ms, reading.value, false)
+            }
             _ => ledger.record_receive_timed(&series, reading.value),
         }
     }

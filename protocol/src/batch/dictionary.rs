@@ -30,7 +30,11 @@ pub enum DictionaryError {
         "batch redefines series id {id} as {new:?}, but this session already maps it to {known:?}; \
          series ids must stay stable for a session (start a new session after renumbering)"
     )]
-    ConflictingDefinition { id: SeriesId, known: Box<SeriesKey>, new: Box<SeriesKey> },
+    ConflictingDefinition {
+        id: SeriesId,
+        known: Box<SeriesKey>,
+        new: Box<SeriesKey>,
+    },
     #[error(
         "session would know {would_know} series, limit is {limit}; raise the limit or split the \
          agent's series over sessions"
@@ -65,7 +69,11 @@ impl SenderSessionDictionary {
 
     /// Of the ids a batch uses, those whose definitions the batch must carry.
     pub fn definitions_needed(&self, used_ids: &[SeriesId]) -> Vec<SeriesId> {
-        used_ids.iter().copied().filter(|id| !self.confirmed.contains(id)).collect()
+        used_ids
+            .iter()
+            .copied()
+            .filter(|id| !self.confirmed.contains(id))
+            .collect()
     }
 
     /// Records that the receiver acked a batch carrying these definitions.
@@ -94,7 +102,10 @@ impl ReceiverSessionDictionary {
     /// A dictionary that refuses to grow past `max_series` entries, bounding the
     /// memory one session can claim.
     pub fn new(max_series: usize) -> Self {
-        Self { keys: HashMap::new(), max_series }
+        Self {
+            keys: HashMap::new(),
+            max_series,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -128,7 +139,10 @@ impl ReceiverSessionDictionary {
         }
         let would_know = self.keys.len() + new_ids;
         if would_know > self.max_series {
-            return Err(DictionaryError::TooManySeries { would_know, limit: self.max_series });
+            return Err(DictionaryError::TooManySeries {
+                would_know,
+                limit: self.max_series,
+            });
         }
         let mut batch_defined: Vec<SeriesId> = batch.series.iter().map(|def| def.id).collect();
         batch_defined.sort_unstable();

@@ -69,16 +69,25 @@ pub(crate) fn encode(sorted: &[Reading], created_ms: i64, columns: &mut ReadingC
     let mut start = 0;
     while start < sorted.len() {
         let series = sorted[start].series;
-        let length = sorted[start..].iter().take_while(|reading| reading.series == series).count();
+        let length = sorted[start..]
+            .iter()
+            .take_while(|reading| reading.series == series)
+            .count();
         let run = &sorted[start..start + length];
 
-        varint::write_u64(&mut columns.runs, u64::from(series.wrapping_sub(previous_series)));
+        varint::write_u64(
+            &mut columns.runs,
+            u64::from(series.wrapping_sub(previous_series)),
+        );
         varint::write_u64(&mut columns.runs, length as u64);
         let mode = encode_values(run, columns);
         columns.runs.push(mode);
 
         let first_time_ms = run[0].time_ms;
-        varint::write_i64(&mut columns.times, first_time_ms.wrapping_sub(previous_first_time_ms));
+        varint::write_i64(
+            &mut columns.times,
+            first_time_ms.wrapping_sub(previous_first_time_ms),
+        );
         let mut previous_time_ms = first_time_ms;
         let mut previous_delta_ms = 0i64;
         for reading in &run[1..] {
@@ -237,7 +246,12 @@ pub(crate) fn decode(
                         time_ms = time_ms.wrapping_add(delta_ms);
                     }
                     bits ^= values.read_u64_be()?;
-                    out.push(Reading { series: series_id, time_ms, value: f64::from_bits(bits), flags: 0 });
+                    out.push(Reading {
+                        series: series_id,
+                        time_ms,
+                        value: f64::from_bits(bits),
+                        flags: 0,
+                    });
                 }
             }
             MODE_DECIMAL_DELTA | MODE_DECIMAL_OFFSET if (mode & 0x0f) <= MAX_DECIMAL_SCALE => {
@@ -245,13 +259,27 @@ pub(crate) fn decode(
                 let is_offset = mode & 0xf0 == MODE_DECIMAL_OFFSET;
                 let first = values.read_i64()?;
                 let mut integer = first;
-                out.push(Reading { series: series_id, time_ms, value: integer as f64 / power, flags: 0 });
+                out.push(Reading {
+                    series: series_id,
+                    time_ms,
+                    value: integer as f64 / power,
+                    flags: 0,
+                });
                 for _ in 1..length {
                     delta_ms = delta_ms.wrapping_add(times.read_i64()?);
                     time_ms = time_ms.wrapping_add(delta_ms);
                     let stored = values.read_i64()?;
-                    integer = if is_offset { first.wrapping_add(stored) } else { integer.wrapping_add(stored) };
-                    out.push(Reading { series: series_id, time_ms, value: integer as f64 / power, flags: 0 });
+                    integer = if is_offset {
+                        first.wrapping_add(stored)
+                    } else {
+                        integer.wrapping_add(stored)
+                    };
+                    out.push(Reading {
+                        series: series_id,
+                        time_ms,
+                        value: integer as f64 / power,
+                        flags: 0,
+                    });
                 }
             }
             _ => return Err(BatchError::UnknownValueMode { mode }),
@@ -279,9 +307,13 @@ pub(crate) fn decode(
     while !flags.is_empty() {
         let gap = flags.read_usize()?;
         let flag = flags.read_u8()?;
-        let index = next_index.checked_add(gap).filter(|&index| index < reading_count).ok_or(
-            BatchError::FlagIndexOutOfRange { gap: gap as u64, readings: reading_count as u64 },
-        )?;
+        let index = next_index
+            .checked_add(gap)
+            .filter(|&index| index < reading_count)
+            .ok_or(BatchError::FlagIndexOutOfRange {
+                gap: gap as u64,
+                readings: reading_count as u64,
+            })?;
         if let Some(reading) = out.get_mut(base + index) {
             reading.flags = flag;
         }

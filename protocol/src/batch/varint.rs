@@ -41,7 +41,11 @@ pub(crate) struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8], column: &'static str) -> Self {
-        Self { bytes, position: 0, column }
+        Self {
+            bytes,
+            position: 0,
+            column,
+        }
     }
 
     pub(crate) fn column(&self) -> &'static str {
@@ -57,14 +61,19 @@ impl<'a> Reader<'a> {
     }
 
     fn truncated(&self) -> BatchError {
-        BatchError::Truncated { section: self.column }
+        BatchError::Truncated {
+            section: self.column,
+        }
     }
 
     #[inline]
     pub(crate) fn read_u64(&mut self) -> Result<u64, BatchError> {
         // Fast paths: one- and two-byte varints dominate (deltas, small ids, the
         // first value of a run of quantised readings).
-        match self.bytes.get(self.position..self.position.saturating_add(2)) {
+        match self
+            .bytes
+            .get(self.position..self.position.saturating_add(2))
+        {
             Some(&[first, _]) if first < 0x80 => {
                 self.position += 1;
                 return Ok(u64::from(first));
@@ -83,7 +92,9 @@ impl<'a> Reader<'a> {
             };
             self.position += 1;
             if shift == 63 && byte > 1 {
-                return Err(BatchError::VarintOverflow { section: self.column });
+                return Err(BatchError::VarintOverflow {
+                    section: self.column,
+                });
             }
             value |= u64::from(byte & 0x7f) << shift;
             if byte < 0x80 {
@@ -91,7 +102,9 @@ impl<'a> Reader<'a> {
             }
             shift += 7;
             if shift > 63 {
-                return Err(BatchError::VarintOverflow { section: self.column });
+                return Err(BatchError::VarintOverflow {
+                    section: self.column,
+                });
             }
         }
     }
@@ -104,7 +117,9 @@ impl<'a> Reader<'a> {
     /// Reads a varint that counts or sizes something, as a `usize`.
     pub(crate) fn read_usize(&mut self) -> Result<usize, BatchError> {
         let value = self.read_u64()?;
-        usize::try_from(value).map_err(|_| BatchError::VarintOverflow { section: self.column })
+        usize::try_from(value).map_err(|_| BatchError::VarintOverflow {
+            section: self.column,
+        })
     }
 
     #[inline]
@@ -118,7 +133,10 @@ impl<'a> Reader<'a> {
 
     #[inline]
     pub(crate) fn read_u64_be(&mut self) -> Result<u64, BatchError> {
-        let end = self.position.checked_add(8).ok_or_else(|| self.truncated())?;
+        let end = self
+            .position
+            .checked_add(8)
+            .ok_or_else(|| self.truncated())?;
         let Some(chunk) = self.bytes.get(self.position..end) else {
             return Err(self.truncated());
         };
@@ -130,7 +148,10 @@ impl<'a> Reader<'a> {
 
     /// Takes the next `length` bytes as a sub-slice.
     pub(crate) fn take(&mut self, length: usize) -> Result<&'a [u8], BatchError> {
-        let end = self.position.checked_add(length).ok_or_else(|| self.truncated())?;
+        let end = self
+            .position
+            .checked_add(length)
+            .ok_or_else(|| self.truncated())?;
         let Some(chunk) = self.bytes.get(self.position..end) else {
             return Err(self.truncated());
         };
@@ -164,6 +185,9 @@ mod tests {
         ));
         let too_big = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02];
         assert!(Reader::new(&too_big, "test").read_u64().is_err());
-        assert!(matches!(Reader::new(&[0x80], "test").read_u64(), Err(BatchError::Truncated { .. })));
+        assert!(matches!(
+            Reader::new(&[0x80], "test").read_u64(),
+            Err(BatchError::Truncated { .. })
+        ));
     }
 }

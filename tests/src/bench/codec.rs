@@ -50,7 +50,11 @@ fn workload(periods: usize) -> Workload {
         fleet.sample_period(START_MS + period as i64 * 1000, &mut readings);
     }
     period_starts.push(readings.len());
-    Workload { series, readings, period_starts }
+    Workload {
+        series,
+        readings,
+        period_starts,
+    }
 }
 
 /// Cuts the workload into batches of `periods_per_batch` seconds, attaching
@@ -62,7 +66,9 @@ fn batches(workload: &Workload, periods_per_batch: usize) -> Vec<Batch> {
     let period_count = workload.period_starts.len() - 1;
     for (batch_seq, first_period) in (0..period_count).step_by(periods_per_batch).enumerate() {
         let last_period = (first_period + periods_per_batch).min(period_count);
-        let readings = workload.readings[workload.period_starts[first_period]..workload.period_starts[last_period]].to_vec();
+        let readings = workload.readings
+            [workload.period_starts[first_period]..workload.period_starts[last_period]]
+            .to_vec();
         let mut batch = Batch {
             agent_id: "gateway-0001".into(),
             batch_seq: batch_seq as u64,
@@ -72,7 +78,10 @@ fn batches(workload: &Workload, periods_per_batch: usize) -> Vec<Batch> {
             summaries: Vec::new(),
         };
         let needed = dictionary.definitions_needed(&series_ids_used(&batch));
-        batch.series = needed.iter().filter_map(|id| workload.series.get(*id as usize).cloned()).collect();
+        batch.series = needed
+            .iter()
+            .filter_map(|id| workload.series.get(*id as usize).cloned())
+            .collect();
         dictionary.confirm(needed);
         batches.push(batch);
     }
@@ -90,12 +99,24 @@ struct JsonReading<'a> {
 }
 
 fn json_reading<'a>(key: &'a SeriesKey, reading: &Reading) -> JsonReading<'a> {
-    let unit = Metric::ALL.iter().find(|metric| metric.name() == key.metric).map_or("", |metric| metric.unit());
-    JsonReading { device_id: &key.device_id, metric: &key.metric, timestamp_ms: reading.time_ms, value: reading.value, unit }
+    let unit = Metric::ALL
+        .iter()
+        .find(|metric| metric.name() == key.metric)
+        .map_or("", |metric| metric.unit());
+    JsonReading {
+        device_id: &key.device_id,
+        metric: &key.metric,
+        timestamp_ms: reading.time_ms,
+        value: reading.value,
+        unit,
+    }
 }
 
 fn tag<'a>(key: &'a SeriesKey, name: &str) -> &'a str {
-    key.tags.iter().find(|(tag_name, _)| tag_name == name).map_or("", |(_, value)| value.as_str())
+    key.tags
+        .iter()
+        .find(|(tag_name, _)| tag_name == name)
+        .map_or("", |(_, value)| value.as_str())
 }
 
 /// Topic + payload bytes of one MQTT message per reading.
@@ -103,14 +124,25 @@ fn json_message_bytes(workload: &Workload) -> anyhow::Result<u64> {
     let topics: Vec<String> = workload
         .series
         .iter()
-        .map(|def| format!("factory/{}/floor-{}/{}/{}", tag(&def.key, "site"), tag(&def.key, "floor"), def.key.device_id, def.key.metric))
+        .map(|def| {
+            format!(
+                "factory/{}/floor-{}/{}/{}",
+                tag(&def.key, "site"),
+                tag(&def.key, "floor"),
+                def.key.device_id,
+                def.key.metric
+            )
+        })
         .collect();
     let mut total = 0u64;
     let mut payload = Vec::with_capacity(256);
     for reading in &workload.readings {
         let index = reading.series as usize;
         let (Some(topic), Some(def)) = (topics.get(index), workload.series.get(index)) else {
-            anyhow::bail!("reading of series {} that the fleet never defined", reading.series);
+            anyhow::bail!(
+                "reading of series {} that the fleet never defined",
+                reading.series
+            );
         };
         payload.clear();
         serde_json::to_writer(&mut payload, &json_reading(&def.key, reading))?;
@@ -127,7 +159,10 @@ fn json_zstd_bytes(workload: &Workload, batches: &[Batch], level: i32) -> anyhow
     for batch in batches {
         text.clear();
         for reading in &batch.readings {
-            let def = workload.series.get(reading.series as usize).context("reading of an undefined series")?;
+            let def = workload
+                .series
+                .get(reading.series as usize)
+                .context("reading of an undefined series")?;
             serde_json::to_writer(&mut text, &json_reading(&def.key, reading))?;
             text.push(b'\n');
         }
@@ -147,15 +182,29 @@ fn postcard_zstd_bytes(batches: &[Batch], level: i32) -> anyhow::Result<u64> {
 }
 
 fn check_round_trip(batches: &[Batch], decoded: &[Batch]) -> anyhow::Result<()> {
-    ensure!(batches.len() == decoded.len(), "decoded {} batches of {}", decoded.len(), batches.len());
+    ensure!(
+        batches.len() == decoded.len(),
+        "decoded {} batches of {}",
+        decoded.len(),
+        batches.len()
+    );
     for (original, decoded) in batches.iter().zip(decoded) {
         let mut expected = original.clone();
         expected.sort_readings();
         let same = expected.readings.len() == decoded.readings.len()
-            && expected.readings.iter().zip(&decoded.readings).all(|(a, b)| {
-                (a.series, a.time_ms, a.value.to_bits(), a.flags) == (b.series, b.time_ms, b.value.to_bits(), b.flags)
-            });
-        ensure!(same && expected.series == decoded.series, "batch {} did not round-trip", original.batch_seq);
+            && expected
+                .readings
+                .iter()
+                .zip(&decoded.readings)
+                .all(|(a, b)| {
+                    (a.series, a.time_ms, a.value.to_bits(), a.flags)
+                        == (b.series, b.time_ms, b.value.to_bits(), b.flags)
+                });
+        ensure!(
+            same && expected.series == decoded.series,
+            "batch {} did not round-trip",
+            original.batch_seq
+        );
     }
     Ok(())
 }
@@ -171,8 +220,11 @@ fn measure(
     let (line, seconds) = timed(|| -> anyhow::Result<Value> {
         let batches = batches(workload, periods_per_batch);
         let readings = workload.readings.len() as f64;
-        let dictionary_bytes: usize =
-            batches.iter().flat_map(|batch| &batch.series).map(|def| postcard::to_stdvec(def).map_or(0, |bytes| bytes.len())).sum();
+        let dictionary_bytes: usize = batches
+            .iter()
+            .flat_map(|batch| &batch.series)
+            .map(|def| postcard::to_stdvec(def).map_or(0, |bytes| bytes.len()))
+            .sum();
 
         // Best of several repetitions: the machine is shared, and the fastest run
         // is the one least disturbed by other work.
@@ -180,13 +232,21 @@ fn measure(
         let mut encode_seconds = f64::INFINITY;
         let mut encoded = Vec::new();
         for _ in 0..repetitions {
-            let (run, seconds) = timed(|| batches.iter().map(|batch| encoder.encode(batch)).collect::<Vec<_>>());
+            let (run, seconds) = timed(|| {
+                batches
+                    .iter()
+                    .map(|batch| encoder.encode(batch))
+                    .collect::<Vec<_>>()
+            });
             encode_seconds = encode_seconds.min(seconds);
             encoded = run;
         }
         let limits = BatchLimits::default();
         let mut decoder = BatchDecoder::new();
-        let decoded = encoded.iter().map(|bytes| decoder.decode(bytes, &limits)).collect::<Result<Vec<_>, _>>()?;
+        let decoded = encoded
+            .iter()
+            .map(|bytes| decoder.decode(bytes, &limits))
+            .collect::<Result<Vec<_>, _>>()?;
         check_round_trip(&batches, &decoded)?;
         drop(decoded);
         // Timed as a receiver works: decode a batch, hand its readings on, drop it.
@@ -195,11 +255,16 @@ fn measure(
             let (decoded_readings, seconds) = timed(|| -> anyhow::Result<usize> {
                 let mut decoded_readings = 0;
                 for bytes in &encoded {
-                    decoded_readings += std::hint::black_box(decoder.decode(bytes, &limits)?).readings.len();
+                    decoded_readings += std::hint::black_box(decoder.decode(bytes, &limits)?)
+                        .readings
+                        .len();
                 }
                 Ok(decoded_readings)
             });
-            ensure!(decoded_readings? == workload.readings.len(), "decoded a different number of readings");
+            ensure!(
+                decoded_readings? == workload.readings.len(),
+                "decoded a different number of readings"
+            );
             decode_seconds = decode_seconds.min(seconds);
         }
         let ours: u64 = encoded.iter().map(|bytes| bytes.len() as u64).sum();
@@ -234,14 +299,25 @@ fn measure(
 }
 
 pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
-    let periods = if options.quick { QUICK_PERIODS } else { FULL_PERIODS };
+    let periods = if options.quick {
+        QUICK_PERIODS
+    } else {
+        FULL_PERIODS
+    };
     let level = options.zstd_level.unwrap_or(DEFAULT_ZSTD_LEVEL);
     let repetitions = if options.quick { 3 } else { 5 };
     let workload = workload(periods);
     let json_message_total = json_message_bytes(&workload)?;
     Ok(vec![
         measure(&workload, "1s", 1, level, repetitions, json_message_total)?,
-        measure(&workload, "10min", 600, level, repetitions, json_message_total)?,
+        measure(
+            &workload,
+            "10min",
+            600,
+            level,
+            repetitions,
+            json_message_total,
+        )?,
     ])
 }
 
@@ -254,7 +330,13 @@ mod tests {
         let workload = workload(5);
         let batches = batches(&workload, 2);
         assert_eq!(batches.len(), 3);
-        assert_eq!(batches.iter().map(|batch| batch.readings.len()).sum::<usize>(), workload.readings.len());
+        assert_eq!(
+            batches
+                .iter()
+                .map(|batch| batch.readings.len())
+                .sum::<usize>(),
+            workload.readings.len()
+        );
         let defined: usize = batches.iter().map(|batch| batch.series.len()).sum();
         assert!(defined <= workload.series.len() && defined > 0);
         assert!(batches[1].series.len() < batches[0].series.len());

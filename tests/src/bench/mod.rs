@@ -28,7 +28,10 @@ pub const BENCH_NAMES: &[&str] = &["codec"];
 pub fn run(name: &str, options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
     match name {
         "codec" => codec::run(options),
-        other => anyhow::bail!("unknown bench {other:?}; known benches: {}", BENCH_NAMES.join(", ")),
+        other => anyhow::bail!(
+            "unknown bench {other:?}; known benches: {}",
+            BENCH_NAMES.join(", ")
+        ),
     }
 }
 

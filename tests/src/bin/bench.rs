@@ -19,9 +19,15 @@ struct Arguments {
 
 fn main() -> anyhow::Result<()> {
     let arguments = Arguments::parse();
-    let options = BenchOptions { quick: arguments.quick, zstd_level: arguments.zstd_level };
-    let names: Vec<&str> =
-        if arguments.name == "all" { BENCH_NAMES.to_vec() } else { vec![arguments.name.as_str()] };
+    let options = BenchOptions {
+        quick: arguments.quick,
+        zstd_level: arguments.zstd_level,
+    };
+    let names: Vec<&str> = if arguments.name == "all" {
+        BENCH_NAMES.to_vec()
+    } else {
+        vec![arguments.name.as_str()]
+    };
     for name in names {
         for line in bench::run(name, &options)? {
             println!("{line}");

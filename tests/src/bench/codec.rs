@@ -15,6 +15,8 @@
 //! All baselines use the same zstd level as our encoding. Encode and decode speeds
 //! are single-threaded, best of 3 (quick) or 5 repetitions.
 
+mod pco_side;
+
 use anyhow::{ensure, Context};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -271,6 +273,7 @@ fn measure(
 
         let json_zstd = json_zstd_bytes(workload, &batches, level)?;
         let postcard_zstd = postcard_zstd_bytes(&batches, level)?;
+        let columns = pco_side::measure(&batches, level)?;
         let per_reading = |bytes: u64| round3(bytes as f64 / readings);
         Ok(json!({
             "bench": "codec",
@@ -291,6 +294,15 @@ fn measure(
             "json_message_to_ours_ratio": round3(json_message_total as f64 / ours as f64),
             "encode_readings_per_s": (readings / encode_seconds).round(),
             "decode_readings_per_s": (readings / decode_seconds).round(),
+            // Side measurement (issue 2), see `pco_side`: timestamp and value
+            // columns alone, without runs, flags, dictionary or envelope.
+            "pco_times_bytes_per_reading": per_reading(columns.pco_times_bytes),
+            "ours_times_bytes_per_reading": per_reading(columns.ours_times_bytes),
+            "pco_values_bytes_per_reading": per_reading(columns.pco_values_bytes),
+            "ours_values_bytes_per_reading": per_reading(columns.ours_values_bytes),
+            "raw_value_runs": columns.raw_runs,
+            "pco_compress_readings_per_s": (readings / columns.pco_compress_seconds).round(),
+            "ours_columns_zstd_readings_per_s": (readings / columns.ours_compress_seconds).round(),
         }))
     });
     let mut line = line?;

@@ -6,6 +6,7 @@
 //! release build finishes within 60 s (CI smoke), the full run is what
 //! `docs/benchmarks.md` quotes.
 
+pub mod buffer;
 pub mod codec;
 
 use std::time::Instant;
@@ -22,12 +23,13 @@ pub struct BenchOptions {
 }
 
 /// The benches `bench` knows, in the order `bench all` runs them.
-pub const BENCH_NAMES: &[&str] = &["codec"];
+pub const BENCH_NAMES: &[&str] = &["codec", "buffer"];
 
 /// Runs one bench by name and returns its JSON lines.
 pub fn run(name: &str, options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
     match name {
         "codec" => codec::run(options),
+        "buffer" => buffer::run(options),
         other => anyhow::bail!(
             "unknown bench {other:?}; known benches: {}",
             BENCH_NAMES.join(", ")

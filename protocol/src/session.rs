@@ -294,44 +294,13 @@ impl Message {
     pub fn encode(&self, limits: &FrameLimits, out: &mut Vec<u8>) -> Result<(), FrameError> {
         self.validate()?;
         let kind = self.kind();
-        let encode_error = |source| FrameError::Encode { kind, source };
         match self {
             Message::Batch(bytes) => write_frame(kind, bytes, limits, out),
-            Message::Hello(hello) => write_frame_with(
-                kind,
-                limits,
-                out,
-                |out| postcard_extend(hello, out),
-                encode_error,
-            ),
-            Message::Welcome(welcome) => write_frame_with(
-                kind,
-                limits,
-                out,
-                |out| postcard_extend(welcome, out),
-                encode_error,
-            ),
-            Message::Reject(reject) => write_frame_with(
-                kind,
-                limits,
-                out,
-                |out| postcard_extend(reject, out),
-                encode_error,
-            ),
-            Message::Ack(ack) => write_frame_with(
-                kind,
-                limits,
-                out,
-                |out| postcard_extend(ack, out),
-                encode_error,
-            ),
-            Message::Nack(nack) => write_frame_with(
-                kind,
-                limits,
-                out,
-                |out| postcard_extend(nack, out),
-                encode_error,
-            ),
+            Message::Hello(hello) => write_postcard_frame(kind, hello, limits, out),
+            Message::Welcome(welcome) => write_postcard_frame(kind, welcome, limits, out),
+            Message::Reject(reject) => write_postcard_frame(kind, reject, limits, out),
+            Message::Ack(ack) => write_postcard_frame(kind, ack, limits, out),
+            Message::Nack(nack) => write_postcard_frame(kind, nack, limits, out),
         }
     }
 
@@ -370,6 +339,22 @@ impl Message {
         message.validate()?;
         Ok(message)
     }
+}
+
+/// Appends `value`, postcard-encoded, as one frame of `kind`.
+fn write_postcard_frame<T: Serialize>(
+    kind: FrameKind,
+    value: &T,
+    limits: &FrameLimits,
+    out: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    write_frame_with(
+        kind,
+        limits,
+        out,
+        |out| postcard_extend(value, out),
+        |source| FrameError::Encode { kind, source },
+    )
 }
 
 fn postcard_extend<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), postcard::Error> {

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod ingest;
+pub mod live;
 pub mod log;
 pub mod process;
 pub mod store;

@@ -8,7 +8,9 @@
 //! - [`sim`]: the sans-IO simulation core.
 //! - [`ledger`]: the ground truth; [`verify`]: comparing it with the store.
 //! - [`run`], [`serial`]: the IO shells (MQTT publisher, pseudo-terminal).
+//! - [`cluster`]: collector and agent processes on loopback, for the demo and end-to-end tests.
 
+pub mod cluster;
 pub mod faults;
 pub mod fleet;
 pub mod format;

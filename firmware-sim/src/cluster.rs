@@ -1,0 +1,616 @@
+//! Real processes on loopback: a collector and agents started from their binaries with
+//! generated configs, for the demo and the end-to-end tests.
+//!
+//! Why processes and not libraries: the end-to-end promises are about what survives a
+//! `kill -9`, a restart, a network cut; only real processes with their own state
+//! directories can show that. Everything here is blocking std code (no runtime), waits for
+//! conditions with deadlines (never sleeps to synchronise), and every child gets
+//! `PR_SET_PDEATHSIG` so nothing outlives the process that started it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Where the `tributary-agent` and `tributary-collector` binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub collector: PathBuf,
+}
+
+impl Binaries {
+    /// `$TRIBUTARY_BIN_DIR`, else the directory of the running executable or its parent
+    /// (test executables live in `target/<profile>/deps/`).
+    pub fn locate() -> anyhow::Result<Self> {
+        let mut candidates = Vec::new();
+        if let Some(dir) = std::env::var_os("TRIBUTARY_BIN_DIR") {
+            candidates.push(PathBuf::from(dir));
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(dir) = exe.parent() {
+                candidates.push(dir.to_path_buf());
+                if let Some(parent) = dir.parent() {
+                    candidates.push(parent.to_path_buf());
+                }
+            }
+        }
+        for dir in &candidates {
+            let agent = dir.join("tributary-agent");
+            let collector = dir.join("tributary-collector");
+            if agent.is_file() && collector.is_file() {
+                return Ok(Self { agent, collector });
+            }
+        }
+        bail!(
+            "tributary-agent and tributary-collector binaries not found in {:?}; build them \
+             (`cargo build -p tributary-agent -p tributary-collector`) or set TRIBUTARY_BIN_DIR",
+            candidates
+        )
+    }
+}
+
+/// A TCP port free on 127.0.0.1 right now (the OS picks; the listener is closed again).
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A UDP port free on 127.0.0.1 right now.
+pub fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `condition` returns `Some`, checking every `poll`; fails after `timeout`
+/// with `what` and the last error the condition reported.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match condition() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(error) => bail!("timed out after {timeout:?} waiting for {what}: {error:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One HTTP/1.1 GET on loopback: status and body. Enough for our own JSON and metrics
+/// endpoints (Content-Length or chunked bodies).
+pub fn http_get(address: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        .with_context(|| format!("connecting to http://{address}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .with_context(|| format!("reading http://{address}{path}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("http://{address}{path}: response without a header end"))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("http://{address}{path}: no status in {head:?}"))?;
+    let chunked = head.lines().any(|line| {
+        let lower = line.to_ascii_lowercase();
+        lower.starts_with("transfer-encoding:") && lower.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size_line, rest) = body.split_once("\r\n").context("truncated chunked body")?;
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .with_context(|| format!("bad chunk size {size_line:?}"))?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let chunk = rest.get(..size).context("truncated chunk")?;
+        out.push_str(chunk);
+        body = rest.get(size..).unwrap_or("").trim_start_matches("\r\n");
+    }
+}
+
+/// The value of a Prometheus sample `name{labels}` (labels as written, e.g.
+/// `source="fleet"`), or of `name` without labels when `labels` is empty; summed over
+/// every sample that matches when `labels` is a subset.
+pub fn metric_value(metrics_text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut total = None;
+    for line in metrics_text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name || !labels.iter().all(|label| label_text.contains(label)) {
+            continue;
+        }
+        if let Ok(value) = value.parse::<f64>() {
+            *total.get_or_insert(0.0) += value;
+        }
+    }
+    total
+}
+
+/// A child process with its output in files and a death signal tied to our thread.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    command: Vec<String>,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Process {
+    fn spawn(name: &str, program: &Path, args: &[&str], dir: &Path) -> anyhow::Result<Self> {
+        let stdout_path = dir.join(format!("{name}.stdout"));
+        let stderr_path = dir.join(format!("{name}.stderr"));
+        let mut process = Self {
+            name: name.to_string(),
+            command: std::iter::once(program.display().to_string())
+                .chain(args.iter().map(|arg| arg.to_string()))
+                .collect(),
+            stdout_path,
+            stderr_path,
+            child: None,
+        };
+        process.start()?;
+        Ok(process)
+    }
+
+    /// (Re)starts the command; output is appended to the same files.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            bail!("{} is already running", self.name);
+        }
+        let open = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))
+        };
+        let mut command = Command::new(&self.command[0]);
+        command
+            .args(&self.command[1..])
+            .stdin(Stdio::null())
+            .stdout(open(&self.stdout_path)?)
+            .stderr(open(&self.stderr_path)?);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", self.command.join(" ")))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The last lines of stderr, for error messages.
+    pub fn stderr_tail(&self, lines: usize) -> String {
+        let text = self.stderr();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Fails if the process has exited (with its status and stderr tail).
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("{} is not running", self.name);
+        };
+        if let Some(status) = child.try_wait()? {
+            self.child = None;
+            bail!(
+                "{} exited with {status}; stderr ends with:\n{}",
+                self.name,
+                self.stderr_tail(30)
+            );
+        }
+        Ok(())
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit (SIGKILL after it). Returns
+    /// whether the exit was clean (status 0).
+    pub fn stop(&mut self, timeout: Duration) -> anyhow::Result<bool> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(true);
+        };
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() >= deadline {
+                child.kill().ok();
+                child.wait()?;
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+}
+
+/// How to run a collector.
+#[derive(Debug, Clone)]
+pub struct CollectorSpec {
+    /// State, config, tokens and output files go here.
+    pub dir: PathBuf,
+    /// Agents to create tokens for.
+    pub agent_ids: Vec<String>,
+    /// Extra TOML appended to the generated config (`[log]`, `[store]`, `[process]`
+    /// sections for Kafka and ClickHouse setups).
+    pub extra_config: String,
+    /// Port of the query API and dashboard; a free one when `None`.
+    pub api_port: Option<u16>,
+}
+
+/// A running `tributary-collector serve`.
+#[derive(Debug)]
+pub struct Collector {
+    pub process: Process,
+    pub config_path: PathBuf,
+    pub quic_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+    pub api_address: SocketAddr,
+    pub fingerprint: String,
+    /// Token per agent id, in the order of `CollectorSpec::agent_ids`.
+    pub tokens: Vec<(String, String)>,
+}
+
+impl Collector {
+    pub fn start(binaries: &Binaries, spec: &CollectorSpec) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&spec.dir)
+            .with_context(|| format!("creating {}", spec.dir.display()))?;
+        let quic_address = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
+        let metrics_address = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
+        let api_port = match spec.api_port {
+            Some(port) => port,
+            None => free_tcp_port()?,
+        };
+        let api_address = SocketAddr::from(([127, 0, 0, 1], api_port));
+        let tokens_file = spec.dir.join("tokens");
+        let config_path = spec.dir.join("collector.toml");
+        let config = format!(
+            "state_dir = {state_dir:?}\nmetrics_address = \"{metrics_address}\"\n\n\
+             [ingest]\nlisten_address = \"{quic_address}\"\ntokens_file = {tokens_file:?}\n\n\
+             [api]\nlisten_address = \"{api_address}\"\n\n{extra}\n",
+            state_dir = spec.dir.join("state").display().to_string(),
+            tokens_file = tokens_file.display().to_string(),
+            extra = spec.extra_config,
+        );
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let mut tokens = Vec::new();
+        for agent_id in &spec.agent_ids {
+            let output = Command::new(&binaries.collector)
+                .args(["token", "add", agent_id, "--tokens-file"])
+                .arg(&tokens_file)
+                .output()
+                .context("running tributary-collector token add")?;
+            if !output.status.success() {
+                bail!(
+                    "tributary-collector token add {agent_id} failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            let token = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            tokens.push((agent_id.clone(), token));
+        }
+        let config_arg = config_path.display().to_string();
+        let process = Process::spawn(
+            "collector",
+            &binaries.collector,
+            &["serve", "--config", &config_arg],
+            &spec.dir,
+        )?;
+        let mut collector = Self {
+            process,
+            config_path,
+            quic_address,
+            metrics_address,
+            api_address,
+            fingerprint: String::new(),
+            tokens,
+        };
+        collector.wait_ready()?;
+        Ok(collector)
+    }
+
+    /// Waits for the fingerprint line and a 200 from `/readyz`.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let metrics_address = self.metrics_address;
+        let process = &mut self.process;
+        let fingerprint = wait_for("the collector to start", Duration::from_secs(60), || {
+            process.check_running()?;
+            let stdout = process.stdout();
+            let fingerprint = stdout
+                .lines()
+                .rev()
+                .find_map(|line| line.strip_prefix("certificate fingerprint (sha256): "))
+                .map(str::to_string);
+            let Some(fingerprint) = fingerprint else {
+                return Ok(None);
+            };
+            match http_get(metrics_address, "/readyz") {
+                Ok((200, _)) => Ok(Some(fingerprint)),
+                Ok((status, body)) => bail!("/readyz answered {status}: {body}"),
+                Err(error) => Err(error),
+            }
+        })?;
+        self.fingerprint = fingerprint;
+        Ok(())
+    }
+
+    pub fn token(&self, agent_id: &str) -> Option<&str> {
+        self.tokens
+            .iter()
+            .find(|(id, _)| id == agent_id)
+            .map(|(_, token)| token.as_str())
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        match http_get(self.metrics_address, "/metrics")? {
+            (200, body) => Ok(body),
+            (status, body) => bail!("collector /metrics answered {status}: {body}"),
+        }
+    }
+
+    /// GET on the query API; the body of a 200, else an error with the answer.
+    pub fn api_get(&self, path: &str) -> anyhow::Result<String> {
+        match http_get(self.api_address, path)? {
+            (200, body) => Ok(body),
+            (status, body) => bail!("GET {path} answered {status}: {body}"),
+        }
+    }
+
+    /// Restarts after a kill or stop, with the same config and state.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.start()?;
+        self.wait_ready()
+    }
+}
+
+/// How to run an agent: an embedded MQTT broker source and optionally a serial source.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub dir: PathBuf,
+    pub agent_id: String,
+    pub collector_address: SocketAddr,
+    pub fingerprint: String,
+    pub token: String,
+    /// The tty (or a symlink to it) of a serial device to read, if any.
+    pub serial_path: Option<PathBuf>,
+    /// Edge window width.
+    pub window_ms: u64,
+    /// Buffer cap in bytes.
+    pub max_buffer_bytes: u64,
+    /// Topic prefix the simulator uses (`P/site/...`), if any.
+    pub topic_prefix: Option<String>,
+}
+
+impl AgentSpec {
+    pub fn new(dir: PathBuf, agent_id: &str, collector: &Collector) -> anyhow::Result<Self> {
+        let token = collector
+            .token(agent_id)
+            .with_context(|| format!("the collector has no token for {agent_id}"))?
+            .to_string();
+        Ok(Self {
+            dir,
+            agent_id: agent_id.to_string(),
+            collector_address: collector.quic_address,
+            fingerprint: collector.fingerprint.clone(),
+            token,
+            serial_path: None,
+            window_ms: 10_000,
+            max_buffer_bytes: 64 * 1024 * 1024,
+            topic_prefix: None,
+        })
+    }
+}
+
+/// A running `tributary-agent run`.
+#[derive(Debug)]
+pub struct Agent {
+    pub process: Process,
+    pub config_path: PathBuf,
+    pub broker_address: SocketAddr,
+    pub metrics_address: SocketAddr,
+}
+
+impl Agent {
+    pub fn start(binaries: &Binaries, spec: &AgentSpec) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&spec.dir)
+            .with_context(|| format!("creating {}", spec.dir.display()))?;
+        let broker_address = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
+        let metrics_address = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
+        let config_path = spec.dir.join("agent.toml");
+        let prefix = spec
+            .topic_prefix
+            .as_ref()
+            .map(|prefix| format!("{prefix}/"))
+            .unwrap_or_default();
+        let mut config = format!(
+            "agent_id = {agent_id:?}\n\n\
+             [collector]\naddress = \"{collector}\"\nserver_name = \"localhost\"\n\
+             cert_fingerprint_sha256 = {fingerprint:?}\ntoken = {token:?}\n\n\
+             [buffer]\npath = {buffer:?}\nmax_buffer_bytes = {max_buffer_bytes}\n\n\
+             [metrics]\nlisten_address = \"{metrics_address}\"\n\n\
+             [[sources]]\nname = \"fleet\"\n\n\
+             [sources.mqtt_broker]\nlisten_address = \"{broker_address}\"\n\n\
+             [[sources.mqtt_broker.topics]]\ntemplate = \"{prefix}site/{{site}}/dev/{{device}}/{{metric}}\"\n\
+             payload = {{ format = \"plain\" }}\n\n\
+             [[sources.mqtt_broker.topics]]\ntemplate = \"{prefix}site/{{site}}/dev/{{device}}\"\n\
+             payload = {{ format = \"json\", timestamp_field = \"ts\", timestamp_unit = \"ms\" }}\n\n\
+             [sources.aggregation]\nwindow_ms = {window_ms}\nraw = {{ policy = \"all\" }}\n",
+            agent_id = spec.agent_id,
+            collector = spec.collector_address,
+            fingerprint = spec.fingerprint,
+            token = spec.token,
+            buffer = spec.dir.join("buffer").display().to_string(),
+            max_buffer_bytes = spec.max_buffer_bytes,
+            window_ms = spec.window_ms,
+        );
+        if let Some(serial) = &spec.serial_path {
+            config.push_str(&format!(
+                "\n[[sources]]\nname = \"serial\"\n\n[sources.serial]\npath = {path:?}\n\
+                 reconnect_interval_ms = 100\n\n[sources.aggregation]\nwindow_ms = {window_ms}\n\
+                 raw = {{ policy = \"all\" }}\n",
+                path = serial.display().to_string(),
+                window_ms = spec.window_ms,
+            ));
+        }
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("writing {}", config_path.display()))?;
+        let config_arg = config_path.display().to_string();
+        let process = Process::spawn(
+            &format!("agent-{}", spec.agent_id),
+            &binaries.agent,
+            &["run", "--config", &config_arg],
+            &spec.dir,
+        )?;
+        let mut agent = Self {
+            process,
+            config_path,
+            broker_address,
+            metrics_address,
+        };
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Waits for `/metrics` and the broker's port to answer.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let metrics_address = self.metrics_address;
+        let broker_address = self.broker_address;
+        let process = &mut self.process;
+        wait_for("the agent to start", Duration::from_secs(60), || {
+            process.check_running()?;
+            if http_get(metrics_address, "/metrics").is_err() {
+                return Ok(None);
+            }
+            Ok(TcpStream::connect_timeout(&broker_address, Duration::from_secs(1))
+                .ok()
+                .map(|_| ()))
+        })
+    }
+
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        match http_get(self.metrics_address, "/metrics")? {
+            (200, body) => Ok(body),
+            (status, body) => bail!("agent /metrics answered {status}: {body}"),
+        }
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.start()?;
+        self.wait_ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_values_are_found_by_name_and_label_subset() {
+        let text = "# HELP x\nreadings_total{source=\"a\",kind=\"raw\"} 3\n\
+                    readings_total{source=\"b\",kind=\"raw\"} 4\nother 1.5\n";
+        assert_eq!(metric_value(text, "readings_total", &[]), Some(7.0));
+        assert_eq!(
+            metric_value(text, "readings_total", &["source=\"b\""]),
+            Some(4.0)
+        );
+        assert_eq!(metric_value(text, "other", &[]), Some(1.5));
+        assert_eq!(metric_value(text, "missing", &[]), None);
+    }
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").ok(),
+            Some("hello world".to_string())
+        );
+        assert!(dechunk("zz\r\nhello").is_err());
+    }
+
+    #[test]
+    fn waiting_reports_the_last_error_on_timeout() {
+        let error = wait_for::<()>("nothing", Duration::from_millis(10), || {
+            bail!("still broken")
+        })
+        .unwrap_err();
+        assert!(error.to_string().contains("still broken"), "{error}");
+    }
+}

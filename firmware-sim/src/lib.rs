@@ -8,9 +8,11 @@
 //! - [`sim`]: the sans-IO simulation core.
 //! - [`ledger`]: the ground truth; [`verify`]: comparing it with the store.
 //! - [`run`], [`serial`]: the IO shells (MQTT publisher, pseudo-terminal).
+//! - [`demo`]: `tributary-sim demo`, the whole pipeline from one command.
 //! - [`cluster`]: collector and agent processes on loopback, for the demo and end-to-end tests.
 
 pub mod cluster;
+pub mod demo;
 pub mod faults;
 pub mod fleet;
 pub mod format;

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use tributary_firmware_sim::demo::{run_demo, DemoOptions};
 use tributary_firmware_sim::faults::FaultConfig;
 use tributary_firmware_sim::format::MessageFormat;
 use tributary_firmware_sim::ledger::{parse_json_lines, LedgerRecord};
@@ -26,7 +27,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Runs the whole pipeline on loopback with embedded defaults (the README's first command).
-    Demo,
+    Demo(DemoArgs),
     /// Publishes a fleet's readings over MQTT (and/or a serial pty) and writes the ledger.
     Run(RunArgs),
     /// Compares a ledger with what the store holds.
@@ -76,6 +77,24 @@ struct RunArgs {
 }
 
 #[derive(Args, Debug)]
+struct DemoArgs {
+    /// State and logs of every process (default: a fresh directory under the temp dir).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 12)]
+    devices: usize,
+    /// Readings per second per device and metric.
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// Port of the dashboard and query API on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    http_port: u16,
+    /// Stop by itself after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<f64>,
+}
+
+#[derive(Args, Debug)]
 struct VerifyArgs {
     #[arg(long)]
     ledger: PathBuf,
@@ -102,21 +121,16 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Demo => {
-            println!(
-                "tributary demo (not wired up yet; tracked in the device simulator issue)\n\
-                 \n\
-                 When it lands, this command will start, all on 127.0.0.1 with no external services:\n\
-                 - a simulated fleet of devices publishing temperature, humidity, pressure, vibration\n\
-                   and energy readings over MQTT, plus one serial device on a pseudo-terminal;\n\
-                 - tributary-agent with its embedded MQTT broker, reading both, pre-aggregating and\n\
-                   buffering to disk;\n\
-                 - tributary-collector on its embedded log and store, with the query API and the\n\
-                   fleet dashboard;\n\
-                 and print where to look and live counts until Ctrl-C stops everything."
-            );
-            Ok(())
-        }
+        Command::Demo(args) => run_demo(&DemoOptions {
+            dir: args.dir,
+            devices: args.devices,
+            rate_hz: args.rate,
+            http_port: args.http_port,
+            duration: args
+                .duration
+                .filter(|seconds| seconds.is_finite() && *seconds > 0.0)
+                .map(Duration::from_secs_f64),
+        }),
         Command::Run(args) => {
             let faults: FaultConfig = args.faults.parse()?;
             if !(args.duration.is_finite()
@@ -146,6 +160,7 @@ fn main() -> anyhow::Result<()> {
                 client_id: args.client_id,
                 topic_prefix: args.topic_prefix,
                 drain_timeout: Duration::from_secs(30),
+                stop: None,
             };
             let summary = run(config, &options, |path| {
                 println!("serial device: {}", path.display());

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub topic_prefix: Option<String>,
     /// How long to wait for acknowledgements and for a serial reader at the end.
     pub drain_timeout: Duration,
+    /// Set to end the run early (at the next tick), as if its duration had passed.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// What a run did.
@@ -246,6 +248,13 @@ pub fn run(
             Ok(())
         };
     for offset_ms in offsets {
+        if options
+            .stop
+            .as_ref()
+            .is_some_and(|stop| stop.load(Ordering::SeqCst))
+        {
+            break;
+        }
         let due = started + Duration::from_millis(offset_ms.max(0) as u64);
         let now = Instant::now();
         if due > now {

@@ -83,6 +83,7 @@ fn a_faulty_run_delivers_exactly_what_its_ledger_says() {
         client_id: format!("sim-test-pub-{suffix}"),
         topic_prefix: Some(prefix.clone()),
         drain_timeout: Duration::from_secs(20),
+        stop: None,
     };
     let summary = run(config, &run_options, |_| {}).expect("sim run");
     assert!(summary.reconnects >= 1, "disconnects fault: {summary:?}");

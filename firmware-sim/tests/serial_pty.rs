@@ -39,6 +39,7 @@ fn serial_lines_on_the_pty_match_the_ledger() {
         client_id: "unused".into(),
         topic_prefix: None,
         drain_timeout: Duration::from_secs(10),
+        stop: None,
     };
     let sink = Arc::clone(&received);
     let link_for_check = link.clone();

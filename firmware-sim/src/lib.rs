@@ -6,7 +6,8 @@
 //! - [`format`]: payload and serial line encoders.
 //! - [`faults`]: which faults are on.
 //! - [`sim`]: the sans-IO simulation core.
-//! - [`ledger`]: the ground truth; [`verify`]: comparing it with the store.
+//! - [`ledger`]: the ground truth; [`verify`]: comparing it with the store; [`observe`]:
+//!   reading the store's windows through the collector's query API.
 //! - [`run`], [`serial`]: the IO shells (MQTT publisher, pseudo-terminal).
 //! - [`demo`]: `tributary-sim demo`, the whole pipeline from one command.
 //! - [`cluster`]: collector and agent processes on loopback, for the demo and end-to-end tests.
@@ -17,6 +18,7 @@ pub mod faults;
 pub mod fleet;
 pub mod format;
 pub mod ledger;
+pub mod observe;
 pub mod run;
 pub mod serial;
 pub mod signal;

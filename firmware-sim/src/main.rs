@@ -9,6 +9,7 @@ use tributary_firmware_sim::demo::{run_demo, DemoOptions};
 use tributary_firmware_sim::faults::FaultConfig;
 use tributary_firmware_sim::format::MessageFormat;
 use tributary_firmware_sim::ledger::{parse_json_lines, LedgerRecord};
+use tributary_firmware_sim::observe::{observed_windows, parse_api_url};
 use tributary_firmware_sim::run::{run, RunOptions};
 use tributary_firmware_sim::sim::SimConfig;
 use tributary_firmware_sim::verify::{compare, split_records};
@@ -101,7 +102,8 @@ struct VerifyArgs {
     /// Windows observed in the store, as JSON lines of `{"kind":"window",...}` records.
     #[arg(long, conflicts_with = "store")]
     observed: Option<PathBuf>,
-    /// Query the store directly (not implemented yet: export windows and pass --observed).
+    /// The collector's query API, `http://IP:PORT`: windows at the ledger's width are read
+    /// from the store through it (embedded store or ClickHouse alike).
     #[arg(long)]
     store: Option<String>,
     /// Relative tolerance for sums and values.
@@ -172,14 +174,19 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify(args) => {
-            let Some(observed_path) = args.observed else {
-                anyhow::bail!(
-                    "--store {} is not supported yet (the store's query API is being built); export the store's windows as JSON lines and pass --observed FILE",
-                    args.store.unwrap_or_default()
-                );
-            };
             let (ledger_windows, receive_timed) = split_records(read_records(&args.ledger)?);
-            let (observed_windows, _) = split_records(read_records(&observed_path)?);
+            let observed_windows = match (args.observed, args.store) {
+                (Some(path), _) => split_records(read_records(&path)?).0,
+                (None, Some(url)) => {
+                    let api = parse_api_url(&url)?;
+                    let window_ms = ledger_windows.first().map_or(60_000, |w| w.window_ms);
+                    let from_ms = ledger_windows.iter().map(|w| w.window_start_ms).min().unwrap_or(0);
+                    let to_ms = ledger_windows.iter().map(|w| w.window_start_ms).max().unwrap_or(0) + window_ms;
+                    // Receive-timed readings land near the run's windows: widen by an hour.
+                    observed_windows(api, window_ms, from_ms - 3_600_000, to_ms + 3_600_000)?
+                }
+                (None, None) => anyhow::bail!("say what to compare with: --store http://IP:PORT (the collector's query API) or --observed FILE"),
+            };
             let report = compare(
                 &ledger_windows,
                 &receive_timed,

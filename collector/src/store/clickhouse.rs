@@ -14,17 +14,19 @@
 //! or checked there (idempotent). Servers without `TTL` get retention from
 //! [`ClickHouseStore::drop_expired_partitions`], which the caller runs periodically.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::clickhouse::{Client, Row, RowOwned, RowRead, RowWrite};
 use serde::{Deserialize, Serialize};
 
 use super::schema::{
-    self, Dialect, SchemaConfig, SeriesSelector, LAST_SEEN_TABLE, LATE_TABLE, RAW_TABLE,
+    self, Dialect, SchemaConfig, SeriesSelector, CHECKPOINTS_TABLE, LAST_SEEN_TABLE, LATE_TABLE,
+    RAW_TABLE,
 };
 use super::{
-    BatchPolicy, DeviceRow, FlushReport, LastSeenRow, LateCountRow, LatestValueRow, PendingWrites,
-    RawReadingRow, RetryPolicy, RollupRow, SeriesRow, Store, StoreError,
+    BatchPolicy, Checkpoint, DeviceRow, FlushReport, LastSeenRow, LateCountRow, LatestValueRow,
+    PendingWrites, RawReadingRow, RetryPolicy, RollupRow, SeriesRow, Store, StoreError,
 };
 use crate::process::{LateReading, WindowResult};
 
@@ -57,9 +59,10 @@ impl Default for ClickHouseStoreConfig {
     }
 }
 
-/// The ClickHouse implementation of [`Store`], plus the dashboard's queries.
+/// The ClickHouse implementation of [`Store`], plus the dashboard's queries (through
+/// [`ClickHouseStore::reader`]).
 pub struct ClickHouseStore {
-    client: Client,
+    reader: ClickHouseReader,
     /// Bound to the store's database: the insert API quotes the table name as one identifier.
     insert_client: Client,
     config: ClickHouseStoreConfig,
@@ -67,6 +70,58 @@ pub struct ClickHouseStore {
     server_version: String,
     resolutions_ms: Vec<i64>,
     pending: PendingWrites,
+    /// The last checkpoint version written (see [`next_checkpoint_version`]).
+    last_checkpoint_version: u64,
+}
+
+/// The read side: the dashboard's queries and checkpoint loads. Cheap to clone (the HTTP
+/// client is shared), usable while the store writes.
+#[derive(Clone)]
+pub struct ClickHouseReader {
+    client: Client,
+    url: Arc<str>,
+    database: Arc<str>,
+    resolutions_ms: Arc<[i64]>,
+    finest_resolution_ms: Option<i64>,
+    request_timeout_ms: u64,
+}
+
+/// A stored checkpoint, as the `checkpoints` table holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Row)]
+pub struct CheckpointRow {
+    pub consumer_group: String,
+    pub log_partition: u32,
+    pub next_offset: u64,
+    #[serde(with = "super::bytes_column")]
+    pub engine_state: Vec<u8>,
+    /// Higher wins; see [`next_checkpoint_version`].
+    pub saved_version: u64,
+}
+
+impl CheckpointRow {
+    pub fn into_checkpoint(self) -> Checkpoint {
+        Checkpoint {
+            group: self.consumer_group,
+            partition: self.log_partition,
+            next_offset: self.next_offset,
+            engine_state: self.engine_state,
+        }
+    }
+}
+
+/// The version of the next checkpoint insert: above every earlier one of this store and of
+/// the database, and at least the wall clock in microseconds, so that after a rebalance the
+/// newest owner's checkpoint of a partition wins over an older owner's even though the two
+/// processes count separately. The offset is not used: a replay moves it backwards.
+pub fn next_checkpoint_version(last_version: u64, wall_clock_us: u64) -> u64 {
+    last_version.saturating_add(1).max(wall_clock_us)
+}
+
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 #[derive(Row, Deserialize)]
@@ -77,6 +132,11 @@ struct VersionRow {
 #[derive(Row, Deserialize)]
 struct SchemaVersionRow {
     version: u32,
+}
+
+#[derive(Row, Deserialize)]
+struct CheckpointVersionRow {
+    version: u64,
 }
 
 #[derive(Row, Deserialize)]
@@ -91,65 +151,39 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-impl ClickHouseStore {
-    /// Connects, detects the server version, and creates (or checks) the schema.
-    pub async fn connect(config: ClickHouseStoreConfig, now_ms: i64) -> Result<Self, StoreError> {
-        config.schema.validate()?;
-        let mut client = Client::default()
-            .with_url(&config.url)
-            .with_validation(false);
-        if let Some(user) = &config.user {
-            client = client.with_user(user);
-        }
-        if let Some(password) = &config.password {
-            client = client.with_password(password);
-        }
-        let mut store = Self {
-            insert_client: client.clone().with_database(&config.schema.database),
+impl ClickHouseReader {
+    fn new(client: Client, config: &ClickHouseStoreConfig) -> Self {
+        Self {
             client,
+            url: Arc::from(config.url.as_str()),
+            database: Arc::from(config.schema.database.as_str()),
             resolutions_ms: config
                 .schema
                 .rollups
                 .iter()
                 .map(|rollup| rollup.resolution_ms)
                 .collect(),
-            config,
-            dialect: Dialect::Legacy,
-            server_version: String::new(),
-            pending: PendingWrites::default(),
-        };
-        let version: VersionRow = store
-            .fetch_one("SELECT version() AS version", "detect the server version")
-            .await?;
-        store.dialect = Dialect::for_version(&version.version)?;
-        store.server_version = version.version;
-        store.migrate(now_ms).await?;
-        Ok(store)
+            finest_resolution_ms: config.schema.finest_resolution_ms(),
+            request_timeout_ms: config.request_timeout_ms,
+        }
     }
 
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
-    pub fn server_version(&self) -> &str {
-        &self.server_version
-    }
-
-    pub fn config(&self) -> &ClickHouseStoreConfig {
-        &self.config
+    /// The rollup resolutions the schema has tables for.
+    pub fn resolutions_ms(&self) -> &[i64] {
+        &self.resolutions_ms
     }
 
     fn database(&self) -> &str {
-        &self.config.schema.database
+        &self.database
     }
 
     fn timeout(&self) -> Duration {
-        Duration::from_millis(self.config.request_timeout_ms.max(1))
+        Duration::from_millis(self.request_timeout_ms.max(1))
     }
 
     fn error(&self, operation: &str, source: ::clickhouse::error::Error) -> StoreError {
         StoreError::ClickHouse {
-            url: self.config.url.clone(),
+            url: self.url.to_string(),
             operation: operation.to_string(),
             source,
         }
@@ -157,9 +191,9 @@ impl ClickHouseStore {
 
     fn timed_out(&self, operation: &str) -> StoreError {
         StoreError::Timeout {
-            url: self.config.url.clone(),
+            url: self.url.to_string(),
             operation: operation.to_string(),
-            timeout_ms: self.config.request_timeout_ms,
+            timeout_ms: self.request_timeout_ms,
         }
     }
 
@@ -195,13 +229,173 @@ impl ClickHouseStore {
         }
     }
 
+    /// Devices and the agent that reported each last.
+    pub async fn list_devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
+        self.fetch_all(&schema::sql_list_devices(self.database()), "list devices")
+            .await
+    }
+
+    /// Every series with when it was last seen.
+    pub async fn list_series(&self) -> Result<Vec<SeriesRow>, StoreError> {
+        self.fetch_all(&schema::sql_list_series(self.database()), "list series")
+            .await
+    }
+
+    /// Latest value per series (all series when `series` is empty), from the finest rollup.
+    pub async fn latest_values(
+        &self,
+        series: &[SeriesSelector],
+    ) -> Result<Vec<LatestValueRow>, StoreError> {
+        let Some(finest) = self.finest_resolution_ms else {
+            return Ok(Vec::new());
+        };
+        self.fetch_all(
+            &schema::sql_latest_values(self.database(), finest, series),
+            "read latest values",
+        )
+        .await
+    }
+
+    /// Windows of `series` at `resolution_ms` starting in `[from_ms, to_ms)`, one row per
+    /// agent and window at its highest version. An empty selection selects nothing.
+    pub async fn rollup_range(
+        &self,
+        resolution_ms: i64,
+        series: &[SeriesSelector],
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<RollupRow>, StoreError> {
+        if !self.resolutions_ms.contains(&resolution_ms) {
+            return Err(StoreError::UnknownResolution { resolution_ms });
+        }
+        match schema::sql_rollup_range(self.database(), resolution_ms, series, from_ms, to_ms) {
+            Some(sql) => self.fetch_all(&sql, "read a rollup range").await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Raw readings of `series` in `[from_ms, to_ms)`, each once. An empty selection selects
+    /// nothing.
+    pub async fn raw_range(
+        &self,
+        series: &[SeriesSelector],
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<RawReadingRow>, StoreError> {
+        match schema::sql_raw_range(self.database(), series, from_ms, to_ms) {
+            Some(sql) => self.fetch_all(&sql, "read a raw range").await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Late rows and readings with event time in `[from_ms, to_ms)` per agent, reason, resolution.
+    pub async fn late_counts(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<LateCountRow>, StoreError> {
+        self.fetch_all(
+            &schema::sql_late_counts(self.database(), from_ms, to_ms),
+            "count late readings",
+        )
+        .await
+    }
+
+    /// The latest durable checkpoint of `(group, partition)`.
+    pub async fn load_checkpoint(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> Result<Option<Checkpoint>, StoreError> {
+        let rows: Vec<CheckpointRow> = self
+            .fetch_all(
+                &schema::sql_load_checkpoint(self.database(), group, partition),
+                &format!("load the checkpoint of group {group:?} partition {partition}"),
+            )
+            .await?;
+        Ok(rows.into_iter().next().map(CheckpointRow::into_checkpoint))
+    }
+}
+
+impl ClickHouseStore {
+    /// Connects, detects the server version, and creates (or checks) the schema.
+    pub async fn connect(config: ClickHouseStoreConfig, now_ms: i64) -> Result<Self, StoreError> {
+        config.schema.validate()?;
+        let mut client = Client::default()
+            .with_url(&config.url)
+            .with_validation(false);
+        if let Some(user) = &config.user {
+            client = client.with_user(user);
+        }
+        if let Some(password) = &config.password {
+            client = client.with_password(password);
+        }
+        let mut store = Self {
+            insert_client: client.clone().with_database(&config.schema.database),
+            reader: ClickHouseReader::new(client, &config),
+            resolutions_ms: config
+                .schema
+                .rollups
+                .iter()
+                .map(|rollup| rollup.resolution_ms)
+                .collect(),
+            config,
+            dialect: Dialect::Legacy,
+            server_version: String::new(),
+            pending: PendingWrites::default(),
+            last_checkpoint_version: 0,
+        };
+        let version: VersionRow = store
+            .reader
+            .fetch_one("SELECT version() AS version", "detect the server version")
+            .await?;
+        store.dialect = Dialect::for_version(&version.version)?;
+        store.server_version = version.version;
+        store.migrate(now_ms).await?;
+        let checkpoint_version: CheckpointVersionRow = store
+            .reader
+            .fetch_one(
+                &schema::sql_max_checkpoint_version(store.database()),
+                "read the highest checkpoint version",
+            )
+            .await?;
+        store.last_checkpoint_version = checkpoint_version.version;
+        Ok(store)
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn server_version(&self) -> &str {
+        &self.server_version
+    }
+
+    pub fn config(&self) -> &ClickHouseStoreConfig {
+        &self.config
+    }
+
+    /// The read side, for the query API; clones share the HTTP client.
+    pub fn reader(&self) -> ClickHouseReader {
+        self.reader.clone()
+    }
+
+    fn database(&self) -> &str {
+        &self.config.schema.database
+    }
+
+    fn timeout(&self) -> Duration {
+        self.reader.timeout()
+    }
+
     /// Creates what is missing and records the schema version; refuses a newer schema.
     async fn migrate(&self, now_ms: i64) -> Result<(), StoreError> {
         for statement in schema::render_schema(&self.config.schema, self.dialect)? {
-            self.execute(&statement, "create the schema").await?;
+            self.reader.execute(&statement, "create the schema").await?;
         }
         let database = self.database();
         let found: SchemaVersionRow = self
+            .reader
             .fetch_one(
                 &schema::sql_schema_version(database),
                 "read the schema version",
@@ -215,11 +409,12 @@ impl ClickHouseStore {
             });
         }
         if found.version < schema::SCHEMA_VERSION {
-            self.execute(
-                &schema::sql_record_schema_version(database, now_ms),
-                "record the schema version",
-            )
-            .await?;
+            self.reader
+                .execute(
+                    &schema::sql_record_schema_version(database, now_ms),
+                    "record the schema version",
+                )
+                .await?;
         }
         Ok(())
     }
@@ -242,8 +437,8 @@ impl ClickHouseStore {
         };
         match tokio::time::timeout(self.timeout(), attempt).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(self.error(&operation, source)),
-            Err(_) => Err(self.timed_out(&operation)),
+            Ok(Err(source)) => Err(self.reader.error(&operation, source)),
+            Err(_) => Err(self.reader.timed_out(&operation)),
         }
     }
 
@@ -323,39 +518,52 @@ impl ClickHouseStore {
         self.insert_with_retry(LAST_SEEN_TABLE, &last_seen, &mut report)
             .await?;
         self.pending.last_seen.clear();
+        // Last: a checkpoint is never durable before the rows it accounts for.
+        if !self.pending.checkpoints.is_empty() {
+            let mut version = self.last_checkpoint_version;
+            let rows: Vec<CheckpointRow> = self
+                .pending
+                .checkpoints
+                .values()
+                .map(|checkpoint| {
+                    version = next_checkpoint_version(version, wall_clock_us());
+                    CheckpointRow {
+                        consumer_group: checkpoint.group.clone(),
+                        log_partition: checkpoint.partition,
+                        next_offset: checkpoint.next_offset,
+                        engine_state: checkpoint.engine_state.clone(),
+                        saved_version: version,
+                    }
+                })
+                .collect();
+            self.insert_with_retry(CHECKPOINTS_TABLE, &rows, &mut report)
+                .await?;
+            self.last_checkpoint_version = version;
+            self.pending.checkpoints.clear();
+        }
         self.pending.mark_flushed();
         Ok(report)
     }
 
     /// Devices and the agent that reported each last.
     pub async fn list_devices(&self) -> Result<Vec<DeviceRow>, StoreError> {
-        self.fetch_all(&schema::sql_list_devices(self.database()), "list devices")
-            .await
+        self.reader.list_devices().await
     }
 
     /// Every series with when it was last seen.
     pub async fn list_series(&self) -> Result<Vec<SeriesRow>, StoreError> {
-        self.fetch_all(&schema::sql_list_series(self.database()), "list series")
-            .await
+        self.reader.list_series().await
     }
 
-    /// Latest value per series (all series when `series` is empty), from the finest rollup.
+    /// See [`ClickHouseReader::latest_values`].
     pub async fn latest_values(
         &self,
         series: &[SeriesSelector],
     ) -> Result<Vec<LatestValueRow>, StoreError> {
-        let Some(finest) = self.config.schema.finest_resolution_ms() else {
-            return Ok(Vec::new());
-        };
-        self.fetch_all(
-            &schema::sql_latest_values(self.database(), finest, series),
-            "read latest values",
-        )
-        .await
+        self.reader.latest_values(series).await
     }
 
-    /// Windows of `series` at `resolution_ms` starting in `[from_ms, to_ms)`, one row per
-    /// agent and window at its highest version.
+    /// See [`ClickHouseReader::rollup_range`].
     pub async fn rollup_range(
         &self,
         resolution_ms: i64,
@@ -363,39 +571,28 @@ impl ClickHouseStore {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<RollupRow>, StoreError> {
-        if !self.resolutions_ms.contains(&resolution_ms) {
-            return Err(StoreError::UnknownResolution { resolution_ms });
-        }
-        match schema::sql_rollup_range(self.database(), resolution_ms, series, from_ms, to_ms) {
-            Some(sql) => self.fetch_all(&sql, "read a rollup range").await,
-            None => Ok(Vec::new()),
-        }
+        self.reader
+            .rollup_range(resolution_ms, series, from_ms, to_ms)
+            .await
     }
 
-    /// Raw readings of `series` in `[from_ms, to_ms)`, each once.
+    /// See [`ClickHouseReader::raw_range`].
     pub async fn raw_range(
         &self,
         series: &[SeriesSelector],
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<RawReadingRow>, StoreError> {
-        match schema::sql_raw_range(self.database(), series, from_ms, to_ms) {
-            Some(sql) => self.fetch_all(&sql, "read a raw range").await,
-            None => Ok(Vec::new()),
-        }
+        self.reader.raw_range(series, from_ms, to_ms).await
     }
 
-    /// Late rows and readings with event time in `[from_ms, to_ms)` per agent, reason, resolution.
+    /// See [`ClickHouseReader::late_counts`].
     pub async fn late_counts(
         &self,
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<LateCountRow>, StoreError> {
-        self.fetch_all(
-            &schema::sql_late_counts(self.database(), from_ms, to_ms),
-            "count late readings",
-        )
-        .await
+        self.reader.late_counts(from_ms, to_ms).await
     }
 
     /// Drops daily partitions older than each table's retention; returns `(table, day)` pairs
@@ -407,6 +604,7 @@ impl ClickHouseStore {
         let mut dropped = Vec::new();
         for retained in self.config.schema.retained_tables() {
             let partitions: Vec<PartitionRow> = self
+                .reader
                 .fetch_all(
                     &schema::sql_list_partitions(self.database(), &retained.table),
                     &format!("list partitions of {}", retained.table),
@@ -414,11 +612,12 @@ impl ClickHouseStore {
                 .await?;
             let ids: Vec<String> = partitions.into_iter().map(|row| row.partition).collect();
             for day in schema::partitions_to_drop(&ids, now_ms, retained.retention_days) {
-                self.execute(
-                    &schema::sql_drop_partition(self.database(), &retained.table, day),
-                    &format!("drop partition {day} of {}", retained.table),
-                )
-                .await?;
+                self.reader
+                    .execute(
+                        &schema::sql_drop_partition(self.database(), &retained.table, day),
+                        &format!("drop partition {day} of {}", retained.table),
+                    )
+                    .await?;
                 tracing::info!(table = %retained.table, day, "dropped an expired partition");
                 dropped.push((retained.table.clone(), day));
             }
@@ -449,6 +648,20 @@ impl Store for ClickHouseStore {
         self.pending.push_last_seen(rows, now_ms);
     }
 
+    fn write_checkpoint(&mut self, checkpoint: Checkpoint) {
+        self.pending.push_checkpoint(checkpoint);
+    }
+
+    fn load_checkpoint(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> impl std::future::Future<Output = Result<Option<Checkpoint>, StoreError>> + Send {
+        let reader = self.reader.clone();
+        let group = group.to_string();
+        async move { reader.load_checkpoint(&group, partition).await }
+    }
+
     fn buffered_rows(&self) -> usize {
         self.pending.row_count()
     }
@@ -461,5 +674,22 @@ impl Store for ClickHouseStore {
         &mut self,
     ) -> impl std::future::Future<Output = Result<FlushReport, StoreError>> + Send {
         self.flush_pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_checkpoint_version;
+
+    #[test]
+    fn checkpoint_versions_only_grow() {
+        assert_eq!(next_checkpoint_version(0, 1_000), 1_000);
+        assert_eq!(next_checkpoint_version(1_000, 1_000), 1_001);
+        assert_eq!(
+            next_checkpoint_version(5_000, 1_000),
+            5_001,
+            "a clock step back"
+        );
+        assert_eq!(next_checkpoint_version(u64::MAX, 0), u64::MAX);
     }
 }

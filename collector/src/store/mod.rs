@@ -16,6 +16,8 @@
 //! Design notes and the query set: `docs/clickhouse.md`.
 
 pub mod clickhouse;
+pub mod embedded;
+pub mod queries;
 pub mod schema;
 
 use std::collections::BTreeMap;
@@ -26,7 +28,9 @@ use tributary_protocol::{Batch, SeriesKey};
 
 use crate::process::{LateItem, LateReading, LateReason, WindowResult};
 
-pub use self::clickhouse::{ClickHouseStore, ClickHouseStoreConfig};
+pub use self::clickhouse::{ClickHouseReader, ClickHouseStore, ClickHouseStoreConfig};
+pub use embedded::{EmbeddedReader, EmbeddedStore, EmbeddedStoreConfig, RetentionReport};
+pub use queries::Queries;
 pub use schema::{Dialect, RollupSpec, SchemaConfig, SchemaError, SeriesSelector};
 
 /// Why a store operation failed.
@@ -62,6 +66,43 @@ pub enum StoreError {
         attempts: u32,
         elapsed_ms: u64,
         last_error: String,
+    },
+    #[error(
+        "embedded store at {path}: {operation}: {source}; check that the directory is writable, \
+         the disk has space, and no other collector has the store open"
+    )]
+    Embedded {
+        path: std::path::PathBuf,
+        operation: String,
+        #[source]
+        source: sled::Error,
+    },
+    #[error(
+        "embedded store at {path}: {what} (key {key_hex}) cannot be decoded; the store is damaged \
+         or was written by another version: restore it from a backup or replay the log into a new \
+         store directory"
+    )]
+    EmbeddedCorrupt {
+        path: std::path::PathBuf,
+        what: String,
+        key_hex: String,
+    },
+    #[error(
+        "embedded store at {path} has format version {found}, newer than this collector's \
+         {supported}; upgrade the collector or point it at another directory"
+    )]
+    EmbeddedFormatTooNew {
+        path: std::path::PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error(
+        "embedded store at {path}: the blocking writer task failed ({reason}); the rows stay \
+         buffered, call flush again"
+    )]
+    EmbeddedTask {
+        path: std::path::PathBuf,
+        reason: String,
     },
     #[error(
         "database {database} has schema version {found}, newer than this collector's {supported}; \
@@ -184,7 +225,7 @@ pub fn raw_rows_from_batch(batch: &Batch) -> (Vec<RawReadingRow>, usize) {
 }
 
 /// `String` columns holding arbitrary bytes (the postcard-encoded sketch).
-mod bytes_column {
+pub(crate) mod bytes_column {
     use serde::{de, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
@@ -452,6 +493,21 @@ pub struct LateCountRow {
     pub late_readings: u64,
 }
 
+/// A consumer's position and engine state for one log partition, stored with its results.
+///
+/// Why in the store: exactly once needs the results and the position that produced them to
+/// become durable together (embedded: one atomic batch) or in order (ClickHouse: the
+/// checkpoint is inserted after the rows, so a crash in between only replays results that
+/// replace themselves). On start the consumer restores `engine_state` and reads the log from
+/// `next_offset`; the log's own committed offsets are only a hint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub group: String,
+    pub partition: u32,
+    pub next_offset: u64,
+    pub engine_state: Vec<u8>,
+}
+
 /// When buffered writes should be flushed: enough rows, or the oldest waited long enough.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -514,6 +570,8 @@ pub struct PendingWrites {
     pub late: Vec<LateRow>,
     /// Coalesced per key to the latest sighting.
     pub last_seen: BTreeMap<(String, String, String, String, String), u64>,
+    /// The latest checkpoint per `(group, partition)`; written after every row above.
+    pub checkpoints: BTreeMap<(String, u32), Checkpoint>,
     oldest_buffered_ms: Option<i64>,
 }
 
@@ -523,6 +581,7 @@ impl PendingWrites {
             + self.rollups.values().map(Vec::len).sum::<usize>()
             + self.late.len()
             + self.last_seen.len()
+            + self.checkpoints.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -579,6 +638,13 @@ impl PendingWrites {
         self.touch(now_ms);
     }
 
+    /// Buffers a checkpoint, replacing an older buffered one of the same partition. It carries
+    /// no time: a checkpoint alone (nothing else buffered) is due at once.
+    pub fn push_checkpoint(&mut self, checkpoint: Checkpoint) {
+        let key = (checkpoint.group.clone(), checkpoint.partition);
+        self.checkpoints.insert(key, checkpoint);
+    }
+
     /// The last-seen rows to insert.
     pub fn last_seen_rows(&self) -> Vec<LastSeenRow> {
         self.last_seen
@@ -604,7 +670,7 @@ impl PendingWrites {
         self.row_count() >= policy.max_batch_rows
             || self
                 .oldest_buffered_ms
-                .is_some_and(|oldest| now_ms.saturating_sub(oldest) >= policy.max_batch_age_ms)
+                .is_none_or(|oldest| now_ms.saturating_sub(oldest) >= policy.max_batch_age_ms)
     }
 
     /// Call once everything buffered is durable.
@@ -641,6 +707,15 @@ pub trait Store: Send {
     ) -> Result<(), StoreError>;
     fn write_late_readings(&mut self, late: &[LateReading], now_ms: i64);
     fn write_last_seen(&mut self, rows: Vec<LastSeenRow>, now_ms: i64);
+    /// Buffers a checkpoint; it becomes durable in the next `flush`, no earlier than every row
+    /// written before it (embedded: same atomic batch; ClickHouse: inserted after the rows).
+    fn write_checkpoint(&mut self, checkpoint: Checkpoint);
+    /// The latest durable checkpoint of (group, partition), if any.
+    fn load_checkpoint(
+        &self,
+        group: &str,
+        partition: u32,
+    ) -> impl Future<Output = Result<Option<Checkpoint>, StoreError>> + Send;
     /// Rows buffered and not yet durable.
     fn buffered_rows(&self) -> usize;
     /// Whether the batch policy says flush now (rows or age).

@@ -25,7 +25,9 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 /// The schema version this code creates; stored in the `schema_version` table.
-pub const SCHEMA_VERSION: u32 = 1;
+///
+/// 2: adds the `checkpoints` table (created by `IF NOT EXISTS` on a version-1 database).
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// The first server version rendered with [`Dialect::Modern`]. 22.8 is the LTS release that
 /// has every feature the modern DDL uses (`insert_deduplication_token` arrived in 22.2).
@@ -209,6 +211,7 @@ pub const RAW_TABLE: &str = "raw_readings";
 pub const LATE_TABLE: &str = "late_readings";
 pub const LAST_SEEN_TABLE: &str = "last_seen";
 pub const SCHEMA_VERSION_TABLE: &str = "schema_version";
+pub const CHECKPOINTS_TABLE: &str = "checkpoints";
 
 /// `rollup_1m`, `rollup_1h`, `rollup_1d`, `rollup_10s`, or `rollup_1500ms` for odd widths.
 pub fn rollup_table_name(resolution_ms: i64) -> String {
@@ -448,6 +451,28 @@ pub fn render_schema(config: &SchemaConfig, dialect: Dialect) -> Result<Vec<Stri
         ),
         dialect,
     ));
+
+    // Not partitioned and never expired: one row per consumer group and log partition. The
+    // version is the store's write counter, not the offset, because a replay into new tables
+    // legitimately moves the offset backwards.
+    let checkpoint_columns = [
+        &column("consumer_group", "String", LOW_CARDINALITY_STRING),
+        &column("log_partition", "UInt32", "UInt32"),
+        &column("next_offset", "UInt64", "UInt64"),
+        &column("engine_state", "String", "String CODEC(ZSTD(1))"),
+    ];
+    statements.push(render_table(
+        database,
+        CHECKPOINTS_TABLE,
+        &checkpoint_columns,
+        "saved_version UInt64",
+        "ReplacingMergeTree(saved_version)",
+        &format!(
+            "\nORDER BY (consumer_group, log_partition){}",
+            dedup_settings(dialect)
+        ),
+        dialect,
+    ));
     Ok(statements)
 }
 
@@ -594,6 +619,22 @@ pub fn sql_late_counts(database: &str, from_ms: i64, to_ms: i64) -> String {
          FROM {database}.{LATE_TABLE} FINAL\nWHERE time_ms >= {from_ms} AND time_ms < {to_ms}\n\
          GROUP BY agent_id, reason, resolution_ms\nORDER BY agent_id, reason, resolution_ms"
     )
+}
+
+/// The latest checkpoint of one consumer group's log partition: [`super::clickhouse::CheckpointRow`].
+pub fn sql_load_checkpoint(database: &str, group: &str, partition: u32) -> String {
+    format!(
+        "SELECT consumer_group, log_partition, next_offset, engine_state, saved_version\n\
+         FROM {database}.{CHECKPOINTS_TABLE} FINAL\nWHERE consumer_group = {} AND log_partition = {partition}\n\
+         ORDER BY saved_version DESC\nLIMIT 1",
+        quote(group)
+    )
+}
+
+/// The highest checkpoint version written so far (0 when none), so a restarted store keeps
+/// counting upwards.
+pub fn sql_max_checkpoint_version(database: &str) -> String {
+    format!("SELECT toUInt64(max(saved_version)) AS version FROM {database}.{CHECKPOINTS_TABLE}")
 }
 
 /// The partitions (ids such as `20260101`) of one table, for the retention task.

@@ -27,6 +27,8 @@ cargo fmt --all -- --check
 
 log "building the workspace and its tests"
 cargo test --workspace --locked --no-run
+# The end-to-end tests run the real binaries next to the test executables.
+cargo build --workspace --locked --bins
 
 # The service smoke tests first and uncaptured, so the log shows each service being used.
 log "service smoke tests"

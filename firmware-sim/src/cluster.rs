@@ -560,9 +560,11 @@ impl Agent {
             if http_get(metrics_address, "/metrics").is_err() {
                 return Ok(None);
             }
-            Ok(TcpStream::connect_timeout(&broker_address, Duration::from_secs(1))
-                .ok()
-                .map(|_| ()))
+            Ok(
+                TcpStream::connect_timeout(&broker_address, Duration::from_secs(1))
+                    .ok()
+                    .map(|_| ()),
+            )
         })
     }
 

@@ -608,11 +608,151 @@ mod tests {
     }
 
     #[test]
+    fn the_relay_forwards_both_ways_and_drops_everything_while_cut() {
+        let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let echo_address = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buffer = [0_u8; 64];
+            while let Ok((length, from)) = echo.recv_from(&mut buffer) {
+                let _ = echo.send_to(&buffer[..length], from);
+            }
+        });
+        let relay = UdpRelay::start(echo_address).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buffer = [0_u8; 64];
+        client.send_to(b"one", relay.address).unwrap();
+        let (length, _) = client.recv_from(&mut buffer).unwrap();
+        assert_eq!(&buffer[..length], b"one");
+        relay.set_cut(true);
+        client.send_to(b"two", relay.address).unwrap();
+        assert!(client.recv_from(&mut buffer).is_err(), "a cut relay forwarded");
+        assert_eq!(relay.dropped(), 1);
+        relay.set_cut(false);
+        client.send_to(b"three", relay.address).unwrap();
+        let (length, _) = client.recv_from(&mut buffer).unwrap();
+        assert_eq!(&buffer[..length], b"three");
+    }
+
+    #[test]
     fn waiting_reports_the_last_error_on_timeout() {
         let error = wait_for::<()>("nothing", Duration::from_millis(10), || {
             bail!("still broken")
         })
         .unwrap_err();
         assert!(error.to_string().contains("still broken"), "{error}");
+    }
+}
+
+/// A UDP relay between agents and a collector that a test can cut: while cut, every
+/// datagram in both directions is dropped (a network outage as QUIC sees it, without
+/// root or namespaces). One upstream socket per client address, so QUIC connection
+/// migration and several agents work.
+#[derive(Debug)]
+pub struct UdpRelay {
+    pub address: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpRelay {
+    /// Listens on a free loopback port and forwards to `upstream`.
+    pub fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        use std::collections::HashMap;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+
+        let listener = UdpSocket::bind("127.0.0.1:0").context("binding the relay")?;
+        listener.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let address = listener.local_addr()?;
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (cut, stop, dropped) = (cut.clone(), stop.clone(), dropped.clone());
+            std::thread::Builder::new()
+                .name("udp-relay".into())
+                .spawn(move || {
+                    // Upstream here; one thread per client carries the collector's answers back.
+                    let mut upstreams: HashMap<SocketAddr, UdpSocket> = HashMap::new();
+                    let mut downstream_threads = Vec::new();
+                    let mut buffer = vec![0_u8; 65_536];
+                    while !stop.load(Ordering::SeqCst) {
+                        let Ok((length, client)) = listener.recv_from(&mut buffer) else {
+                            continue;
+                        };
+                        if !upstreams.contains_key(&client) {
+                            let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+                                continue;
+                            };
+                            let (Ok(()), Ok(()), Ok(back), Ok(reply)) = (
+                                socket.connect(upstream),
+                                socket.set_read_timeout(Some(Duration::from_millis(50))),
+                                socket.try_clone(),
+                                listener.try_clone(),
+                            ) else {
+                                continue;
+                            };
+                            let (cut, stop, dropped) = (cut.clone(), stop.clone(), dropped.clone());
+                            downstream_threads.push(std::thread::spawn(move || {
+                                let mut buffer = vec![0_u8; 65_536];
+                                while !stop.load(Ordering::SeqCst) {
+                                    let Ok(length) = back.recv(&mut buffer) else {
+                                        continue;
+                                    };
+                                    if cut.load(Ordering::SeqCst) {
+                                        dropped.fetch_add(1, Ordering::Relaxed);
+                                    } else {
+                                        let _ = reply.send_to(&buffer[..length], client);
+                                    }
+                                }
+                            }));
+                            upstreams.insert(client, socket);
+                        }
+                        let Some(socket) = upstreams.get(&client) else {
+                            continue;
+                        };
+                        if cut.load(Ordering::SeqCst) {
+                            dropped.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            let _ = socket.send(&buffer[..length]);
+                        }
+                    }
+                    for thread in downstream_threads {
+                        let _ = thread.join();
+                    }
+                })
+                .context("starting the relay thread")?
+        };
+        Ok(Self {
+            address,
+            cut,
+            stop,
+            dropped,
+            thread: Some(thread),
+        })
+    }
+
+    /// Drops everything from now on (`true`) or forwards again (`false`).
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Datagrams dropped while cut.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

@@ -1,0 +1,152 @@
+//! Shared steps of the end-to-end tests: a simulated fleet run into a real agent and
+//! collector, and the exact ledger check against the store through the query API.
+//!
+//! Every test builds its cluster with `tributary_firmware_sim::cluster`, runs the fleet
+//! in-process (its ledger is the ground truth), injects its fault, and ends with
+//! [`assert_store_matches_ledger`]: nothing missing, nothing counted twice, every rejected
+//! message counted by the agent under the ledger's reason.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tributary_firmware_sim::cluster::{metric_value, wait_for, Agent, Binaries, Collector};
+use tributary_firmware_sim::ledger::{parse_json_lines, LedgerRecord, RejectedStats};
+use tributary_firmware_sim::observe::observed_windows;
+use tributary_firmware_sim::verify::{compare, split_records, VerifyReport};
+
+/// The agent and collector binaries of this build; a clear failure when they are missing.
+pub fn binaries() -> Binaries {
+    match Binaries::locate() {
+        Ok(binaries) => binaries,
+        Err(error) => panic!(
+            "{error:#}\n(the end-to-end tests run the real binaries: `cargo build -p tributary-agent \
+             -p tributary-collector` with the same profile first; deploy/dev/test.sh does)"
+        ),
+    }
+}
+
+/// A ledger file read back.
+pub struct Ledger {
+    pub path: PathBuf,
+    pub records: Vec<LedgerRecord>,
+}
+
+impl Ledger {
+    pub fn read(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path)
+            .unwrap_or_else(|error| panic!("reading the ledger {}: {error}", path.display()));
+        let records = parse_json_lines(&text)
+            .unwrap_or_else(|error| panic!("parsing the ledger {}: {error}", path.display()));
+        Self {
+            path: path.to_path_buf(),
+            records,
+        }
+    }
+
+    pub fn rejected(&self) -> Vec<RejectedStats> {
+        self.records
+            .iter()
+            .filter_map(|record| match record {
+                LedgerRecord::Rejected(rejected) => Some(rejected.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn windowed_readings(&self) -> u64 {
+        self.records
+            .iter()
+            .map(|record| match record {
+                LedgerRecord::Window(window) => window.count,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Polls the store through the query API until it holds exactly what the ledger says (or
+/// `timeout` passes, then panics with the last report and both processes' logs).
+pub fn assert_store_matches_ledger(
+    ledger: &Ledger,
+    collector: &mut Collector,
+    agents: &mut [&mut Agent],
+    timeout: Duration,
+) -> VerifyReport {
+    let (ledger_windows, receive_timed) = split_records(ledger.records.clone());
+    assert!(
+        !ledger_windows.is_empty(),
+        "the ledger {} holds no window: the fleet sent nothing",
+        ledger.path.display()
+    );
+    let window_ms = ledger_windows[0].window_ms;
+    let from_ms = ledger_windows
+        .iter()
+        .map(|window| window.window_start_ms)
+        .min()
+        .unwrap_or(0)
+        - 3_600_000;
+    let to_ms = ledger_windows
+        .iter()
+        .map(|window| window.window_start_ms)
+        .max()
+        .unwrap_or(0)
+        + window_ms
+        + 3_600_000;
+    let mut last_report = None;
+    let outcome = wait_for("the store to match the ledger", timeout, || {
+        collector.process.check_running()?;
+        for agent in agents.iter_mut() {
+            agent.process.check_running()?;
+        }
+        let observed = observed_windows(collector.api_address, window_ms, from_ms, to_ms)?;
+        let report = compare(&ledger_windows, &receive_timed, &observed, 1e-9);
+        if report.is_exact() {
+            return Ok(Some(report));
+        }
+        last_report = Some(report);
+        Ok(None)
+    });
+    match outcome {
+        Ok(report) => report,
+        Err(error) => {
+            let mut logs = format!(
+                "collector stderr:\n{}\n",
+                collector.process.stderr_tail(40)
+            );
+            for agent in agents.iter() {
+                logs.push_str(&format!(
+                    "agent stderr:\n{}\n",
+                    agent.process.stderr_tail(40)
+                ));
+            }
+            panic!(
+                "{error:#}\nlast comparison:\n{}\n{logs}",
+                last_report
+                    .map(|report| report.render(15))
+                    .unwrap_or_else(|| "(none)".into())
+            )
+        }
+    }
+}
+
+/// Asserts the agent counted exactly the messages the ledger says must be rejected, by
+/// reason (`mqtt/json_syntax` in the ledger is reason `json_syntax` of an MQTT source). Only
+/// for runs where the agent was not restarted (its counters start at zero).
+pub fn assert_rejections_counted(ledger: &Ledger, agent: &Agent) {
+    let metrics = agent.metrics().expect("agent metrics");
+    for rejected in ledger.rejected() {
+        let reason = rejected
+            .reason
+            .split_once('/')
+            .map_or(rejected.reason.as_str(), |(_, reason)| reason);
+        let label = format!("reason=\"{reason}\"");
+        let counted = metric_value(&metrics, "tributary_agent_rejected_total", &[&label])
+            .unwrap_or(0.0) as u64;
+        assert_eq!(
+            counted, rejected.count,
+            "the ledger says {} messages must be rejected as {}, the agent counted {counted}",
+            rejected.count,
+            rejected.reason
+        );
+    }
+}

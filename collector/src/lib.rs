@@ -1,5 +1,6 @@
 //! The cloud side: QUIC ingest, durable log, window processor, store, query API.
 
+pub mod api;
 pub mod config;
 pub mod ingest;
 pub mod live;

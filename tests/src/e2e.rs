@@ -9,9 +9,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tributary_firmware_sim::cluster::{metric_value, wait_for, Agent, Binaries, Collector};
+use tributary_firmware_sim::cluster::{
+    http_get, metric_value, wait_for, Agent, Binaries, Collector,
+};
+use tributary_firmware_sim::format::MessageFormat;
 use tributary_firmware_sim::ledger::{parse_json_lines, LedgerRecord, RejectedStats};
 use tributary_firmware_sim::observe::observed_windows;
+use tributary_firmware_sim::run::{run, RunOptions, RunSummary};
+use tributary_firmware_sim::sim::SimConfig;
 use tributary_firmware_sim::verify::{compare, split_records, VerifyReport};
 
 /// The agent and collector binaries of this build; a clear failure when they are missing.
@@ -109,10 +114,7 @@ pub fn assert_store_matches_ledger(
     match outcome {
         Ok(report) => report,
         Err(error) => {
-            let mut logs = format!(
-                "collector stderr:\n{}\n",
-                collector.process.stderr_tail(40)
-            );
+            let mut logs = format!("collector stderr:\n{}\n", collector.process.stderr_tail(40));
             for agent in agents.iter() {
                 logs.push_str(&format!(
                     "agent stderr:\n{}\n",
@@ -145,8 +147,91 @@ pub fn assert_rejections_counted(ledger: &Ledger, agent: &Agent) {
         assert_eq!(
             counted, rejected.count,
             "the ledger says {} messages must be rejected as {}, the agent counted {counted}",
-            rejected.count,
-            rejected.reason
+            rejected.count, rejected.reason
         );
     }
+}
+
+/// A fleet run in a background thread, so a test can inject its fault while it publishes.
+pub struct FleetRun {
+    pub ledger_path: PathBuf,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<RunSummary>>>,
+}
+
+/// What a test's fleet looks like; small, so a run takes seconds in a debug build.
+pub fn fleet_config(devices: usize, rate_hz: f64, faults: &str, serial: bool) -> SimConfig {
+    SimConfig {
+        devices,
+        format: MessageFormat::Json,
+        rate_hz,
+        seed: 11,
+        window_ms: 60_000,
+        faults: faults.parse().expect("fault names"),
+        serial,
+    }
+}
+
+impl FleetRun {
+    /// Starts publishing to `agent`'s embedded broker (and the serial link, if the config
+    /// has a serial device) for `duration`.
+    pub fn start(
+        config: SimConfig,
+        agent: &Agent,
+        serial_link: Option<PathBuf>,
+        duration: Duration,
+        dir: &Path,
+    ) -> Self {
+        let ledger_path = dir.join("ledger.jsonl");
+        let options = RunOptions {
+            mqtt_address: Some(agent.broker_address.to_string()),
+            qos: 1,
+            duration_ms: duration.as_millis() as i64,
+            ledger_path: Some(ledger_path.clone()),
+            serial_link,
+            client_id: "e2e-fleet".into(),
+            topic_prefix: None,
+            drain_timeout: Duration::from_secs(60),
+            stop: None,
+        };
+        let thread = std::thread::spawn(move || run(config, &options, |_| {}));
+        Self {
+            ledger_path,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for the run to end and reads its ledger.
+    pub fn finish(mut self) -> (RunSummary, Ledger) {
+        let summary = self
+            .thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("the fleet thread panicked")
+            .expect("the fleet run failed");
+        (summary, Ledger::read(&self.ledger_path))
+    }
+}
+
+/// Waits until the agent has taken in at least `readings` readings (over all sources).
+pub fn wait_for_agent_readings(agent: &mut Agent, readings: u64) {
+    let metrics_address = agent.metrics_address;
+    let process = &mut agent.process;
+    wait_for(
+        "the agent to read the fleet",
+        Duration::from_secs(60),
+        || {
+            process.check_running()?;
+            let (_, body) = http_get(metrics_address, "/metrics")?;
+            let seen = metric_value(&body, "tributary_agent_readings_in_total", &[]).unwrap_or(0.0);
+            Ok((seen as u64 >= readings).then_some(()))
+        },
+    )
+    .expect("the agent reads");
+}
+
+/// Tests that stop or restart a shared service, or load the machine, take turns.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -8,7 +8,7 @@
 use serde_json::Value;
 use tributary_collector::store::schema::{
     self, quote, render_schema, render_schema_file, Dialect, SchemaConfig, SeriesSelector,
-    LAST_SEEN_TABLE, LATE_TABLE, RAW_TABLE,
+    CHECKPOINTS_TABLE, LAST_SEEN_TABLE, LATE_TABLE, RAW_TABLE,
 };
 use tributary_tests::services::{chdb_run, repo_root, service_env, CHDB_PYTHON};
 
@@ -255,6 +255,17 @@ fn modern_schema_and_every_query_on_chdb() {
          ('device', 'agent-2', 'd2', '', '', {T0}), ('series', 'agent-2', 'd2', 'humidity_pct', '', {T0})"
     ));
 
+    // Checkpoints: the newer write (higher saved_version) wins although its offset is lower
+    // (a replay), and arrives first; binary state; another partition.
+    statements.push(format!(
+        "INSERT INTO {database}.{CHECKPOINTS_TABLE} (consumer_group, log_partition, next_offset, engine_state, saved_version) VALUES \
+         ('processor', 0, 10, unhex('000102'), 7), ('processor', 1, 99, 'p1', 1)"
+    ));
+    statements.push(format!(
+        "INSERT INTO {database}.{CHECKPOINTS_TABLE} (consumer_group, log_partition, next_offset, engine_state, saved_version) VALUES \
+         ('processor', 0, 500, 'older', 6)"
+    ));
+
     let d1 = SeriesSelector {
         device_id: "d1".into(),
         metric: "temperature_c".into(),
@@ -307,6 +318,9 @@ fn modern_schema_and_every_query_on_chdb() {
         schema::sql_list_partitions(database, RAW_TABLE),
         schema::sql_drop_partition(database, RAW_TABLE, schema::utc_day_number(T0 - DAY_MS)),
         format!("SELECT count() AS stored FROM {database}.{RAW_TABLE} FINAL"),
+        schema::sql_load_checkpoint(database, "processor", 0),
+        schema::sql_max_checkpoint_version(database),
+        schema::sql_load_checkpoint(database, "it's", 0),
     ];
     let first_query = statements.len();
     statements.extend(queries);
@@ -407,6 +421,14 @@ fn modern_schema_and_every_query_on_chdb() {
         2,
         "the dropped partition took d2's reading"
     );
+
+    let checkpoint = result(12);
+    assert_eq!(checkpoint.len(), 1, "{checkpoint:?}");
+    assert_eq!(as_u64(&checkpoint[0]["next_offset"]), 10);
+    assert_eq!(as_u64(&checkpoint[0]["saved_version"]), 7);
+    assert_eq!(as_u64(&checkpoint[0]["log_partition"]), 0);
+    assert_eq!(as_u64(&result(13)[0]["version"]), 7);
+    assert!(result(14).is_empty(), "no checkpoint of an unknown group");
 }
 
 #[test]

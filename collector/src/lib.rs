@@ -5,5 +5,6 @@ pub mod config;
 pub mod ingest;
 pub mod live;
 pub mod log;
+pub mod pipeline;
 pub mod process;
 pub mod store;

@@ -1,24 +1,35 @@
-//! `tributary-collector`: command-line entry point. The logic lives in the library.
+//! `tributary-collector`: command-line entry point and wiring. The logic lives in the library.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use axum::http::{header, StatusCode};
+use axum::routing::get;
 use clap::{Parser, Subcommand};
-use tributary_collector::config::CollectorConfig;
-use tributary_collector::ingest::http::{self, HttpState};
+use tokio_util::sync::CancellationToken;
+use tributary_collector::api::{self, ApiState};
+use tributary_collector::config::{CollectorConfig, LogConfig, StoreConfig};
 use tributary_collector::ingest::{
     add_token, DedupStore, FleetView, IngestMetrics, IngestParts, IngestServer, TlsIdentity,
     TokenStore,
 };
-use tributary_collector::log::{EmbeddedLog, SystemClock};
+use tributary_collector::live::LiveFeed;
+use tributary_collector::log::kafka::KafkaLog;
+use tributary_collector::log::{Clock, DurableLog, EmbeddedLog, SystemClock};
+use tributary_collector::pipeline::{
+    parse_replay_start, run_consumer, validate_suffix, ConsumerConfig, ConsumerReport,
+    PartitionAssignment, PipelineError, PipelineMetrics, RunUntil, StartFrom,
+};
+use tributary_collector::store::{ClickHouseStore, EmbeddedStore, Queries, Store, StoreError};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tributary-collector",
     version,
-    about = "Tributary's cloud side: QUIC ingest into a durable log"
+    about = "Tributary's cloud side: QUIC ingest, durable log, window processor, store, query API"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -27,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run every stage in one process (today: ingest; processing joins later).
+    /// Run every stage in one process: ingest, processing and the query API.
     Serve {
         #[arg(long, short)]
         config: PathBuf,
@@ -36,6 +47,30 @@ enum Command {
     Ingest {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Run the window processor alone: the log into the store.
+    Process {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Partitions to consume: `all`, a list like `0,2`, or a share like `1/3`
+        /// (overrides `process.partitions`).
+        #[arg(long)]
+        partitions: Option<PartitionAssignment>,
+    },
+    /// Rebuild results from the log into new tables, then exit once caught up.
+    Replay {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to start: an offset (`0`), a log time in ms (`1767225600000ms`) or an
+        /// RFC 3339 time (`2026-01-01T00:00:00Z`).
+        #[arg(long)]
+        from: String,
+        /// Suffix of the new tables: ClickHouse database `<database>_<SUFFIX>`, embedded
+        /// store directory `<path>-<SUFFIX>`.
+        #[arg(long)]
+        into: String,
+        #[arg(long)]
+        partitions: Option<PartitionAssignment>,
     },
     /// Manage agent tokens.
     Token {
@@ -62,6 +97,14 @@ enum TokenCommand {
     },
 }
 
+/// Which stages one process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stages {
+    ingest: bool,
+    process: bool,
+    api: bool,
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -70,7 +113,65 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { config } | Command::Ingest { config } => run_ingest(&config),
+        Command::Serve { config } => run(
+            &config,
+            Stages {
+                ingest: true,
+                process: true,
+                api: true,
+            },
+            None,
+        ),
+        Command::Ingest { config } => run(
+            &config,
+            Stages {
+                ingest: true,
+                process: false,
+                api: false,
+            },
+            None,
+        ),
+        Command::Process { config, partitions } => {
+            let mut config = CollectorConfig::load(&config)?;
+            if let Some(partitions) = partitions {
+                config.process.partitions = partitions;
+            }
+            runtime()?.block_on(with_log(
+                config,
+                Stages {
+                    ingest: false,
+                    process: true,
+                    api: false,
+                },
+                None,
+            ))
+        }
+        Command::Replay {
+            config,
+            from,
+            into,
+            partitions,
+        } => {
+            let mut config = CollectorConfig::load(&config)?;
+            if let Some(partitions) = partitions {
+                config.process.partitions = partitions;
+            }
+            let start = parse_replay_start(&from).map_err(anyhow::Error::msg)?;
+            validate_suffix(&into).map_err(anyhow::Error::msg)?;
+            let replay = Replay {
+                start,
+                suffix: into,
+            };
+            runtime()?.block_on(with_log(
+                config,
+                Stages {
+                    ingest: false,
+                    process: true,
+                    api: false,
+                },
+                Some(replay),
+            ))
+        }
         Command::CheckConfig { config } => {
             CollectorConfig::load(&config)?;
             println!("{}: ok", config.display());
@@ -99,61 +200,314 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn run_ingest(config_path: &Path) -> anyhow::Result<()> {
-    let config = CollectorConfig::load(config_path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// A replay: where it starts and the suffix of its tables.
+#[derive(Debug, Clone)]
+struct Replay {
+    start: StartFrom,
+    suffix: String,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+        .context("cannot start the async runtime")
+}
+
+fn run(config_path: &Path, stages: Stages, replay: Option<Replay>) -> anyhow::Result<()> {
+    let config = CollectorConfig::load(config_path)?;
+    runtime()?.block_on(with_log(config, stages, replay))
+}
+
+/// Opens the configured log, then runs the stages over it.
+async fn with_log(
+    config: CollectorConfig,
+    stages: Stages,
+    replay: Option<Replay>,
+) -> anyhow::Result<()> {
+    println!("log: {}", config.log.describe());
+    match &config.log {
+        LogConfig::Embedded(log_config) => {
+            let log = Arc::new(EmbeddedLog::open(log_config.clone(), SystemClock)?);
+            let result = with_store(config, log.clone(), stages, replay).await;
+            // Dropping the last handle stops the log's flushers after their final fsync.
+            drop(log);
+            result
+        }
+        LogConfig::Kafka(log_config) => {
+            let log = Arc::new(KafkaLog::connect(log_config.clone()).await?);
+            with_store(config, log, stages, replay).await
+        }
+    }
+}
+
+/// Opens the configured store (when processing), then runs the stages.
+async fn with_store<L: DurableLog>(
+    config: CollectorConfig,
+    log: Arc<L>,
+    stages: Stages,
+    replay: Option<Replay>,
+) -> anyhow::Result<()> {
+    if !stages.process {
+        return run_stages::<L, EmbeddedStore>(config, log, None, stages, None).await;
+    }
+    let store_config = match &replay {
+        Some(replay) => config.store.with_suffix(&replay.suffix),
+        None => config.store.clone(),
+    };
+    println!("store: {}", store_config.describe());
+    let resolutions_ms = config.process.engine.resolutions_ms.clone();
+    match store_config {
+        StoreConfig::Embedded(settings) => {
+            let store = EmbeddedStore::open(settings.store_config(&resolutions_ms))?;
+            let queries = Queries::Embedded(store.reader());
+            run_stages(config, log, Some((store, queries)), stages, replay).await
+        }
+        StoreConfig::ClickHouse(settings) => {
+            let store_config = settings.store_config(&resolutions_ms);
+            let mut attempt: u32 = 0;
+            let store = loop {
+                match ClickHouseStore::connect(store_config.clone(), SystemClock.now_ms()).await {
+                    Ok(store) => break store,
+                    Err(error)
+                        if error.is_transient()
+                            || matches!(error, StoreError::RetriesExhausted { .. }) =>
+                    {
+                        let delay_ms = 200_u64.saturating_mul(1 << attempt.min(5));
+                        attempt += 1;
+                        tracing::warn!(%error, delay_ms, "ClickHouse is not reachable yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            };
+            println!(
+                "ClickHouse {} ({} dialect)",
+                store.server_version(),
+                store.dialect().name()
+            );
+            let queries = Queries::ClickHouse(store.reader());
+            run_stages(config, log, Some((store, queries)), stages, replay).await
+        }
+    }
+}
+
+/// Starts ingest, the consumer loop and the query API as asked, and stops them on a signal
+/// (or, for a replay, when the consumer caught up).
+async fn run_stages<L: DurableLog, S: Store + Sync + 'static>(
+    config: CollectorConfig,
+    log: Arc<L>,
+    store: Option<(S, Queries)>,
+    stages: Stages,
+    replay: Option<Replay>,
+) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let ingest_metrics = Arc::new(IngestMetrics::default());
+    let pipeline_metrics = Arc::new(PipelineMetrics::default());
+    let fleet = FleetView::new();
+    let live = LiveFeed::default();
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let server = if stages.ingest {
         let identity = match (&config.ingest.tls.cert_file, &config.ingest.tls.key_file) {
             (Some(cert), Some(key)) => TlsIdentity::from_pem_files(cert, key)?,
             _ => {
-                let (identity, generated) = TlsIdentity::load_or_generate(&config.tls_dir(), &config.ingest.tls.subject_alt_names)?;
+                let (identity, generated) = TlsIdentity::load_or_generate(
+                    &config.tls_dir(),
+                    &config.ingest.tls.subject_alt_names,
+                )?;
                 if generated {
-                    eprintln!("generated a self-signed TLS identity in {}", config.tls_dir().display());
+                    eprintln!(
+                        "generated a self-signed TLS identity in {}",
+                        config.tls_dir().display()
+                    );
                 }
                 identity
             }
         };
         // Printed on every start so operators can always find what agents pin.
-        println!("certificate fingerprint (sha256): {}", identity.fingerprint_hex());
+        println!(
+            "certificate fingerprint (sha256): {}",
+            identity.fingerprint_hex()
+        );
         let tokens = TokenStore::load(&config.ingest.tokens_file)?;
         if tokens.is_empty() {
             tracing::warn!(path = %config.ingest.tokens_file.display(), "the tokens file lists no agent; every hello will be refused");
         }
-        let log = Arc::new(EmbeddedLog::open(config.log_config(), SystemClock)?);
         let dedup = DedupStore::open(&config.dedup_dir(), config.ingest.dedup_window)?;
-        let metrics = Arc::new(IngestMetrics::default());
         let server = IngestServer::start(IngestParts {
             config: config.ingest.clone(),
             identity,
             tokens,
             log: log.clone(),
             dedup,
-            metrics: metrics.clone(),
-            fleet: FleetView::new(),
+            metrics: ingest_metrics.clone(),
+            fleet: fleet.clone(),
         })?;
         println!("ingest listening on {}", server.local_address());
-        let ready = Arc::new(AtomicBool::new(true));
-        let listener = tokio::net::TcpListener::bind(config.metrics_address).await.with_context(|| {
-            format!("cannot listen for HTTP on {}; change `metrics_address` or stop what uses the port", config.metrics_address)
+        Some(server)
+    } else {
+        None
+    };
+
+    let mut api_task = None;
+    let mut consumer_task = None;
+    if let Some((store, queries)) = store {
+        if stages.api {
+            let listener = tokio::net::TcpListener::bind(config.api.listen_address).await.with_context(|| {
+                format!("cannot listen for the query API on {}; change `api.listen_address` or stop what uses the port", config.api.listen_address)
+            })?;
+            println!(
+                "query API and dashboard on http://{}",
+                listener.local_addr()?
+            );
+            let state = ApiState::new(
+                queries,
+                fleet.clone(),
+                live.clone(),
+                config.api.token.clone(),
+            );
+            let api_stop = stop.clone();
+            api_task = Some(tokio::spawn(api::serve(listener, state, async move {
+                api_stop.cancelled().await
+            })));
+        }
+        let mut consumer_config: ConsumerConfig = config.process.consumer_config();
+        if let Some(replay) = &replay {
+            consumer_config.start = replay.start;
+            consumer_config.until = RunUntil::CaughtUp;
+            // Its own checkpoints and positions: the live group's are not touched.
+            consumer_config.group = format!("{}.replay.{}", consumer_config.group, replay.suffix);
+        }
+        println!(
+            "processing partitions {} of {} as group {}",
+            consumer_config.partitions,
+            log.partition_count(),
+            consumer_config.group
+        );
+        consumer_task = Some(tokio::spawn(run_consumer(
+            log.clone(),
+            store,
+            SystemClock,
+            consumer_config,
+            live.clone(),
+            pipeline_metrics.clone(),
+            stop.clone(),
+        )));
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.metrics_address)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for HTTP on {}; change `metrics_address` or stop what uses the port",
+                config.metrics_address
+            )
         })?;
-        let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
-        let http_task = tokio::spawn(http::serve(listener, HttpState { metrics, ready: ready.clone() }, async move {
-            let _ = http_stopped.await;
-        }));
+    println!("metrics on http://{}/metrics", listener.local_addr()?);
+    let http_task = tokio::spawn(serve_operator_http(
+        listener,
+        stages,
+        ingest_metrics,
+        pipeline_metrics,
+        ready.clone(),
+        stop.clone(),
+    ));
+    ready.store(true, Ordering::Relaxed);
+
+    // A live processor runs until a signal; a replay also ends by itself once caught up,
+    // and a consumer that failed stops the whole process.
+    let mut failure = None;
+    if let Some(task) = consumer_task.as_mut() {
+        tokio::select! {
+            result = task => {
+                consumer_task = None;
+                failure = finished(result);
+            }
+            signal = wait_for_signal() => signal?,
+        }
+    } else {
         wait_for_signal().await?;
-        tracing::info!("shutting down: draining in-flight batches");
-        ready.store(false, Ordering::Relaxed);
+    }
+    tracing::info!("shutting down");
+    ready.store(false, Ordering::Relaxed);
+    stop.cancel();
+    if let Some(server) = server {
         server.shutdown().await;
-        let _ = http_stop.send(());
-        let _ = http_task.await;
-        // Dropping the last handle stops the log's flushers after their final fsync.
-        drop(log);
-        tracing::info!("stopped");
-        anyhow::Ok(())
-    })
+    }
+    if let Some(task) = consumer_task {
+        if let Some(error) = finished(task.await) {
+            failure.get_or_insert(error);
+        }
+    }
+    if let Some(task) = api_task {
+        let _ = task.await;
+    }
+    let _ = http_task.await;
+    if let Some(error) = failure {
+        return Err(error);
+    }
+    if replay.is_some() {
+        println!("replay caught up");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The consumer task's error, if it ended with one.
+fn finished(
+    result: Result<Result<ConsumerReport, PipelineError>, tokio::task::JoinError>,
+) -> Option<anyhow::Error> {
+    match result {
+        Ok(Ok(report)) => {
+            tracing::info!(records = report.records_processed, next_offsets = ?report.next_offsets, "consumer stopped");
+            None
+        }
+        Ok(Err(error)) => Some(anyhow::Error::new(error).context("the window processor stopped")),
+        Err(error) => Some(anyhow::anyhow!("the window processor task failed: {error}")),
+    }
+}
+
+/// `/metrics` (ingest and processor), `/healthz`, `/readyz` on the operators' port.
+async fn serve_operator_http(
+    listener: tokio::net::TcpListener,
+    stages: Stages,
+    ingest: Arc<IngestMetrics>,
+    pipeline: Arc<PipelineMetrics>,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let metrics = move || {
+        let ingest = ingest.clone();
+        let pipeline = pipeline.clone();
+        async move {
+            let mut text = String::new();
+            if stages.ingest {
+                text.push_str(&ingest.render());
+            }
+            if stages.process {
+                text.push_str(&pipeline.render());
+            }
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+        }
+    };
+    let readiness = move || {
+        let ready = ready.clone();
+        async move {
+            if ready.load(Ordering::Relaxed) {
+                (StatusCode::OK, "ready\n")
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+    };
+    let router = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readiness));
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -235,15 +235,14 @@ async fn kill_9_mid_writes_loses_nothing_flushed() {
                 "batch {report} was reported flushed but the checkpoint is at {next_offset}"
             );
         }
-        let mut expected_seq = 0;
-        for chunk in rows.chunks(ROWS_PER_FLUSH as usize) {
+        for (expected_seq, chunk) in rows.chunks(ROWS_PER_FLUSH as usize).enumerate() {
+            let expected_seq = expected_seq as u64;
             assert!(chunk
                 .iter()
                 .enumerate()
                 .all(|(position, row)| row.batch_seq == expected_seq
                     && row.position as usize == position
                     && row.value == expected_seq as f64));
-            expected_seq += 1;
         }
         let agents = store.reader().list_devices().await.expect("devices").len();
         assert_eq!(agents, 0, "only agent sightings were written");

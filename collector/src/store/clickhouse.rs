@@ -78,7 +78,8 @@ pub struct ClickHouseStore {
 /// client is shared), usable while the store writes.
 #[derive(Clone)]
 pub struct ClickHouseReader {
-    client: Client,
+    /// Behind an `Arc`: the client is large and `Queries` holds either reader by value.
+    client: Arc<Client>,
     url: Arc<str>,
     database: Arc<str>,
     resolutions_ms: Arc<[i64]>,
@@ -154,7 +155,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 impl ClickHouseReader {
     fn new(client: Client, config: &ClickHouseStoreConfig) -> Self {
         Self {
-            client,
+            client: Arc::new(client),
             url: Arc::from(config.url.as_str()),
             database: Arc::from(config.schema.database.as_str()),
             resolutions_ms: config

@@ -20,7 +20,7 @@
     clockOffsetMs: 0, // server clock minus browser clock
     devices: new Map(), // device_id -> { deviceId, agentId, newestMs }
     series: new Map(), // selector -> { selector, deviceId, metric, tags, points: [[t, v]], newestMs }
-    agents: [],
+    agents: null, // the last /api/v1/agents answer
     newestByAgent: new Map(),
     newestMs: null,
     selectedDevice: null,
@@ -248,7 +248,7 @@
     try {
       const answer = await api("/api/v1/agents");
       state.clockOffsetMs = answer.now_ms - Date.now();
-      state.agents = answer.agents;
+      state.agents = answer;
       renderFleet(answer);
       showProblem("");
     } catch (error) {
@@ -618,6 +618,7 @@
     setInterval(() => loadCatalog().catch((error) => showProblem("Loading devices: " + error.message)), CATALOG_REFRESH_MS);
     setInterval(() => {
       updateFreshness();
+      if (state.agents) renderFleet(state.agents);
       renderDevices();
       scheduleDraw();
     }, 1000);

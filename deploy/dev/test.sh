@@ -18,6 +18,7 @@ fi
 
 started=$(date +%s)
 bash deploy/dev/services.sh up
+bash deploy/dev/browser-deps.sh   # Debian chromium for the dashboard browser test
 trap 'bash deploy/dev/services.sh down || true' EXIT
 # shellcheck disable=SC1091
 source "${TRIBUTARY_SERVICES_DIR:-$repo/.services}/env"

@@ -29,7 +29,9 @@ use tributary_protocol::{Batch, SeriesKey};
 use crate::process::{LateItem, LateReading, LateReason, WindowResult};
 
 pub use self::clickhouse::{ClickHouseReader, ClickHouseStore, ClickHouseStoreConfig};
-pub use embedded::{EmbeddedReader, EmbeddedStore, EmbeddedStoreConfig, RetentionReport};
+pub use embedded::{
+    EmbeddedReader, EmbeddedRetention, EmbeddedStore, EmbeddedStoreConfig, RetentionReport,
+};
 pub use queries::Queries;
 pub use schema::{Dialect, RollupSpec, SchemaConfig, SchemaError, SeriesSelector};
 

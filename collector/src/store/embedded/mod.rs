@@ -425,41 +425,22 @@ impl EmbeddedStore {
 
     /// Deletes raw rows, rollup windows and late rows older than their retention at `now_ms`
     /// (by event time or window start; row by row, not by day), then makes that durable.
-    /// Last-seen rows and checkpoints never expire. Blocking: run it on a blocking thread.
+    /// Last-seen rows and checkpoints never expire. Blocking: run it on a blocking thread,
+    /// or use [`EmbeddedStore::retention`] to run it from another task while this store writes.
     pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
-        let shared = &self.shared;
-        let cutoff = |retention_ms: i64| now_ms.saturating_sub(retention_ms.max(0));
-        let mut report = RetentionReport::default();
-        if let Some(retention_ms) = self.config.raw_retention_ms {
-            let before = cutoff(retention_ms);
-            for prefix in shared.series_prefixes(&[TABLE_RAW], TABLE_RAW)? {
-                let mut to = prefix.clone();
-                to.extend_from_slice(&ordered_i64(before));
-                report.raw_rows_deleted += shared.delete_range(&prefix, &to)?;
-            }
+        self.retention().enforce_retention(now_ms)
+    }
+
+    /// A handle that enforces retention from another task (a periodic timer) while the
+    /// consumer loop owns the store; deleting and writing at the same time is safe.
+    pub fn retention(&self) -> EmbeddedRetention {
+        EmbeddedRetention {
+            shared: self.shared.clone(),
+            resolutions_ms: self.config.resolutions_ms.clone().into(),
+            raw_retention_ms: self.config.raw_retention_ms,
+            rollup_retention_ms: self.config.rollup_retention_ms,
+            late_retention_ms: self.config.late_retention_ms,
         }
-        if let Some(retention_ms) = self.config.rollup_retention_ms {
-            let before = cutoff(retention_ms);
-            for resolution_ms in &self.config.resolutions_ms {
-                let table_prefix = KeyWriter::new(TABLE_ROLLUP).i64(*resolution_ms).finish();
-                for prefix in shared.series_prefixes(&table_prefix, TABLE_ROLLUP)? {
-                    let mut to = prefix.clone();
-                    to.extend_from_slice(&ordered_i64(before));
-                    report.rollup_rows_deleted += shared.delete_range(&prefix, &to)?;
-                }
-            }
-        }
-        if let Some(retention_ms) = self.config.late_retention_ms {
-            let to = KeyWriter::new(TABLE_LATE)
-                .i64(cutoff(retention_ms))
-                .finish();
-            report.late_rows_deleted += shared.delete_range(&[TABLE_LATE], &to)?;
-        }
-        shared
-            .db
-            .flush()
-            .map_err(|source| shared.error("flush after retention", source))?;
-        Ok(report)
     }
 
     /// Builds the one batch of a flush: rollups and last-seen rows merged with what is stored.
@@ -660,6 +641,68 @@ impl Store for EmbeddedStore {
         &mut self,
     ) -> impl std::future::Future<Output = Result<FlushReport, StoreError>> + Send {
         self.flush_pending()
+    }
+}
+
+/// Enforces the embedded store's retention; see [`EmbeddedStore::retention`].
+#[derive(Clone)]
+pub struct EmbeddedRetention {
+    shared: Shared,
+    resolutions_ms: Arc<[i64]>,
+    raw_retention_ms: Option<i64>,
+    rollup_retention_ms: Option<i64>,
+    late_retention_ms: Option<i64>,
+}
+
+impl EmbeddedRetention {
+    /// See [`EmbeddedStore::enforce_retention`]. Blocking.
+    pub fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport, StoreError> {
+        let shared = &self.shared;
+        let cutoff = |retention_ms: i64| now_ms.saturating_sub(retention_ms.max(0));
+        let mut report = RetentionReport::default();
+        if let Some(retention_ms) = self.raw_retention_ms {
+            let before = cutoff(retention_ms);
+            for prefix in shared.series_prefixes(&[TABLE_RAW], TABLE_RAW)? {
+                let mut to = prefix.clone();
+                to.extend_from_slice(&ordered_i64(before));
+                report.raw_rows_deleted += shared.delete_range(&prefix, &to)?;
+            }
+        }
+        if let Some(retention_ms) = self.rollup_retention_ms {
+            let before = cutoff(retention_ms);
+            for resolution_ms in self.resolutions_ms.iter() {
+                let table_prefix = KeyWriter::new(TABLE_ROLLUP).i64(*resolution_ms).finish();
+                for prefix in shared.series_prefixes(&table_prefix, TABLE_ROLLUP)? {
+                    let mut to = prefix.clone();
+                    to.extend_from_slice(&ordered_i64(before));
+                    report.rollup_rows_deleted += shared.delete_range(&prefix, &to)?;
+                }
+            }
+        }
+        if let Some(retention_ms) = self.late_retention_ms {
+            let to = KeyWriter::new(TABLE_LATE)
+                .i64(cutoff(retention_ms))
+                .finish();
+            report.late_rows_deleted += shared.delete_range(&[TABLE_LATE], &to)?;
+        }
+        shared
+            .db
+            .flush()
+            .map_err(|source| shared.error("flush after retention", source))?;
+        Ok(report)
+    }
+
+    /// [`EmbeddedRetention::enforce_retention`] on a blocking thread.
+    pub async fn enforce_retention_async(
+        &self,
+        now_ms: i64,
+    ) -> Result<RetentionReport, StoreError> {
+        let retention = self.clone();
+        self.shared
+            .blocking("enforce retention", move |_| {
+                retention.enforce_retention(now_ms)
+            })
+            .await
     }
 }
 

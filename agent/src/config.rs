@@ -230,7 +230,8 @@ pub fn topic_router(topics: &[TopicConfig]) -> Result<TopicRouter, String> {
     Ok(TopicRouter::new(parsers))
 }
 
-/// Run an MQTT broker inside the agent that sensors publish to directly.
+/// Run an MQTT broker inside the agent that sensors publish to directly
+/// (`docs/agent-broker.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttBrokerConfig {
@@ -238,6 +239,19 @@ pub struct MqttBrokerConfig {
     pub listen_address: String,
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Largest MQTT packet accepted from a client; a larger one closes that client.
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: u32,
+    /// QoS 1 messages per client awaiting durability before the broker stops reading from
+    /// it; MQTT 5 clients are told it as receive-maximum.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Time a new connection has to send its CONNECT.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Accepted credentials; empty (default) accepts anonymous clients.
+    #[serde(default)]
+    pub users: Vec<BrokerUserConfig>,
     pub topics: Vec<TopicConfig>,
 }
 
@@ -246,6 +260,62 @@ fn default_broker_listen_address() -> String {
 }
 fn default_max_connections() -> u32 {
     1000
+}
+fn default_max_packet_bytes() -> u32 {
+    256 * 1024
+}
+fn default_max_in_flight() -> u32 {
+    1024
+}
+fn default_connect_timeout_ms() -> u64 {
+    10_000
+}
+
+/// One username the embedded broker accepts, with its password inline or in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerUserConfig {
+    pub username: String,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+}
+
+impl MqttBrokerConfig {
+    /// The run-time settings, reading password files (validation has checked the shape).
+    pub fn settings(&self) -> Result<crate::source::broker::BrokerSettings, String> {
+        let mut users = Vec::with_capacity(self.users.len());
+        for user in &self.users {
+            let password = match (&user.password, &user.password_file) {
+                (Some(password), _) => password.0.clone(),
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .map_err(|error| {
+                        format!(
+                            "cannot read the password_file {} of broker user `{}`: {error}",
+                            path.display(),
+                            user.username
+                        )
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+                (None, None) => String::new(),
+            };
+            users.push(crate::source::broker::BrokerUser {
+                username: user.username.clone(),
+                password,
+            });
+        }
+        Ok(crate::source::broker::BrokerSettings {
+            limits: crate::source::broker::SessionLimits {
+                max_packet_bytes: self.max_packet_bytes as usize,
+                max_in_flight: self.max_in_flight as usize,
+                connect_timeout_ms: i64::try_from(self.connect_timeout_ms).unwrap_or(i64::MAX),
+            },
+            max_connections: self.max_connections as usize,
+            users: users.into(),
+        })
+    }
 }
 
 /// A topic template and how to read the payloads published under it.
@@ -680,6 +750,52 @@ impl SourceConfig {
                 1,
                 100_000,
             );
+            check_range(
+                problems,
+                &format!("{path}.max_packet_bytes"),
+                config.max_packet_bytes.into(),
+                64,
+                16 * 1024 * 1024,
+            );
+            check_range(
+                problems,
+                &format!("{path}.max_in_flight"),
+                config.max_in_flight.into(),
+                1,
+                65_535,
+            );
+            check_range(
+                problems,
+                &format!("{path}.connect_timeout_ms"),
+                config.connect_timeout_ms,
+                100,
+                600_000,
+            );
+            for (index, user) in config.users.iter().enumerate() {
+                let user_path = format!("{path}.users[{index}]");
+                if user.username.is_empty() {
+                    problems.push(format!("{user_path}.username"), "is empty".to_owned());
+                }
+                if config.users[..index]
+                    .iter()
+                    .any(|earlier| earlier.username == user.username)
+                {
+                    problems.push(
+                        format!("{user_path}.username"),
+                        format!("`{}` is listed twice", user.username),
+                    );
+                }
+                match (&user.password, &user.password_file) {
+                    (None, None) => {
+                        problems.push(user_path, "set `password` or `password_file`".to_owned())
+                    }
+                    (Some(_), Some(_)) => problems.push(
+                        format!("{user_path}.password_file"),
+                        "set either `password` or `password_file`, not both".to_owned(),
+                    ),
+                    _ => {}
+                }
+            }
             validate_topics(&config.topics, &format!("{path}.topics"), problems);
         }
         if let Some(config) = &self.serial {

@@ -583,8 +583,27 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
                     stop,
                 )));
             }
-            Some(SourceKind::MqttBroker(_)) => {
-                tracing::error!(source = %source.name, "the embedded MQTT broker is not available in this build; this source stays idle");
+            Some(SourceKind::MqttBroker(broker)) => {
+                let router =
+                    crate::config::topic_router(&broker.topics).map_err(anyhow::Error::msg)?;
+                let settings = broker.settings().map_err(anyhow::Error::msg)?;
+                let listener = crate::source::broker::bind(&broker.listen_address)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen for MQTT clients on {} (sources[{index}].mqtt_broker.listen_address); is another broker using the port?",
+                            broker.listen_address
+                        )
+                    })?;
+                source_tasks.push(tokio::spawn(crate::source::broker::run_broker(
+                    index,
+                    listener,
+                    settings,
+                    router,
+                    source_metrics,
+                    sender,
+                    stop,
+                )));
             }
             None => {}
         }

@@ -13,6 +13,7 @@
 //!   decoder with a length bound and the per-line parser.
 //! - [`time`]: substitution of implausible device timestamps by the receive time.
 
+pub mod broker;
 pub mod mqtt;
 pub mod payload;
 pub mod serial;

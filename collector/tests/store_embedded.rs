@@ -379,3 +379,22 @@ fn a_newer_format_is_refused_with_what_to_do() {
         Ok(_) => panic!("a newer format was opened"),
     }
 }
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused_with_the_path() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let path = directory.path().join("store");
+    let _first = EmbeddedStore::open(EmbeddedStoreConfig::new(&path, vec![60_000])).expect("open");
+    match EmbeddedStore::open(EmbeddedStoreConfig::new(&path, vec![60_000])) {
+        Err(error @ StoreError::Embedded { .. }) => {
+            let message = error.to_string();
+            assert!(
+                message.contains(&path.display().to_string())
+                    && message.contains("no other collector has the store open"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("two writers opened one store"),
+    }
+}

@@ -43,13 +43,13 @@ use tributary_protocol::{encode_batch, Batch};
 use super::{peak_rss_mib, percentile, reset_peak_rss, round3, rss_mib, BenchOptions};
 use crate::services::{lookup_service_env, running_in_ci, unique_suffix, KAFKA_BROKERS};
 
-const DEVICES_PER_AGENT: usize = 5;
-/// 5 devices x 10 metrics x 100 one-second periods = 5,000 readings per batch.
-const PERIODS_PER_BATCH: usize = 100;
+/// An agent of 500 series (50 devices x 10 metrics) shipping 10 s batches: 5,000 readings each.
+const DEVICES_PER_AGENT: usize = 50;
+const PERIODS_PER_BATCH: usize = 10;
 const START_MS: i64 = 1_700_000_000_000;
 const IN_FLIGHT_PER_AGENT: usize = 16;
 /// Thread name of the collector's runtime; `/proc` truncates names to 15 bytes.
-const COLLECTOR_THREAD: &str = "collector";
+pub(crate) const COLLECTOR_THREAD: &str = "collector";
 
 /// How big a run is.
 #[derive(Debug, Clone, Copy)]
@@ -110,16 +110,16 @@ fn agent_frames(agent_index: usize, batches: usize) -> anyhow::Result<AgentFrame
 }
 
 /// The collector under test: an ingest server on its own named runtime.
-struct Collector<L: DurableLog> {
+pub(crate) struct Collector<L: DurableLog> {
     runtime: Runtime,
     server: Option<IngestServer<L>>,
-    identity: TlsIdentity,
-    metrics: Arc<IngestMetrics>,
+    pub(crate) identity: TlsIdentity,
+    pub(crate) metrics: Arc<IngestMetrics>,
     fleet: FleetView,
     _state: tempfile::TempDir,
 }
 
-fn collector_runtime() -> anyhow::Result<Runtime> {
+pub(crate) fn collector_runtime() -> anyhow::Result<Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name(COLLECTOR_THREAD)
@@ -128,7 +128,7 @@ fn collector_runtime() -> anyhow::Result<Runtime> {
 }
 
 impl<L: DurableLog> Collector<L> {
-    fn start(
+    pub(crate) fn start(
         runtime: Runtime,
         log: Arc<L>,
         agent_ids: &[String],
@@ -170,7 +170,7 @@ impl<L: DurableLog> Collector<L> {
         })
     }
 
-    fn address(&self) -> anyhow::Result<SocketAddr> {
+    pub(crate) fn address(&self) -> anyhow::Result<SocketAddr> {
         Ok(self
             .server
             .as_ref()
@@ -178,7 +178,7 @@ impl<L: DurableLog> Collector<L> {
             .local_address())
     }
 
-    fn shutdown(mut self) {
+    pub(crate) fn shutdown(mut self) {
         if let Some(server) = self.server.take() {
             self.runtime.block_on(server.shutdown());
         }
@@ -186,7 +186,7 @@ impl<L: DurableLog> Collector<L> {
 }
 
 /// CPU seconds used so far by this process's threads whose name starts with one of `prefixes`.
-fn threads_cpu_seconds(prefixes: &[&str]) -> f64 {
+pub(crate) fn threads_cpu_seconds(prefixes: &[&str]) -> f64 {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return 0.0;
     };

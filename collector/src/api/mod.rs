@@ -138,13 +138,7 @@ impl ApiState {
     }
 
     fn resolutions_ms(&self) -> Vec<i64> {
-        let mut resolutions: Vec<i64> = self
-            .shared
-            .queries
-            .resolutions_ms()
-            .iter()
-            .copied()
-            .collect();
+        let mut resolutions: Vec<i64> = self.shared.queries.resolutions_ms().to_vec();
         resolutions.sort_unstable();
         resolutions
     }
@@ -287,16 +281,17 @@ async fn live_socket(
     State(state): State<ApiState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let upgrade =
-        match upgrade {
-            Ok(upgrade) => upgrade,
-            Err(rejection) => return error_response(
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return error_response(
                 rejection.status(),
                 format!(
                     "/api/v1/live is a WebSocket: connect with a WebSocket client ({rejection})"
                 ),
-            ),
-        };
+            )
+        }
+    };
     let shared = &state.shared;
     let feed = shared.live.clone();
     let clock = shared.clock.clone();

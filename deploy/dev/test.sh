@@ -26,6 +26,14 @@ log "services up in $(($(date +%s) - started))s"
 
 cargo fmt --all -- --check
 
+# cargo-deb and PyYAML for the packaging and deployment tests; then the agent's release build
+# and .deb once here, so its cost shows in the log (the test rebuilds nothing after this).
+bash deploy/dev/packaging-deps.sh
+log "agent release build and Debian package"
+package_started=$(date +%s)
+cargo deb -p tributary-agent --locked --strip
+log "agent package built in $(($(date +%s) - package_started))s"
+
 log "building the workspace and its tests"
 cargo test --workspace --locked --no-run
 # The end-to-end tests run the real binaries next to the test executables.

@@ -12,10 +12,15 @@ fn the_example_config_parses_and_validates() {
     assert_eq!(config.ingest.listen_address.port(), 4433);
     assert_eq!(config.ingest.max_in_flight_batches_per_agent, 16);
     assert_eq!(
-        config.embedded_log_config().map(|log| log.directory.clone()),
+        config
+            .embedded_log_config()
+            .map(|log| log.directory.clone()),
         Some(Path::new("/var/lib/tributary-collector/log").to_path_buf())
     );
-    assert_eq!(config.process.engine.resolutions_ms, vec![60_000, 3_600_000]);
+    assert_eq!(
+        config.process.engine.resolutions_ms,
+        vec![60_000, 3_600_000]
+    );
     assert_eq!(config.process.group, "tributary-processor");
     assert_eq!(config.process.partitions, PartitionAssignment::All);
     match &config.store {
@@ -31,7 +36,9 @@ fn the_example_config_parses_and_validates() {
 fn a_config_with_only_state_dir_runs_everything_embedded() {
     let config = CollectorConfig::parse("state_dir = \"/tmp/x\"\n", Path::new("c.toml")).unwrap();
     assert_eq!(
-        config.embedded_log_config().map(|log| log.directory.clone()),
+        config
+            .embedded_log_config()
+            .map(|log| log.directory.clone()),
         Some(Path::new("/tmp/x/log").to_path_buf())
     );
     assert!(
@@ -104,22 +111,31 @@ token = "a-long-random-token"
 #[test]
 fn unknown_fields_and_bad_values_are_named() {
     let problem = |text: &str| {
-        CollectorConfig::parse(&format!("state_dir = \"/tmp/x\"\n{text}"), Path::new("c.toml"))
-            .unwrap_err()
-            .to_string()
+        CollectorConfig::parse(
+            &format!("state_dir = \"/tmp/x\"\n{text}"),
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string()
     };
     let error = problem("[ingest]\nmax_inflight = 3\n");
     assert!(error.contains("max_inflight"), "{error}");
     let error = problem("[ingest]\nkeep_alive_interval_ms = 70000\nidle_timeout_ms = 60000\n");
     assert!(error.contains("ingest.idle_timeout_ms"), "{error}");
     let error = problem("[log]\nkind = \"kafka\"\ndirectory = \"/tmp/y\"\n");
-    assert!(error.contains("log:") && error.contains("directory"), "{error}");
+    assert!(
+        error.contains("log:") && error.contains("directory"),
+        "{error}"
+    );
     let error = problem("[log]\nkind = \"s3\"\n");
     assert!(error.contains("log.kind"), "{error}");
     let error = problem("[process]\nresolutions_ms = []\n");
     assert!(error.contains("process.resolutions_ms"), "{error}");
     let error = problem("[process]\nallowed_latenes_ms = 3\n");
-    assert!(error.contains("process:") && error.contains("allowed_latenes_ms"), "{error}");
+    assert!(
+        error.contains("process:") && error.contains("allowed_latenes_ms"),
+        "{error}"
+    );
     let error = problem("[process]\npartitions = \"x\"\n");
     assert!(error.contains("process:"), "{error}");
     let error = problem("[store]\nkind = \"clickhouse\"\ndatabase = \"bad-name\"\n");

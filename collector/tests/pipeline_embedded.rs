@@ -43,7 +43,8 @@ async fn results_equal_the_engine_s_and_a_restart_resumes_from_the_checkpoint() 
     let log = Arc::new(EmbeddedLog::open(log_config, clock.clone()).unwrap());
     let data = dataset(5, 90, T0);
     let half = data.batches.len() / 2;
-    let store_config = EmbeddedStoreConfig::new(dir.path().join("store"), engine_config().resolutions_ms);
+    let store_config =
+        EmbeddedStoreConfig::new(dir.path().join("store"), engine_config().resolutions_ms);
     let metrics = Arc::new(PipelineMetrics::default());
     let live = LiveFeed::new(100_000);
     let mut listener = live.subscribe();
@@ -73,7 +74,10 @@ async fn results_equal_the_engine_s_and_a_restart_resumes_from_the_checkpoint() 
         data.batches.len() as u64,
         "the second run resumed where the first one's checkpoint ended: no record was read twice"
     );
-    assert_eq!(metrics.duplicate_batches.load(Ordering::Relaxed), data.duplicates as u64);
+    assert_eq!(
+        metrics.duplicate_batches.load(Ordering::Relaxed),
+        data.duplicates as u64
+    );
 
     // The reference: the same records, with the ticks each run ended with.
     let records = read_all(log.as_ref()).await;
@@ -95,7 +99,11 @@ async fn results_equal_the_engine_s_and_a_restart_resumes_from_the_checkpoint() 
         steps.extend(final_ticks(&phase, 2, *wall_ms, &engine_config()));
     }
     let expected = reference(&steps, 2, &engine_config());
-    assert!(expected.len() > 50, "the stream makes windows: {}", expected.len());
+    assert!(
+        expected.len() > 50,
+        "the stream makes windows: {}",
+        expected.len()
+    );
     assert!(expected.values().any(|window| window.is_final));
 
     let store = EmbeddedStore::open(store_config.clone()).unwrap();
@@ -108,7 +116,10 @@ async fn results_equal_the_engine_s_and_a_restart_resumes_from_the_checkpoint() 
     while let Ok(batch) = listener.try_recv() {
         live_windows += batch.windows.len();
     }
-    assert!(live_windows > 0, "window results were pushed to the live feed");
+    assert!(
+        live_windows > 0,
+        "window results were pushed to the live feed"
+    );
 }
 
 #[test]
@@ -120,7 +131,8 @@ fn the_binary_processes_a_state_dir_only_config_and_replays_into_a_new_store() {
     let data = dataset(3, 60, start_ms);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let records = runtime.block_on(async {
-        let log = EmbeddedLog::open(EmbeddedLogConfig::new(state_dir.join("log")), SystemClock).unwrap();
+        let log =
+            EmbeddedLog::open(EmbeddedLogConfig::new(state_dir.join("log")), SystemClock).unwrap();
         for batch in &data.batches {
             log.append(record(batch)).await.unwrap();
         }
@@ -146,16 +158,31 @@ fn the_binary_processes_a_state_dir_only_config_and_replays_into_a_new_store() {
         .spawn()
         .unwrap();
     let mut guard = ChildGuard(Some(child));
-    wait_until("the processor checkpointed the whole log", Duration::from_secs(60), || {
-        scrape(port)
-            .and_then(|text| metric(&text, "tributary_processor_checkpointed_offset{partition=\"0\"}"))
-            == Some(end_offset)
-    });
+    wait_until(
+        "the processor checkpointed the whole log",
+        Duration::from_secs(60),
+        || {
+            scrape(port).and_then(|text| {
+                metric(
+                    &text,
+                    "tributary_processor_checkpointed_offset{partition=\"0\"}",
+                )
+            }) == Some(end_offset)
+        },
+    );
     terminate(guard.child());
     let output = guard.wait(Duration::from_secs(30));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "process exited with {}: {}", output.status, String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("embedded log in") && stdout.contains("embedded store in"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "process exited with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("embedded log in") && stdout.contains("embedded store in"),
+        "{stdout}"
+    );
 
     let replay = std::process::Command::new(collector_binary())
         .args(["replay", "--from", "0", "--into", "r1", "--config"])
@@ -165,7 +192,12 @@ fn the_binary_processes_a_state_dir_only_config_and_replays_into_a_new_store() {
         .spawn()
         .unwrap();
     let output = ChildGuard(Some(replay)).wait(Duration::from_secs(60));
-    assert!(output.status.success(), "replay exited with {}: {}", output.status, String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "replay exited with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(String::from_utf8_lossy(&output.stdout).contains("replay caught up"));
 
     // The child ticked its caught-up engine with the wall clock: every changed window was
@@ -177,7 +209,11 @@ fn the_binary_processes_a_state_dir_only_config_and_replays_into_a_new_store() {
     runtime.block_on(async {
         let mut results = Vec::new();
         for path in [state_dir.join("store"), state_dir.join("store-r1")] {
-            let store = EmbeddedStore::open(EmbeddedStoreConfig::new(path, engine_config().resolutions_ms)).unwrap();
+            let store = EmbeddedStore::open(EmbeddedStoreConfig::new(
+                path,
+                engine_config().resolutions_ms,
+            ))
+            .unwrap();
             let queries = Queries::Embedded(store.reader());
             let stored = stored_rollups(&queries, &data, &engine_config()).await;
             // Ticks at the wall clock only emit what changed; contents equal the reference's.

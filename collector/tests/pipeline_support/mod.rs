@@ -43,8 +43,9 @@ fn series_key(agent: usize, index: usize) -> SeriesKey {
 }
 
 fn value(agent: usize, batch_seq: u64, index: usize, reading: usize) -> f64 {
-    let mixed = (agent as u64 * 7_919 + batch_seq * 104_729 + index as u64 * 31 + reading as u64 * 17)
-        % 1_000;
+    let mixed =
+        (agent as u64 * 7_919 + batch_seq * 104_729 + index as u64 * 31 + reading as u64 * 17)
+            % 1_000;
     mixed as f64 / 10.0 - 20.25
 }
 
@@ -149,7 +150,12 @@ pub fn record(batch: &Batch) -> AppendRecord {
 
 /// The tick a caught-up consumer ends with: at least one emission interval past each
 /// partition's last record of the run.
-pub fn final_ticks(records: &[&LogRecord], partitions: u32, wall_ms: i64, config: &EngineConfig) -> Vec<Step<'static>> {
+pub fn final_ticks(
+    records: &[&LogRecord],
+    partitions: u32,
+    wall_ms: i64,
+    config: &EngineConfig,
+) -> Vec<Step<'static>> {
     (0..partitions)
         .map(|partition| {
             let last = records
@@ -215,7 +221,11 @@ pub enum Step<'a> {
 
 /// The brute-force reference: one engine per partition over the same records (and ticks);
 /// the highest version per window wins, as in the store.
-pub fn reference(steps: &[Step<'_>], partitions: u32, config: &EngineConfig) -> BTreeMap<WindowKey, WindowValue> {
+pub fn reference(
+    steps: &[Step<'_>],
+    partitions: u32,
+    config: &EngineConfig,
+) -> BTreeMap<WindowKey, WindowValue> {
     let mut engines: Vec<WindowEngine> = (0..partitions)
         .map(|_| WindowEngine::new(config.clone()).unwrap())
         .collect();
@@ -254,7 +264,9 @@ pub fn reference(steps: &[Step<'_>], partitions: u32, config: &EngineConfig) -> 
             }
         }
     }
-    best.into_iter().map(|(key, (_, value))| (key, value)).collect()
+    best.into_iter()
+        .map(|(key, (_, value))| (key, value))
+        .collect()
 }
 
 pub fn row_value(row: &RollupRow) -> WindowValue {
@@ -270,7 +282,11 @@ pub fn row_value(row: &RollupRow) -> WindowValue {
 }
 
 /// Every stored rollup of `series` at the engine's resolutions.
-pub async fn stored_rollups(queries: &Queries, data: &Dataset, config: &EngineConfig) -> BTreeMap<WindowKey, WindowValue> {
+pub async fn stored_rollups(
+    queries: &Queries,
+    data: &Dataset,
+    config: &EngineConfig,
+) -> BTreeMap<WindowKey, WindowValue> {
     let mut stored = BTreeMap::new();
     for resolution_ms in &config.resolutions_ms {
         let rows = queries
@@ -286,7 +302,10 @@ pub async fn stored_rollups(queries: &Queries, data: &Dataset, config: &EngineCo
                 *resolution_ms,
                 row.window_start_ms,
             );
-            assert!(stored.insert(key.clone(), row_value(&row)).is_none(), "window {key:?} read twice");
+            assert!(
+                stored.insert(key.clone(), row_value(&row)).is_none(),
+                "window {key:?} read twice"
+            );
         }
     }
     stored
@@ -305,13 +324,26 @@ pub fn assert_same_windows(
         actual_keys.len(),
         expected_keys.len(),
         "window count differs; missing: {:?}; extra: {:?}",
-        expected_keys.difference(&actual_keys).take(5).collect::<Vec<_>>(),
-        actual_keys.difference(&expected_keys).take(5).collect::<Vec<_>>()
+        expected_keys
+            .difference(&actual_keys)
+            .take(5)
+            .collect::<Vec<_>>(),
+        actual_keys
+            .difference(&expected_keys)
+            .take(5)
+            .collect::<Vec<_>>()
     );
     for (key, want) in expected {
-        let got = actual.get(key).unwrap_or_else(|| panic!("window {key:?} is missing"));
+        let got = actual
+            .get(key)
+            .unwrap_or_else(|| panic!("window {key:?} is missing"));
         let tolerance = 1e-9 * want.sum.abs().max(1.0);
-        assert!((got.sum - want.sum).abs() <= tolerance, "{key:?}: sum {} != {}", got.sum, want.sum);
+        assert!(
+            (got.sum - want.sum).abs() <= tolerance,
+            "{key:?}: sum {} != {}",
+            got.sum,
+            want.sum
+        );
         let strip = |value: &WindowValue| WindowValue {
             sum: 0.0,
             is_final: compare_final && value.is_final,
@@ -371,7 +403,10 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<u64> {
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

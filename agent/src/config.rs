@@ -39,6 +39,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub batching: BatchingConfig,
+    #[serde(default)]
     pub sources: Vec<SourceConfig>,
 }
 
@@ -411,6 +413,14 @@ pub struct AggregationConfig {
     /// Width of the event-time tumbling windows summarised per series.
     pub window_ms: u64,
     pub raw: RawPolicy,
+    /// How far behind a series' newest event time a reading may arrive and still land in
+    /// its window (a later one becomes a partial summary the collector merges).
+    pub allowed_disorder_ms: u64,
+    /// Processing time of silence after which a series' open windows are closed; default
+    /// (`None`) one window width plus `allowed_disorder_ms`.
+    pub idle_close_ms: Option<u64>,
+    /// Processing time of silence after which a series' state is dropped from memory.
+    pub series_evict_after_ms: u64,
 }
 
 impl Default for AggregationConfig {
@@ -418,7 +428,76 @@ impl Default for AggregationConfig {
         Self {
             window_ms: 10_000,
             raw: RawPolicy::All,
+            allowed_disorder_ms: crate::aggregate::DEFAULT_ALLOWED_DISORDER_MS.unsigned_abs(),
+            idle_close_ms: None,
+            series_evict_after_ms: crate::aggregate::DEFAULT_SERIES_EVICT_AFTER_MS.unsigned_abs(),
         }
+    }
+}
+
+impl AggregationConfig {
+    /// The aggregator's settings.
+    pub fn window_config(&self) -> crate::aggregate::WindowConfig {
+        let to_ms = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        let mut config = crate::aggregate::WindowConfig::new(self.window_ms, self.raw)
+            .with_allowed_disorder_ms(to_ms(self.allowed_disorder_ms));
+        if let Some(idle_close_ms) = self.idle_close_ms {
+            config.idle_timeout_ms = to_ms(idle_close_ms);
+        }
+        config.series_evict_after_ms = to_ms(self.series_evict_after_ms);
+        config
+    }
+
+    /// The effective idle close time (for validation and docs).
+    pub fn effective_idle_close_ms(&self) -> u64 {
+        self.idle_close_ms
+            .unwrap_or_else(|| self.window_ms.saturating_add(self.allowed_disorder_ms))
+    }
+}
+
+/// How aggregated output is cut into batches (raw and summary batches are separate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchingConfig {
+    /// A batch is cut when it holds this many readings (or summaries).
+    pub max_items_per_batch: u32,
+    /// A non-empty batch is cut when its oldest item has waited this long.
+    pub max_batch_age_ms: u64,
+}
+
+impl Default for BatchingConfig {
+    fn default() -> Self {
+        Self {
+            max_items_per_batch: u32::try_from(crate::aggregate::DEFAULT_MAX_ITEMS_PER_BATCH)
+                .unwrap_or(u32::MAX),
+            max_batch_age_ms: crate::aggregate::DEFAULT_MAX_BATCH_AGE_MS.unsigned_abs(),
+        }
+    }
+}
+
+impl BatchingConfig {
+    pub fn cutter(&self) -> crate::aggregate::BatchCutter {
+        crate::aggregate::BatchCutter::new(
+            self.max_items_per_batch as usize,
+            i64::try_from(self.max_batch_age_ms).unwrap_or(i64::MAX),
+        )
+    }
+
+    fn validate(&self, problems: &mut Problems) {
+        check_range(
+            problems,
+            "batching.max_items_per_batch",
+            self.max_items_per_batch.into(),
+            1,
+            1_000_000,
+        );
+        check_range(
+            problems,
+            "batching.max_batch_age_ms",
+            self.max_batch_age_ms,
+            10,
+            600_000,
+        );
     }
 }
 
@@ -515,6 +594,7 @@ impl AgentConfig {
         check_name(&mut problems, "agent_id", &self.agent_id);
         self.collector.validate(&mut problems);
         self.buffer.validate(&mut problems);
+        self.batching.validate(&mut problems);
         check_socket_address(
             &mut problems,
             "metrics.listen_address",
@@ -852,6 +932,32 @@ impl SourceConfig {
             100,
             86_400_000,
         );
+        check_range(
+            problems,
+            &format!("{aggregation_path}.allowed_disorder_ms"),
+            self.aggregation.allowed_disorder_ms,
+            0,
+            86_400_000,
+        );
+        if let Some(idle_close_ms) = self.aggregation.idle_close_ms {
+            check_range(
+                problems,
+                &format!("{aggregation_path}.idle_close_ms"),
+                idle_close_ms,
+                100,
+                7 * 86_400_000,
+            );
+        }
+        let idle_close_ms = self.aggregation.effective_idle_close_ms();
+        if self.aggregation.series_evict_after_ms < idle_close_ms {
+            problems.push(
+                format!("{aggregation_path}.series_evict_after_ms"),
+                format!(
+                    "{} is below the idle close time of {idle_close_ms} ms (idle_close_ms, or window_ms + allowed_disorder_ms); a series is evicted only after its windows closed, so use at least that",
+                    self.aggregation.series_evict_after_ms
+                ),
+            );
+        }
         match self.aggregation.raw {
             RawPolicy::EveryNth { n: 0 } => problems.push(
                 format!("{aggregation_path}.raw.n"),

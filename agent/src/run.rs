@@ -42,8 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tributary_protocol::model::Reading;
 
 use crate::aggregate::{
-    AggregationStage, BatchCutter, CutBatch, RegistryError, SeriesRegistry, SourceIndex,
-    WindowConfig, NOT_JOURNALED,
+    AggregationStage, CutBatch, RegistryError, SeriesRegistry, SourceIndex, NOT_JOURNALED,
 };
 use crate::buffer::{self, BatchClass, DiskBuffer, Durability};
 use crate::config::{AgentConfig, FsyncPolicy, SourceKind};
@@ -200,13 +199,10 @@ impl Pipeline {
         let registry = SeriesRegistry::open(state_db.open_tree("series").map_err(state_error)?)?;
         let journal = state_db.open_tree("journal").map_err(state_error)?;
         let meta = state_db.open_tree("meta").map_err(state_error)?;
-        let mut stage = AggregationStage::new(registry, BatchCutter::default());
+        let mut stage = AggregationStage::new(registry, config.batching.cutter());
         let mut time_policies = Vec::new();
         for source in &config.sources {
-            stage.add_source(WindowConfig::new(
-                source.aggregation.window_ms,
-                source.aggregation.raw,
-            ));
+            stage.add_source(source.aggregation.window_config());
             time_policies.push(source.time);
         }
         let raw_durable_below = meta

@@ -23,6 +23,7 @@ fn config() -> WindowConfig {
         window_ms: WINDOW_MS,
         allowed_disorder_ms: DISORDER_MS,
         idle_timeout_ms: i64::MAX,
+        series_evict_after_ms: i64::MAX,
         raw: RawPolicy::None,
     }
 }

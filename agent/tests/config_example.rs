@@ -276,3 +276,66 @@ fn missing_file_says_which() {
         "{error}"
     );
 }
+
+#[test]
+fn broker_aggregation_and_batching_knobs_are_validated_with_their_paths() {
+    let text = r#"
+agent_id = "gw"
+[collector]
+address = "c.example.com:4433"
+cert_fingerprint_sha256 = "5E:9B:0C:21:7A:44:13:C8:F0:2D:6B:93:AA:10:7E:55:C4:21:08:3F:9D:6A:E2:71:B0:4C:58:13:2E:9F:07:D6"
+token = "t"
+[batching]
+max_items_per_batch = 0
+max_batch_age_ms = 5
+[[sources]]
+name = "b"
+[sources.mqtt_broker]
+max_packet_bytes = 10
+max_in_flight = 0
+connect_timeout_ms = 1
+[[sources.mqtt_broker.users]]
+username = "u"
+[[sources.mqtt_broker.users]]
+username = "u"
+password = "p"
+password_file = "/p"
+[[sources.mqtt_broker.topics]]
+template = "a/{device}/{metric}"
+[sources.aggregation]
+window_ms = 10000
+allowed_disorder_ms = 5000
+series_evict_after_ms = 14000
+"#;
+    let config =
+        AgentConfig::from_toml_str(text, "test.toml").unwrap_or_else(|error| panic!("{error}"));
+    let problems = config.validate();
+    let paths: Vec<&str> = problems
+        .iter()
+        .map(|problem| problem.path.as_str())
+        .collect();
+    for expected in [
+        "batching.max_items_per_batch",
+        "batching.max_batch_age_ms",
+        "sources[0].mqtt_broker.max_packet_bytes",
+        "sources[0].mqtt_broker.max_in_flight",
+        "sources[0].mqtt_broker.connect_timeout_ms",
+        "sources[0].mqtt_broker.users[0]",
+        "sources[0].mqtt_broker.users[1].username",
+        "sources[0].mqtt_broker.users[1].password_file",
+        "sources[0].aggregation.series_evict_after_ms",
+    ] {
+        assert!(
+            paths.contains(&expected),
+            "no problem at {expected}: {problems:?}"
+        );
+    }
+    assert_eq!(problems.len(), 9, "{problems:?}");
+    let window = config.sources[0].aggregation.window_config();
+    assert_eq!(window.allowed_disorder_ms, 5_000);
+    assert_eq!(
+        window.idle_timeout_ms, 15_000,
+        "window + disorder by default"
+    );
+    assert_eq!(window.series_evict_after_ms, 14_000);
+}

@@ -19,7 +19,7 @@ pub use cutter::{BatchCutter, CutBatch, DEFAULT_MAX_BATCH_AGE_MS, DEFAULT_MAX_IT
 pub use registry::{RegistryError, SeriesRegistry};
 pub use window::{
     AggregateOutput, AggregatorCounters, ClosedWindow, ForwardedReading, WindowAggregator,
-    WindowConfig, DEFAULT_ALLOWED_DISORDER_MS, NOT_JOURNALED,
+    WindowConfig, DEFAULT_ALLOWED_DISORDER_MS, DEFAULT_SERIES_EVICT_AFTER_MS, NOT_JOURNALED,
 };
 
 use tributary_protocol::batch::{series_ids_used, BatchEncoder, DEFAULT_ZSTD_LEVEL};

@@ -34,11 +34,17 @@ pub struct WindowConfig {
     pub allowed_disorder_ms: i64,
     /// Processing time of silence after which a series' open windows are closed.
     pub idle_timeout_ms: i64,
+    /// Processing time of silence after which a series with no open window is forgotten
+    /// entirely (watermark, raw-policy state): bounded memory with many short-lived series.
+    /// A series that speaks again starts afresh (its first reading is forwarded raw).
+    pub series_evict_after_ms: i64,
     pub raw: RawPolicy,
 }
 
 /// Default disorder allowance: sensors behind one broker rarely reorder by more.
 pub const DEFAULT_ALLOWED_DISORDER_MS: i64 = 2_000;
+/// Default silence after which an idle series' state is evicted.
+pub const DEFAULT_SERIES_EVICT_AFTER_MS: i64 = 600_000;
 
 impl WindowConfig {
     /// The defaults for a configured window width and raw policy: 2 s of disorder, and a
@@ -53,8 +59,20 @@ impl WindowConfig {
             window_ms,
             allowed_disorder_ms,
             idle_timeout_ms,
+            series_evict_after_ms: DEFAULT_SERIES_EVICT_AFTER_MS.max(idle_timeout_ms),
             raw,
         }
+    }
+
+    /// These settings with another disorder allowance; the idle timeout follows (one window
+    /// width plus the disorder) unless set explicitly afterwards.
+    pub fn with_allowed_disorder_ms(mut self, allowed_disorder_ms: i64) -> Self {
+        self.allowed_disorder_ms = allowed_disorder_ms.max(0);
+        self.idle_timeout_ms = self
+            .window_width_ms()
+            .saturating_add(self.allowed_disorder_ms);
+        self.series_evict_after_ms = self.series_evict_after_ms.max(self.idle_timeout_ms);
+        self
     }
 
     fn window_width_ms(&self) -> i64 {
@@ -105,6 +123,8 @@ pub struct AggregatorCounters {
     pub non_finite_values: u64,
     pub raw_forwarded: u64,
     pub windows_closed: u64,
+    /// Idle series whose state was dropped (see [`WindowConfig::series_evict_after_ms`]).
+    pub series_evicted: u64,
 }
 
 #[derive(Debug)]
@@ -248,19 +268,29 @@ impl WindowAggregator {
         self.counters.windows_closed += closed as u64;
     }
 
-    /// Closes the windows of series silent for `idle_timeout_ms` of processing time.
+    /// Closes the windows of series silent for `idle_timeout_ms` of processing time, and
+    /// forgets series silent for `series_evict_after_ms` whose windows are all closed.
     pub fn poll(&mut self, now_ms: i64, out: &mut AggregateOutput) {
         let config = self.config;
         let mut closed_total = 0;
-        for (series, state) in &mut self.series {
-            if !state.open.is_empty()
-                && now_ms.saturating_sub(state.last_arrival_ms) >= config.idle_timeout_ms
-            {
+        let mut evicted = 0u64;
+        self.series.retain(|series, state| {
+            let silent_ms = now_ms.saturating_sub(state.last_arrival_ms);
+            if !state.open.is_empty() && silent_ms >= config.idle_timeout_ms {
                 closed_total += close_windows_ending_by(*series, state, &config, i64::MAX, out);
             }
-        }
+            let evict = state.open.is_empty() && silent_ms >= config.series_evict_after_ms;
+            evicted += u64::from(evict);
+            !evict
+        });
         self.open_windows -= closed_total;
         self.counters.windows_closed += closed_total as u64;
+        self.counters.series_evicted += evicted;
+    }
+
+    /// Series whose state is held (open windows or recent activity).
+    pub fn tracked_series(&self) -> usize {
+        self.series.len()
     }
 
     /// Closes every open window (shutdown).
@@ -334,6 +364,7 @@ mod tests {
             window_ms: 1_000,
             allowed_disorder_ms: 100,
             idle_timeout_ms: 5_000,
+            series_evict_after_ms: 60_000,
             raw: RawPolicy::None,
         };
         let mut aggregator = WindowAggregator::new(config);
@@ -363,6 +394,7 @@ mod tests {
             window_ms: 1_000,
             allowed_disorder_ms: 0,
             idle_timeout_ms: 5_000,
+            series_evict_after_ms: 60_000,
             raw: RawPolicy::None,
         };
         let mut aggregator = WindowAggregator::new(config);
@@ -384,6 +416,37 @@ mod tests {
             .collect();
         assert_eq!(starts, vec![(0, 1, 7), (0, 1, 9)]);
         assert_eq!(aggregator.min_open_journal_seq(), 8);
+    }
+
+    #[test]
+    fn idle_series_are_evicted_once_their_windows_closed() {
+        let config = WindowConfig {
+            window_ms: 1_000,
+            allowed_disorder_ms: 0,
+            idle_timeout_ms: 2_000,
+            series_evict_after_ms: 10_000,
+            raw: RawPolicy::Deadband { threshold: 1.0 },
+        };
+        let mut aggregator = WindowAggregator::new(config);
+        let mut out = AggregateOutput::default();
+        for series in 0..100 {
+            aggregator.observe(reading(series, 10, 5.0), NOT_JOURNALED, 0, &mut out);
+        }
+        aggregator.observe(reading(500, 10, 5.0), NOT_JOURNALED, 9_000, &mut out);
+        aggregator.poll(9_999, &mut out);
+        assert_eq!(
+            aggregator.tracked_series(),
+            101,
+            "closed but not yet evicted"
+        );
+        assert_eq!(aggregator.open_windows(), 1);
+        aggregator.poll(10_000, &mut out);
+        assert_eq!(aggregator.tracked_series(), 1);
+        assert_eq!(aggregator.counters().series_evicted, 100);
+        // A series that speaks again starts afresh: its first reading is forwarded.
+        out.raw.clear();
+        aggregator.observe(reading(0, 20_000, 5.0), NOT_JOURNALED, 20_000, &mut out);
+        assert_eq!(out.raw.len(), 1);
     }
 
     #[test]

@@ -458,6 +458,8 @@ pub struct AgentSpec {
     pub max_buffer_bytes: u64,
     /// Topic prefix the simulator uses (`P/site/...`), if any.
     pub topic_prefix: Option<String>,
+    /// Extra TOML appended to the generated config (e.g. a `[batching]` section).
+    pub extra_config: String,
 }
 
 impl AgentSpec {
@@ -476,6 +478,7 @@ impl AgentSpec {
             window_ms: 10_000,
             max_buffer_bytes: 64 * 1024 * 1024,
             topic_prefix: None,
+            extra_config: String::new(),
         })
     }
 }
@@ -530,6 +533,11 @@ impl Agent {
                 path = serial.display().to_string(),
                 window_ms = spec.window_ms,
             ));
+        }
+        if !spec.extra_config.is_empty() {
+            config.push('\n');
+            config.push_str(&spec.extra_config);
+            config.push('\n');
         }
         std::fs::write(&config_path, config)
             .with_context(|| format!("writing {}", config_path.display()))?;
@@ -628,12 +636,55 @@ mod tests {
         assert_eq!(&buffer[..length], b"one");
         relay.set_cut(true);
         client.send_to(b"two", relay.address).unwrap();
-        assert!(client.recv_from(&mut buffer).is_err(), "a cut relay forwarded");
+        assert!(
+            client.recv_from(&mut buffer).is_err(),
+            "a cut relay forwarded"
+        );
         assert_eq!(relay.dropped(), 1);
         relay.set_cut(false);
         client.send_to(b"three", relay.address).unwrap();
         let (length, _) = client.recv_from(&mut buffer).unwrap();
         assert_eq!(&buffer[..length], b"three");
+        // Counted after the send returns, so the echo may arrive first: wait for the count.
+        wait_for("the relay to count", Duration::from_secs(5), || {
+            Ok((relay.bytes_up() == 8 && relay.bytes_down() == 8).then_some(()))
+        })
+        .unwrap_or_else(|error| {
+            panic!(
+                "{error}: up {} down {} (expected 8 each: the dropped datagram is not counted)",
+                relay.bytes_up(),
+                relay.bytes_down()
+            )
+        });
+    }
+
+    #[test]
+    fn the_tcp_relay_forwards_and_counts_both_ways() {
+        let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+        let echo_address = echo.local_addr().unwrap();
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = echo.accept() {
+                let mut buffer = [0_u8; 64];
+                while let Ok(length) = stream.read(&mut buffer) {
+                    if length == 0 || stream.write_all(&buffer[..length]).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let relay = TcpRelay::start(echo_address).unwrap();
+        let mut client = TcpStream::connect(relay.address).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client.write_all(b"hello relay").unwrap();
+        let mut answer = [0_u8; 11];
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"hello relay");
+        wait_for("the relay to count", Duration::from_secs(5), || {
+            Ok((relay.bytes_up() == 11 && relay.bytes_down() == 11).then_some(()))
+        })
+        .unwrap();
     }
 
     #[test]
@@ -656,6 +707,9 @@ pub struct UdpRelay {
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// UDP payload bytes forwarded towards the upstream (agent -> collector) and back.
+    bytes_up: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    bytes_down: std::sync::Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -672,8 +726,11 @@ impl UdpRelay {
         let cut = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicU64::new(0));
+        let bytes_up = Arc::new(AtomicU64::new(0));
+        let bytes_down = Arc::new(AtomicU64::new(0));
         let thread = {
             let (cut, stop, dropped) = (cut.clone(), stop.clone(), dropped.clone());
+            let (bytes_up, bytes_down) = (bytes_up.clone(), bytes_down.clone());
             std::thread::Builder::new()
                 .name("udp-relay".into())
                 .spawn(move || {
@@ -698,6 +755,7 @@ impl UdpRelay {
                                 continue;
                             };
                             let (cut, stop, dropped) = (cut.clone(), stop.clone(), dropped.clone());
+                            let bytes_down = bytes_down.clone();
                             downstream_threads.push(std::thread::spawn(move || {
                                 let mut buffer = vec![0_u8; 65_536];
                                 while !stop.load(Ordering::SeqCst) {
@@ -706,8 +764,8 @@ impl UdpRelay {
                                     };
                                     if cut.load(Ordering::SeqCst) {
                                         dropped.fetch_add(1, Ordering::Relaxed);
-                                    } else {
-                                        let _ = reply.send_to(&buffer[..length], client);
+                                    } else if reply.send_to(&buffer[..length], client).is_ok() {
+                                        bytes_down.fetch_add(length as u64, Ordering::Relaxed);
                                     }
                                 }
                             }));
@@ -718,8 +776,8 @@ impl UdpRelay {
                         };
                         if cut.load(Ordering::SeqCst) {
                             dropped.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            let _ = socket.send(&buffer[..length]);
+                        } else if socket.send(&buffer[..length]).is_ok() {
+                            bytes_up.fetch_add(length as u64, Ordering::Relaxed);
                         }
                     }
                     for thread in downstream_threads {
@@ -733,8 +791,21 @@ impl UdpRelay {
             cut,
             stop,
             dropped,
+            bytes_up,
+            bytes_down,
             thread: Some(thread),
         })
+    }
+
+    /// UDP payload bytes forwarded from clients to the upstream so far (IP and UDP headers
+    /// not included).
+    pub fn bytes_up(&self) -> u64 {
+        self.bytes_up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// UDP payload bytes forwarded from the upstream back to clients so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.bytes_down.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Drops everything from now on (`true`) or forwards again (`false`).
@@ -751,6 +822,131 @@ impl UdpRelay {
 impl Drop for UdpRelay {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A TCP relay that counts the bytes it carries each way: the uplink of a do-it-yourself
+/// MQTT bridge, measured the way [`UdpRelay`] measures the agent's QUIC traffic (payload
+/// bytes, without IP and TCP headers). One pair of copy threads per accepted connection.
+#[derive(Debug)]
+pub struct TcpRelay {
+    pub address: SocketAddr,
+    bytes_up: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    bytes_down: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpRelay {
+    /// Listens on a free loopback port and forwards every connection to `upstream`.
+    pub fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding the TCP relay")?;
+        listener.set_nonblocking(true)?;
+        let address = listener.local_addr()?;
+        let bytes_up = Arc::new(AtomicU64::new(0));
+        let bytes_down = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (bytes_up, bytes_down) = (bytes_up.clone(), bytes_down.clone());
+            let (stop, connections) = (stop.clone(), connections.clone());
+            std::thread::Builder::new()
+                .name("tcp-relay".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        let client = match listener.accept() {
+                            Ok((client, _)) => client,
+                            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_millis(10));
+                                continue;
+                            }
+                            Err(_) => continue,
+                        };
+                        let Ok(server) =
+                            TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+                        else {
+                            continue;
+                        };
+                        let (Ok(()), Ok(()), Ok(()), Ok(client_read), Ok(server_read)) = (
+                            client.set_nonblocking(false),
+                            client.set_nodelay(true),
+                            server.set_nodelay(true),
+                            client.try_clone(),
+                            server.try_clone(),
+                        ) else {
+                            continue;
+                        };
+                        if let Ok(mut open) = connections.lock() {
+                            open.extend(client.try_clone().ok());
+                            open.extend(server.try_clone().ok());
+                        }
+                        Self::copy(client_read, server, bytes_up.clone());
+                        Self::copy(server_read, client, bytes_down.clone());
+                    }
+                })
+                .context("starting the TCP relay thread")?
+        };
+        Ok(Self {
+            address,
+            bytes_up,
+            bytes_down,
+            stop,
+            connections,
+            thread: Some(thread),
+        })
+    }
+
+    /// Copies `from` into `to` until either side closes, counting what was written.
+    fn copy(
+        mut from: TcpStream,
+        mut to: TcpStream,
+        counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    ) {
+        std::thread::spawn(move || {
+            let mut buffer = vec![0_u8; 65_536];
+            loop {
+                let length = match from.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(length) => length,
+                };
+                let Some(chunk) = buffer.get(..length) else {
+                    break;
+                };
+                if to.write_all(chunk).is_err() {
+                    break;
+                }
+                counter.fetch_add(length as u64, std::sync::atomic::Ordering::Relaxed);
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+
+    /// Bytes carried from clients to the upstream so far (TCP payload only).
+    pub fn bytes_up(&self) -> u64 {
+        self.bytes_up.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes carried from the upstream back to clients so far.
+    pub fn bytes_down(&self) -> u64 {
+        self.bytes_down.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(open) = self.connections.lock() {
+            for stream in open.iter() {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -21,7 +21,7 @@ use tributary_collector::log::kafka::KafkaLog;
 use tributary_collector::log::{Clock, DurableLog, EmbeddedLog, SystemClock};
 use tributary_collector::pipeline::{
     parse_replay_start, run_consumer, validate_suffix, ConsumerConfig, ConsumerReport,
-    PartitionAssignment, PipelineError, PipelineMetrics, RunUntil, StartFrom,
+    PartitionAssignment, PipelineError, PipelineMetrics, RetainingStore, RunUntil, StartFrom,
 };
 use tributary_collector::store::{ClickHouseStore, EmbeddedStore, Queries, Store, StoreError};
 
@@ -200,6 +200,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// How often the store deletes rows past their retention (after a flush).
+const STORE_RETENTION_INTERVAL_MS: i64 = 3_600_000;
+/// How often the embedded log deletes segments past its retention.
+const LOG_RETENTION_INTERVAL_MS: u64 = 60_000;
+
 /// A replay: where it starts and the suffix of its tables.
 #[derive(Debug, Clone)]
 struct Replay {
@@ -229,7 +234,21 @@ async fn with_log(
     match &config.log {
         LogConfig::Embedded(log_config) => {
             let log = Arc::new(EmbeddedLog::open(log_config.clone(), SystemClock)?);
+            // Kafka applies its topic's retention itself; the embedded log is told when.
+            let retention_log = log.clone();
+            let retention = tokio::spawn(async move {
+                let mut interval =
+                    tokio::time::interval(Duration::from_millis(LOG_RETENTION_INTERVAL_MS));
+                loop {
+                    interval.tick().await;
+                    if let Err(error) = retention_log.enforce_retention(SystemClock.now_ms()) {
+                        tracing::warn!(%error, "embedded log retention pass failed; retrying at the next interval");
+                    }
+                }
+            });
             let result = with_store(config, log.clone(), stages, replay).await;
+            retention.abort();
+            let _ = retention.await;
             // Dropping the last handle stops the log's flushers after their final fsync.
             drop(log);
             result
@@ -261,6 +280,7 @@ async fn with_store<L: DurableLog>(
         StoreConfig::Embedded(settings) => {
             let store = EmbeddedStore::open(settings.store_config(&resolutions_ms))?;
             let queries = Queries::Embedded(store.reader());
+            let store = RetainingStore::new(store, SystemClock, STORE_RETENTION_INTERVAL_MS);
             run_stages(config, log, Some((store, queries)), stages, replay).await
         }
         StoreConfig::ClickHouse(settings) => {
@@ -287,6 +307,7 @@ async fn with_store<L: DurableLog>(
                 store.dialect().name()
             );
             let queries = Queries::ClickHouse(store.reader());
+            let store = RetainingStore::new(store, SystemClock, STORE_RETENTION_INTERVAL_MS);
             run_stages(config, log, Some((store, queries)), stages, replay).await
         }
     }

@@ -517,11 +517,12 @@ where
             };
             let caught_up = run.caught_up
                 || run.next_offset >= run.log_next_offset
-                || (self.config.until == RunUntil::CaughtUp && run.next_offset >= run.target_offset);
+                || (self.config.until == RunUntil::CaughtUp
+                    && run.next_offset >= run.target_offset);
             if caught_up {
-                let now_ms = run
-                    .last_record_ms
-                    .map_or(wall_ms, |last_ms| wall_ms.max(last_ms.saturating_add(emit_interval_ms)));
+                let now_ms = run.last_record_ms.map_or(wall_ms, |last_ms| {
+                    wall_ms.max(last_ms.saturating_add(emit_interval_ms))
+                });
                 self.tick(index, now_ms)?;
             }
         }

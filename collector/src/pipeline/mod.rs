@@ -23,6 +23,7 @@ pub mod consumer;
 pub mod metrics;
 pub mod publish;
 pub mod replay;
+pub mod retention;
 
 use thiserror::Error;
 
@@ -30,6 +31,7 @@ pub use assignment::PartitionAssignment;
 pub use consumer::{run_consumer, ConsumerConfig, ConsumerReport, RunUntil, StartFrom};
 pub use metrics::PipelineMetrics;
 pub use replay::{parse_replay_start, validate_suffix};
+pub use retention::{Retain, RetainingStore};
 
 use crate::log::LogError;
 use crate::process::ProcessError;

@@ -206,7 +206,21 @@ pub struct MqttSubscribeConfig {
     pub persistent_session: bool,
     #[serde(default = "default_keep_alive_s")]
     pub keep_alive_s: u32,
+    /// MQTT revision: `auto` tries 5.0 and falls back to 3.1.1 if the broker refuses it.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
     pub topics: Vec<TopicConfig>,
+}
+
+/// The MQTT revision a subscribe source speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MqttProtocol {
+    /// MQTT 5.0, falling back to 3.1.1 for the run if the broker refuses 5.0.
+    #[default]
+    Auto,
+    V5,
+    V311,
 }
 
 fn default_qos() -> u8 {

@@ -6,6 +6,9 @@
 //!
 //! # The acknowledgement chain (MQTT QoS 1)
 //!
+//! The same for both MQTT modes: the subscribe shell acknowledges to the gateway's broker,
+//! the embedded broker (`source::broker`) to the sensor.
+//!
 //! Batches are cut about once a second, but the broker must get its PUBACK within about
 //! one group-commit interval (50 ms) or its in-flight window throttles us. And a reading in
 //! an open window is in no batch at all. So the guarantee rests on a write-ahead *journal*:

@@ -36,15 +36,10 @@ impl Retain for EmbeddedStore {
 }
 
 impl Retain for ClickHouseStore {
-    fn enforce_retention_at(
-        &mut self,
-        now_ms: i64,
-    ) -> impl Future<Output = Result<String, StoreError>> + Send {
-        async move {
-            self.drop_expired_partitions(now_ms)
-                .await
-                .map(|dropped| format!("dropped partitions {dropped:?}"))
-        }
+    async fn enforce_retention_at(&mut self, now_ms: i64) -> Result<String, StoreError> {
+        self.drop_expired_partitions(now_ms)
+            .await
+            .map(|dropped| format!("dropped partitions {dropped:?}"))
     }
 }
 
@@ -113,20 +108,18 @@ impl<S: Retain + Sync, C: Clock> Store for RetainingStore<S, C> {
         self.inner.flush_due(now_ms)
     }
 
-    fn flush(&mut self) -> impl Future<Output = Result<FlushReport, StoreError>> + Send {
-        async move {
-            let report = self.inner.flush().await?;
-            let now_ms = self.clock.now_ms();
-            if now_ms >= self.next_pass_ms {
-                self.next_pass_ms = now_ms.saturating_add(self.interval_ms);
-                match self.inner.enforce_retention_at(now_ms).await {
-                    Ok(summary) => tracing::info!(%summary, "store retention pass"),
-                    Err(error) => {
-                        tracing::warn!(%error, "store retention pass failed; retrying at the next interval")
-                    }
+    async fn flush(&mut self) -> Result<FlushReport, StoreError> {
+        let report = self.inner.flush().await?;
+        let now_ms = self.clock.now_ms();
+        if now_ms >= self.next_pass_ms {
+            self.next_pass_ms = now_ms.saturating_add(self.interval_ms);
+            match self.inner.enforce_retention_at(now_ms).await {
+                Ok(summary) => tracing::info!(%summary, "store retention pass"),
+                Err(error) => {
+                    tracing::warn!(%error, "store retention pass failed; retrying at the next interval")
                 }
             }
-            Ok(report)
         }
+        Ok(report)
     }
 }

@@ -10,6 +10,8 @@ pub mod agent;
 pub mod buffer;
 pub mod codec;
 pub mod collector;
+pub mod dashboard;
+pub mod e2e;
 pub mod processor;
 
 use std::time::Instant;
@@ -26,7 +28,7 @@ pub struct BenchOptions {
 }
 
 /// The benches `bench` knows, in the order `bench all` runs them.
-pub const BENCH_NAMES: &[&str] = &["codec", "buffer", "processor", "collector", "agent"];
+pub const BENCH_NAMES: &[&str] = &["codec", "buffer", "processor", "collector", "agent", "e2e", "dashboard"];
 
 /// Runs one bench by name and returns its JSON lines.
 pub fn run(name: &str, options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
@@ -36,6 +38,8 @@ pub fn run(name: &str, options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
         "processor" => processor::run(options),
         "collector" => collector::run(options),
         "agent" => agent::run(options),
+        "e2e" => e2e::run(options),
+        "dashboard" => dashboard::run(options),
         other => anyhow::bail!(
             "unknown bench {other:?}; known benches: {}",
             BENCH_NAMES.join(", ")

@@ -106,7 +106,8 @@ enum State {
 
 enum Decoded {
     V311(v4::Packet),
-    V5(v5::Packet),
+    /// Boxed: an MQTT 5 packet is several times larger than a 3.1.1 one.
+    V5(Box<v5::Packet>),
 }
 
 enum DecodeFailure {
@@ -383,7 +384,7 @@ impl BrokerSession {
             self.last_packet_ms = now_ms;
             let event = match decoded {
                 Decoded::V311(packet) => self.handle_v4(packet),
-                Decoded::V5(packet) => self.handle_v5(packet),
+                Decoded::V5(packet) => self.handle_v5(*packet),
             };
             if event.is_some() {
                 return event;
@@ -790,13 +791,13 @@ fn decode_packet(
             // rumqttc refuses the 2-byte DISCONNECT MQTT 5 allows (reason code 0 omitted).
             if input.len() >= 2 && input[0] == 0xE0 && input[1] == 0 {
                 let _ = input.split_to(2);
-                return Ok(Decoded::V5(v5::Packet::Disconnect(v5::Disconnect::new(
-                    v5::DisconnectReasonCode::NormalDisconnection,
+                return Ok(Decoded::V5(Box::new(v5::Packet::Disconnect(
+                    v5::Disconnect::new(v5::DisconnectReasonCode::NormalDisconnection),
                 ))));
             }
             let max = u32::try_from(max_packet_bytes).unwrap_or(u32::MAX);
             match v5::Packet::read(input, Some(max)) {
-                Ok(packet) => Ok(Decoded::V5(packet)),
+                Ok(packet) => Ok(Decoded::V5(Box::new(packet))),
                 Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {
                     Err(DecodeFailure::Incomplete)
                 }

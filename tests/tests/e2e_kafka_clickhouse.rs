@@ -10,7 +10,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use tempfile::TempDir;
-use tributary_firmware_sim::cluster::{wait_for, Agent, AgentSpec, Collector, CollectorSpec};
+use tributary_firmware_sim::cluster::{
+    metric_value, wait_for, Agent, AgentSpec, Collector, CollectorSpec,
+};
 use tributary_tests::e2e::{
     assert_store_matches_ledger, binaries, exclusive, fleet_config, wait_for_agent_readings,
     FleetRun,
@@ -169,7 +171,7 @@ fn a_faulty_fleet_arrives_exactly_once_through_kafka_into_clickhouse() {
 }
 
 #[test]
-fn a_kafka_broker_restart_mid_run_loses_nothing() {
+fn kafka_stopped_for_a_while_makes_the_agent_buffer_and_loses_nothing() {
     let _turn = exclusive();
     let Some(mut cluster) = cluster() else {
         return;
@@ -178,14 +180,70 @@ fn a_kafka_broker_restart_mid_run_loses_nothing() {
         fleet_config(4, 2.0, "", false),
         &cluster.agent,
         None,
-        Duration::from_secs(30),
+        Duration::from_secs(40),
         cluster.dir.path(),
     );
     wait_for_agent_readings(&mut cluster.agent, 100);
     let Some(mut kafka) = ServiceDown::stop("kafka") else {
         return;
     };
+    let stopped_at = Instant::now();
+    // Nothing can be acked while the log is down: the agent's buffer must hold a backlog.
+    {
+        let agent = &cluster.agent;
+        wait_for(
+            "the agent to buffer a backlog while Kafka is down",
+            Duration::from_secs(90),
+            || {
+                let metrics = agent.metrics()?;
+                let buffered =
+                    metric_value(&metrics, "tributary_agent_buffer_batches", &[]).unwrap_or(0.0);
+                Ok(
+                    (stopped_at.elapsed() >= Duration::from_secs(20) && buffered >= 2.0)
+                        .then_some(()),
+                )
+            },
+        )
+        .expect("backlog while Kafka is down");
+    }
     kafka.start();
+    let (_, ledger) = fleet.finish();
+    cluster.check(&ledger);
+    cluster.stop();
+}
+
+#[test]
+fn collector_kill_9_over_kafka_loses_nothing_and_counts_nothing_twice() {
+    let _turn = exclusive();
+    let Some(mut cluster) = cluster() else {
+        return;
+    };
+    let fleet = FleetRun::start(
+        fleet_config(4, 2.0, "", false),
+        &cluster.agent,
+        None,
+        Duration::from_secs(16),
+        cluster.dir.path(),
+    );
+    wait_for_agent_readings(&mut cluster.agent, 200);
+    {
+        let collector = &cluster.collector;
+        wait_for(
+            "the collector to take batches",
+            Duration::from_secs(60),
+            || {
+                let metrics = collector.metrics()?;
+                Ok(
+                    (metric_value(&metrics, "tributary_ingest_batches_total", &[]).unwrap_or(0.0)
+                        > 0.0)
+                        .then_some(()),
+                )
+            },
+        )
+        .expect("batches arrive");
+    }
+    cluster.collector.process.kill9().expect("kill -9");
+    cluster.collector.restart().expect("collector restarts");
     let (_, ledger) = fleet.finish();
     cluster.check(&ledger);
     cluster.stop();

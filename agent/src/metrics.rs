@@ -97,6 +97,9 @@ pub struct PipelineMetrics {
     pub late_readings: AtomicU64,
     pub open_windows: AtomicU64,
     pub series: AtomicU64,
+    /// Series whose aggregation state is held in memory (evicted when idle).
+    pub series_tracked: AtomicU64,
+    pub series_evicted: AtomicU64,
     pub acks_sent: AtomicU64,
 }
 
@@ -184,7 +187,7 @@ impl Metrics {
         }
         text.push_str(&lines);
         let pipeline = &self.pipeline;
-        let counters: [(&str, &str, &str, u64); 11] = [
+        let counters: [(&str, &str, &str, u64); 13] = [
             (
                 "tributary_agent_batches_appended_total{class=\"raw\"}",
                 "counter",
@@ -244,6 +247,18 @@ impl Metrics {
                 "gauge",
                 "Series known to the registry.",
                 pipeline.series.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_series_tracked",
+                "gauge",
+                "Series with aggregation state in memory (idle ones are evicted).",
+                pipeline.series_tracked.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_series_evicted_total",
+                "counter",
+                "Idle series whose aggregation state was dropped.",
+                pipeline.series_evicted.load(Ordering::Relaxed),
             ),
             (
                 "tributary_agent_mqtt_acks_total",

@@ -443,6 +443,9 @@ impl Pipeline {
         let (open, late) = self.stage.window_counts();
         pipeline.open_windows.store(open, Ordering::Relaxed);
         pipeline.late_readings.store(late, Ordering::Relaxed);
+        let (tracked, evicted) = self.stage.series_state_counts();
+        pipeline.series_tracked.store(tracked, Ordering::Relaxed);
+        pipeline.series_evicted.store(evicted, Ordering::Relaxed);
         pipeline
             .series
             .store(self.stage.registry().len() as u64, Ordering::Relaxed);

@@ -143,6 +143,21 @@ impl AggregationStage {
         (open, late)
     }
 
+    /// Series with aggregation state in memory, and idle series evicted so far (all sources).
+    pub fn series_state_counts(&self) -> (u64, u64) {
+        let tracked = self
+            .sources
+            .iter()
+            .map(|source| source.tracked_series() as u64)
+            .sum();
+        let evicted = self
+            .sources
+            .iter()
+            .map(|source| source.counters().series_evicted)
+            .sum();
+        (tracked, evicted)
+    }
+
     /// Closes idle windows and cuts batches that are due by age.
     pub fn poll(&mut self, now_ms: i64, cut: &mut Vec<CutBatch>) {
         for aggregator in &mut self.sources {

@@ -14,12 +14,14 @@
 //!   checked against limits before they are buffered, batches before they are decoded;
 //! - when the log is slow, ingest stops reading streams rather than queueing batches.
 //!
-//! Modules: [`config`] (settings), [`tls`] (identity, fingerprint), [`tokens`] (agent
+//! Modules: [`decide`] (every decision about an agent's bytes, sans-IO; fuzzed),
+//! [`config`] (settings), [`tls`] (identity, fingerprint), [`tokens`] (agent
 //! authentication), [`dedup`] (resent batches), [`rate`] (per-agent byte rate),
 //! [`fleet`] (what each agent reported), [`metrics`] and [`http`] (Prometheus and
 //! health endpoints), [`server`] (the QUIC shell).
 
 pub mod config;
+pub mod decide;
 pub mod dedup;
 pub mod fleet;
 pub mod http;

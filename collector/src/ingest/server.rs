@@ -25,22 +25,22 @@ use thiserror::Error;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tributary_protocol::batch::{
-    decode_batch_header, replace_series_definitions, series_ids_used, DictionaryError,
-    ReceiverSessionDictionary,
-};
+use tributary_protocol::batch::ReceiverSessionDictionary;
 use tributary_protocol::close::{
     CLOSE_HELLO_TIMEOUT, CLOSE_PROTOCOL_VIOLATION, CLOSE_REJECTED, CLOSE_SHUTTING_DOWN,
     CLOSE_SUPERSEDED,
 };
-use tributary_protocol::frame::{FrameDecoder, FrameError, FrameKind, FrameLimits};
+use tributary_protocol::frame::FrameLimits;
 use tributary_protocol::session::{
-    Ack, Hello, Message, Nack, NackReason, Reject, RejectReason, ServerLimits, Welcome,
-    PROTOCOL_VERSION,
+    Ack, Hello, Message, Nack, NackReason, Reject, ServerLimits, Welcome, PROTOCOL_VERSION,
 };
-use tributary_protocol::{decode_batch, BatchError, BatchLimits, SeriesDef};
+use tributary_protocol::BatchLimits;
 
 use super::config::IngestConfig;
+use super::decide::{
+    admit_batch, decide_batch_stream, decide_hello, prepare_batch, HelloDecision, ReadProgress,
+    StreamDecision, StreamFrameReader, HELLO_FRAME_LIMITS,
+};
 use super::dedup::{DedupStore, SequenceWindow};
 use super::fleet::FleetView;
 use super::metrics::IngestMetrics;
@@ -353,93 +353,46 @@ async fn run_hello<L: DurableLog>(
     connection: &Connection,
 ) -> Option<Session> {
     let (mut send, mut recv) = connection.accept_bi().await.ok()?;
-    let control_limits = FrameLimits {
-        max_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes,
-        max_control_frame_bytes: FrameLimits::DEFAULT.max_control_frame_bytes,
+    let mut reader = StreamFrameReader::new(HELLO_FRAME_LIMITS);
+    let mut progress = ReadProgress::NeedMore;
+    let decision = loop {
+        let stopping = shared.stopping.is_cancelled();
+        let decision = decide_hello(progress, stopping, |hello| {
+            shared
+                .tokens
+                .verify(&hello.agent_id, &hello.token)
+                .map_err(|failure| {
+                    tracing::warn!(agent_id = %hello.agent_id, remote_address = %connection.remote_address(), ?failure, "hello refused");
+                    failure.message(&hello.agent_id)
+                })
+        });
+        if let Some(decision) = decision {
+            break decision;
+        }
+        progress = match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => reader.feed(&chunk.bytes),
+            Ok(None) => reader.finish(),
+            Err(error) => {
+                tracing::debug!(%error, "connection ended before its hello");
+                return None;
+            }
+        };
     };
-    let mut decoder = FrameDecoder::new(control_limits);
-    let frame = match read_frame(&mut recv, &mut decoder).await {
-        Ok(frame) => frame,
-        Err(StreamReadError::Framing(error)) => {
-            protocol_violation(shared, connection, &format!("first stream: {error}"));
+    let hello = match decision {
+        HelloDecision::Accept(hello) => hello,
+        HelloDecision::Reject(refusal) => {
+            reject(shared, connection, &mut send, refusal).await;
             return None;
         }
-        Err(error) => {
-            tracing::debug!(%error, "connection ended before its hello");
+        HelloDecision::Violation(problem) => {
+            protocol_violation(shared, connection, &problem);
             return None;
         }
-    };
-    let hello = match Message::decode(frame.as_ref()) {
-        Ok(Message::Hello(hello)) => hello,
-        Ok(other) => {
-            protocol_violation(
-                shared,
-                connection,
-                &format!(
-                    "expected a hello on the first stream, got a {} frame",
-                    other.kind()
-                ),
-            );
-            return None;
-        }
-        Err(FrameError::UnsupportedProtocolVersion {
-            received,
-            supported,
-        }) => {
-            let message = format!("agent speaks protocol version {received}, this collector speaks {supported}; upgrade the older side");
-            reject(
-                shared,
-                connection,
-                &mut send,
-                Reject::new(RejectReason::UnsupportedProtocolVersion, message, None),
-            )
-            .await;
-            return None;
-        }
-        Err(error) => {
-            reject(
-                shared,
-                connection,
-                &mut send,
-                Reject::new(
-                    RejectReason::InvalidHello,
-                    format!("invalid hello: {error}"),
-                    None,
-                ),
-            )
-            .await;
+        HelloDecision::Abandon => {
+            tracing::debug!("connection ended before its hello");
             return None;
         }
     };
-    if shared.stopping.is_cancelled() {
-        reject(
-            shared,
-            connection,
-            &mut send,
-            Reject::new(
-                RejectReason::ShuttingDown,
-                "collector is shutting down",
-                Some(1000),
-            ),
-        )
-        .await;
-        return None;
-    }
-    if let Err(failure) = shared.tokens.verify(&hello.agent_id, &hello.token) {
-        tracing::warn!(agent_id = %hello.agent_id, remote_address = %connection.remote_address(), ?failure, "hello refused");
-        reject(
-            shared,
-            connection,
-            &mut send,
-            Reject::new(
-                RejectReason::Unauthorized,
-                failure.message(&hello.agent_id),
-                None,
-            ),
-        )
-        .await;
-        return None;
-    }
     let agent = agent_entry(shared, &hello.agent_id);
     let connection_id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
     let superseded = agent
@@ -600,39 +553,29 @@ async fn serve_batches<L: DurableLog>(shared: &Arc<Shared<L>>, session: &Arc<Ses
     }
 }
 
-#[derive(Debug, Error)]
-enum StreamReadError {
-    #[error("{0}")]
-    Framing(FrameError),
-    #[error("the stream ended before a whole frame arrived")]
-    EndedEarly,
-    #[error("reading the stream failed: {0}")]
-    Read(#[from] quinn::ReadError),
-    #[error("no whole frame within the batch read timeout")]
-    TimedOut,
-}
-
-async fn read_frame(
-    recv: &mut RecvStream,
-    decoder: &mut FrameDecoder,
-) -> Result<tributary_protocol::frame::Frame, StreamReadError> {
-    loop {
-        match decoder.next_owned_frame() {
-            Ok(Some(frame)) => return Ok(frame),
-            Ok(None) => {}
-            Err(error) => return Err(StreamReadError::Framing(error)),
-        }
-        match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
-            Some(chunk) => decoder.feed(&chunk.bytes),
-            None => return Err(StreamReadError::EndedEarly),
-        }
-    }
-}
-
 /// What became of one batch stream.
 enum Outcome {
     Ack(u64),
     Nack(Nack),
+}
+
+/// Reads until [`decide_batch_stream`] decides; `None` when the stream was abandoned
+/// (reset, connection lost, or no whole frame within the batch read timeout).
+async fn read_batch_stream(recv: &mut RecvStream, limits: FrameLimits) -> Option<StreamDecision> {
+    let mut reader = StreamFrameReader::new(limits);
+    loop {
+        let progress = match recv.read_chunk(READ_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => reader.feed(&chunk.bytes),
+            Ok(None) => reader.finish(),
+            Err(error) => {
+                tracing::debug!(%error, "reading a batch stream failed");
+                return None;
+            }
+        };
+        if let Some(decision) = decide_batch_stream(progress) {
+            return Some(decision);
+        }
+    }
 }
 
 async fn handle_batch_stream<L: DurableLog>(
@@ -641,62 +584,27 @@ async fn handle_batch_stream<L: DurableLog>(
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
-    let mut decoder = FrameDecoder::new(shared.frame_limits);
     let timeout = Duration::from_millis(shared.config.batch_read_timeout_ms);
-    let read = tokio::time::timeout(timeout, read_frame(&mut recv, &mut decoder))
+    let decision = tokio::time::timeout(timeout, read_batch_stream(&mut recv, shared.frame_limits))
         .await
-        .unwrap_or(Err(StreamReadError::TimedOut));
-    let frame = match read {
-        Ok(frame) => frame,
-        Err(StreamReadError::Framing(error @ FrameError::TooLarge { .. })) => {
-            let _ = recv.stop(VarInt::from_u32(0));
-            let nack = Nack::new(
-                0,
-                NackReason::TooLarge,
-                false,
-                format!("{error}; the welcome announced the limit"),
-            );
-            respond(shared, session, &mut send, Outcome::Nack(nack)).await;
-            return;
-        }
-        Err(StreamReadError::Framing(error)) => {
-            protocol_violation(
-                shared,
-                &session.connection,
-                &format!("batch stream: {error}"),
-            );
-            return;
-        }
-        Err(StreamReadError::EndedEarly) => {
-            let nack = Nack::new(
-                0,
-                NackReason::Malformed,
-                false,
-                "the batch stream ended in the middle of a frame",
-            );
-            respond(shared, session, &mut send, Outcome::Nack(nack)).await;
-            return;
-        }
-        Err(error) => {
-            tracing::debug!(agent_id = %session.agent_id, %error, "batch stream abandoned");
-            let _ = recv.stop(VarInt::from_u32(0));
-            return;
-        }
-    };
+        .unwrap_or(None);
+    // Whatever follows the frame is not read: one frame per stream.
     let _ = recv.stop(VarInt::from_u32(0));
-    if frame.kind != FrameKind::Batch {
-        protocol_violation(
-            shared,
-            &session.connection,
-            &format!(
-                "expected a batch frame on a batch stream, got a {} frame",
-                frame.kind
-            ),
-        );
-        return;
+    match decision {
+        Some(StreamDecision::Batch(payload)) => {
+            let outcome = process_batch(shared, session, Bytes::from(payload)).await;
+            respond(shared, session, &mut send, outcome).await;
+        }
+        Some(StreamDecision::Nack(nack)) => {
+            respond(shared, session, &mut send, Outcome::Nack(nack)).await;
+        }
+        Some(StreamDecision::Violation(problem)) => {
+            protocol_violation(shared, &session.connection, &problem);
+        }
+        None => {
+            tracing::debug!(agent_id = %session.agent_id, "batch stream abandoned");
+        }
     }
-    let outcome = process_batch(shared, session, Bytes::from(frame.payload)).await;
-    respond(shared, session, &mut send, outcome).await;
 }
 
 async fn respond<L: DurableLog>(
@@ -723,19 +631,6 @@ async fn respond<L: DurableLog>(
     }
 }
 
-fn batch_nack(batch_seq: u64, error: &BatchError) -> Nack {
-    let reason = match error {
-        BatchError::OverLimit { .. } => NackReason::TooLarge,
-        _ => NackReason::Malformed,
-    };
-    Nack::new(
-        batch_seq,
-        reason,
-        false,
-        format!("batch {batch_seq} cannot be decoded: {error}"),
-    )
-}
-
 async fn process_batch<L: DurableLog>(
     shared: &Arc<Shared<L>>,
     session: &Arc<Session>,
@@ -755,22 +650,10 @@ async fn process_batch<L: DurableLog>(
             tokio::time::sleep(Duration::from_millis(wait_ms)).await;
         }
     }
-    let header = match decode_batch_header(&bytes, &shared.batch_limits) {
-        Ok(header) => header,
-        Err(error) => return Outcome::Nack(batch_nack(0, &error)),
+    let batch_seq = match admit_batch(&bytes, &session.agent_id, &shared.batch_limits) {
+        Ok(batch_seq) => batch_seq,
+        Err(nack) => return Outcome::Nack(nack),
     };
-    let batch_seq = header.batch_seq;
-    if header.agent_id != session.agent_id {
-        return Outcome::Nack(Nack::new(
-            batch_seq,
-            NackReason::Malformed,
-            false,
-            format!(
-                "batch names agent {:?} but this session belongs to {:?}",
-                header.agent_id, session.agent_id
-            ),
-        ));
-    }
     {
         let mut sequences = session
             .agent
@@ -822,44 +705,10 @@ async fn write_batch<L: DurableLog>(
     batch_seq: u64,
     bytes: Bytes,
 ) -> Outcome {
-    let batch = match decode_batch(&bytes, &shared.batch_limits) {
-        Ok(batch) => batch,
-        Err(error) => return Outcome::Nack(batch_nack(batch_seq, &error)),
-    };
-    let definitions = {
-        let mut dictionary = session
-            .dictionary
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Err(error) = dictionary.accept(&batch) {
-            let (reason, retryable) = match error {
-                DictionaryError::UnknownSeries { .. } => (NackReason::UnknownSeries, true),
-                DictionaryError::ConflictingDefinition { .. } => (NackReason::Malformed, false),
-                DictionaryError::TooManySeries { .. } => (NackReason::TooLarge, false),
-            };
-            return Outcome::Nack(Nack::new(
-                batch_seq,
-                reason,
-                retryable,
-                format!("batch {batch_seq}: {error}"),
-            ));
-        }
-        let mut definitions = Vec::new();
-        for id in series_ids_used(&batch) {
-            if let Some(key) = dictionary.key(id) {
-                definitions.push(SeriesDef {
-                    id,
-                    key: key.clone(),
-                });
-            }
-        }
-        definitions
-    };
-    // The log record is self-contained: it carries the definition of every series it
-    // uses, so the processor never needs the session that delivered it.
-    let value = match replace_series_definitions(&bytes, &definitions, &shared.batch_limits) {
-        Ok(value) => Bytes::from(value),
-        Err(error) => return Outcome::Nack(batch_nack(batch_seq, &error)),
+    let prepared = match prepare_batch(&bytes, batch_seq, &session.dictionary, &shared.batch_limits)
+    {
+        Ok(prepared) => prepared,
+        Err(nack) => return Outcome::Nack(nack),
     };
     let record = AppendRecord {
         headers: RecordHeaders {
@@ -867,7 +716,7 @@ async fn write_batch<L: DurableLog>(
             batch_seq,
             protocol_version: PROTOCOL_VERSION,
         },
-        value,
+        value: Bytes::from(prepared.record_value),
     };
     let started = Instant::now();
     let appended = shared.log.append(record).await;
@@ -880,15 +729,15 @@ async fn write_batch<L: DurableLog>(
             shared
                 .metrics
                 .readings_in
-                .fetch_add(batch.readings.len() as u64, Ordering::Relaxed);
+                .fetch_add(prepared.readings, Ordering::Relaxed);
             shared
                 .metrics
                 .summaries_in
-                .fetch_add(batch.summaries.len() as u64, Ordering::Relaxed);
+                .fetch_add(prepared.summaries, Ordering::Relaxed);
             shared.fleet.on_batch(
                 &session.agent_id,
                 batch_seq,
-                batch.readings.len() as u64,
+                prepared.readings,
                 false,
                 session.connection.remote_address(),
                 now_ms(),

@@ -162,6 +162,11 @@ pub struct SourceConfig {
     pub aggregation: AggregationConfig,
     #[serde(default)]
     pub time: TimePolicy,
+    /// Journal every reading of this source, not only those that wait for an MQTT QoS 1
+    /// acknowledgement, so a crash loses no open window of serial or QoS 0 data either
+    /// (costs one write to the state database per reading; `docs/agent.md`).
+    #[serde(default)]
+    pub journal_all_readings: bool,
 }
 
 /// The kind of a source, once validation has checked exactly one is set.

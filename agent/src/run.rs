@@ -30,9 +30,10 @@
 //! that are already in durable batches (duplicates, never losses) — at most one commit
 //! interval's worth.
 //!
-//! Serial lines and QoS 0 messages are not journaled: there is nobody to acknowledge to,
-//! so a crash loses their open windows (at most one window width) and uncut raw readings
-//! (at most one batch age).
+//! Serial lines and QoS 0 messages are not journaled by default: there is nobody to
+//! acknowledge to, so a crash loses their open windows (at most one window width plus the
+//! disorder allowance) and uncut raw readings (at most one batch age). A source with
+//! `journal_all_readings = true` journals them too, at one state-database write per reading.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -158,6 +159,7 @@ pub struct Pipeline {
     journal: sled::Tree,
     meta: sled::Tree,
     time_policies: Vec<TimePolicy>,
+    journal_all: Vec<bool>,
     source_metrics: Vec<Arc<SourceMetrics>>,
     metrics: Arc<Metrics>,
     next_journal_seq: u64,
@@ -278,6 +280,11 @@ impl Pipeline {
             journal,
             meta,
             time_policies,
+            journal_all: config
+                .sources
+                .iter()
+                .map(|source| source.journal_all_readings)
+                .collect(),
             source_metrics,
             metrics,
             next_journal_seq,
@@ -307,7 +314,8 @@ impl Pipeline {
             .get(input.source)
             .copied()
             .unwrap_or_default();
-        let journaled = input.durable.is_some();
+        let journaled =
+            input.durable.is_some() || self.journal_all.get(input.source).copied().unwrap_or(false);
         if let Some(metrics) = self.source_metrics.get(input.source) {
             metrics
                 .readings_in

@@ -159,3 +159,37 @@ async fn journal_replays_open_windows_after_a_crash_and_empties_once_durable() {
         "nothing left to replay once the summaries are durable"
     );
 }
+
+#[tokio::test]
+async fn journal_all_readings_covers_readings_nobody_acknowledges() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let mut config = config(directory.path());
+    config.sources[0].journal_all_readings = true;
+    {
+        let (mut pipeline, _, _buffer, metrics) = open(&config);
+        for index in 0..10 {
+            let (mut input, _receiver) = message(T0_MS + index * 10, index as f64);
+            // Serial lines and QoS 0 messages: nobody waits for durability.
+            input.durable = None;
+            pipeline.ingest(input, T0_MS);
+        }
+        pipeline.commit(T0_MS).await;
+        assert_eq!(metrics.pipeline.journal_entries.load(Ordering::Relaxed), 10);
+        // Crash with the window open.
+    }
+    let (_pipeline, replayed, _buffer, _metrics) = open(&config);
+    assert_eq!(replayed, 10, "unacknowledged readings come back too");
+
+    // Without the option they are not journaled: a crash loses the open window.
+    let directory = tempfile::tempdir().expect("tempdir");
+    let config = self::config(directory.path());
+    {
+        let (mut pipeline, _, _buffer, _metrics) = open(&config);
+        let (mut input, _receiver) = message(T0_MS, 1.0);
+        input.durable = None;
+        pipeline.ingest(input, T0_MS);
+        pipeline.commit(T0_MS).await;
+    }
+    let (_pipeline, replayed, _buffer, _metrics) = open(&config);
+    assert_eq!(replayed, 0);
+}

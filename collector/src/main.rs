@@ -18,10 +18,11 @@ use tributary_collector::ingest::{
 };
 use tributary_collector::live::LiveFeed;
 use tributary_collector::log::kafka::KafkaLog;
-use tributary_collector::log::{Clock, DurableLog, EmbeddedLog, SystemClock};
+use tributary_collector::log::{Clock, EmbeddedLog, SystemClock};
 use tributary_collector::pipeline::{
     parse_replay_start, run_consumer, validate_suffix, ConsumerConfig, ConsumerReport,
-    PartitionAssignment, PipelineError, PipelineMetrics, RetainingStore, RunUntil, StartFrom,
+    PartitionAssignment, PipelineError, PipelineMetrics, RecordSource, RetainingStore, RunUntil,
+    StartFrom,
 };
 use tributary_collector::store::{ClickHouseStore, EmbeddedStore, Queries, Store, StoreError};
 
@@ -261,7 +262,7 @@ async fn with_log(
 }
 
 /// Opens the configured store (when processing), then runs the stages.
-async fn with_store<L: DurableLog>(
+async fn with_store<L: RecordSource>(
     config: CollectorConfig,
     log: Arc<L>,
     stages: Stages,
@@ -315,7 +316,7 @@ async fn with_store<L: DurableLog>(
 
 /// Starts ingest, the consumer loop and the query API as asked, and stops them on a signal
 /// (or, for a replay, when the consumer caught up).
-async fn run_stages<L: DurableLog, S: Store + Sync + 'static>(
+async fn run_stages<L: RecordSource, S: Store + Sync + 'static>(
     config: CollectorConfig,
     log: Arc<L>,
     store: Option<(S, Queries)>,

@@ -76,8 +76,15 @@ pub struct KafkaLogConfig {
     pub queue_full_backoff_ms: u64,
     /// Timeout of metadata, offset and commit requests.
     pub request_timeout_ms: u64,
-    /// How long a `read` waits for the first record before returning an empty result.
+    /// How long a `read` (or a processor's poll over all its partitions) waits for the
+    /// first record before returning an empty result.
     pub read_wait_ms: u64,
+    /// Group membership (`[process] partitions = "group"`): a member that sends no
+    /// heartbeat for this long (killed, partitioned away) loses its partitions to the others.
+    pub group_session_timeout_ms: u64,
+    /// Group membership: a member that does not poll for this long (a store outage pauses
+    /// the processor) leaves the group; it rejoins when it polls again.
+    pub group_max_poll_interval_ms: u64,
 }
 
 impl Default for KafkaLogConfig {
@@ -94,6 +101,8 @@ impl Default for KafkaLogConfig {
             queue_full_backoff_ms: 5,
             request_timeout_ms: 10_000,
             read_wait_ms: 200,
+            group_session_timeout_ms: 10_000,
+            group_max_poll_interval_ms: 300_000,
         }
     }
 }
@@ -134,6 +143,14 @@ impl KafkaLogConfig {
             return invalid(format!(
                 "max_record_bytes {} must be above 0 and fit in the local queue of {} KiB",
                 self.max_record_bytes, self.max_queue_kbytes
+            ));
+        }
+        if self.group_session_timeout_ms < 1_000
+            || self.group_max_poll_interval_ms < self.group_session_timeout_ms
+        {
+            return invalid(format!(
+                "group_session_timeout_ms {} must be at least 1000 and at most group_max_poll_interval_ms {}",
+                self.group_session_timeout_ms, self.group_max_poll_interval_ms
             ));
         }
         if self.linger_ms > 900_000 {
@@ -191,6 +208,40 @@ impl KafkaLogConfig {
             .set("auto.offset.reset", "error")
             .set("fetch.wait.max.ms", "50")
             .set("isolation.level", "read_committed");
+        config
+    }
+
+    /// One assign-only consumer for every partition a processor reads (see
+    /// [`super::kafka_group`]): polled once per round, whatever the number of partitions.
+    pub(super) fn multi_reader_config(&self) -> ClientConfig {
+        let mut config = self.base_client_config("reader");
+        config
+            .set("group.id", format!("{}-reader", self.client_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "error")
+            .set("fetch.wait.max.ms", "50")
+            .set("isolation.level", "read_committed");
+        config
+    }
+
+    /// A member of consumer group `group` (subscribe, cooperative-sticky rebalancing).
+    pub(super) fn member_config(&self, group: &str) -> ClientConfig {
+        let mut config = self.multi_reader_config();
+        let session_timeout_ms = self.group_session_timeout_ms.max(1_000);
+        config
+            .set("client.id", format!("{}-member", self.client_id))
+            .set("group.id", group)
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (session_timeout_ms / 3).to_string(),
+            )
+            .set(
+                "max.poll.interval.ms",
+                self.group_max_poll_interval_ms.to_string(),
+            );
         config
     }
 
@@ -802,7 +853,7 @@ impl DurableLog for KafkaLog {
 
 /// Parses a consumed message back into a [`LogRecord`]; a message without our headers
 /// is reported, never panicked on.
-fn log_record(
+pub(super) fn log_record(
     message: &BorrowedMessage<'_>,
     partition: u32,
     offset: u64,
@@ -895,7 +946,7 @@ fn topic_partition_count(
     }
 }
 
-fn offset_from_u64(offset: u64, topic: &str) -> Result<Offset, LogError> {
+pub(super) fn offset_from_u64(offset: u64, topic: &str) -> Result<Offset, LogError> {
     i64::try_from(offset)
         .map(Offset::Offset)
         .map_err(|_| LogError::Kafka {
@@ -905,7 +956,7 @@ fn offset_from_u64(offset: u64, topic: &str) -> Result<Offset, LogError> {
         })
 }
 
-fn kafka_error(operation: &'static str, topic: &str, error: KafkaError) -> LogError {
+pub(super) fn kafka_error(operation: &'static str, topic: &str, error: KafkaError) -> LogError {
     LogError::Kafka {
         operation,
         topic: topic.to_owned(),
@@ -935,7 +986,7 @@ fn produce_error(record: &AppendRecord, topic: &str, error: KafkaError) -> LogEr
 }
 
 /// Runs a blocking librdkafka call on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, LogError> + Send + 'static,
 ) -> Result<T, LogError> {
     tokio::task::spawn_blocking(work)

@@ -26,6 +26,7 @@
 
 pub mod embedded;
 pub mod kafka;
+pub mod kafka_group;
 mod positions;
 pub mod record;
 

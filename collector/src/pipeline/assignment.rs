@@ -1,12 +1,12 @@
 //! Which log partitions one processor owns.
 //!
-//! Why static: several processors can share a Kafka topic by splitting its partitions
-//! between them, and each partition's engine state lives in the store keyed by
-//! `(group, partition)`, so moving a partition from one processor to another is a restart
-//! of both with new assignments. Kafka's group rebalancing (membership, generations,
-//! revoking a partition mid-flight) is not done: `docs/pipeline.md` says so. Two
-//! processors given the same partition would both write it; the results would still be
-//! correct (writes replace on their keys) but the work doubles.
+//! Static assignments (`all`, `0,2`, `1/3`) need nothing but configuration: each
+//! partition's engine state lives in the store keyed by `(group, partition)`, so moving a
+//! partition is a restart of both processors with new assignments. Two processors given
+//! the same partition would both write it; the results would still be correct (writes
+//! replace on their keys) but the work doubles. `group` makes the processor a member of
+//! the Kafka consumer group instead: partitions move between live processors by
+//! rebalancing (see `log::kafka_group` and `docs/pipeline.md`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +27,8 @@ pub enum PartitionAssignment {
         index: u32,
         count: u32,
     },
+    /// Whatever the Kafka consumer group assigns this member, changing at rebalances.
+    Group,
 }
 
 impl PartitionAssignment {
@@ -52,6 +54,13 @@ impl PartitionAssignment {
             PartitionAssignment::Share { index, count } => (0..partition_count)
                 .filter(|partition| partition % count == *index)
                 .collect(),
+            PartitionAssignment::Group => {
+                return Err(PipelineError::BadAssignment {
+                    spec: self.to_string(),
+                    reason: "the consumer group assigns partitions while the processor runs"
+                        .to_string(),
+                })
+            }
         };
         if partitions.is_empty() {
             return Err(PipelineError::BadAssignment {
@@ -68,11 +77,14 @@ impl PartitionAssignment {
 impl FromStr for PartitionAssignment {
     type Err = String;
 
-    /// `all`, `0,2,5`, or `INDEX/COUNT` (e.g. `1/3`).
+    /// `all`, `0,2,5`, `INDEX/COUNT` (e.g. `1/3`) or `group`.
     fn from_str(text: &str) -> Result<Self, String> {
         let text = text.trim();
         if text.is_empty() || text == "all" {
             return Ok(PartitionAssignment::All);
+        }
+        if text == "group" {
+            return Ok(PartitionAssignment::Group);
         }
         if let Some((index, count)) = text.split_once('/') {
             let parse = |part: &str| part.trim().parse::<u32>().ok();
@@ -91,7 +103,7 @@ impl FromStr for PartitionAssignment {
                 Ok(partition) => list.push(partition),
                 Err(_) => {
                     return Err(format!(
-                        "{part:?} in {text:?} is not a partition number; write `all`, a list like 0,2 or a share like 1/3"
+                        "{part:?} in {text:?} is not a partition number; write `all`, a list like 0,2, a share like 1/3, or `group`"
                     ))
                 }
             }
@@ -109,6 +121,7 @@ impl fmt::Display for PartitionAssignment {
                 formatter.write_str(&parts.join(","))
             }
             PartitionAssignment::Share { index, count } => write!(formatter, "{index}/{count}"),
+            PartitionAssignment::Group => formatter.write_str("group"),
         }
     }
 }
@@ -141,5 +154,8 @@ mod tests {
         assert!(parse("4/5").resolve(3).is_err(), "selects nothing");
         assert!("2/2".parse::<PartitionAssignment>().is_err());
         assert!("a,b".parse::<PartitionAssignment>().is_err());
+        assert_eq!(parse("group"), PartitionAssignment::Group);
+        assert_eq!(parse("group").to_string(), "group");
+        assert!(parse("group").resolve(3).is_err(), "the group assigns");
     }
 }

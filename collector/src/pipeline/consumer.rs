@@ -1,11 +1,16 @@
 //! The consumer loop: log records in, engine output and checkpoints to the store, positions
 //! committed after the store made them durable.
 //!
-//! One task drives every partition this processor owns, round-robin, with one engine each
-//! and one store shared by all (a flush covers every partition's rows and checkpoints at
-//! once, so the store sees few large writes). The loop reads the wall clock only through
-//! the injected [`Clock`], and only for two things outside the engine's log time: ticking
-//! caught-up engines (`advance_time`) and the store's batch age.
+//! One task drives every partition this processor owns, with one engine each and one store
+//! shared by all (a flush covers every partition's rows and checkpoints at once, so the store
+//! sees few large writes). Records come from one [`SourceReader`] over all owned partitions
+//! (one wait per round, not one per idle partition) and are dispatched to their partition's
+//! engine. The partitions are fixed ([`PartitionAssignment`]) or, with
+//! [`PartitionAssignment::Group`], come and go with Kafka consumer-group rebalances: an
+//! assigned partition is restored from its checkpoint and read from its offset; a revoked
+//! one is checkpointed and flushed before the rebalance completes. The loop reads the wall
+//! clock only through the injected [`Clock`], and only for two things outside the engine's
+//! log time: ticking caught-up engines (`advance_time`) and the store's batch age.
 //!
 //! Failure handling, in short: a record that cannot be decoded or that the engine refuses
 //! is counted by reason, sampled in the log, and skipped (it can never succeed, and the
@@ -13,7 +18,7 @@
 //! consumption pauses (rows stay buffered; the log holds everything after the last
 //! checkpoint). A log read that fails is retried with backoff.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,9 +30,11 @@ use tributary_protocol::{Batch, BatchLimits};
 use super::assignment::PartitionAssignment;
 use super::metrics::{PartitionProgress, PipelineMetrics};
 use super::publish::live_batch;
+use super::source::{Fetched, RecordSource, SourceReader};
 use super::PipelineError;
 use crate::live::LiveFeed;
-use crate::log::{Clock, DurableLog, LogError, LogRecord};
+use crate::log::kafka_group::{Assignment, Membership, Revocation};
+use crate::log::{Clock, LogError, LogRecord};
 use crate::process::{EngineConfig, EngineOutput, IngestOutcome, ProcessError, WindowEngine};
 use crate::store::{last_seen_from_batch, raw_rows_from_batch, Checkpoint, Store};
 
@@ -59,14 +66,16 @@ pub enum RunUntil {
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
     pub engine: EngineConfig,
-    /// Consumer name: keys the checkpoints in the store and the log's positions.
+    /// Consumer name: keys the checkpoints in the store and the log's positions (and is
+    /// the Kafka consumer group with [`PartitionAssignment::Group`]).
     pub group: String,
     pub partitions: PartitionAssignment,
     pub start: StartFrom,
     pub until: RunUntil,
     /// Bytes of record values read per partition per round.
     pub max_read_bytes: usize,
-    /// How long to wait before polling again when every partition is caught up.
+    /// How long to wait before polling again when every partition is caught up (a log
+    /// whose reader does not wait for records itself: the embedded log).
     pub poll_interval_ms: u64,
     /// When caught up, buffered results are flushed at most this often (fresh data for the
     /// dashboard without a flood of small inserts); behind, the store's batch policy rules.
@@ -197,15 +206,16 @@ async fn pause(delay_ms: u64, shutdown: &CancellationToken) -> bool {
 }
 
 /// The loop's working parts, so the steps can be methods.
-struct Consumer<L, S, C> {
+struct Consumer<L: RecordSource, S, C> {
     log: Arc<L>,
+    reader: L::Reader,
     store: S,
     clock: C,
     config: ConsumerConfig,
     live: LiveFeed,
     metrics: Arc<PipelineMetrics>,
     shutdown: CancellationToken,
-    runs: Vec<PartitionRun>,
+    runs: BTreeMap<u32, PartitionRun>,
     decoder: BatchDecoder,
     out: EngineOutput,
     sampler: SkipSampler,
@@ -228,22 +238,35 @@ pub async fn run_consumer<L, S, C>(
     shutdown: CancellationToken,
 ) -> Result<ConsumerReport, PipelineError>
 where
-    L: DurableLog,
+    L: RecordSource,
     S: Store + Sync,
     C: Clock,
 {
     config.engine.validate()?;
-    let partitions = config.partitions.resolve(log.partition_count())?;
+    let mut config = config;
+    if config.partitions == PartitionAssignment::Group && config.until == RunUntil::CaughtUp {
+        // A replay reads every partition itself; it has no group to share them with.
+        tracing::info!("a replay reads every partition: not joining a consumer group");
+        config.partitions = PartitionAssignment::All;
+    }
+    let member = config.partitions == PartitionAssignment::Group;
+    let partitions = if member {
+        Vec::new()
+    } else {
+        config.partitions.resolve(log.partition_count())?
+    };
+    let reader = L::open_reader(&log, member.then_some(config.group.as_str()))?;
     let mut consumer = Consumer {
         last_flush_ms: clock.now_ms(),
         log,
+        reader,
         store,
         clock,
         config,
         live,
         metrics,
         shutdown,
-        runs: Vec::with_capacity(partitions.len()),
+        runs: BTreeMap::new(),
         decoder: BatchDecoder::new(),
         out: EngineOutput::default(),
         sampler: SkipSampler::default(),
@@ -251,16 +274,26 @@ where
     };
     for partition in partitions {
         match consumer.open_partition(partition).await? {
-            Some(run) => consumer.runs.push(run),
-            None => return Ok(consumer.report()),
+            Some(run) => {
+                consumer.runs.insert(partition, run);
+            }
+            None => {
+                let report = consumer.report();
+                consumer.reader.close().await;
+                return Ok(report);
+            }
         }
+    }
+    if !member {
+        let positions = consumer.positions();
+        consumer.reader.assign(&positions)?;
     }
     consumer.run().await
 }
 
 impl<L, S, C> Consumer<L, S, C>
 where
-    L: DurableLog,
+    L: RecordSource,
     S: Store + Sync,
     C: Clock,
 {
@@ -390,7 +423,7 @@ where
             records_processed: self.records_processed,
             next_offsets: self
                 .runs
-                .iter()
+                .values()
                 .map(|run| (run.partition, run.checkpointed_offset))
                 .collect(),
         }
@@ -398,8 +431,165 @@ where
 
     fn reached_targets(&self) -> bool {
         self.runs
-            .iter()
+            .values()
             .all(|run| run.next_offset >= run.target_offset)
+    }
+
+    /// Where the reader continues each owned partition; with [`RunUntil::CaughtUp`], the
+    /// partitions that reached their end are left out.
+    fn positions(&self) -> BTreeMap<u32, u64> {
+        self.runs
+            .values()
+            .filter(|run| {
+                self.config.until != RunUntil::CaughtUp || run.next_offset < run.target_offset
+            })
+            .map(|run| (run.partition, run.next_offset))
+            .collect()
+    }
+
+    /// How long a fetch may wait for records before the loop has work of its own: the next
+    /// tick of caught-up engines, or the next flush of a caught-up processor.
+    fn max_wait(&self, now_ms: i64, next_tick_ms: i64) -> Duration {
+        let mut due_ms = now_ms.saturating_add(1_000);
+        if self.runs.values().any(|run| run.caught_up) {
+            due_ms = due_ms.min(next_tick_ms);
+        }
+        if self.runs.values().all(|run| run.caught_up) && self.runs.values().any(|run| run.changed)
+        {
+            due_ms = due_ms.min(
+                self.last_flush_ms
+                    .saturating_add(self.config.caught_up_flush_interval_ms),
+            );
+        }
+        Duration::from_millis(due_ms.saturating_sub(now_ms).max(0) as u64)
+    }
+
+    /// The group gave this processor partitions: restore each from its checkpoint and
+    /// answer with the offsets to read them from. `false` on shutdown while waiting.
+    async fn take_partitions(&mut self, assignment: Assignment) -> Result<bool, PipelineError> {
+        let mut starts = BTreeMap::new();
+        for partition in assignment.partitions().to_vec() {
+            if partition >= self.log.partition_count() {
+                tracing::error!(partition, partition_count = self.log.partition_count(), "the group assigned a partition this processor does not know (partitions added since it started?); restart the processors to take it");
+                continue;
+            }
+            if let Some(run) = self.runs.get(&partition) {
+                starts.insert(partition, run.next_offset);
+                continue;
+            }
+            match self.open_partition(partition).await? {
+                Some(run) => {
+                    starts.insert(partition, run.next_offset);
+                    self.runs.insert(partition, run);
+                }
+                None => {
+                    assignment.start_at(BTreeMap::new());
+                    return Ok(false);
+                }
+            }
+        }
+        tracing::info!(?starts, "took partitions from the consumer group");
+        assignment.start_at(starts);
+        Ok(true)
+    }
+
+    /// The group takes partitions away: make their results and checkpoints durable, drop
+    /// their engines, then let the rebalance complete.
+    async fn release_partitions(&mut self, revocation: Revocation) -> Result<(), PipelineError> {
+        let revoked: BTreeSet<u32> = revocation.partitions().iter().copied().collect();
+        if revoked
+            .iter()
+            .any(|partition| self.runs.contains_key(partition))
+        {
+            self.checkpoint_and_flush(false).await?;
+        }
+        for partition in &revoked {
+            if self.runs.remove(partition).is_some() {
+                self.metrics.remove_progress(*partition);
+            }
+        }
+        tracing::info!(partitions = ?revoked, lost = revocation.lost(), "released partitions to the consumer group (checkpointed)");
+        revocation.done();
+        Ok(())
+    }
+
+    /// Runs each record through its partition's engine; records of partitions this
+    /// processor no longer owns, or below its position, are stale and skipped.
+    async fn dispatch(&mut self, records: Vec<LogRecord>) -> Result<(), PipelineError> {
+        let fetched: BTreeSet<u32> = records.iter().map(|record| record.partition).collect();
+        for record in &records {
+            let Some(run) = self.runs.get(&record.partition) else {
+                continue;
+            };
+            if record.offset < run.next_offset {
+                continue;
+            }
+            self.process_record(record)?;
+            let now_ms = self.clock.now_ms();
+            if self.store.flush_due(now_ms) {
+                self.checkpoint_and_flush(false).await?;
+            }
+        }
+        // Caught up: nothing came for the partition and the log's end (refreshed every
+        // second) is reached. Only caught-up engines are ticked with the wall clock.
+        for run in self.runs.values_mut() {
+            run.caught_up =
+                !fetched.contains(&run.partition) && run.next_offset >= run.log_next_offset;
+        }
+        Ok(())
+    }
+
+    /// Handles what cut a fetch short. Returns whether shutdown came while backing off.
+    async fn read_failed(&mut self, error: LogError, failures: &mut u32) -> bool {
+        match error {
+            LogError::OffsetOutOfRange {
+                partition,
+                earliest,
+                ..
+            } if self
+                .runs
+                .get(&partition)
+                .is_some_and(|run| earliest > run.next_offset) =>
+            {
+                if let Some(run) = self.runs.get_mut(&partition) {
+                    let from_offset = run.next_offset;
+                    let lost = earliest - from_offset;
+                    self.metrics
+                        .records_retained_away
+                        .fetch_add(lost, Ordering::Relaxed);
+                    tracing::error!(partition, from_offset, earliest, lost, "log retention deleted records before they were processed; continuing at the earliest retained offset");
+                    run.next_offset = earliest;
+                    run.changed = true;
+                }
+                if let Err(error) = self.reader.seek(partition, earliest) {
+                    tracing::warn!(%error, partition, "cannot move the reader past the retained-away records; retrying");
+                }
+                false
+            }
+            LogError::ForeignRecord {
+                partition, offset, ..
+            } => {
+                self.metrics.count_skipped("undecodable");
+                tracing::warn!(%error, "skipping a record that was not written by Tributary");
+                if let Some(run) = self.runs.get_mut(&partition) {
+                    if offset >= run.next_offset {
+                        run.next_offset = offset.saturating_add(1);
+                        run.changed = true;
+                    }
+                }
+                if let Err(error) = self.reader.seek(partition, offset.saturating_add(1)) {
+                    tracing::warn!(%error, partition, "cannot move the reader past a foreign record");
+                }
+                false
+            }
+            error => {
+                self.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
+                let delay_ms = backoff_ms(&self.config, *failures);
+                *failures = failures.saturating_add(1);
+                tracing::warn!(%error, delay_ms, "durable log read failed; retrying");
+                pause(delay_ms, &self.shutdown).await
+            }
+        }
     }
 
     async fn run(mut self) -> Result<ConsumerReport, PipelineError> {
@@ -407,59 +597,41 @@ where
         let mut next_lag_refresh = Instant::now();
         let mut read_failures: u32 = 0;
         while !self.shutdown.is_cancelled() {
-            let mut read_any = false;
-            for index in 0..self.runs.len() {
-                let (partition, from_offset) = match self.runs.get(index) {
-                    Some(run) => (run.partition, run.next_offset),
-                    None => continue,
-                };
-                if self.config.until == RunUntil::CaughtUp
-                    && self
-                        .runs
-                        .get(index)
-                        .is_some_and(|run| run.next_offset >= run.target_offset)
-                {
+            let max_wait = self.max_wait(self.clock.now_ms(), next_tick_ms);
+            let fetched = tokio::select! {
+                fetched = self.reader.fetch(self.config.max_read_bytes, max_wait) => fetched,
+                _ = self.shutdown.cancelled() => break,
+            };
+            let read_any;
+            match fetched {
+                Fetched::Membership(Membership::Assigned(assignment)) => {
+                    if !self.take_partitions(assignment).await? {
+                        break;
+                    }
                     continue;
                 }
-                match self
-                    .log
-                    .read(partition, from_offset, self.config.max_read_bytes)
-                    .await
-                {
-                    Ok(records) => {
-                        read_failures = 0;
-                        if let Some(run) = self.runs.get_mut(index) {
-                            run.caught_up = records.is_empty();
-                        }
-                        read_any |= !records.is_empty();
-                        for record in &records {
-                            self.process_record(index, record)?;
-                        }
-                    }
-                    Err(LogError::OffsetOutOfRange { earliest, .. }) if earliest > from_offset => {
-                        let lost = earliest - from_offset;
-                        self.metrics
-                            .records_retained_away
-                            .fetch_add(lost, Ordering::Relaxed);
-                        tracing::error!(partition, from_offset, earliest, lost, "log retention deleted records before they were processed; continuing at the earliest retained offset");
-                        if let Some(run) = self.runs.get_mut(index) {
-                            run.next_offset = earliest;
-                            run.changed = true;
-                        }
-                    }
-                    Err(error) => {
-                        self.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
-                        let delay_ms = backoff_ms(&self.config, read_failures);
-                        read_failures = read_failures.saturating_add(1);
-                        tracing::warn!(%error, partition, delay_ms, "durable log read failed; retrying");
-                        if pause(delay_ms, &self.shutdown).await {
-                            break;
-                        }
-                    }
+                Fetched::Membership(Membership::Revoked(revocation)) => {
+                    self.release_partitions(revocation).await?;
+                    continue;
                 }
-                let now_ms = self.clock.now_ms();
-                if self.store.flush_due(now_ms) {
-                    self.checkpoint_and_flush(false).await?;
+                Fetched::Records { records, error } => {
+                    read_any = !records.is_empty();
+                    let assigned_before = self.positions().len();
+                    self.dispatch(records).await?;
+                    match error {
+                        None => read_failures = 0,
+                        Some(error) => {
+                            if self.read_failed(error, &mut read_failures).await {
+                                break;
+                            }
+                        }
+                    }
+                    if self.config.until == RunUntil::CaughtUp {
+                        let positions = self.positions();
+                        if positions.len() < assigned_before {
+                            self.reader.assign(&positions)?;
+                        }
+                    }
                 }
             }
 
@@ -469,12 +641,12 @@ where
             }
 
             let now_ms = self.clock.now_ms();
-            if now_ms >= next_tick_ms && self.runs.iter().any(|run| run.caught_up) {
+            if now_ms >= next_tick_ms && self.runs.values().any(|run| run.caught_up) {
                 next_tick_ms = now_ms.saturating_add(self.config.engine.emit_interval_ms);
                 self.tick_caught_up(now_ms)?;
             }
-            let caught_up = self.runs.iter().all(|run| run.caught_up);
-            let changed = self.runs.iter().any(|run| run.changed);
+            let caught_up = self.runs.values().all(|run| run.caught_up);
+            let changed = self.runs.values().any(|run| run.changed);
             let quiet_flush_due = caught_up
                 && changed
                 && now_ms.saturating_sub(self.last_flush_ms)
@@ -485,18 +657,26 @@ where
             if self.config.until == RunUntil::CaughtUp && self.reached_targets() {
                 break;
             }
-            if !read_any && pause(self.config.poll_interval_ms, &self.shutdown).await {
+            if !read_any
+                && !self.reader.waits_for_records()
+                && pause(self.config.poll_interval_ms, &self.shutdown).await
+            {
                 break;
             }
         }
         tracing::info!("consumer stopping: flushing results, checkpoints and positions");
-        self.final_tick()?;
-        self.checkpoint_and_flush(true).await?;
-        Ok(self.report())
+        let result = match self.final_tick() {
+            Ok(()) => self.checkpoint_and_flush(true).await,
+            Err(error) => Err(error),
+        };
+        let report = self.report();
+        // Leave the group only once the results are durable (or the flush gave up).
+        self.reader.close().await;
+        result.map(|()| report)
     }
 
     async fn refresh_log_ends(&mut self) {
-        for run in &mut self.runs {
+        for run in self.runs.values_mut() {
             if let Ok(range) = self.log.offset_range(run.partition).await {
                 run.log_next_offset = range.next;
             }
@@ -511,8 +691,9 @@ where
     fn final_tick(&mut self) -> Result<(), PipelineError> {
         let wall_ms = self.clock.now_ms();
         let emit_interval_ms = self.config.engine.emit_interval_ms;
-        for index in 0..self.runs.len() {
-            let Some(run) = self.runs.get(index) else {
+        let partitions: Vec<u32> = self.runs.keys().copied().collect();
+        for partition in partitions {
+            let Some(run) = self.runs.get(&partition) else {
                 continue;
             };
             let caught_up = run.caught_up
@@ -523,25 +704,29 @@ where
                 let now_ms = run.last_record_ms.map_or(wall_ms, |last_ms| {
                     wall_ms.max(last_ms.saturating_add(emit_interval_ms))
                 });
-                self.tick(index, now_ms)?;
+                self.tick(partition, now_ms)?;
             }
         }
         Ok(())
     }
 
     fn tick_caught_up(&mut self, now_ms: i64) -> Result<(), PipelineError> {
-        for index in 0..self.runs.len() {
-            if self.runs.get(index).is_some_and(|run| run.caught_up) {
-                self.tick(index, now_ms)?;
-            }
+        let caught_up: Vec<u32> = self
+            .runs
+            .values()
+            .filter(|run| run.caught_up)
+            .map(|run| run.partition)
+            .collect();
+        for partition in caught_up {
+            self.tick(partition, now_ms)?;
         }
         Ok(())
     }
 
     /// Advances one engine to the wall clock: running emissions, gap timeouts, idle flushes.
-    fn tick(&mut self, index: usize, now_ms: i64) -> Result<(), PipelineError> {
+    fn tick(&mut self, partition: u32, now_ms: i64) -> Result<(), PipelineError> {
         self.out.clear();
-        let Some(run) = self.runs.get_mut(index) else {
+        let Some(run) = self.runs.get_mut(&partition) else {
             return Ok(());
         };
         run.engine.advance_time(now_ms, &mut self.out);
@@ -553,13 +738,13 @@ where
     }
 
     /// Decodes one record, runs it through its partition's engine, buffers what it produced.
-    fn process_record(&mut self, index: usize, record: &LogRecord) -> Result<(), PipelineError> {
+    fn process_record(&mut self, record: &LogRecord) -> Result<(), PipelineError> {
         let now_ms = self.clock.now_ms();
         self.records_processed += 1;
         self.metrics
             .records_processed
             .fetch_add(1, Ordering::Relaxed);
-        let Some(run) = self.runs.get_mut(index) else {
+        let Some(run) = self.runs.get_mut(&record.partition) else {
             return Ok(());
         };
         run.next_offset = record.offset.saturating_add(1);
@@ -645,7 +830,7 @@ where
         let mut checkpointed = Vec::new();
         let mut open_windows = 0;
         let mut state_bytes = 0;
-        for run in &mut self.runs {
+        for run in self.runs.values_mut() {
             open_windows += run.engine.open_windows();
             if run.changed {
                 state_bytes += run.engine.state_bytes();
@@ -707,19 +892,17 @@ where
             .observe_flush_seconds(started.elapsed().as_secs_f64());
         self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
         self.last_flush_ms = self.clock.now_ms();
-        for (partition, next_offset) in checkpointed {
-            if let Some(run) = self.runs.iter_mut().find(|run| run.partition == partition) {
-                run.checkpointed_offset = next_offset;
-                self.metrics.set_progress(partition, run.progress());
+        for (partition, next_offset) in &checkpointed {
+            if let Some(run) = self.runs.get_mut(partition) {
+                run.checkpointed_offset = *next_offset;
+                self.metrics.set_progress(*partition, run.progress());
             }
-            // A hint for lag tooling: the checkpoint in the store is the truth.
-            if let Err(error) = self
-                .log
-                .commit_position(&self.config.group, partition, next_offset)
-                .await
-            {
+        }
+        // A hint for lag tooling: the checkpoint in the store is the truth.
+        if !checkpointed.is_empty() {
+            if let Err(error) = self.reader.commit(&self.config.group, &checkpointed).await {
                 self.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, partition, next_offset, "cannot commit the consumer position (a hint only; the store's checkpoint is durable)");
+                tracing::warn!(%error, ?checkpointed, "cannot commit the consumer positions (a hint only; the store's checkpoint is durable)");
             }
         }
         Ok(())

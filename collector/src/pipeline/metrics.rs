@@ -102,6 +102,14 @@ impl PipelineMetrics {
         partitions.insert(partition, progress);
     }
 
+    /// A partition this processor no longer owns (the consumer group moved it).
+    pub fn remove_progress(&self, partition: u32) {
+        self.partitions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&partition);
+    }
+
     pub fn progress(&self) -> BTreeMap<u32, PartitionProgress> {
         self.partitions
             .lock()

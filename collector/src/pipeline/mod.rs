@@ -12,7 +12,10 @@
 //! re-emits identical results, and the store replaces them on their keys.
 //!
 //! - [`consumer`]: the loop ([`run_consumer`]), generic over the log, the store and the clock.
-//! - [`assignment`]: which partitions this processor owns (`--partitions 0,2` or `1/3`).
+//! - [`assignment`]: which partitions this processor owns (`--partitions 0,2`, `1/3`, or
+//!   `group`: Kafka consumer-group membership).
+//! - [`source`]: one reader over every owned partition (one wait per round, however many
+//!   partitions are idle).
 //! - [`metrics`]: Prometheus counters and gauges, rendered into the collector's `/metrics`.
 //! - [`publish`]: what the loop pushes to the [`LiveFeed`](crate::live::LiveFeed).
 //!
@@ -24,6 +27,7 @@ pub mod metrics;
 pub mod publish;
 pub mod replay;
 pub mod retention;
+pub mod source;
 
 use thiserror::Error;
 
@@ -32,6 +36,7 @@ pub use consumer::{run_consumer, ConsumerConfig, ConsumerReport, RunUntil, Start
 pub use metrics::PipelineMetrics;
 pub use replay::{parse_replay_start, validate_suffix};
 pub use retention::{Retain, RetainingStore};
+pub use source::{Fetched, RecordSource, SourceReader};
 
 use crate::log::LogError;
 use crate::process::ProcessError;

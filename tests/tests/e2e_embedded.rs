@@ -30,6 +30,10 @@ struct Cluster {
 }
 
 fn cluster(serial: bool, via_relay: bool) -> Cluster {
+    cluster_with(serial, via_relay, |_| {})
+}
+
+fn cluster_with(serial: bool, via_relay: bool, tweak: impl FnOnce(&mut AgentSpec)) -> Cluster {
     let binaries = binaries();
     let dir = tempfile::tempdir().expect("tempdir");
     let collector = Collector::start(
@@ -51,6 +55,7 @@ fn cluster(serial: bool, via_relay: bool) -> Cluster {
     if let Some(relay) = &relay {
         spec.collector_address = relay.address;
     }
+    tweak(&mut spec);
     let agent = Agent::start(&binaries, &spec).expect("agent starts");
     Cluster {
         dir,
@@ -201,5 +206,63 @@ fn a_30_second_network_cut_between_agent_and_collector_loses_nothing() {
     relay.set_cut(false);
     let (_, ledger) = fleet.finish();
     cluster.check(&ledger);
+    cluster.stop();
+}
+
+#[test]
+fn a_full_agent_buffer_drops_raw_readings_by_policy_and_keeps_every_summary() {
+    let _turn = exclusive();
+    // 64 KiB of buffer and 4,000 readings/s: a 30 s outage overflows it many times over.
+    let mut cluster = cluster_with(false, true, |spec| spec.max_buffer_bytes = 64 * 1024);
+    let fleet = FleetRun::start(
+        fleet_config(20, 20.0, "", false),
+        &cluster.agent,
+        None,
+        Duration::from_secs(45),
+        cluster.dir.path(),
+    );
+    wait_for_agent_readings(&mut cluster.agent, 2_000);
+    let relay = cluster.relay.as_ref().expect("relay");
+    relay.set_cut(true);
+    let cut_at = Instant::now();
+    {
+        let agent = &cluster.agent;
+        wait_for(
+            "the buffer to overflow during a 30 s outage",
+            Duration::from_secs(90),
+            || {
+                let metrics = agent.metrics()?;
+                let dropped = metric_value(
+                    &metrics,
+                    "tributary_agent_buffer_dropped_readings_total",
+                    &["class=\"raw\""],
+                )
+                .unwrap_or(0.0);
+                Ok((cut_at.elapsed() >= Duration::from_secs(30) && dropped > 0.0).then_some(()))
+            },
+        )
+        .expect("overflow");
+    }
+    relay.set_cut(false);
+    let (_, ledger) = fleet.finish();
+    // Rollups come from the edge summaries, which the policy keeps: they are exact.
+    cluster.check(&ledger);
+    let metrics = cluster.agent.metrics().expect("metrics");
+    let dropped = |class: &str| {
+        metric_value(
+            &metrics,
+            "tributary_agent_buffer_dropped_readings_total",
+            &[&format!("class=\"{class}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(dropped("raw") > 0.0, "no raw reading was dropped");
+    // Summaries are dropped only once no raw batch is left to drop (the policy's order).
+    assert!(
+        dropped("summary") < dropped("raw"),
+        "the policy dropped more summarised readings ({}) than raw ones ({})",
+        dropped("summary"),
+        dropped("raw")
+    );
     cluster.stop();
 }

@@ -1,5 +1,5 @@
 //! `bench processor`: the window engine's throughput on one core, ClickHouse insert
-//! rows/s through the store, and (once the consumer loop lands) freshness.
+//! rows/s through the store, and freshness through the real consumer loop.
 //!
 //! Why these figures: the processor is where readings become answers, and issue 5 sets
 //! its goals on one core (2 M raw readings/s; 20 M readings' worth/s when merging the
@@ -15,19 +15,28 @@
 //! default batch policy: why the store batches.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{json, Value};
+use tributary_collector::live::LiveFeed;
+use tributary_collector::log::{
+    AppendRecord, DurableLog, EmbeddedLog, EmbeddedLogConfig, RecordHeaders, SystemClock,
+};
+use tributary_collector::pipeline::{run_consumer, ConsumerConfig, PipelineMetrics};
 use tributary_collector::process::{EngineConfig, EngineOutput, RollupSource, WindowEngine};
+use tributary_collector::store::schema::{rollup_table_name, RAW_TABLE};
 use tributary_collector::store::{
     last_seen_from_batch, raw_rows_from_batch, BatchPolicy, ClickHouseStore, ClickHouseStoreConfig,
     RetryPolicy, RollupSpec, SchemaConfig, Store,
 };
 use tributary_firmware_sim::fleet::{Fleet, Metric};
-use tributary_protocol::{Batch, Reading, SeriesDef, Summary, WindowSummary};
+use tributary_protocol::{
+    encode_batch, Batch, Reading, SeriesDef, SeriesKey, Summary, WindowSummary,
+};
 
-use super::{round3, BenchOptions};
+use super::{percentile, round3, BenchOptions};
 use crate::services::{lookup_service_env, running_in_ci, unique_suffix, CLICKHOUSE_URL};
 
 const DEVICES: usize = 100;
@@ -40,6 +49,11 @@ const QUICK_PERIODS: usize = 300;
 const AGENT_ID: &str = "gateway-0001";
 /// Rows handed to the store per write call (no more than the smallest batch policy measured).
 const WRITE_CHUNK_ROWS: usize = 1_000;
+/// Freshness: a live batch every 100 ms, of one reading for each of 200 series.
+const FRESHNESS_INTERVAL_MS: u64 = 100;
+const FRESHNESS_SERIES: u32 = 200;
+/// How often the freshness poller asks ClickHouse what it shows.
+const FRESHNESS_POLL_MS: u64 = 20;
 
 /// Raw and summary batches of the same readings.
 pub struct Workload {
@@ -264,13 +278,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
     })];
 
     lines.push(clickhouse_line(&workload, options)?);
-    lines.push(json!({
-        "bench": "processor",
-        "part": "freshness",
-        "p50_ms": Value::Null,
-        "p99_ms": Value::Null,
-        "note": "not measured yet: needs the consumer loop (log -> engine -> store), which has not landed",
-    }));
+    lines.push(freshness_line(options)?);
     Ok(lines)
 }
 
@@ -355,7 +363,9 @@ async fn insert_through_store(
         anyhow::Ok((rows_written, started.elapsed().as_secs_f64(), flushes))
     }
     .await;
-    let client = clickhouse::Client::default().with_url(url);
+    let client = clickhouse::Client::default()
+        .with_url(url)
+        .with_validation(false);
     let _ = tokio::time::timeout(
         Duration::from_secs(30),
         client
@@ -410,4 +420,252 @@ fn clickhouse_line(workload: &Workload, options: &BenchOptions) -> anyhow::Resul
         "baseline_1000_row_inserts_rows_per_s": (baseline_rows as f64 / baseline_seconds.max(1e-9)).round(),
         "baseline_flushes": baseline_inserts,
     }))
+}
+
+#[derive(clickhouse::Row, serde::Deserialize)]
+struct MaxRow {
+    value: i64,
+}
+
+/// Newest raw reading time and newest rollup `last_time_ms` of `agent_id` visible now.
+async fn visible_times(
+    client: &clickhouse::Client,
+    database: &str,
+    agent_id: &str,
+) -> anyhow::Result<(i64, i64)> {
+    let raw: MaxRow = client
+        .query(&format!(
+            "SELECT max(time_ms) AS value FROM {database}.{RAW_TABLE} WHERE agent_id = ?"
+        ))
+        .bind(agent_id)
+        .fetch_one()
+        .await?;
+    let rollup: MaxRow = client
+        .query(&format!(
+            "SELECT max(last_time_ms) AS value FROM {database}.{} WHERE agent_id = ?",
+            rollup_table_name(60_000)
+        ))
+        .bind(agent_id)
+        .fetch_one()
+        .await?;
+    Ok((raw.value, rollup.value))
+}
+
+/// Freshness through the real consumer loop: a live agent's batches appended to the
+/// embedded log every FRESHNESS_INTERVAL_MS; a poller asks ClickHouse every
+/// FRESHNESS_POLL_MS for the newest raw row and the newest running 1 min rollup. A
+/// batch's freshness is from its append returning to the first poll (completion time)
+/// that shows it, so the figures include up to one poll interval plus a query.
+async fn measure_freshness(url: &str, quick: bool) -> anyhow::Result<Value> {
+    let database = format!("tributary_bench_fresh_{}", unique_suffix());
+    let agent_id = format!("fresh-{}", unique_suffix());
+    let state = tempfile::tempdir()?;
+    let log = Arc::new(EmbeddedLog::open(
+        EmbeddedLogConfig::new(state.path().join("log")),
+        SystemClock,
+    )?);
+    let store = ClickHouseStore::connect(
+        store_config(url, &database, BatchPolicy::default().max_batch_rows),
+        system_now_ms(),
+    )
+    .await
+    .with_context(|| format!("connecting the ClickHouse store at {url}"))?;
+    let consumer_config = ConsumerConfig {
+        engine: engine_config(RollupSource::RawReadings),
+        ..ConsumerConfig::default()
+    };
+    let caught_up_flush_interval_ms = consumer_config.caught_up_flush_interval_ms;
+    let emit_interval_ms = consumer_config.engine.emit_interval_ms;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let consumer = tokio::spawn(run_consumer(
+        log.clone(),
+        store,
+        SystemClock,
+        consumer_config,
+        LiveFeed::default(),
+        Arc::new(PipelineMetrics::default()),
+        stop.clone(),
+    ));
+    let client = clickhouse::Client::default()
+        .with_url(url)
+        .with_validation(false);
+    let polls: Arc<std::sync::Mutex<Vec<(Instant, i64, i64)>>> = Arc::default();
+    let last_poll_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let poller = {
+        let client = client.clone();
+        let database = database.clone();
+        let agent_id = agent_id.clone();
+        let polls = polls.clone();
+        let last_poll_error = last_poll_error.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(FRESHNESS_POLL_MS));
+            while !stop.is_cancelled() {
+                ticker.tick().await;
+                match visible_times(&client, &database, &agent_id).await {
+                    Ok((raw, rollup)) => {
+                        if let Ok(mut polls) = polls.lock() {
+                            polls.push((Instant::now(), raw, rollup));
+                        }
+                    }
+                    Err(error) => {
+                        if let Ok(mut last_error) = last_poll_error.lock() {
+                            *last_error = Some(error.to_string());
+                        }
+                    }
+                }
+            }
+        })
+    };
+
+    let batches = if quick { 30 } else { 300 };
+    let series: Vec<SeriesDef> = (0..FRESHNESS_SERIES)
+        .map(|index| SeriesDef {
+            id: index,
+            key: SeriesKey::new(
+                format!("fresh-device-{}", index / 10),
+                format!("metric-{}", index % 10),
+            ),
+        })
+        .collect();
+    let mut appended: Vec<(Instant, i64)> = Vec::with_capacity(batches);
+    let produced = async {
+        let started = tokio::time::Instant::now();
+        for batch_seq in 0..batches {
+            tokio::time::sleep_until(
+                started + Duration::from_millis(FRESHNESS_INTERVAL_MS * batch_seq as u64),
+            )
+            .await;
+            let newest_ms = system_now_ms();
+            let batch = Batch {
+                agent_id: agent_id.clone(),
+                batch_seq: batch_seq as u64,
+                created_ms: newest_ms,
+                series: series.clone(),
+                readings: series
+                    .iter()
+                    .map(|definition| Reading {
+                        series: definition.id,
+                        time_ms: newest_ms,
+                        value: f64::from(definition.id) + batch_seq as f64 * 0.01,
+                        flags: 0,
+                    })
+                    .collect(),
+                summaries: Vec::new(),
+            };
+            log.append(AppendRecord {
+                headers: RecordHeaders {
+                    agent_id: agent_id.clone(),
+                    batch_seq: batch_seq as u64,
+                    protocol_version: tributary_protocol::session::PROTOCOL_VERSION,
+                },
+                value: encode_batch(&batch).into(),
+            })
+            .await?;
+            appended.push((Instant::now(), newest_ms));
+        }
+        let newest_ms = appended.last().map_or(0, |(_, time_ms)| *time_ms);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let seen = polls
+                .lock()
+                .ok()
+                .and_then(|polls| polls.last().copied())
+                .is_some_and(|(_, raw, rollup)| raw >= newest_ms && rollup >= newest_ms);
+            if seen {
+                break;
+            }
+            if Instant::now() > deadline {
+                let last = polls.lock().ok().and_then(|polls| polls.last().copied());
+                anyhow::bail!(
+                    "the last batch (newest reading {newest_ms}) did not become queryable in \
+                     ClickHouse within 60 s; last poll (raw, rollup): {:?}; last poll error: {:?}",
+                    last.map(|(_, raw, rollup)| (raw, rollup)),
+                    last_poll_error.lock().ok().and_then(|error| error.clone())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(FRESHNESS_POLL_MS)).await;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    stop.cancel();
+    let _ = poller.await;
+    let consumer_outcome = tokio::time::timeout(Duration::from_secs(60), consumer).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        client
+            .query(&format!("DROP DATABASE IF EXISTS {database}"))
+            .execute(),
+    )
+    .await;
+    produced?;
+    match consumer_outcome {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(error))) => return Err(error).context("the consumer loop failed"),
+        Ok(Err(error)) => return Err(error).context("the consumer task panicked"),
+        Err(_) => anyhow::bail!("the consumer loop did not stop within 60 s"),
+    }
+
+    let polls = polls.lock().map(|polls| polls.clone()).unwrap_or_default();
+    let freshness = |pick: fn(&(Instant, i64, i64)) -> i64| -> Vec<f64> {
+        let mut delays: Vec<f64> = appended
+            .iter()
+            .filter_map(|(appended_at, newest_ms)| {
+                polls
+                    .iter()
+                    .find(|poll| poll.0 >= *appended_at && pick(poll) >= *newest_ms)
+                    .map(|poll| (poll.0 - *appended_at).as_secs_f64() * 1e3)
+            })
+            .collect();
+        delays.sort_by(f64::total_cmp);
+        delays
+    };
+    let raw = freshness(|poll| poll.1);
+    let rollup = freshness(|poll| poll.2);
+    Ok(json!({
+        "bench": "processor",
+        "part": "freshness",
+        "batches": batches,
+        "batch_interval_ms": FRESHNESS_INTERVAL_MS,
+        "readings_per_batch": FRESHNESS_SERIES,
+        "poll_interval_ms": FRESHNESS_POLL_MS,
+        "caught_up_flush_interval_ms": caught_up_flush_interval_ms,
+        "emit_interval_ms": emit_interval_ms,
+        "raw_measured": raw.len(),
+        "p50_ms": round3(percentile(&raw, 0.5)),
+        "p99_ms": round3(percentile(&raw, 0.99)),
+        "rollup_measured": rollup.len(),
+        "rollup_p50_ms": round3(percentile(&rollup, 0.5)),
+        "rollup_p99_ms": round3(percentile(&rollup, 0.99)),
+    }))
+}
+
+fn system_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+fn freshness_line(options: &BenchOptions) -> anyhow::Result<Value> {
+    let Some(url) = lookup_service_env(CLICKHOUSE_URL) else {
+        anyhow::ensure!(
+            !running_in_ci(),
+            "CI=true and {CLICKHOUSE_URL} is not set; start the services with `deploy/dev/services.sh up`"
+        );
+        return Ok(json!({
+            "bench": "processor",
+            "part": "freshness",
+            "p50_ms": Value::Null,
+            "p99_ms": Value::Null,
+            "note": format!("skipped: {CLICKHOUSE_URL} not set; run deploy/dev/services.sh up"),
+        }));
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(measure_freshness(&url, options.quick))
 }

@@ -392,7 +392,16 @@ impl Pipeline {
             };
             let (bytes, info) = self.stage.encode(cut, &self.agent_id, batch_seq, now_ms);
             match self.buffer.append(batch_seq, info, &bytes) {
-                Ok(_) => {
+                Ok(receipt) => {
+                    if !receipt.stored {
+                        // The overflow policy dropped this raw batch itself (the buffer is
+                        // full of summaries) and counted it in dropped_*_raw. It is not
+                        // buffered, so the shipper never sees it; its seq stays a gap.
+                        tracing::debug!(
+                            batch_seq,
+                            "buffer full of summaries: the new raw batch was dropped by policy"
+                        );
+                    }
                     let counter = if class == BatchClass::Raw {
                         &pipeline.batches_appended_raw
                     } else {

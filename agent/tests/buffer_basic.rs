@@ -99,13 +99,37 @@ fn overflow_drops_oldest_raw_then_oldest_summary_and_counts() {
     );
     assert_eq!(stats.dropped_batches_summary, 0);
 
-    // No raw left: now the oldest summary goes, and newest data (raw) is still accepted.
-    let raw_c = append(&buffer, BatchClass::Raw, 7, 100);
+    // Only summaries left: a raw batch never evicts one. The incoming raw batch itself
+    // is dropped, counted as raw, and its receipt says it is not buffered.
+    let raw_c = buffer.allocate_seq().unwrap();
+    let receipt = buffer
+        .append(
+            raw_c,
+            info(BatchClass::Raw, 7, 10),
+            &payload_for(raw_c, 100),
+        )
+        .unwrap();
+    assert!(!receipt.stored, "{receipt:?}");
+    assert_eq!(receipt.dropped_batches, 0);
     assert_eq!(
         seqs(&buffer, ReplayOrder::OldestFirst),
-        vec![summary_b, summary_c, summary_d, raw_c]
+        vec![summary_a, summary_b, summary_c, summary_d]
     );
     let stats = buffer.stats(7);
+    assert_eq!(
+        (stats.dropped_batches_raw, stats.dropped_readings_raw),
+        (3, 30)
+    );
+    assert_eq!(stats.dropped_batches_summary, 0);
+    assert_eq!(buffer.ack(raw_c).unwrap(), AckOutcome::Unknown);
+
+    // A summary still makes room, by dropping the oldest summary.
+    let summary_e = append(&buffer, BatchClass::Summary, 8, 100);
+    assert_eq!(
+        seqs(&buffer, ReplayOrder::OldestFirst),
+        vec![summary_b, summary_c, summary_d, summary_e]
+    );
+    let stats = buffer.stats(8);
     assert_eq!(
         (
             stats.dropped_batches_summary,
@@ -122,7 +146,7 @@ fn overflow_drops_oldest_raw_then_oldest_summary_and_counts() {
     let error = buffer
         .append(
             batch_seq,
-            info(BatchClass::Raw, 8, 1),
+            info(BatchClass::Raw, 9, 1),
             &vec![0; 4 * entry_bytes as usize],
         )
         .unwrap_err();
@@ -130,8 +154,86 @@ fn overflow_drops_oldest_raw_then_oldest_summary_and_counts() {
         matches!(error, BufferError::BatchTooLarge { .. }),
         "{error}"
     );
-    assert_eq!(buffer.stats(8).rejected_too_large, 1);
-    assert_eq!(buffer.stats(8).batches_buffered, 4);
+    assert_eq!(buffer.stats(9).rejected_too_large, 1);
+    assert_eq!(buffer.stats(9).batches_buffered, 4);
+}
+
+#[test]
+fn a_raw_batch_never_evicts_a_summary_on_disk_or_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultInjector::default();
+    let entry_bytes = accounted_bytes(100);
+    let config = BufferConfig {
+        max_buffer_bytes: 4 * entry_bytes,
+        memory_only_max_bytes: 3 * entry_bytes,
+        storage_retry_interval_ms: 1_000,
+        ..BufferConfig::at(dir.path())
+    };
+    let buffer = DiskBuffer::open_with_faults(config, faults.clone()).unwrap();
+    let summaries: Vec<u64> = (0..3)
+        .map(|index| append(&buffer, BatchClass::Summary, index, 100))
+        .collect();
+    let older_raw = append(&buffer, BatchClass::Raw, 3, 100);
+
+    // A larger raw batch would need a summary's room too: it is refused before the
+    // older raw batch is sacrificed for nothing.
+    let large_raw = buffer.allocate_seq().unwrap();
+    let receipt = buffer
+        .append(
+            large_raw,
+            info(BatchClass::Raw, 4, 25),
+            &payload_for(large_raw, 150),
+        )
+        .unwrap();
+    assert_eq!((receipt.stored, receipt.tier), (false, Tier::Disk));
+    assert_eq!(receipt.dropped_batches, 0);
+    let mut expected = summaries.clone();
+    expected.push(older_raw);
+    assert_eq!(seqs(&buffer, ReplayOrder::OldestFirst), expected);
+    let stats = buffer.stats(4);
+    assert_eq!(
+        (stats.dropped_batches_raw, stats.dropped_readings_raw),
+        (1, 25)
+    );
+    assert_eq!(stats.dropped_batches_summary, 0);
+    assert_eq!(stats.appended_batches, 5);
+
+    // The same rule in the memory-only tier.
+    faults.fail_storage(true);
+    let memory_summaries: Vec<u64> = (10..13)
+        .map(|created_ms| append(&buffer, BatchClass::Summary, created_ms, 100))
+        .collect();
+    assert!(buffer.is_memory_only());
+    let memory_raw = buffer.allocate_seq().unwrap();
+    let receipt = buffer
+        .append(
+            memory_raw,
+            info(BatchClass::Raw, 13, 7),
+            &payload_for(memory_raw, 100),
+        )
+        .unwrap();
+    assert_eq!((receipt.stored, receipt.tier), (false, Tier::Memory));
+    assert_eq!(
+        seqs(&buffer, ReplayOrder::OldestFirst),
+        memory_summaries,
+        "memory replay lost a summary or kept the refused raw batch"
+    );
+    let stats = buffer.stats(13);
+    assert_eq!(
+        (stats.dropped_batches_raw, stats.dropped_readings_raw),
+        (2, 32)
+    );
+    assert_eq!(stats.dropped_batches_summary, 0);
+
+    // Back on disk, the memory summaries push out the raw batch, then the oldest summaries.
+    faults.fail_storage(false);
+    assert!(buffer.retry_storage(5_000));
+    let stats = buffer.stats(5_000);
+    assert_eq!(stats.dropped_batches_raw, 3);
+    assert_eq!(stats.dropped_batches_summary, 2);
+    let mut expected = summaries[2..].to_vec();
+    expected.extend_from_slice(&memory_summaries);
+    assert_eq!(seqs(&buffer, ReplayOrder::OldestFirst), expected);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Model-based property test: random appends (both classes, random sizes), acks and
-//! reopens against a plain in-memory model of the overflow policy. After every step
+//! reopens against a plain in-memory model of the overflow policy (raw first, then
+//! summaries; a raw batch never evicts a summary but is dropped itself). After every step
 //! the buffer's replay, byte count and drop counters match the model.
 
 use std::collections::BTreeMap;
@@ -40,8 +41,30 @@ impl Model {
         self.entries.values().map(|(_, bytes, _)| bytes).sum()
     }
 
-    fn append(&mut self, batch_seq: u64, class: BatchClass, payload: Vec<u8>, cap_bytes: u64) {
+    fn class_bytes(&self, wanted: BatchClass) -> u64 {
+        self.entries
+            .values()
+            .filter(|(class, _, _)| *class == wanted)
+            .map(|(_, bytes, _)| bytes)
+            .sum()
+    }
+
+    /// The policy as the issue states it: drop the oldest raw batches first, keep
+    /// summaries, then drop the oldest summaries; raw data never evicts a summary, so a
+    /// raw batch that only fits by evicting summaries is dropped itself (nothing else
+    /// is dropped for it). Returns whether the batch was stored.
+    fn append(
+        &mut self,
+        batch_seq: u64,
+        class: BatchClass,
+        payload: Vec<u8>,
+        cap_bytes: u64,
+    ) -> bool {
         let bytes = accounted_bytes(payload.len());
+        if class == BatchClass::Raw && self.class_bytes(BatchClass::Summary) + bytes > cap_bytes {
+            self.dropped[BatchClass::Raw.index()] += 1;
+            return false;
+        }
         while self.bytes() + bytes > cap_bytes {
             let victim =
                 [BatchClass::Raw, BatchClass::Summary]
@@ -57,6 +80,7 @@ impl Model {
             self.dropped[class.index()] += 1;
         }
         self.entries.insert(batch_seq, (class, bytes, payload));
+        true
     }
 }
 
@@ -82,8 +106,9 @@ proptest! {
                     highest_seq = Some(batch_seq);
                     let payload: Vec<u8> = (0..payload_bytes).map(|index| (index as u64 ^ batch_seq) as u8).collect();
                     let info = BatchInfo { class, created_ms: batch_seq as i64, oldest_event_ms: 0, reading_count: 1 };
-                    buffer.append(batch_seq, info, &payload).unwrap();
-                    model.append(batch_seq, class, payload, cap_bytes);
+                    let receipt = buffer.append(batch_seq, info, &payload).unwrap();
+                    let stored = model.append(batch_seq, class, payload, cap_bytes);
+                    prop_assert_eq!(receipt.stored, stored);
                 }
                 Operation::Ack { index } => {
                     if let Some(batch_seq) = model.entries.keys().nth(index % model.entries.len().max(1)).copied() {

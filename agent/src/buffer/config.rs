@@ -54,7 +54,8 @@ pub struct BufferConfig {
     /// Directory of the sled database. Created if missing.
     pub path: PathBuf,
     /// Cap on buffered bytes (keys, headers and payloads). Over it, the oldest raw
-    /// batches are dropped first, then the oldest summary batches.
+    /// batches are dropped first, then the oldest summary batches; a raw batch never
+    /// evicts a summary (it is dropped itself when only that would make room).
     pub max_buffer_bytes: u64,
     pub fsync: FsyncPolicy,
     /// Cap on bytes held in memory while the disk is unavailable (full, read-only).

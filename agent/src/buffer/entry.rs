@@ -47,6 +47,13 @@ impl BatchClass {
         }
     }
 
+    /// Whether an incoming batch of this class may evict a buffered batch of
+    /// `buffered` to make room: raw data never pushes out a summary, a summary may push
+    /// out anything (raw first, by the overflow policy's order).
+    pub fn may_evict(self, buffered: BatchClass) -> bool {
+        buffered.index() <= self.index()
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             BatchClass::Raw => "raw",

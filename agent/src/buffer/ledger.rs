@@ -3,8 +3,9 @@
 //!
 //! This is the buffer's bookkeeping with no storage behind it, so the rules that
 //! decide what gets dropped can be tested exhaustively: the cap is never exceeded
-//! after an accepted append, raw batches go before summary batches, and oldest before
-//! newest within a class (the storage layer supplies "oldest").
+//! after an append, raw batches go before summary batches, oldest before newest
+//! within a class (the storage layer supplies "oldest"), and a raw batch never evicts
+//! a summary: when only that would make room, the raw batch itself is dropped.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
@@ -49,18 +50,54 @@ impl Ledger {
         self.bytes.iter().sum()
     }
 
-    /// The next victim to make room for `incoming_bytes` under `cap_bytes`, or `None`
-    /// when it already fits. Oldest raw first, then oldest summary. Returns `None`
-    /// too when nothing is left to drop; the caller has already rejected batches
-    /// larger than the cap, so that only happens with a miscounted ledger.
-    pub fn victim_class(&self, incoming_bytes: u64, cap_bytes: u64) -> Option<BatchClass> {
+    /// The next step in making room for an incoming batch of `incoming_class` and
+    /// `incoming_bytes` under `cap_bytes`.
+    ///
+    /// A batch may only evict batches of its own class or a lower one
+    /// ([`BatchClass::may_evict`]): a summary evicts the oldest raw batch, then the
+    /// oldest summary; a raw batch evicts only older raw batches, never a summary. When
+    /// even dropping every evictable batch would not make room, the incoming batch is
+    /// dropped *before* anything else is, so older raw data is not thrown away for a
+    /// batch that cannot be kept anyway. The caller has already rejected batches larger
+    /// than the cap, so `Store` over the cap only happens with a miscounted ledger
+    /// (bytes counted but no batch left to drop).
+    pub fn make_room(
+        &self,
+        incoming_class: BatchClass,
+        incoming_bytes: u64,
+        cap_bytes: u64,
+    ) -> RoomDecision {
         if self.total_bytes().saturating_add(incoming_bytes) <= cap_bytes {
-            return None;
+            return RoomDecision::Store;
+        }
+        let evictable = |class: &BatchClass| incoming_class.may_evict(*class);
+        let reclaimable_bytes: u64 = BatchClass::ALL
+            .into_iter()
+            .filter(evictable)
+            .map(|class| self.bytes[class.index()])
+            .sum();
+        let kept_bytes = self.total_bytes().saturating_sub(reclaimable_bytes);
+        if kept_bytes.saturating_add(incoming_bytes) > cap_bytes {
+            return RoomDecision::DropIncoming;
         }
         BatchClass::ALL
             .into_iter()
+            .filter(evictable)
             .find(|class| self.batches(*class) > 0)
+            .map_or(RoomDecision::Store, RoomDecision::DropOldest)
     }
+}
+
+/// One step of the overflow policy, decided by [`Ledger::make_room`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomDecision {
+    /// Store the incoming batch now.
+    Store,
+    /// Drop the oldest buffered batch of this class, then decide again.
+    DropOldest(BatchClass),
+    /// Drop the incoming batch itself (counted like any drop): only evicting batches
+    /// its class may not evict (summaries, for a raw batch) would make room.
+    DropIncoming,
 }
 
 /// Counters for the metrics layer. Cheap to read from any thread; updated by the
@@ -160,33 +197,65 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::VecDeque;
 
-    /// A model of the overflow loop over queues of (class, bytes): after every accepted
-    /// append the cap holds, and no summary is dropped while a raw batch is buffered.
+    fn class_of(is_raw: bool) -> BatchClass {
+        if is_raw {
+            BatchClass::Raw
+        } else {
+            BatchClass::Summary
+        }
+    }
+
+    /// A model of the overflow loop over queues of (class, bytes). After every append
+    /// the cap holds; no summary is dropped while a raw batch is buffered, nor ever to
+    /// make room for a raw batch; a raw batch is refused only when the summaries alone
+    /// leave no room for it, and then nothing else is dropped for it; a summary is
+    /// never refused.
     fn run_model(appends: &[(bool, u64)], cap_bytes: u64) -> Result<(), TestCaseError> {
         let mut ledger = Ledger::default();
         let mut queues: [VecDeque<u64>; 2] = [VecDeque::new(), VecDeque::new()];
         for &(is_raw, bytes) in appends {
-            let class = if is_raw {
-                BatchClass::Raw
-            } else {
-                BatchClass::Summary
-            };
+            let class = class_of(is_raw);
             if bytes > cap_bytes {
                 continue;
             }
-            while let Some(victim) = ledger.victim_class(bytes, cap_bytes) {
-                if victim == BatchClass::Summary {
-                    prop_assert!(
-                        queues[0].is_empty(),
-                        "summary dropped while raw batches remain"
-                    );
+            let before = ledger;
+            let summary_bytes: u64 = queues[1].iter().sum();
+            let stored = loop {
+                match ledger.make_room(class, bytes, cap_bytes) {
+                    RoomDecision::Store => break true,
+                    RoomDecision::DropIncoming => break false,
+                    RoomDecision::DropOldest(victim) => {
+                        prop_assert!(class.may_evict(victim), "{class} batch evicted a {victim}");
+                        if victim == BatchClass::Summary {
+                            prop_assert!(
+                                queues[0].is_empty(),
+                                "summary dropped while raw batches remain"
+                            );
+                        }
+                        let victim_bytes = queues[victim.index()].pop_front();
+                        prop_assert!(victim_bytes.is_some(), "ledger and queues disagree");
+                        ledger.remove(victim, victim_bytes.unwrap_or_default());
+                    }
                 }
-                let victim_bytes = queues[victim.index()].pop_front();
-                prop_assert!(victim_bytes.is_some(), "ledger and queues disagree");
-                ledger.remove(victim, victim_bytes.unwrap_or_default());
+            };
+            if stored {
+                ledger.add(class, bytes);
+                queues[class.index()].push_back(bytes);
+            } else {
+                prop_assert_eq!(class, BatchClass::Raw, "a summary was refused");
+                prop_assert!(
+                    summary_bytes + bytes > cap_bytes,
+                    "refused a raw batch that fits"
+                );
+                prop_assert_eq!(ledger, before, "dropped batches for a refused raw batch");
             }
-            ledger.add(class, bytes);
-            queues[class.index()].push_back(bytes);
+            if is_raw {
+                prop_assert_eq!(
+                    queues[1].iter().sum::<u64>(),
+                    summary_bytes,
+                    "a raw batch changed the summaries"
+                );
+            }
             prop_assert!(ledger.total_bytes() <= cap_bytes);
             prop_assert_eq!(ledger.total_bytes(), queues.iter().flatten().sum::<u64>());
         }
@@ -194,9 +263,9 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(128))]
+        #![proptest_config(ProptestConfig::with_cases(256))]
         #[test]
-        fn cap_holds_and_raw_goes_first(
+        fn cap_holds_raw_goes_first_and_raw_never_evicts_a_summary(
             appends in proptest::collection::vec((any::<bool>(), 1u64..400), 0..200),
             cap_bytes in 1u64..2_000,
         ) {
@@ -208,9 +277,53 @@ mod tests {
     fn fitting_batch_needs_no_victim() {
         let mut ledger = Ledger::default();
         ledger.add(BatchClass::Summary, 10);
-        assert_eq!(ledger.victim_class(90, 100), None);
-        assert_eq!(ledger.victim_class(91, 100), Some(BatchClass::Summary));
+        assert_eq!(
+            ledger.make_room(BatchClass::Summary, 90, 100),
+            RoomDecision::Store
+        );
+        assert_eq!(
+            ledger.make_room(BatchClass::Summary, 91, 100),
+            RoomDecision::DropOldest(BatchClass::Summary)
+        );
         ledger.add(BatchClass::Raw, 10);
-        assert_eq!(ledger.victim_class(81, 100), Some(BatchClass::Raw));
+        assert_eq!(
+            ledger.make_room(BatchClass::Summary, 81, 100),
+            RoomDecision::DropOldest(BatchClass::Raw)
+        );
+        assert_eq!(
+            ledger.make_room(BatchClass::Raw, 81, 100),
+            RoomDecision::DropOldest(BatchClass::Raw)
+        );
+    }
+
+    #[test]
+    fn raw_batch_that_only_summary_eviction_could_fit_is_refused_first() {
+        let mut ledger = Ledger::default();
+        ledger.add(BatchClass::Summary, 60);
+        ledger.add(BatchClass::Raw, 30);
+        // 60 summary + 41 raw > 100: dropping the older raw batch would not be enough,
+        // so the incoming raw batch is refused before anything is dropped.
+        assert_eq!(
+            ledger.make_room(BatchClass::Raw, 41, 100),
+            RoomDecision::DropIncoming
+        );
+        assert_eq!(
+            ledger.make_room(BatchClass::Raw, 40, 100),
+            RoomDecision::DropOldest(BatchClass::Raw)
+        );
+        // A summary of the same size makes room, raw first.
+        assert_eq!(
+            ledger.make_room(BatchClass::Summary, 41, 100),
+            RoomDecision::DropOldest(BatchClass::Raw)
+        );
+        ledger.remove(BatchClass::Raw, 30);
+        assert_eq!(
+            ledger.make_room(BatchClass::Raw, 41, 100),
+            RoomDecision::DropIncoming
+        );
+        assert_eq!(
+            ledger.make_room(BatchClass::Summary, 41, 100),
+            RoomDecision::DropOldest(BatchClass::Summary)
+        );
     }
 }

@@ -8,8 +8,9 @@
 //! deduplicate resent batches exactly.
 //!
 //! The buffer is bounded in bytes. When full it drops the oldest raw batches first,
-//! then the oldest summary batches, and counts what it dropped; the newest data is
-//! always accepted. When the disk fails (full, read-only) it keeps going on a small
+//! then the oldest summary batches, and counts what it dropped. Raw data never
+//! pushes out a summary: a raw batch that would only fit by evicting summaries is
+//! itself dropped (counted, and said so in its receipt). When the disk fails (full, read-only) it keeps going on a small
 //! memory-only queue with a loud flag, retries the disk periodically and moves the
 //! memory entries back once the disk works again. Replay reads entries one at a time,
 //! so draining a large backlog does not load it into memory.
@@ -34,7 +35,7 @@ pub use replay::{BadEntry, Replay, ReplayOrder, StoredBatch};
 pub use storage::FaultInjector;
 
 use entry::{decode_header, decode_key, decode_value, encode_value};
-use ledger::Ledger;
+use ledger::{Ledger, RoomDecision};
 use storage::Storage;
 
 /// How durable appended batches are after a call to [`DiskBuffer::flush`].
@@ -59,9 +60,15 @@ pub enum Tier {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendReceipt {
     pub batch_seq: u64,
+    /// The tier whose overflow policy handled the batch (where it is held, if stored).
     pub tier: Tier,
     /// Older batches dropped by the overflow policy to make room.
     pub dropped_batches: u32,
+    /// `false` when the overflow policy dropped this batch itself: a raw batch that
+    /// would only fit by evicting summaries. It is counted in `dropped_*_raw`, is not
+    /// buffered, will never be replayed, shipped or acked, and its `batch_seq` stays a
+    /// gap (sequence numbers never repeat, so nothing reuses it).
+    pub stored: bool,
 }
 
 /// What `ack` did.
@@ -357,6 +364,7 @@ impl DiskBuffer {
             batch_seq,
             tier: Tier::Disk,
             dropped_batches: 0,
+            stored: true,
         };
         let mut disk_failure = None;
         if let Some(storage) = &state.storage {
@@ -370,7 +378,10 @@ impl DiskBuffer {
                 info.class,
                 &value,
             ) {
-                Ok(dropped) => receipt.dropped_batches = dropped,
+                Ok(placement) => {
+                    receipt.dropped_batches = placement.dropped_batches;
+                    receipt.stored = placement.stored;
+                }
                 Err(error) => disk_failure = Some(error.to_string()),
             }
             state.disk = disk;
@@ -380,8 +391,9 @@ impl DiskBuffer {
         }
         if state.storage.is_none() {
             receipt.tier = Tier::Memory;
-            receipt.dropped_batches =
-                self.insert_in_memory(&mut state, batch_seq, info.class, value)?;
+            let placement = self.insert_in_memory(&mut state, batch_seq, info.class, value)?;
+            receipt.dropped_batches = placement.dropped_batches;
+            receipt.stored = placement.stored;
         }
         self.inner
             .stats
@@ -389,7 +401,10 @@ impl DiskBuffer {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.publish(&state);
         drop(state);
-        if receipt.tier == Tier::Disk && self.inner.config.fsync == FsyncPolicy::EveryBatch {
+        if receipt.stored
+            && receipt.tier == Tier::Disk
+            && self.inner.config.fsync == FsyncPolicy::EveryBatch
+        {
             self.flush()?;
         }
         Ok(receipt)
@@ -401,7 +416,7 @@ impl DiskBuffer {
         batch_seq: u64,
         class: BatchClass,
         value: Vec<u8>,
-    ) -> Result<u32, BufferError> {
+    ) -> Result<Placement, BufferError> {
         let memory_only_max_bytes = self.inner.config.memory_only_max_bytes;
         let batch_bytes = (entry::KEY_BYTES + value.len()) as u64;
         if batch_bytes > memory_only_max_bytes {
@@ -415,11 +430,29 @@ impl DiskBuffer {
                 memory_only_max_bytes,
             });
         }
-        let mut dropped = 0;
-        while let Some(victim) = state
-            .memory_ledger
-            .victim_class(batch_bytes, memory_only_max_bytes)
-        {
+        let mut dropped_batches = 0;
+        loop {
+            let victim =
+                match state
+                    .memory_ledger
+                    .make_room(class, batch_bytes, memory_only_max_bytes)
+                {
+                    RoomDecision::Store => break,
+                    RoomDecision::DropIncoming => {
+                        count_incoming_drop(
+                            &self.inner.stats,
+                            batch_seq,
+                            class,
+                            &value,
+                            Tier::Memory,
+                        );
+                        return Ok(Placement {
+                            stored: false,
+                            dropped_batches,
+                        });
+                    }
+                    RoomDecision::DropOldest(victim) => victim,
+                };
             let oldest = state
                 .memory
                 .iter()
@@ -434,7 +467,7 @@ impl DiskBuffer {
                         .memory_ledger
                         .remove(victim, (entry::KEY_BYTES + entry.value.len()) as u64);
                     self.inner.stats.count_drop(victim, readings);
-                    dropped += 1;
+                    dropped_batches += 1;
                 }
                 None => state.memory_ledger.forget_class(victim),
             }
@@ -446,7 +479,10 @@ impl DiskBuffer {
             );
         }
         state.memory_ledger.add(class, batch_bytes);
-        Ok(dropped)
+        Ok(Placement {
+            stored: true,
+            dropped_batches,
+        })
     }
 
     /// Removes a batch the collector acknowledged durably. The removal itself is not
@@ -835,8 +871,38 @@ fn count_entries(storage: &Storage) -> sled::Result<Ledger> {
     Ok(ledger)
 }
 
-/// Inserts an encoded entry on disk, first dropping the oldest raw, then the oldest
-/// summary batches until it fits under `max_buffer_bytes`. Returns how many it dropped.
+/// What the overflow policy did with one incoming batch in one tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Placement {
+    /// `false`: the incoming batch itself was dropped (and counted).
+    stored: bool,
+    /// Older batches dropped to make room.
+    dropped_batches: u32,
+}
+
+/// Counts an incoming batch the overflow policy refused, as a drop of its class.
+fn count_incoming_drop(
+    stats: &BufferStats,
+    batch_seq: u64,
+    class: BatchClass,
+    value: &[u8],
+    tier: Tier,
+) {
+    let readings = decode_header(value).map_or(0, |header| header.reading_count);
+    stats.count_drop(class, readings);
+    tracing::debug!(
+        batch_seq,
+        %class,
+        readings,
+        ?tier,
+        "buffer full of batches this class may not evict: dropped the incoming batch"
+    );
+}
+
+/// Inserts an encoded entry on disk under the overflow policy ([`Ledger::make_room`]):
+/// first dropping the oldest raw, then (for a summary) the oldest summary batches until
+/// it fits under `max_buffer_bytes`, or dropping the entry itself when it is a raw
+/// batch that only evicting summaries would make room for.
 fn insert_on_disk(
     storage: &Storage,
     disk: &mut Ledger,
@@ -845,16 +911,27 @@ fn insert_on_disk(
     batch_seq: u64,
     class: BatchClass,
     value: &[u8],
-) -> sled::Result<u32> {
+) -> sled::Result<Placement> {
     let batch_bytes = (entry::KEY_BYTES + value.len()) as u64;
-    let mut dropped = 0;
-    while let Some(victim) = disk.victim_class(batch_bytes, max_buffer_bytes) {
+    let mut dropped_batches = 0;
+    loop {
+        let victim = match disk.make_room(class, batch_bytes, max_buffer_bytes) {
+            RoomDecision::Store => break,
+            RoomDecision::DropIncoming => {
+                count_incoming_drop(stats, batch_seq, class, value, Tier::Disk);
+                return Ok(Placement {
+                    stored: false,
+                    dropped_batches,
+                });
+            }
+            RoomDecision::DropOldest(victim) => victim,
+        };
         match storage.pop_oldest(victim)? {
             Some((key, old_value)) => {
                 let readings = decode_header(&old_value).map_or(0, |header| header.reading_count);
                 disk.remove(victim, (key.len() + old_value.len()) as u64);
                 stats.count_drop(victim, readings);
-                dropped += 1;
+                dropped_batches += 1;
                 tracing::debug!(batch_seq = decode_key(&key), class = %victim, "buffer full: dropped oldest batch");
             }
             None => disk.forget_class(victim),
@@ -864,5 +941,8 @@ fn insert_on_disk(
         disk.remove(class, (entry::KEY_BYTES + previous.len()) as u64);
     }
     disk.add(class, batch_bytes);
-    Ok(dropped)
+    Ok(Placement {
+        stored: true,
+        dropped_batches,
+    })
 }

@@ -204,7 +204,7 @@ fn regressions() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "closed_hello_on_batch_stream.bin",
-            layout(6 << 1, &hello, &[hello.clone()]),
+            layout(6 << 1, &hello, std::slice::from_ref(&hello)),
         ),
         (
             "truncated_hello.bin",

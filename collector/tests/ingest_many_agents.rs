@@ -5,7 +5,9 @@
 //! (agent, sequence) must be in the log exactly once, every batch acked, no error
 //! counted, and the fleet view must list every agent with what it reported.
 //!
-//! Also: the backpressure time metric under a log that does not finish its writes.
+//! Also, over a log that does not finish its writes: the backpressure time metric, and
+//! graceful shutdown (in-flight batches drained and acked; past the drain timeout,
+//! nothing acked that was not written).
 
 mod log_kafka_support;
 
@@ -625,4 +627,128 @@ async fn a_stalled_log_holds_streams_back_and_counts_backpressure_time() {
         endpoint.wait_idle().await;
     }
     harness.server.shutdown().await;
+}
+
+/// Starts a collector over a stalled log and gets `count` batches of one agent into
+/// it: each stream read and waiting for the log.
+async fn batches_waiting_on_a_stalled_log(
+    config: IngestConfig,
+    count: u64,
+) -> (
+    Harness<GatedLog>,
+    Arc<Semaphore>,
+    quinn::Endpoint,
+    Connection,
+    tokio::task::JoinSet<Result<(), String>>,
+    tempfile::TempDir,
+) {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let gate = Arc::new(Semaphore::new(0));
+    let log = GatedLog {
+        inner: EmbeddedLog::open(
+            EmbeddedLogConfig::new(directory.path().join("log")),
+            SystemClock,
+        )
+        .expect("embedded log opens"),
+        gate: gate.clone(),
+    };
+    let harness = start(Arc::new(log), config, 1);
+    let client = client_config(&harness.identity);
+    let (endpoint, connection) = session(harness.server.local_address(), &client, 0)
+        .await
+        .expect("session");
+    let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut sends = tokio::task::JoinSet::new();
+    for batch_seq in 0..count {
+        let connection = connection.clone();
+        let retries = retries.clone();
+        sends.spawn(async move { send_until_acked(&connection, 0, batch_seq, &retries).await });
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while harness.metrics.batches_in.load(Ordering::Relaxed) < count {
+        assert!(Instant::now() < deadline, "batches never reached the log");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (harness, gate, endpoint, connection, sends, directory)
+}
+
+/// Graceful shutdown waits for in-flight batches: they become durable and are acked
+/// before `shutdown` returns, and then the connection is closed as shutting down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_batches_before_closing() {
+    const IN_FLIGHT: u64 = 3;
+    let (harness, gate, endpoint, connection, mut sends, _directory) =
+        batches_waiting_on_a_stalled_log(IngestConfig::default(), IN_FLIGHT).await;
+    let Harness {
+        server,
+        log,
+        metrics,
+        ..
+    } = harness;
+    let shutdown = tokio::spawn(server.shutdown());
+    // The log catches up a little into the drain.
+    let opener = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    });
+    tokio::time::timeout(DEADLINE, shutdown)
+        .await
+        .expect("shutdown finishes within the drain timeout")
+        .expect("shutdown task");
+    assert_eq!(
+        metrics.acks.load(Ordering::Relaxed),
+        IN_FLIGHT,
+        "shutdown returned before the in-flight batches were acked"
+    );
+    while let Some(sent) = sends.join_next().await {
+        sent.expect("send task").expect("acked during the drain");
+    }
+    assert_eq!(read_all(log.as_ref()).await.len(), IN_FLIGHT as usize);
+    match tokio::time::timeout(DEADLINE, connection.closed())
+        .await
+        .expect("the connection is closed after the drain")
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            close.error_code,
+            quinn::VarInt::from_u32(tributary_protocol::close::CLOSE_SHUTTING_DOWN)
+        ),
+        other => panic!("expected a shutting-down close, got {other}"),
+    }
+    opener.await.expect("gate task");
+    endpoint.wait_idle().await;
+}
+
+/// When the log does not catch up within `drain_timeout_ms`, shutdown gives up on the
+/// in-flight batches: nothing is acked that was not written, and the agent (which still
+/// holds them) sees the connection end instead of an ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_the_drain_timeout_acks_nothing_unwritten() {
+    const DRAIN_TIMEOUT_MS: u64 = 300;
+    let (harness, _gate, endpoint, _connection, mut sends, _directory) =
+        batches_waiting_on_a_stalled_log(
+            IngestConfig {
+                drain_timeout_ms: DRAIN_TIMEOUT_MS,
+                ..IngestConfig::default()
+            },
+            2,
+        )
+        .await;
+    let Harness {
+        server,
+        log,
+        metrics,
+        ..
+    } = harness;
+    let started = Instant::now();
+    tokio::time::timeout(DEADLINE, server.shutdown())
+        .await
+        .expect("shutdown gives up after the drain timeout");
+    assert!(started.elapsed() >= Duration::from_millis(DRAIN_TIMEOUT_MS));
+    while let Some(sent) = sends.join_next().await {
+        let result = sent.expect("send task");
+        assert!(result.is_err(), "a batch was acked: {result:?}");
+    }
+    assert_eq!(metrics.acks.load(Ordering::Relaxed), 0);
+    assert_eq!(read_all(log.as_ref()).await.len(), 0);
+    endpoint.wait_idle().await;
 }

@@ -52,6 +52,9 @@ use crate::log::{AppendRecord, DurableLog, LogError, RecordHeaders};
 /// Bytes asked of QUIC per read; a frame of any size is assembled from such chunks.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 
+/// How long a batch stream's task waits for the agent to acknowledge its ack or nack.
+const ANSWER_DELIVERY_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Error)]
 pub enum IngestError {
     #[error(transparent)]
@@ -93,6 +96,22 @@ struct Session {
     agent: Arc<AgentEntry>,
     dictionary: Mutex<ReceiverSessionDictionary>,
     connection: Connection,
+    /// The server's stop signal: a session that ends while it is set closes its
+    /// connection as shutting down once its last batch was answered.
+    stopping: CancellationToken,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // Without this, the connection would end with the implicit close (code 0) when
+        // the last batch task lets go of it, before the endpoint's shutting-down close.
+        if self.stopping.is_cancelled() {
+            self.connection.close(
+                VarInt::from_u32(CLOSE_SHUTTING_DOWN),
+                b"collector shutting down",
+            );
+        }
+    }
 }
 
 struct Shared<L> {
@@ -432,6 +451,7 @@ async fn run_hello<L: DurableLog>(
             shared.config.max_series_per_session,
         )),
         connection: connection.clone(),
+        stopping: shared.stopping.clone(),
     })
 }
 
@@ -625,8 +645,11 @@ async fn respond<L: DurableLog>(
         }
     };
     if let Ok(bytes) = message.encode_to_vec(&FrameLimits::DEFAULT) {
-        if send.write_all(&bytes).await.is_ok() {
-            let _ = send.finish();
+        if send.write_all(&bytes).await.is_ok() && send.finish().is_ok() {
+            // Wait (bounded) until the agent has the answer: a graceful shutdown waits
+            // for this task, and closing the connection earlier would drop an ack
+            // still in flight (the agent would resend a batch that is durable).
+            let _ = tokio::time::timeout(ANSWER_DELIVERY_TIMEOUT, send.stopped()).await;
         }
     }
 }

@@ -510,3 +510,31 @@ async fn http_get(address: SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// Upgrades in either order: an agent newer than this collector is welcomed with the
+/// newest version both speak, and its batches are written under that version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_newer_than_the_collector_gets_the_common_version_and_is_served() {
+    let harness = start(IngestConfig::default());
+    let connection = connect(&harness).await;
+    let newer_hello = Message::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION + 1,
+        agent_id: "gw-1".to_owned(),
+        token: "secret-1".to_owned(),
+        agent_version: "9.0.0".to_owned(),
+        backlog: Backlog::default(),
+    })
+    .encode_to_vec(&FrameLimits::DEFAULT)
+    .unwrap();
+    match exchange(&connection, &newer_hello).await.unwrap() {
+        Message::Welcome(welcome) => assert_eq!(welcome.protocol_version, PROTOCOL_VERSION),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    assert!(
+        matches!(exchange(&connection, &batch_frame("gw-1", 1, true)).await.unwrap(), Message::Ack(ack) if ack.batch_seq == 1)
+    );
+    let written = records(&harness.log);
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0].headers.protocol_version, PROTOCOL_VERSION);
+    harness.server.shutdown().await;
+}

@@ -21,8 +21,36 @@ use crate::frame::{write_frame, write_frame_with, FrameError, FrameKind, FrameLi
 /// The QUIC ALPN identifier of this protocol.
 pub const ALPN: &[u8] = b"tributary/1";
 
-/// The version in [`Hello`] and [`Welcome`]. Bumped on any change of message layout.
+/// The newest protocol version this build speaks. Bumped on any change of message layout
+/// after the hello.
+///
+/// Upgrades in either order: the [`Hello`] layout is frozen (it only grows a new message
+/// kind, never changes), the agent announces the newest version it speaks, and the
+/// collector answers in [`Welcome::protocol_version`] with the version the session uses,
+/// [`negotiate_version`]: the lower of the two newest. Each side keeps speaking every
+/// version from [`MIN_PROTOCOL_VERSION`] up, so an old agent works with a new collector and
+/// a new agent with an old collector, as long as their ranges overlap.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The version a session uses, given the newest version the agent speaks (its hello) and the
+/// range `[min, newest]` the collector speaks; `None` when the ranges do not overlap (the
+/// agent is older than everything the collector still speaks).
+pub fn negotiate_version(
+    agent_newest: u16,
+    collector_min: u16,
+    collector_newest: u16,
+) -> Option<u16> {
+    let version = agent_newest.min(collector_newest);
+    (version >= collector_min).then_some(version)
+}
+
+/// Whether a welcome's session version is one this build speaks.
+pub fn speaks_version(version: u16) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
 
 /// Longest agent id: 1 to 128 bytes of ASCII letters, digits, `-`, `_`, `.`, `:`. The id
 /// ends up in log keys, table rows and file names, so it is kept boring.
@@ -319,14 +347,15 @@ impl Message {
         let message = match kind {
             FrameKind::Batch => Message::Batch(payload.to_vec()),
             FrameKind::Hello => {
-                // Read the version alone first: a hello from another protocol version may
-                // have another layout, and deserves a typed answer, not a decode error.
+                // Read the version alone first: a hello from an agent older than anything
+                // this build speaks deserves a typed answer, not a decode error. Newer
+                // agents are fine: the hello layout is frozen and the welcome negotiates.
                 let (received, _) = postcard::take_from_bytes::<u16>(payload)
                     .map_err(|source| FrameError::Payload { kind, source })?;
-                if received != PROTOCOL_VERSION {
+                if negotiate_version(received, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION).is_none() {
                     return Err(FrameError::UnsupportedProtocolVersion {
                         received,
-                        supported: PROTOCOL_VERSION,
+                        supported: MIN_PROTOCOL_VERSION,
                     });
                 }
                 Message::Hello(decode_exact(kind, payload)?)
@@ -382,6 +411,41 @@ fn decode_exact<'a, T: Deserialize<'a>>(
 mod tests {
     use super::*;
     use crate::frame::{Frame, FrameDecoder};
+
+    #[test]
+    fn sessions_use_the_newest_version_both_sides_speak() {
+        // Same versions.
+        assert_eq!(negotiate_version(1, 1, 1), Some(1));
+        // Agent upgraded first: the old collector's newest wins.
+        assert_eq!(negotiate_version(3, 1, 1), Some(1));
+        // Collector upgraded first: it still speaks the agent's version.
+        assert_eq!(negotiate_version(1, 1, 3), Some(1));
+        assert_eq!(negotiate_version(2, 1, 3), Some(2));
+        // An agent older than anything the collector still speaks.
+        assert_eq!(negotiate_version(1, 2, 3), None);
+        assert!(speaks_version(PROTOCOL_VERSION));
+        assert!(!speaks_version(PROTOCOL_VERSION + 1));
+    }
+
+    #[test]
+    fn a_hello_from_a_newer_agent_decodes_and_an_older_one_gets_a_typed_error() {
+        let limits = FrameLimits::DEFAULT;
+        let mut newer = hello();
+        newer.protocol_version = PROTOCOL_VERSION + 1;
+        let bytes = Message::Hello(newer.clone())
+            .encode_to_vec(&limits)
+            .unwrap();
+        let frame = Frame::parse(&bytes, &limits).unwrap().0;
+        assert_eq!(Message::decode(frame).ok(), Some(Message::Hello(newer)));
+        let mut older = hello();
+        older.protocol_version = MIN_PROTOCOL_VERSION - 1;
+        let bytes = Message::Hello(older).encode_to_vec(&limits).unwrap();
+        let frame = Frame::parse(&bytes, &limits).unwrap().0;
+        assert!(matches!(
+            Message::decode(frame),
+            Err(FrameError::UnsupportedProtocolVersion { received: 0, .. })
+        ));
+    }
 
     fn hello() -> Hello {
         Hello {
@@ -459,8 +523,8 @@ mod tests {
     }
 
     #[test]
-    fn a_hello_of_another_version_gets_a_typed_error() {
-        let payload = postcard::to_allocvec(&(2u16, "a future layout", 7u8)).unwrap();
+    fn a_hello_older_than_every_version_spoken_gets_a_typed_error_whatever_its_layout() {
+        let payload = postcard::to_allocvec(&(0u16, "an ancient layout", 7u8)).unwrap();
         let error = Message::decode(FrameRef {
             kind: FrameKind::Hello,
             payload: &payload,
@@ -469,8 +533,8 @@ mod tests {
         assert!(matches!(
             error,
             FrameError::UnsupportedProtocolVersion {
-                received: 2,
-                supported: 1
+                received: 0,
+                supported: MIN_PROTOCOL_VERSION
             }
         ));
     }

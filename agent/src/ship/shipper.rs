@@ -34,7 +34,8 @@ use tributary_protocol::batch::{replace_series_definitions, SenderSessionDiction
 use tributary_protocol::close::{CLOSE_NORMAL, CLOSE_PROTOCOL_VIOLATION};
 use tributary_protocol::frame::{frame_header, Frame, FrameDecoder, FrameKind, FrameLimits};
 use tributary_protocol::session::{
-    Backlog, Hello, Message, Nack, NackReason, Welcome, PROTOCOL_VERSION,
+    speaks_version, Backlog, Hello, Message, Nack, NackReason, Welcome, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
 };
 use tributary_protocol::{decode_batch, BatchLimits, SeriesId};
 
@@ -387,6 +388,16 @@ impl Shipper {
             }
         })?;
         match Message::decode(frame.as_ref()) {
+            Ok(Message::Welcome(welcome)) if !speaks_version(welcome.protocol_version) => {
+                connection.close(
+                    VarInt::from_u32(CLOSE_PROTOCOL_VIOLATION),
+                    b"welcome names a protocol version this agent does not speak",
+                );
+                Err(ShipError::Handshake(format!(
+                    "the collector chose protocol version {}, but this agent speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the collector or the agent",
+                    welcome.protocol_version
+                )))
+            }
             Ok(Message::Welcome(welcome)) => Ok(welcome),
             Ok(Message::Reject(reject)) => {
                 connection.close(VarInt::from_u32(CLOSE_NORMAL), b"rejected");

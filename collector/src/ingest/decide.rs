@@ -136,7 +136,7 @@ pub fn decide_hello(
         }) => {
             return Some(HelloDecision::Reject(Reject::new(
                 RejectReason::UnsupportedProtocolVersion,
-                format!("agent speaks protocol version {received}, this collector speaks {supported}; upgrade the older side"),
+                format!("agent speaks protocol versions up to {received}, this collector speaks {supported} and newer; upgrade the agent"),
                 None,
             )))
         }

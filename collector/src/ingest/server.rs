@@ -32,7 +32,8 @@ use tributary_protocol::close::{
 };
 use tributary_protocol::frame::FrameLimits;
 use tributary_protocol::session::{
-    Ack, Hello, Message, Nack, NackReason, Reject, ServerLimits, Welcome, PROTOCOL_VERSION,
+    negotiate_version, Ack, Hello, Message, Nack, NackReason, Reject, ServerLimits, Welcome,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use tributary_protocol::BatchLimits;
 
@@ -93,6 +94,8 @@ struct AgentSequences {
 /// What one session shares between its batch streams.
 struct Session {
     agent_id: String,
+    /// The protocol version negotiated in the welcome; recorded in every log record.
+    protocol_version: u16,
     agent: Arc<AgentEntry>,
     dictionary: Mutex<ReceiverSessionDictionary>,
     connection: Connection,
@@ -427,9 +430,16 @@ async fn run_hello<L: DurableLog>(
             b"a newer connection of this agent replaced this one",
         );
     }
+    // The hello decoded, so the versions overlap (`Message::decode` refuses older agents).
+    let session_version = negotiate_version(
+        hello.protocol_version,
+        MIN_PROTOCOL_VERSION,
+        PROTOCOL_VERSION,
+    )
+    .unwrap_or(MIN_PROTOCOL_VERSION);
     let welcome = Welcome {
         session_id: connection_id,
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: session_version,
         server_time_ms: now_ms(),
         limits: ServerLimits {
             max_frame_bytes: shared.config.max_frame_bytes,
@@ -446,6 +456,7 @@ async fn run_hello<L: DurableLog>(
     record_hello(shared, connection, &hello);
     Some(Session {
         agent_id: hello.agent_id,
+        protocol_version: session_version,
         agent,
         dictionary: Mutex::new(ReceiverSessionDictionary::new(
             shared.config.max_series_per_session,
@@ -737,7 +748,7 @@ async fn write_batch<L: DurableLog>(
         headers: RecordHeaders {
             agent_id: session.agent_id.clone(),
             batch_seq,
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: session.protocol_version,
         },
         value: Bytes::from(prepared.record_value),
     };

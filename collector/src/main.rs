@@ -57,6 +57,11 @@ enum Command {
         /// (overrides `process.partitions`).
         #[arg(long)]
         partitions: Option<PartitionAssignment>,
+        /// Also serve the query API, the live WebSocket and the dashboard (`[api]`) from
+        /// this processor: the live feed carries what this processor produces, and the
+        /// agents view is empty (agents connect to ingest).
+        #[arg(long)]
+        api: bool,
     },
     /// Rebuild results from the log into new tables, then exit once caught up.
     Replay {
@@ -132,7 +137,11 @@ fn main() -> anyhow::Result<()> {
             },
             None,
         ),
-        Command::Process { config, partitions } => {
+        Command::Process {
+            config,
+            partitions,
+            api,
+        } => {
             let mut config = CollectorConfig::load(&config)?;
             if let Some(partitions) = partitions {
                 config.process.partitions = partitions;
@@ -142,7 +151,7 @@ fn main() -> anyhow::Result<()> {
                 Stages {
                     ingest: false,
                     process: true,
-                    api: false,
+                    api,
                 },
                 None,
             ))

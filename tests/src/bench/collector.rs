@@ -232,8 +232,21 @@ fn client_config(identity: &TlsIdentity) -> anyhow::Result<quinn::ClientConfig> 
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
-/// Sends one frame on a new stream and reads the one answer.
+/// Longest a simulated agent waits for one answer before counting an error: a bench must
+/// end with a report, never hang.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends one frame on a new stream and reads the one answer (bounded by [`ANSWER_TIMEOUT`]).
 async fn exchange(connection: &quinn::Connection, frame: &[u8]) -> anyhow::Result<Message> {
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange_unbounded(connection, frame))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from the collector within {ANSWER_TIMEOUT:?}"))?
+}
+
+async fn exchange_unbounded(
+    connection: &quinn::Connection,
+    frame: &[u8],
+) -> anyhow::Result<Message> {
     let (mut send, mut receive) = connection.open_bi().await?;
     send.write_all(frame).await?;
     send.finish()?;
@@ -794,8 +807,13 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
             1_000,
         )
     };
-    let mut lines = vec![embedded_line(embedded_load)?, kafka_line(kafka_load)?];
+    let mut lines = Vec::new();
+    lines.push(embedded_line(embedded_load)?);
+    eprintln!("bench collector: {}", lines[lines.len() - 1]);
+    lines.push(kafka_line(kafka_load)?);
+    eprintln!("bench collector: {}", lines[lines.len() - 1]);
     lines.push(connections_line(connections)?);
+    eprintln!("bench collector: {}", lines[lines.len() - 1]);
     lines.extend(log_design::segment_files_against_sled(options)?);
     match kafka_brokers("producer_settings")? {
         Ok(brokers) => lines.extend(log_design::kafka_producer_settings(&brokers, options)?),

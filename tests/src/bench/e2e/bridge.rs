@@ -178,6 +178,7 @@ pub struct Bridge {
 impl Bridge {
     /// Starts both brokers and the relay, and waits until a probe message crossed the bridge.
     pub fn start(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cloud = Mosquitto::start("cloud-mosquitto", dir, "")?;
         let relay = TcpRelay::start(cloud.address)?;
         // QoS 1 out, as a bridge that must not lose data is configured; no notification

@@ -73,6 +73,10 @@ impl Publisher {
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(10));
         options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        // A persistent session: after a reconnect (an agent restart too) the client resends
+        // the QoS 1 publishes it had in flight without a PUBACK; with a clean session rumqttc
+        // drops them when the broker answers "session present = 0".
+        options.set_clean_session(false);
         let (client, mut connection) = Client::new(options, 256);
         let counters = Arc::new(Counters {
             sent: AtomicU64::new(0),

@@ -15,9 +15,12 @@
 //! tokio shell: the TCP listener, one task per connection, the topic router, and the
 //! durability signals of the pipeline. See `docs/agent-broker.md` for what is supported.
 //!
-//! Sessions: the broker stores no messages for clients (it sends none) and keeps the set of
-//! client ids that asked for a persistent session in memory only, to answer "session
-//! present" on their reconnects within one agent run. A client id connecting again takes
+//! Sessions: the broker stores no messages for clients (it sends none). The client ids that
+//! asked for a persistent session are kept in the `broker_sessions` tree of the agent's
+//! state database (written before the CONNACK), so their reconnects get "session present"
+//! also after an agent restart: a client that had QoS 1 messages in flight without a PUBACK
+//! when the agent was killed then resends them (rumqttc and most clients discard them on
+//! "session present = 0", which loses them). A client id connecting again takes
 //! over: the older connection is closed (MQTT requires it), its unacknowledged messages
 //! stay unacknowledged and the client resends them.
 
@@ -69,8 +72,69 @@ struct Shared {
     next_connection_id: AtomicU64,
     /// Client id -> (connection id, token that closes it): for session takeover.
     owners: Mutex<HashMap<String, (u64, CancellationToken)>>,
-    /// Client ids that connected with a persistent session during this run.
+    /// Client ids that connected with a persistent session (loaded from `sessions` at start).
     persistent: Mutex<HashSet<String>>,
+}
+
+/// Where a broker remembers persistent-session client ids across restarts: a tree of the
+/// agent's state database, keys `source name \0 client id`.
+#[derive(Debug, Clone)]
+pub struct SessionStore {
+    tree: sled::Tree,
+    prefix: Vec<u8>,
+}
+
+impl SessionStore {
+    /// Opens the `broker_sessions` tree of `state_db` for the broker source `source_name`.
+    pub fn open(state_db: &sled::Db, source_name: &str) -> sled::Result<Self> {
+        let mut prefix = source_name.as_bytes().to_vec();
+        prefix.push(0);
+        Ok(Self {
+            tree: state_db.open_tree("broker_sessions")?,
+            prefix,
+        })
+    }
+
+    fn key(&self, client_id: &str) -> Vec<u8> {
+        let mut key = self.prefix.clone();
+        key.extend_from_slice(client_id.as_bytes());
+        key
+    }
+
+    /// The client ids stored for this source (unreadable entries are skipped: the worst
+    /// outcome is one "session present = 0").
+    fn load(&self, limit: usize) -> HashSet<String> {
+        self.tree
+            .scan_prefix(&self.prefix)
+            .filter_map(|entry| entry.ok())
+            .filter_map(|(key, _)| {
+                let id = key.get(self.prefix.len()..)?;
+                String::from_utf8(id.to_vec()).ok()
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// Stores `client_id` durably; `false` if that failed (the client then gets "session
+    /// present = 0" next time, as without a store).
+    async fn remember(&self, client_id: &str) -> bool {
+        if let Err(error) = self.tree.insert(self.key(client_id), &[]) {
+            tracing::warn!(%error, client_id, "cannot store a persistent MQTT session");
+            return false;
+        }
+        match self.tree.flush_async().await {
+            Ok(_) => true,
+            Err(error) => {
+                tracing::warn!(%error, client_id, "cannot flush a persistent MQTT session");
+                false
+            }
+        }
+    }
+
+    fn forget(&self, client_id: &str) {
+        // Flushed with the next group commit; a stale entry only gives "session present".
+        let _ = self.tree.remove(self.key(client_id));
+    }
 }
 
 /// What every connection task of one broker uses.
@@ -81,6 +145,7 @@ struct BrokerContext {
     metrics: Arc<SourceMetrics>,
     pipeline: mpsc::Sender<PipelineInput>,
     shared: Shared,
+    sessions: Option<SessionStore>,
 }
 
 /// Binds the broker's listener (done before the run starts, so a taken port is a startup
@@ -90,7 +155,9 @@ pub async fn bind(listen_address: &str) -> std::io::Result<TcpListener> {
 }
 
 /// Accepts connections on `listener` until `stop` is cancelled, then lets the connections
-/// finish their acknowledgements and returns.
+/// finish their acknowledgements and returns. `sessions` (the agent's state database)
+/// makes persistent sessions survive a restart; `None` keeps them in memory for the run.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_broker(
     source: SourceIndex,
     listener: TcpListener,
@@ -98,18 +165,29 @@ pub async fn run_broker(
     router: TopicRouter,
     metrics: Arc<SourceMetrics>,
     pipeline: mpsc::Sender<PipelineInput>,
+    sessions: Option<SessionStore>,
     stop: CancellationToken,
 ) {
     if let Ok(address) = listener.local_addr() {
         tracing::info!(source = %metrics.name, %address, "embedded MQTT broker listening");
     }
+    let settings_max_connections = settings.max_connections;
     let context = Arc::new(BrokerContext {
         source,
         settings,
         router,
         metrics,
         pipeline,
-        shared: Shared::default(),
+        shared: Shared {
+            persistent: Mutex::new(
+                sessions
+                    .as_ref()
+                    .map(|store| store.load(max_persistent_sessions(settings_max_connections)))
+                    .unwrap_or_default(),
+            ),
+            ..Shared::default()
+        },
+        sessions,
     });
     let mut connections = JoinSet::new();
     loop {
@@ -226,7 +304,7 @@ async fn serve_connection(
                     clean_session,
                     protocol,
                 } => {
-                    let session_present = register_client(
+                    let registered = register_client(
                         &context.shared,
                         &client_id,
                         clean_session,
@@ -234,6 +312,18 @@ async fn serve_connection(
                         &taken_over,
                         context.settings.max_connections,
                     );
+                    let session_present = match (registered, &context.sessions) {
+                        (Registered::Present, _) => true,
+                        (Registered::New, Some(store)) => {
+                            store.remember(&client_id).await;
+                            false
+                        }
+                        (Registered::Clean, Some(store)) => {
+                            store.forget(&client_id);
+                            false
+                        }
+                        _ => false,
+                    };
                     session.accept(session_present);
                     connected = true;
                     metrics.connected.fetch_add(1, Ordering::Relaxed);
@@ -334,8 +424,25 @@ async fn sleep_until_option(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Records the client for takeover and persistent-session bookkeeping; returns "session
-/// present".
+/// How many persistent-session client ids a broker remembers.
+fn max_persistent_sessions(max_connections: usize) -> usize {
+    max_connections.saturating_mul(4)
+}
+
+/// What [`register_client`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Registered {
+    /// Clean session: any remembered session was forgotten.
+    Clean,
+    /// Persistent session already known: "session present".
+    Present,
+    /// Persistent session newly remembered (to be stored).
+    New,
+    /// Persistent session not remembered (the bound is reached).
+    NotRemembered,
+}
+
+/// Records the client for takeover and persistent-session bookkeeping.
 fn register_client(
     shared: &Shared,
     client_id: &str,
@@ -343,7 +450,7 @@ fn register_client(
     connection_id: u64,
     taken_over: &CancellationToken,
     max_connections: usize,
-) -> bool {
+) -> Registered {
     {
         let mut owners = shared
             .owners
@@ -361,16 +468,16 @@ fn register_client(
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if clean_session {
         persistent.remove(client_id);
-        false
+        Registered::Clean
     } else if persistent.contains(client_id) {
-        true
-    } else {
+        Registered::Present
+    } else if persistent.len() < max_persistent_sessions(max_connections) {
         // Bounded: beyond this many remembered ids, new ones are simply not remembered
-        // (they get "session present = 0" on reconnect, which is what a restart gives too).
-        if persistent.len() < max_connections.saturating_mul(4) {
-            persistent.insert(client_id.to_owned());
-        }
-        false
+        // (they get "session present = 0" on reconnect).
+        persistent.insert(client_id.to_owned());
+        Registered::New
+    } else {
+        Registered::NotRemembered
     }
 }
 

@@ -298,6 +298,11 @@ impl Pipeline {
         Ok((pipeline, replayed))
     }
 
+    /// The agent's state database (the embedded brokers keep their sessions in it).
+    pub fn state_database(&self) -> sled::Db {
+        self.state_db.clone()
+    }
+
     /// Wakes `shipper` after every commit that appended batches (live data goes out at once).
     pub fn set_shipper(&mut self, shipper: crate::ship::ShipperHandle) {
         self.shipper = Some(shipper);
@@ -572,6 +577,8 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
         }
     });
     let (sender, receiver) = mpsc::channel::<PipelineInput>(4096);
+    // The embedded brokers keep their persistent-session client ids in the state database.
+    let state_db = pipeline.state_database();
     let pipeline_task = tokio::spawn(pipeline.run(receiver));
 
     let sources_stop = CancellationToken::new();
@@ -621,6 +628,9 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
                     router,
                     source_metrics,
                     sender,
+                    crate::source::broker::SessionStore::open(&state_db, &source.name)
+                        .map_err(|error| tracing::warn!(%error, "cannot open the broker session store; persistent sessions last one run"))
+                        .ok(),
                     stop,
                 )));
             }

@@ -9,8 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::time::Instant;
+
 use tributary_firmware_sim::cluster::{
-    http_get, metric_value, wait_for, Agent, Binaries, Collector,
+    http_get, metric_value, wait_for, Agent, AgentSpec, Binaries, Collector, CollectorSpec,
+    UdpRelay,
 };
 use tributary_firmware_sim::format::MessageFormat;
 use tributary_firmware_sim::ledger::{parse_json_lines, LedgerRecord, RejectedStats};
@@ -234,4 +237,160 @@ pub fn wait_for_agent_readings(agent: &mut Agent, readings: u64) {
 pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How to set up a cluster: one collector, one agent (embedded MQTT broker), optionally a
+/// serial device and a cuttable relay between agent and collector.
+pub struct ClusterOptions {
+    pub agent_id: &'static str,
+    /// Extra collector config (`[log]`, `[store]` for Kafka and ClickHouse).
+    pub extra_config: String,
+    pub serial: bool,
+    pub via_relay: bool,
+}
+
+impl ClusterOptions {
+    /// Embedded log and store, no serial device, no relay.
+    pub fn embedded(agent_id: &'static str) -> Self {
+        Self {
+            agent_id,
+            extra_config: String::new(),
+            serial: false,
+            via_relay: false,
+        }
+    }
+}
+
+/// A running collector and agent in a scratch directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub collector: Collector,
+    pub agent: Agent,
+    pub serial_link: PathBuf,
+    pub relay: Option<UdpRelay>,
+}
+
+impl Cluster {
+    /// Starts both processes; `tweak` adjusts the agent's spec before it starts.
+    pub fn start(options: ClusterOptions, tweak: impl FnOnce(&mut AgentSpec)) -> Self {
+        let binaries = binaries();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let collector = Collector::start(
+            &binaries,
+            &CollectorSpec {
+                dir: dir.path().join("collector"),
+                agent_ids: vec![options.agent_id.into()],
+                extra_config: options.extra_config,
+                api_port: None,
+            },
+        )
+        .expect("collector starts");
+        let serial_link = dir.path().join("serial-device");
+        let mut spec =
+            AgentSpec::new(dir.path().join("agent"), options.agent_id, &collector).expect("spec");
+        if options.serial {
+            spec.serial_path = Some(serial_link.clone());
+        }
+        let relay = options
+            .via_relay
+            .then(|| UdpRelay::start(collector.quic_address).expect("relay"));
+        if let Some(relay) = &relay {
+            spec.collector_address = relay.address;
+        }
+        tweak(&mut spec);
+        let agent = Agent::start(&binaries, &spec).expect("agent starts");
+        Self {
+            dir,
+            collector,
+            agent,
+            serial_link,
+            relay,
+        }
+    }
+
+    /// Starts a fleet publishing to the agent (and playing the serial device if `config`
+    /// has one) for `duration`.
+    pub fn fleet(&self, config: SimConfig, duration: Duration) -> FleetRun {
+        let serial_link = config.serial.then(|| self.serial_link.clone());
+        FleetRun::start(config, &self.agent, serial_link, duration, self.dir.path())
+    }
+
+    /// The exact ledger check (see [`assert_store_matches_ledger`]).
+    pub fn check(&mut self, ledger: &Ledger, timeout: Duration) {
+        let report = assert_store_matches_ledger(
+            ledger,
+            &mut self.collector,
+            &mut [&mut self.agent],
+            timeout,
+        );
+        assert!(report.windows_checked > 0);
+    }
+
+    /// Waits until the collector took at least one batch (so a fault lands mid-stream).
+    pub fn wait_for_collector_batches(&self) {
+        let collector = &self.collector;
+        wait_for_metric(
+            "the collector to take batches",
+            || collector.metrics(),
+            |metrics| {
+                metric_value(metrics, "tributary_ingest_batches_total", &[]).unwrap_or(0.0) > 0.0
+            },
+        );
+    }
+
+    /// `kill -9` of the collector once batches flow, and a restart on the same state.
+    pub fn kill9_collector_and_restart(&mut self) {
+        self.wait_for_collector_batches();
+        self.collector.process.kill9().expect("kill -9");
+        self.collector.restart().expect("collector restarts");
+    }
+
+    /// Cuts the relay for at least `outage`, until `also` holds for the agent's metrics too.
+    pub fn cut_link_for(&self, outage: Duration, also: impl Fn(&str) -> bool) {
+        let relay = self
+            .relay
+            .as_ref()
+            .expect("the cluster was started with a relay");
+        relay.set_cut(true);
+        let cut_at = Instant::now();
+        let agent = &self.agent;
+        // The outage is the fault itself: wall time while the fleet keeps publishing.
+        wait_for_metric(
+            "the outage to last",
+            || agent.metrics(),
+            |metrics| cut_at.elapsed() >= outage && relay.dropped() > 0 && also(metrics),
+        );
+        relay.set_cut(false);
+    }
+
+    /// SIGTERM to both; each must exit cleanly.
+    pub fn stop(mut self) {
+        assert!(
+            self.agent
+                .process
+                .stop(Duration::from_secs(20))
+                .expect("stop"),
+            "the agent did not stop cleanly on SIGTERM"
+        );
+        assert!(
+            self.collector
+                .process
+                .stop(Duration::from_secs(30))
+                .expect("stop"),
+            "the collector did not stop cleanly on SIGTERM"
+        );
+    }
+}
+
+/// Waits (up to 2 minutes) until `holds` is true of what `scrape` returns.
+pub fn wait_for_metric(
+    what: &str,
+    scrape: impl Fn() -> anyhow::Result<String>,
+    holds: impl Fn(&str) -> bool,
+) {
+    wait_for(what, Duration::from_secs(120), || {
+        let metrics = scrape()?;
+        Ok(holds(&metrics).then_some(()))
+    })
+    .unwrap_or_else(|error| panic!("{error:#}"));
 }

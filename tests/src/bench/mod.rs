@@ -28,7 +28,15 @@ pub struct BenchOptions {
 }
 
 /// The benches `bench` knows, in the order `bench all` runs them.
-pub const BENCH_NAMES: &[&str] = &["codec", "buffer", "processor", "collector", "agent", "e2e", "dashboard"];
+pub const BENCH_NAMES: &[&str] = &[
+    "codec",
+    "buffer",
+    "processor",
+    "collector",
+    "agent",
+    "e2e",
+    "dashboard",
+];
 
 /// Runs one bench by name and returns its JSON lines.
 pub fn run(name: &str, options: &BenchOptions) -> anyhow::Result<Vec<Value>> {

@@ -6,11 +6,20 @@
 //! The registry therefore writes every new assignment to a sled tree, and the run loop
 //! flushes that tree *before* it flushes the buffer that holds batches using the new id.
 //! Ids are dense (0, 1, 2, ...), assigned in first-seen order.
+//!
+//! Every reading is looked up here, so the lookup is built for speed: the key is hashed
+//! once with a fast seeded hash (foldhash: per-process random seed, so sensors cannot aim
+//! collisions), the 64-bit hash finds the id, and the stored definition confirms the key.
+//! Each key is held once, in its [`SeriesDef`], which batches borrow while they are
+//! encoded (see [`SeriesRegistry::take_definitions`]) instead of cloning 10k keys a second.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 use thiserror::Error;
 use tributary_protocol::model::{SeriesDef, SeriesId, SeriesKey};
+
+use super::window::SeriesIdMap;
 
 #[derive(Debug, Error)]
 pub enum RegistryError {
@@ -27,11 +36,40 @@ pub enum RegistryError {
     Exhausted { limit: u64 },
 }
 
+/// A map keyed by a 64-bit hash that is already well mixed (passed through as is).
+type HashToId = HashMap<u64, SeriesId, std::hash::BuildHasherDefault<PassThroughHasher>>;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct PassThroughHasher(u64);
+
+impl std::hash::Hasher for PassThroughHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
 /// Series keys and their ids, optionally backed by a sled tree.
 #[derive(Debug, Default)]
 pub struct SeriesRegistry {
-    ids: HashMap<SeriesKey, SeriesId>,
-    keys: Vec<SeriesKey>,
+    hasher: foldhash::fast::RandomState,
+    /// Id of the first key registered with each hash.
+    by_hash: HashToId,
+    /// Keys whose hash an earlier, different key already has (astronomically rare).
+    collided: HashMap<SeriesKey, SeriesId>,
+    /// Definitions by id (ids are dense).
+    definitions: Vec<SeriesDef>,
+    /// Definitions lent out by `take_definitions`, by id, until they are restored.
+    lent: SeriesIdMap<()>,
     tree: Option<sled::Tree>,
 }
 
@@ -43,10 +81,7 @@ impl SeriesRegistry {
 
     /// Loads the assignments stored in `tree` and persists new ones there.
     pub fn open(tree: sled::Tree) -> Result<Self, RegistryError> {
-        let mut registry = Self {
-            tree: None,
-            ..Self::default()
-        };
+        let mut registry = Self::default();
         for entry in tree.iter() {
             let (key, value) = entry.map_err(|source| RegistryError::Storage {
                 operation: "loading",
@@ -65,35 +100,58 @@ impl SeriesRegistry {
                     id: id.to_string(),
                     reason: error.to_string(),
                 })?;
-            if id as usize != registry.keys.len() {
+            if id as usize != registry.definitions.len() {
                 return Err(RegistryError::Corrupt {
                     id: id.to_string(),
-                    reason: format!("ids are not dense: expected {}", registry.keys.len()),
+                    reason: format!("ids are not dense: expected {}", registry.definitions.len()),
                 });
             }
-            registry.ids.insert(series_key.clone(), id);
-            registry.keys.push(series_key);
+            registry.insert(series_key, id);
         }
         registry.tree = Some(tree);
         Ok(registry)
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.definitions.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.definitions.is_empty()
+    }
+
+    fn lookup(&self, key: &SeriesKey, hash: u64) -> Option<SeriesId> {
+        let id = *self.by_hash.get(&hash)?;
+        match self.definitions.get(id as usize) {
+            Some(definition) if definition.key == *key => Some(id),
+            _ => self.collided.get(key).copied(),
+        }
+    }
+
+    fn insert(&mut self, key: SeriesKey, id: SeriesId) {
+        let hash = self.hasher.hash_one(&key);
+        if self.by_hash.contains_key(&hash) {
+            self.collided.insert(key.clone(), id);
+        } else {
+            self.by_hash.insert(hash, id);
+        }
+        self.definitions.push(SeriesDef { id, key });
     }
 
     /// The id of `key`, assigning (and persisting, unflushed) the next one if it is new.
     pub fn intern(&mut self, key: &SeriesKey) -> Result<SeriesId, RegistryError> {
-        if let Some(id) = self.ids.get(key) {
-            return Ok(*id);
+        debug_assert!(
+            self.lent.is_empty(),
+            "interning while definitions are lent out"
+        );
+        let hash = self.hasher.hash_one(key);
+        if let Some(id) = self.lookup(key, hash) {
+            return Ok(id);
         }
-        let id = SeriesId::try_from(self.keys.len()).map_err(|_| RegistryError::Exhausted {
-            limit: u64::from(SeriesId::MAX),
-        })?;
+        let id =
+            SeriesId::try_from(self.definitions.len()).map_err(|_| RegistryError::Exhausted {
+                limit: u64::from(SeriesId::MAX),
+            })?;
         if let Some(tree) = &self.tree {
             let value = serde_json::to_vec(key).map_err(|error| RegistryError::Corrupt {
                 id: id.to_string(),
@@ -105,25 +163,50 @@ impl SeriesRegistry {
                     source,
                 })?;
         }
-        self.ids.insert(key.clone(), id);
-        self.keys.push(key.clone());
+        self.insert(key.clone(), id);
         Ok(id)
     }
 
     pub fn key(&self, id: SeriesId) -> Option<&SeriesKey> {
-        self.keys.get(id as usize)
+        self.definitions
+            .get(id as usize)
+            .map(|definition| &definition.key)
     }
 
-    /// Definitions for `ids` (unknown ids are skipped).
+    /// Definitions for `ids` (unknown ids are skipped), cloned.
     pub fn definitions(&self, ids: &[SeriesId]) -> Vec<SeriesDef> {
         ids.iter()
-            .filter_map(|id| {
-                self.key(*id).map(|key| SeriesDef {
-                    id: *id,
-                    key: key.clone(),
-                })
-            })
+            .filter_map(|id| self.definitions.get(*id as usize).cloned())
             .collect()
+    }
+
+    /// Moves the definitions of `ids` out (unknown and repeated ids are skipped), for
+    /// encoding a batch without cloning every key; hand them back with
+    /// [`SeriesRegistry::restore_definitions`] before the next `intern`.
+    pub(crate) fn take_definitions(&mut self, ids: &[SeriesId]) -> Vec<SeriesDef> {
+        let mut taken = Vec::with_capacity(ids.len());
+        for id in ids {
+            if self.lent.contains_key(id) {
+                continue;
+            }
+            if let Some(definition) = self.definitions.get_mut(*id as usize) {
+                let key = std::mem::replace(&mut definition.key, SeriesKey::new("", ""));
+                self.lent.insert(*id, ());
+                taken.push(SeriesDef { id: *id, key });
+            }
+        }
+        taken
+    }
+
+    /// Gives back definitions taken with [`SeriesRegistry::take_definitions`].
+    pub(crate) fn restore_definitions(&mut self, definitions: Vec<SeriesDef>) {
+        for definition in definitions {
+            if self.lent.remove(&definition.id).is_some() {
+                if let Some(slot) = self.definitions.get_mut(definition.id as usize) {
+                    slot.key = definition.key;
+                }
+            }
+        }
     }
 }
 

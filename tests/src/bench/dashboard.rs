@@ -98,9 +98,13 @@ fn spawn_client(
 fn client_loop(api: SocketAddr, fleet_device: &str, shared: &Shared) -> anyhow::Result<()> {
     let stream = TcpStream::connect_timeout(&api, Duration::from_secs(10))
         .with_context(|| format!("connecting to {api}"))?;
-    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // The handshake blocks (up to 30 s); only then does a short timeout let the loop see
+    // the stop flag. A short timeout during the handshake would abort it under load.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let reader = stream.try_clone().context("cloning the client socket")?;
     let (mut socket, _) = tungstenite::client(format!("ws://{api}/api/v1/live"), stream)
         .map_err(|error| anyhow::anyhow!("WebSocket handshake with {api}: {error}"))?;
+    reader.set_read_timeout(Some(Duration::from_millis(200)))?;
     let subscribe = json!({"type": "subscribe", "devices": [MARKER_DEVICE, fleet_device]});
     socket
         .send(Message::text(subscribe.to_string()))

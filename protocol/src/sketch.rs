@@ -141,10 +141,26 @@ fn bucket_value(index: i32) -> f64 {
 ///
 /// Invariant: empty, or the first and last counts are non-zero (so derived equality is
 /// equality of the represented multiset) and `counts.len() <= MAX_BUCKETS_PER_STORE`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct BucketStore {
     offset: i32,
     counts: Vec<u64>,
+}
+
+/// By hand so that `clone_from` reuses the target's allocation (the window engine copies
+/// running windows into recycled summaries).
+impl Clone for BucketStore {
+    fn clone(&self) -> Self {
+        Self {
+            offset: self.offset,
+            counts: self.counts.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.offset = source.offset;
+        self.counts.clone_from(&source.counts);
+    }
 }
 
 impl BucketStore {
@@ -188,6 +204,19 @@ impl BucketStore {
         }
         let other_lowest = other.offset as i64;
         let other_highest = other.highest_index();
+        // Fast path: `other` lies inside the range `self` covers (the usual case when a
+        // window merges small summaries), so no resizing is needed.
+        if !self.is_empty() && other_lowest >= self.offset as i64 {
+            let start = (other_lowest - self.offset as i64) as usize;
+            if other_highest <= self.highest_index() {
+                if let Some(target) = self.counts.get_mut(start..start + other.counts.len()) {
+                    for (slot, count) in target.iter_mut().zip(&other.counts) {
+                        *slot = slot.saturating_add(*count);
+                    }
+                    return;
+                }
+            }
+        }
         self.add_slow(other_lowest, other_highest, |counts, lowest| {
             for (position, count) in other.counts.iter().enumerate() {
                 let index = (other_lowest + position as i64).max(lowest);
@@ -390,11 +419,28 @@ impl<'de> Deserialize<'de> for BucketStore {
 }
 
 /// A DDSketch at 1% relative accuracy with bounded memory (see the module docs).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sketch {
     zero_count: u64,
     positive: BucketStore,
     negative: BucketStore,
+}
+
+/// By hand so that `clone_from` reuses the target's bucket vectors.
+impl Clone for Sketch {
+    fn clone(&self) -> Self {
+        Self {
+            zero_count: self.zero_count,
+            positive: self.positive.clone(),
+            negative: self.negative.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.zero_count = source.zero_count;
+        self.positive.clone_from(&source.positive);
+        self.negative.clone_from(&source.negative);
+    }
 }
 
 impl Sketch {

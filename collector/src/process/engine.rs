@@ -107,16 +107,69 @@ pub struct LateReading {
 }
 
 /// Where the engine appends what it emits. The caller drains it after each call.
-#[derive(Debug, Default, Clone, PartialEq)]
+///
+/// Reuse one output and [`EngineOutput::clear`] it between calls: `clear` keeps the
+/// summaries it drops (up to [`MAX_SPARE_SUMMARIES`]) so that running emissions copy into
+/// their sketch allocations instead of allocating new ones; the copy of a wide sketch
+/// was, with its malloc and free, the largest cost of the edge-summary path.
+#[derive(Debug, Default, Clone)]
 pub struct EngineOutput {
     pub results: Vec<WindowResult>,
     pub late: Vec<LateReading>,
+    /// Recycled summaries (scratch, not part of the output's value).
+    spare: Vec<Summary>,
+}
+
+/// Summaries an [`EngineOutput`] keeps for reuse: enough for the running emissions of a
+/// busy tick, few enough that the kept sketches stay a small part of the engine's memory.
+pub const MAX_SPARE_SUMMARIES: usize = 4_096;
+
+impl PartialEq for EngineOutput {
+    fn eq(&self, other: &Self) -> bool {
+        self.results == other.results && self.late == other.late
+    }
 }
 
 impl EngineOutput {
     pub fn clear(&mut self) {
+        let room = MAX_SPARE_SUMMARIES.saturating_sub(self.spare.len());
+        self.spare.extend(
+            self.results
+                .drain(..)
+                .take(room)
+                .map(|result| result.summary),
+        );
         self.results.clear();
         self.late.clear();
+    }
+
+    /// A copy of `source`, in a recycled summary when one is spare.
+    fn copy_of(&mut self, source: &Summary) -> Summary {
+        let Some(mut copy) = self.spare.pop() else {
+            return source.clone();
+        };
+        // Destructured without `..`: a field added to `Summary` must be copied here too.
+        let Summary {
+            count,
+            sum,
+            min,
+            max,
+            first_time_ms,
+            first_value,
+            last_time_ms,
+            last_value,
+            sketch,
+        } = source;
+        copy.count = *count;
+        copy.sum = *sum;
+        copy.min = *min;
+        copy.max = *max;
+        copy.first_time_ms = *first_time_ms;
+        copy.first_value = *first_value;
+        copy.last_time_ms = *last_time_ms;
+        copy.last_value = *last_value;
+        copy.sketch.clone_from(sketch);
+        copy
     }
 }
 
@@ -233,7 +286,15 @@ struct WindowStore {
     /// `(slot, generation)` of windows that became dirty, in the order they did (may hold
     /// stale entries).
     dirty: Vec<(u32, u32)>,
+    /// The slot each (series, resolution) last used, at `series * resolutions +
+    /// resolution_index`: a hint confirmed by comparing the slot's key, so most items
+    /// (the next summary or reading of a series lands in its current window) skip the
+    /// hash lookup. `NO_SLOT` when none. Not checkpointed: slots differ after a restore.
+    recent_slot: Vec<u32>,
+    resolutions: usize,
 }
+
+const NO_SLOT: u32 = u32::MAX;
 
 impl WindowStore {
     /// The slot of `key`, opened (and registered with the agent) if it does not exist.
@@ -244,9 +305,39 @@ impl WindowStore {
         agent: &mut AgentState,
         counters: &mut EngineCounters,
     ) -> u32 {
-        if let Some(slot) = self.index.get(&key) {
-            return *slot;
+        let recent = (key.series as usize)
+            .saturating_mul(self.resolutions)
+            .saturating_add(usize::from(key.resolution_index));
+        if let Some(hint) = self.recent_slot.get(recent) {
+            if self
+                .slots
+                .get(*hint as usize)
+                .is_some_and(|entry| entry.occupied && entry.key == key)
+            {
+                return *hint;
+            }
         }
+        let slot = match self.index.get(&key) {
+            Some(slot) => *slot,
+            None => self.open_slot(key, agent, counters),
+        };
+        if recent >= self.recent_slot.len() && recent < usize::MAX / 2 {
+            let length = (recent + 1).next_power_of_two().max(64);
+            self.recent_slot.resize(length, NO_SLOT);
+        }
+        if let Some(hint) = self.recent_slot.get_mut(recent) {
+            *hint = slot;
+        }
+        slot
+    }
+
+    /// Opens a window for `key` (not open yet) and registers it with the agent.
+    fn open_slot(
+        &mut self,
+        key: WindowKey,
+        agent: &mut AgentState,
+        counters: &mut EngineCounters,
+    ) -> u32 {
         let slot = match self.free.pop() {
             Some(slot) => {
                 if let Some(entry) = self.slots.get_mut(slot as usize) {
@@ -339,12 +430,16 @@ impl WindowEngine {
     /// An engine with empty state.
     pub fn new(config: EngineConfig) -> Result<Self, ProcessError> {
         config.validate()?;
+        let resolutions = config.resolutions_ms.len();
         Ok(Self {
             config,
             series: SeriesTable::default(),
             agents: Vec::new(),
             agent_index: HashMap::new(),
-            windows: WindowStore::default(),
+            windows: WindowStore {
+                resolutions,
+                ..WindowStore::default()
+            },
             next_tick_ms: None,
             counters: EngineCounters::default(),
             local_series: FastHashMap::default(),
@@ -971,7 +1066,7 @@ impl WindowEngine {
             }
             entry.dirty = false;
             let key = entry.key;
-            let summary = entry.summary.clone();
+            let summary = out.copy_of(&entry.summary);
             self.counters.running_emissions += 1;
             out.results.push(WindowResult {
                 agent_id: self.agent_id(key.agent),
@@ -998,7 +1093,8 @@ impl WindowEngine {
         let index_bytes = self.windows.index.capacity() * (size_of::<(WindowKey, u32)>() + 1);
         let slab_bytes = self.windows.slots.capacity() * size_of::<WindowSlot>()
             + self.windows.free.capacity() * 4
-            + self.windows.dirty.capacity() * 4;
+            + self.windows.dirty.capacity() * 4
+            + self.windows.recent_slot.capacity() * 4;
         let sketch_bytes: usize = self
             .windows
             .slots

@@ -224,8 +224,74 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
         FULL_PERIODS
     };
     let repetitions = if options.quick { 1 } else { 5 };
+    let parts = selected_parts()?;
     let workload = workload(periods);
+    let mut lines = Vec::new();
+    if parts.contains(&"engine") {
+        lines.push(engine_line(&workload, repetitions)?);
+    }
+    if parts.contains(&"summary_engine") {
+        lines.push(summary_engine_line(&workload, repetitions)?);
+    }
+    if parts.contains(&"clickhouse") {
+        lines.push(clickhouse_line(&workload, options)?);
+    }
+    if parts.contains(&"freshness") {
+        lines.extend(freshness_lines(options)?);
+    }
+    Ok(lines)
+}
 
+/// The parts of this bench, in the order they run. `summary_engine` (not run by default)
+/// is the engine's edge-summary path alone, for profiling it.
+const PARTS: [&str; 4] = ["engine", "summary_engine", "clickhouse", "freshness"];
+const DEFAULT_PARTS: [&str; 3] = ["engine", "clickhouse", "freshness"];
+
+/// `TRIBUTARY_BENCH_PROCESSOR_PARTS` (comma-separated names of [`PARTS`]) runs only some
+/// parts, e.g. the engine alone under a profiler; every part when unset.
+fn selected_parts() -> anyhow::Result<Vec<&'static str>> {
+    let Ok(list) = std::env::var("TRIBUTARY_BENCH_PROCESSOR_PARTS") else {
+        return Ok(DEFAULT_PARTS.to_vec());
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(|name| {
+            PARTS
+                .iter()
+                .copied()
+                .find(|part| *part == name)
+                .with_context(|| {
+                    format!(
+                        "TRIBUTARY_BENCH_PROCESSOR_PARTS names {name:?}; the parts are {}",
+                        PARTS.join(", ")
+                    )
+                })
+        })
+        .collect()
+}
+
+fn summary_engine_line(workload: &Workload, repetitions: usize) -> anyhow::Result<Value> {
+    let (summary_worth, summary_readings_per_s) = best_rate(repetitions, || {
+        let (worth, seconds, _) =
+            run_engine(&workload.summary_batches, RollupSource::EdgeSummaries)?;
+        Ok((worth, seconds))
+    })?;
+    anyhow::ensure!(
+        summary_worth == workload.readings,
+        "the engine windowed {summary_worth} readings' worth of summaries of {} readings",
+        workload.readings
+    );
+    Ok(json!({
+        "bench": "processor",
+        "part": "summary_engine",
+        "readings": workload.readings,
+        "summary_readings_per_s": summary_readings_per_s.round(),
+        "repetitions": repetitions,
+    }))
+}
+
+fn engine_line(workload: &Workload, repetitions: usize) -> anyhow::Result<Value> {
     let mut results_emitted = 0;
     let (raw_worth, readings_per_s) = best_rate(repetitions, || {
         let (worth, seconds, emitted) =
@@ -261,7 +327,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
         ))
     })?;
 
-    let mut lines = vec![json!({
+    Ok(json!({
         "bench": "processor",
         "part": "engine",
         "readings": workload.readings,
@@ -275,11 +341,7 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
         "baseline_bare_hashmap_readings_per_s": baseline_raw.round(),
         "baseline_bare_hashmap_summary_readings_per_s": baseline_summary.round(),
         "repetitions": repetitions,
-    })];
-
-    lines.push(clickhouse_line(&workload, options)?);
-    lines.push(freshness_line(options)?);
-    Ok(lines)
+    }))
 }
 
 fn store_config(url: &str, database: &str, max_batch_rows: usize) -> ClickHouseStoreConfig {
@@ -456,7 +518,11 @@ async fn visible_times(
 /// FRESHNESS_POLL_MS for the newest raw row and the newest running 1 min rollup. A
 /// batch's freshness is from its append returning to the first poll (completion time)
 /// that shows it, so the figures include up to one poll interval plus a query.
-async fn measure_freshness(url: &str, quick: bool) -> anyhow::Result<Value> {
+async fn measure_freshness(
+    url: &str,
+    quick: bool,
+    policy: Option<FlushPolicy>,
+) -> anyhow::Result<Value> {
     let database = format!("tributary_bench_fresh_{}", unique_suffix());
     let agent_id = format!("fresh-{}", unique_suffix());
     let state = tempfile::tempdir()?;
@@ -470,20 +536,26 @@ async fn measure_freshness(url: &str, quick: bool) -> anyhow::Result<Value> {
     )
     .await
     .with_context(|| format!("connecting the ClickHouse store at {url}"))?;
-    let consumer_config = ConsumerConfig {
+    let mut consumer_config = ConsumerConfig {
         engine: engine_config(RollupSource::RawReadings),
         ..ConsumerConfig::default()
     };
+    if let Some(policy) = policy {
+        consumer_config.engine.emit_interval_ms = policy.emit_interval_ms;
+        consumer_config.caught_up_flush_interval_ms = policy.caught_up_flush_interval_ms;
+    }
     let caught_up_flush_interval_ms = consumer_config.caught_up_flush_interval_ms;
     let emit_interval_ms = consumer_config.engine.emit_interval_ms;
     let stop = tokio_util::sync::CancellationToken::new();
+    let metrics = Arc::new(PipelineMetrics::default());
+    let consumer_started = Instant::now();
     let consumer = tokio::spawn(run_consumer(
         log.clone(),
         store,
         SystemClock,
         consumer_config,
         LiveFeed::default(),
-        Arc::new(PipelineMetrics::default()),
+        metrics.clone(),
         stop.clone(),
     ));
     let client = clickhouse::Client::default()
@@ -589,6 +661,11 @@ async fn measure_freshness(url: &str, quick: bool) -> anyhow::Result<Value> {
         anyhow::Ok(())
     }
     .await;
+    let consumer_seconds = consumer_started.elapsed().as_secs_f64();
+    let flushes = metrics.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    let results_written = metrics
+        .results_written
+        .load(std::sync::atomic::Ordering::Relaxed);
     stop.cancel();
     let _ = poller.await;
     let consumer_outcome = tokio::time::timeout(Duration::from_secs(60), consumer).await;
@@ -632,6 +709,10 @@ async fn measure_freshness(url: &str, quick: bool) -> anyhow::Result<Value> {
         "poll_interval_ms": FRESHNESS_POLL_MS,
         "caught_up_flush_interval_ms": caught_up_flush_interval_ms,
         "emit_interval_ms": emit_interval_ms,
+        "flushes": flushes,
+        "flushes_per_s": round3(flushes as f64 / consumer_seconds.max(1e-9)),
+        "window_results_written": results_written,
+        "readings_appended": batches as u64 * u64::from(FRESHNESS_SERIES),
         "raw_measured": raw.len(),
         "p50_ms": round3(percentile(&raw, 0.5)),
         "p99_ms": round3(percentile(&raw, 0.99)),
@@ -649,7 +730,48 @@ fn system_now_ms() -> i64 {
         })
 }
 
-fn freshness_line(options: &BenchOptions) -> anyhow::Result<Value> {
+/// A flush policy the freshness part can try instead of the defaults.
+#[derive(Debug, Clone, Copy)]
+struct FlushPolicy {
+    emit_interval_ms: i64,
+    caught_up_flush_interval_ms: i64,
+}
+
+/// `TRIBUTARY_BENCH_FRESHNESS_POLICIES`: comma-separated `EMIT_MS/FLUSH_MS` pairs (engine
+/// emission interval / caught-up flush interval) to measure one after the other; the
+/// defaults alone when unset.
+fn freshness_policies() -> anyhow::Result<Vec<Option<FlushPolicy>>> {
+    let Ok(list) = std::env::var("TRIBUTARY_BENCH_FRESHNESS_POLICIES") else {
+        return Ok(vec![None]);
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let parsed = pair.split_once('/').and_then(|(emit, flush)| {
+                Some(FlushPolicy {
+                    emit_interval_ms: emit.trim().parse().ok().filter(|ms| *ms > 0)?,
+                    caught_up_flush_interval_ms: flush.trim().parse().ok().filter(|ms| *ms >= 0)?,
+                })
+            });
+            parsed.map(Some).with_context(|| {
+                format!(
+                    "TRIBUTARY_BENCH_FRESHNESS_POLICIES: {pair:?} is not EMIT_MS/FLUSH_MS \
+                     (e.g. 200/200)"
+                )
+            })
+        })
+        .collect()
+}
+
+fn freshness_lines(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
+    freshness_policies()?
+        .into_iter()
+        .map(|policy| freshness_line(options, policy))
+        .collect()
+}
+
+fn freshness_line(options: &BenchOptions, policy: Option<FlushPolicy>) -> anyhow::Result<Value> {
     let Some(url) = lookup_service_env(CLICKHOUSE_URL) else {
         anyhow::ensure!(
             !running_in_ci(),
@@ -667,5 +789,5 @@ fn freshness_line(options: &BenchOptions) -> anyhow::Result<Value> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(measure_freshness(&url, options.quick))
+    runtime.block_on(measure_freshness(&url, options.quick, policy))
 }

@@ -244,24 +244,27 @@ struct AgentState {
 /// Agent series ids cached per agent before the cache is dropped and rebuilt.
 const MAX_CACHED_SERIES_IDS_PER_AGENT: usize = 1 << 20;
 
-/// The engine number of a known series: from the agent's cache when the key matches,
-/// else from the series index.
+/// The engine number of a known series, and whether it came from the agent's cache:
+/// from the cache when the key matches, else from the series index.
 #[inline]
 fn known_series(
     series: &SeriesTable,
     cache: Option<&FastHashMap<u32, u32>>,
     definition: &SeriesDef,
-) -> Option<u32> {
+) -> Option<(u32, bool)> {
     if let Some(number) = cache.and_then(|cache| cache.get(&definition.id)) {
         if series
             .keys
             .get(*number as usize)
             .is_some_and(|key| **key == definition.key)
         {
-            return Some(*number);
+            return Some((*number, true));
         }
     }
-    series.index.get(&definition.key).copied()
+    series
+        .index
+        .get(&definition.key)
+        .map(|number| (*number, false))
 }
 
 impl AgentState {
@@ -424,6 +427,9 @@ pub struct WindowEngine {
     counters: EngineCounters,
     /// Scratch: a batch's series ids to engine series numbers.
     local_series: FastHashMap<u32, u32>,
+    /// Scratch: per definition of the batch, its engine number if it was known when
+    /// checked, and whether the agent's cache gave it (`resolve_series` looks each up once).
+    resolved_series: Vec<Option<(u32, bool)>>,
 }
 
 impl WindowEngine {
@@ -443,6 +449,7 @@ impl WindowEngine {
             next_tick_ms: None,
             counters: EngineCounters::default(),
             local_series: FastHashMap::default(),
+            resolved_series: Vec::new(),
         })
     }
 
@@ -590,7 +597,9 @@ impl WindowEngine {
             .get(agent as usize)
             .map(|state| &state.series_cache);
         let mut new_series = 0usize;
+        self.resolved_series.clear();
         for (position, definition) in batch.series.iter().enumerate() {
+            let mut resolved = None;
             if let Some(previous) = self.local_series.insert(definition.id, position as u32) {
                 if batch.series.get(previous as usize).map(|def| &def.key) != Some(&definition.key)
                 {
@@ -600,9 +609,13 @@ impl WindowEngine {
                         series_id: definition.id,
                     });
                 }
-            } else if known_series(&self.series, cache, definition).is_none() {
-                new_series += 1;
+            } else {
+                resolved = known_series(&self.series, cache, definition);
+                if resolved.is_none() {
+                    new_series += 1;
+                }
             }
+            self.resolved_series.push(resolved);
         }
         let undefined = |series_id: u32| ProcessError::UndefinedSeries {
             agent_id: batch.agent_id.clone(),
@@ -637,14 +650,19 @@ impl WindowEngine {
             });
         }
         let mut cache_missed = false;
-        for definition in &batch.series {
-            let cached = cache.and_then(|cache| cache.get(&definition.id)).copied();
-            let number = match known_series(&self.series, cache, definition) {
-                Some(number) => {
+        for (position, definition) in batch.series.iter().enumerate() {
+            // Unknown when checked above (new, or a repeated definition): look again, as
+            // an earlier definition of this batch may have interned it since.
+            let known = match self.resolved_series.get(position).copied().flatten() {
+                Some(resolved) => Some(resolved),
+                None => known_series(&self.series, cache, definition),
+            };
+            let number = match known {
+                Some((number, from_cache)) => {
                     if self.series.owners.get(number as usize) != Some(&agent) {
                         self.counters.series_shared_between_agents += 1;
                     }
-                    cache_missed |= cached != Some(number);
+                    cache_missed |= !from_cache;
                     number
                 }
                 None => {

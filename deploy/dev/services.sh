@@ -447,7 +447,12 @@ spawn_kafka() {
     # Format once; later starts reuse the data (and the topics' contents survive stop/start).
     if [[ ! -f $dir/data/meta.properties ]]; then
         local cluster_id
-        cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+        # A KRaft cluster id is 16 random bytes in URL-safe base64. One that starts with `-`
+        # (1 in 64) reads as an option to kafka-storage's argument parser: draw again.
+        cluster_id=-
+        while [[ $cluster_id == -* ]]; do
+            cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+        done
         if ! kafka_java -XX:TieredStopAtLevel=1 kafka.tools.StorageTool format --standalone --cluster-id "$cluster_id" \
             --config "$dir/server.properties" >"$dir/logs/format.log" 2>&1; then
             fail kafka "formatting KRaft storage in $dir/data failed" "$dir/logs/format.log"

@@ -130,10 +130,13 @@ impl SeriesRegistry {
 
     fn insert(&mut self, key: SeriesKey, id: SeriesId) {
         let hash = self.hasher.hash_one(&key);
-        if self.by_hash.contains_key(&hash) {
-            self.collided.insert(key.clone(), id);
-        } else {
-            self.by_hash.insert(hash, id);
+        match self.by_hash.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collided.insert(key.clone(), id);
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(id);
+            }
         }
         self.definitions.push(SeriesDef { id, key });
     }
@@ -240,5 +243,32 @@ mod tests {
             2
         );
         assert_eq!(registry.key(0), Some(&first));
+    }
+
+    #[test]
+    fn lent_definitions_come_back_and_ids_stay() {
+        let mut registry = SeriesRegistry::in_memory();
+        let keys: Vec<SeriesKey> = (0..5)
+            .map(|index| SeriesKey::new(format!("dev-{index}"), "temp").with_tags([("site", "a")]))
+            .collect();
+        for (index, key) in keys.iter().enumerate() {
+            assert_eq!(registry.intern(key).expect("intern"), index as SeriesId);
+        }
+        let lent = registry.take_definitions(&[3, 1, 3, 99]);
+        assert_eq!(
+            lent.iter()
+                .map(|definition| definition.id)
+                .collect::<Vec<_>>(),
+            vec![3, 1],
+            "repeated and unknown ids are skipped"
+        );
+        assert_eq!(lent[0].key, keys[3]);
+        registry.restore_definitions(lent);
+        assert_eq!(registry.definitions(&[1, 3]).len(), 2);
+        for (index, key) in keys.iter().enumerate() {
+            assert_eq!(registry.key(index as SeriesId), Some(key));
+            assert_eq!(registry.intern(key).expect("intern"), index as SeriesId);
+        }
+        assert_eq!(registry.len(), 5);
     }
 }

@@ -88,7 +88,14 @@ fn agent_frames(agent_index: usize, batches: usize) -> anyhow::Result<AgentFrame
             readings,
             summaries: Vec::new(),
         };
-        let needed = dictionary.definitions_needed(&series_ids_used(&batch));
+        // The first batch (sent and acked before the clock starts) defines every series:
+        // later batches travel 16 at a time, so a definition sent with one of them could
+        // arrive after a batch that needs it (UnknownSeries nack).
+        let needed = if batch_seq == 0 {
+            definitions.iter().map(|definition| definition.id).collect()
+        } else {
+            dictionary.definitions_needed(&series_ids_used(&batch))
+        };
         batch.series = needed
             .iter()
             .filter_map(|id| definitions.iter().find(|definition| definition.id == *id))
@@ -397,10 +404,12 @@ fn measure_throughput<L: DurableLog>(
         }
         let seconds = started.elapsed().as_secs_f64();
         let cpu = threads_cpu_seconds(&[COLLECTOR_THREAD, "log-flush", "rdk:"]) - cpu_before;
-        for (endpoint, connection) in &sessions {
-            connection.close(0u32.into(), b"bench done");
-            endpoint.wait_idle().await;
-        }
+        close_sessions(
+            sessions
+                .iter()
+                .map(|(endpoint, connection)| (endpoint, connection)),
+        )
+        .await;
         anyhow::Ok((totals, seconds, cpu))
     })?;
     let mut latencies = totals.latencies_ms;
@@ -643,65 +652,76 @@ fn connections_line(agents_wanted: usize) -> anyhow::Result<Value> {
         .enable_all()
         .build()?;
     let started = Instant::now();
-    let (connected_at_peak, errors, first_error, batches_acked, seconds_to_connect) =
-        client_runtime.block_on(async {
-            let mut tasks = tokio::task::JoinSet::new();
-            let limit = Arc::new(tokio::sync::Semaphore::new(64));
-            for agent in &agents {
-                let agent = agent.clone();
-                let config = config.clone();
-                let limit = limit.clone();
-                tasks.spawn(async move {
-                    // Connect at most 64 at a time, as a fleet reconnecting after an outage would be spread.
-                    let permit = limit.acquire_owned().await?;
-                    let session = open_session(address, config, &agent).await;
-                    drop(permit);
-                    session.map(|session| (session, agent))
-                });
-            }
-            let mut sessions = Vec::with_capacity(agents.len());
-            let mut errors = 0u64;
-            let mut first_error = None;
-            while let Some(joined) = tasks.join_next().await {
-                match joined
-                    .map_err(anyhow::Error::from)
-                    .and_then(|outcome| outcome)
-                {
-                    Ok(session) => sessions.push(session),
-                    Err(error) => {
-                        errors += 1;
-                        first_error.get_or_insert_with(|| error.to_string());
-                    }
+    let (
+        connected_at_peak,
+        errors,
+        first_error,
+        batches_acked,
+        seconds_to_connect,
+        seconds_to_close,
+    ) = client_runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(64));
+        for agent in &agents {
+            let agent = agent.clone();
+            let config = config.clone();
+            let limit = limit.clone();
+            tasks.spawn(async move {
+                // Connect at most 64 at a time, as a fleet reconnecting after an outage would be spread.
+                let permit = limit.acquire_owned().await?;
+                let session = open_session(address, config, &agent).await;
+                drop(permit);
+                session.map(|session| (session, agent))
+            });
+        }
+        let mut sessions = Vec::with_capacity(agents.len());
+        let mut errors = 0u64;
+        let mut first_error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined
+                .map_err(anyhow::Error::from)
+                .and_then(|outcome| outcome)
+            {
+                Ok(session) => sessions.push(session),
+                Err(error) => {
+                    errors += 1;
+                    first_error.get_or_insert_with(|| error.to_string());
                 }
             }
-            let seconds_to_connect = started.elapsed().as_secs_f64();
-            let connected_at_peak = collector.fleet.connected_count();
-            // Every held session now sends the rest of its batches.
-            let mut sending = tokio::task::JoinSet::new();
-            for ((_, connection), agent) in &sessions {
-                sending.spawn(send_pipelined(connection.clone(), agent.clone()));
+        }
+        let seconds_to_connect = started.elapsed().as_secs_f64();
+        let connected_at_peak = collector.fleet.connected_count();
+        // Every held session now sends the rest of its batches.
+        let mut sending = tokio::task::JoinSet::new();
+        for ((_, connection), agent) in &sessions {
+            sending.spawn(send_pipelined(connection.clone(), agent.clone()));
+        }
+        let mut batches_acked = sessions.len() as u64;
+        while let Some(joined) = sending.join_next().await {
+            let totals = joined?;
+            batches_acked += totals.batches_acked;
+            errors += totals.errors;
+            if first_error.is_none() {
+                first_error = totals.first_error;
             }
-            let mut batches_acked = sessions.len() as u64;
-            while let Some(joined) = sending.join_next().await {
-                let totals = joined?;
-                batches_acked += totals.batches_acked;
-                errors += totals.errors;
-                if first_error.is_none() {
-                    first_error = totals.first_error;
-                }
-            }
-            for ((endpoint, connection), _) in &sessions {
-                connection.close(0u32.into(), b"bench done");
-                endpoint.wait_idle().await;
-            }
-            anyhow::Ok((
-                connected_at_peak,
-                errors,
-                first_error,
-                batches_acked,
-                seconds_to_connect,
-            ))
-        })?;
+        }
+        let closing = Instant::now();
+        close_sessions(
+            sessions
+                .iter()
+                .map(|((endpoint, connection), _)| (endpoint, connection)),
+        )
+        .await;
+        let seconds_to_close = closing.elapsed().as_secs_f64();
+        anyhow::Ok((
+            connected_at_peak,
+            errors,
+            first_error,
+            batches_acked,
+            seconds_to_connect,
+            seconds_to_close,
+        ))
+    })?;
     let line = json!({
         "bench": "collector",
         "log": "embedded",
@@ -712,12 +732,34 @@ fn connections_line(agents_wanted: usize) -> anyhow::Result<Value> {
         "errors": errors,
         "first_error": first_error,
         "seconds_to_connect_all": round3(seconds_to_connect),
+        "seconds_to_close_all": round3(seconds_to_close),
         "open_files_soft_limit": soft_limit,
         "open_files_hard_limit": hard_limit,
         "rss_mib": round3(rss_mib().unwrap_or(0.0)),
     });
     collector.shutdown();
     Ok(line)
+}
+
+/// Longest the bench waits for closed connections to drain before it moves on.
+const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes every session, then waits for all their endpoints to drain at once (bounded).
+///
+/// Why at once: a closed QUIC connection drains for three probe timeouts, which the busy
+/// phase before inflates to about a second; waiting endpoint by endpoint made the
+/// 1,000-connection part sit idle for many minutes (the stalled full run).
+async fn close_sessions<'a>(
+    sessions: impl Iterator<Item = (&'a quinn::Endpoint, &'a quinn::Connection)>,
+) {
+    let mut draining = tokio::task::JoinSet::new();
+    for (endpoint, connection) in sessions {
+        connection.close(0u32.into(), b"bench done");
+        let endpoint = endpoint.clone();
+        draining.spawn(async move { endpoint.wait_idle().await });
+    }
+    let drained = async { while draining.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(CLOSE_DRAIN_TIMEOUT, drained).await;
 }
 
 /// Small batches (50 readings) for the connections part: it is about holding sessions.

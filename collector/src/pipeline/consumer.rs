@@ -101,7 +101,7 @@ impl Default for ConsumerConfig {
             until: RunUntil::Shutdown,
             max_read_bytes: 4 << 20,
             poll_interval_ms: 20,
-            caught_up_flush_interval_ms: 200,
+            caught_up_flush_interval_ms: 100,
             retry_initial_delay_ms: 100,
             retry_max_delay_ms: 5_000,
             shutdown_flush_timeout_ms: 30_000,

@@ -5,4 +5,5 @@ pub mod config;
 pub mod metrics;
 pub mod run;
 pub mod ship;
+mod sled_open;
 pub mod source;

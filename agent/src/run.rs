@@ -223,14 +223,15 @@ impl Pipeline {
             path: path.clone(),
             source,
         };
-        let state_db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(4 * 1024 * 1024)
-            .open()
-            .map_err(|source| RunError::StateOpen {
-                path: path.clone(),
-                source,
-            })?;
+        let state_db = crate::sled_open::open(
+            &sled::Config::new()
+                .path(&path)
+                .cache_capacity(4 * 1024 * 1024),
+        )
+        .map_err(|source| RunError::StateOpen {
+            path: path.clone(),
+            source,
+        })?;
         let registry = SeriesRegistry::open(state_db.open_tree("series").map_err(state_error)?)?;
         let journal = state_db.open_tree("journal").map_err(state_error)?;
         let meta = state_db.open_tree("meta").map_err(state_error)?;

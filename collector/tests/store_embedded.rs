@@ -362,7 +362,8 @@ fn a_newer_format_is_refused_with_what_to_do() {
     let path = directory.path().join("store");
     drop(EmbeddedStore::open(EmbeddedStoreConfig::new(&path, vec![60_000])).expect("create"));
     {
-        let db = sled::open(&path).expect("open with sled");
+        let db = tributary_collector::sled_open::open(&sled::Config::new().path(&path))
+            .expect("open with sled");
         let tree = db.open_tree("tributary_store").expect("tree");
         tree.insert(b"Mformat", &99u32.to_be_bytes())
             .expect("insert");

@@ -44,5 +44,5 @@ log "service smoke tests"
 cargo test -p tributary-tests --locked --test 'services_*' -- --nocapture
 
 log "whole workspace"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 log "all tests passed in $(($(date +%s) - started))s"

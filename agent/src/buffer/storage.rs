@@ -61,11 +61,12 @@ impl Storage {
             // The buffer flushes explicitly; a background flusher would only add fsyncs.
             FsyncPolicy::EveryBatch | FsyncPolicy::Group { .. } => None,
         };
-        let db = sled::Config::new()
-            .path(&config.path)
-            .cache_capacity(config.cache_capacity_bytes)
-            .flush_every_ms(background_flush_ms)
-            .open()?;
+        let db = crate::sled_open::open(
+            &sled::Config::new()
+                .path(&config.path)
+                .cache_capacity(config.cache_capacity_bytes)
+                .flush_every_ms(background_flush_ms),
+        )?;
         let raw = db.open_tree(RAW_TREE)?;
         let summary = db.open_tree(SUMMARY_TREE)?;
         let meta = db.open_tree(META_TREE)?;

@@ -125,15 +125,14 @@ impl std::fmt::Debug for DedupStore {
 impl DedupStore {
     /// Opens (or creates) the store in `directory`.
     pub fn open(directory: &Path, max_tracked: usize) -> Result<Self, DedupError> {
-        let tree = sled::Config::new()
+        let config = sled::Config::new()
             .path(directory)
             .cache_capacity(8 * 1024 * 1024)
-            .flush_every_ms(Some(200))
-            .open()
-            .map_err(|source| DedupError::Open {
-                path: directory.to_path_buf(),
-                source,
-            })?;
+            .flush_every_ms(Some(200));
+        let tree = crate::sled_open::open(&config).map_err(|source| DedupError::Open {
+            path: directory.to_path_buf(),
+            source,
+        })?;
         Ok(DedupStore { tree, max_tracked })
     }
 

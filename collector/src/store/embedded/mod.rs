@@ -352,12 +352,12 @@ impl EmbeddedStore {
     /// Opens (or creates) the store at `config.path`.
     pub fn open(config: EmbeddedStoreConfig) -> Result<Self, StoreError> {
         let path: Arc<Path> = Arc::from(config.path.as_path());
-        let opened = sled::Config::new()
+        let sled_config = sled::Config::new()
             .path(&config.path)
             .cache_capacity(config.cache_capacity_bytes)
             // Durability comes from the explicit flush at every `Store::flush`.
-            .flush_every_ms(None)
-            .open();
+            .flush_every_ms(None);
+        let opened = crate::sled_open::open(&sled_config);
         let db = opened.map_err(|source| StoreError::Embedded {
             path: path.to_path_buf(),
             operation: "open".to_string(),

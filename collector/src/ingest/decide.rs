@@ -255,6 +255,8 @@ pub struct PreparedBatch {
     pub record_value: Vec<u8>,
     pub readings: u64,
     pub summaries: u64,
+    /// Sensor time of the newest raw reading, for the freshness metrics.
+    pub newest_reading_ms: Option<i64>,
 }
 
 /// Decodes a batch that is not a known duplicate, resolves its series through the
@@ -301,5 +303,6 @@ pub fn prepare_batch(
         record_value,
         readings: batch.readings.len() as u64,
         summaries: batch.summaries.len() as u64,
+        newest_reading_ms: batch.readings.iter().map(|reading| reading.time_ms).max(),
     })
 }

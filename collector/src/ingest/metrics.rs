@@ -38,12 +38,15 @@ fn nack_reason_index(reason: NackReason) -> usize {
         .unwrap_or(NACK_REASONS.len() - 1)
 }
 
-/// Upper bounds (seconds) of the log write latency histogram.
-const LATENCY_BUCKETS_S: [f64; 12] = [
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+/// Upper bounds (seconds) of the latency histograms: fine from 0.1 s to 1 s, where the
+/// stages of the one-second freshness budget are told apart.
+const LATENCY_BUCKETS_S: [f64; 18] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+    5.0, 30.0,
 ];
 
-/// A cumulative histogram over fixed buckets.
+/// A cumulative latency histogram over fixed buckets (also used by the processor's stage
+/// latencies, `pipeline::metrics`).
 #[derive(Debug, Default)]
 pub struct Histogram {
     buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
@@ -67,7 +70,8 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    fn render(&self, name: &str, help: &str, out: &mut String) {
+    /// Appends the histogram in the Prometheus text format.
+    pub fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, bucket) in LATENCY_BUCKETS_S.iter().zip(self.buckets.iter()) {
             let _ = writeln!(
@@ -102,6 +106,9 @@ pub struct IngestMetrics {
     pub protocol_violations: AtomicU64,
     nacks: [AtomicU64; NACK_REASONS.len()],
     pub log_write_seconds: Histogram,
+    /// Sensor time of a batch's newest raw reading to the batch's arrival: the agent's
+    /// batching plus the uplink (the sensor's clock against the collector's).
+    pub reading_age_at_receipt_seconds: Histogram,
     /// Microseconds spent waiting for an in-flight slot before accepting a stream.
     pub backpressure_micros: AtomicU64,
     pub batches_in_flight: AtomicI64,
@@ -214,6 +221,11 @@ impl IngestMetrics {
         self.log_write_seconds.render(
             "tributary_ingest_log_write_seconds",
             "Time from log append to durable.",
+            &mut out,
+        );
+        self.reading_age_at_receipt_seconds.render(
+            "tributary_ingest_reading_age_at_receipt_seconds",
+            "Age of a batch's newest raw reading (sensor time) when the batch arrived: the agent's batching plus the uplink; 0 when the sensor clock is ahead.",
             &mut out,
         );
         let _ = writeln!(

@@ -744,6 +744,13 @@ async fn write_batch<L: DurableLog>(
         Ok(prepared) => prepared,
         Err(nack) => return Outcome::Nack(nack),
     };
+    if let Some(newest_ms) = prepared.newest_reading_ms {
+        let age_ms = now_ms().saturating_sub(newest_ms).max(0);
+        shared
+            .metrics
+            .reading_age_at_receipt_seconds
+            .observe_seconds(age_ms as f64 / 1e3);
+    }
     let record = AppendRecord {
         headers: RecordHeaders {
             agent_id: session.agent_id.clone(),

@@ -221,6 +221,9 @@ struct Consumer<L: RecordSource, S, C> {
     sampler: SkipSampler,
     last_flush_ms: i64,
     records_processed: u64,
+    /// Log times of the records processed since the last flush, for the
+    /// `log_to_stored_seconds` histogram once the flush makes them durable.
+    unflushed_log_times_ms: Vec<i64>,
 }
 
 /// Runs the consumer loop until `shutdown` is cancelled (or, with [`RunUntil::CaughtUp`],
@@ -271,6 +274,7 @@ where
         out: EngineOutput::default(),
         sampler: SkipSampler::default(),
         records_processed: 0,
+        unflushed_log_times_ms: Vec::new(),
     };
     for partition in partitions {
         match consumer.open_partition(partition).await? {
@@ -744,6 +748,10 @@ where
         self.metrics
             .records_processed
             .fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .log_to_read_seconds
+            .observe_seconds(now_ms.saturating_sub(record.timestamp_ms).max(0) as f64 / 1e3);
+        self.unflushed_log_times_ms.push(record.timestamp_ms);
         let Some(run) = self.runs.get_mut(&record.partition) else {
             return Ok(());
         };
@@ -853,6 +861,7 @@ where
                 .store(state_bytes as u64, Ordering::Relaxed);
         }
         if self.store.buffered_rows() == 0 {
+            self.unflushed_log_times_ms.clear();
             return Ok(());
         }
         let started = Instant::now();
@@ -892,6 +901,11 @@ where
             .observe_flush_seconds(started.elapsed().as_secs_f64());
         self.metrics.flushes.fetch_add(1, Ordering::Relaxed);
         self.last_flush_ms = self.clock.now_ms();
+        for log_time_ms in self.unflushed_log_times_ms.drain(..) {
+            self.metrics.log_to_stored_seconds.observe_seconds(
+                self.last_flush_ms.saturating_sub(log_time_ms).max(0) as f64 / 1e3,
+            );
+        }
         for (partition, next_offset) in &checkpointed {
             if let Some(run) = self.runs.get_mut(partition) {
                 run.checkpointed_offset = *next_offset;

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::ingest::metrics::Histogram;
+
 /// Why a record was skipped (counted, sampled in the log, never retried).
 pub const SKIP_REASONS: [&str; 6] = [
     "undecodable",
@@ -61,6 +63,11 @@ pub struct PipelineMetrics {
     flush_buckets: [AtomicU64; FLUSH_BUCKETS_S.len()],
     flush_count: AtomicU64,
     flush_micros: AtomicU64,
+    /// A record's log append (its log timestamp) to the processor reading it.
+    pub log_to_read_seconds: Histogram,
+    /// A record's log append to the end of the store flush that made its rows durable
+    /// (queryable): the log's delivery, the processor and the store together.
+    pub log_to_stored_seconds: Histogram,
     partitions: Mutex<BTreeMap<u32, PartitionProgress>>,
 }
 
@@ -235,6 +242,16 @@ impl PipelineMetrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum {}", load(&self.flush_micros) as f64 / 1e6);
         let _ = writeln!(out, "{name}_count {count}");
+        self.log_to_read_seconds.render(
+            "tributary_processor_log_to_read_seconds",
+            "Time from a record's log append (its log timestamp) to the processor reading it.",
+            &mut out,
+        );
+        self.log_to_stored_seconds.render(
+            "tributary_processor_log_to_stored_seconds",
+            "Time from a record's log append to the end of the store flush that made its rows durable and queryable.",
+            &mut out,
+        );
         out
     }
 }

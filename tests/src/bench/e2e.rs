@@ -29,6 +29,7 @@
 
 pub mod bridge;
 pub mod mqtt;
+pub mod stages;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -141,6 +142,8 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
     let binaries = release_binaries()?;
     let sizes = Sizes::new(options.quick);
     let mut setups = vec![Setup::Embedded];
+    // `TRIBUTARY_BENCH_E2E_SETUPS=kafka-clickhouse` (comma-separated names) measures only those.
+    let only = std::env::var("TRIBUTARY_BENCH_E2E_SETUPS").ok();
     match (
         lookup_service_env(KAFKA_BROKERS),
         lookup_service_env(CLICKHOUSE_URL),
@@ -156,6 +159,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
             "bench e2e: Kafka/ClickHouse not configured (deploy/dev/services.sh up); \
              measuring the embedded setup only"
         ),
+    }
+    if let Some(only) = &only {
+        setups.retain(|setup| only.split(',').any(|name| name.trim() == setup.name()));
     }
     let mut lines = Vec::new();
     for setup in &setups {
@@ -189,6 +195,9 @@ struct RunFigures {
     bytes_down: u64,
     baseline_bytes_up: u64,
     baseline_bytes_down: u64,
+    /// Where the markers' time went: the collector's stage histograms over the marker phase
+    /// ([`stages`]), plus the query that first saw each marker (`query_ms`).
+    stages: Value,
 }
 
 impl RunFigures {
@@ -220,6 +229,7 @@ fn summarise(setup: &Setup, sizes: &Sizes, runs: &[RunFigures]) -> Value {
                 "p99_ms": round3(run.p99_ms),
                 "bytes_per_reading": round3(run.bytes_per_reading()),
                 "baseline_mosquitto_bridge_bytes_per_reading": round3(run.baseline_bytes_per_reading()),
+                "stages": run.stages,
             })
         })
         .collect();
@@ -497,6 +507,8 @@ fn live_phase(
     let mut marker_windows = HashSet::new();
     let mut markers_published = 0_u64;
     let mut latencies_ms = Vec::new();
+    let mut query_ms = Vec::new();
+    let mut stages_before = stages::Snapshot::default();
     let marker_outcome = (|| -> anyhow::Result<()> {
         // The first marker creates the series; its latency includes that and is not counted.
         let first_ms = now_ms();
@@ -509,6 +521,7 @@ fn live_phase(
             Duration::from_secs(60),
             || marker_selector(api),
         )?;
+        stages_before = stages::snapshot(&collector.metrics()?);
         for sequence in 1..=sizes.markers {
             if Instant::now() >= phase_end && sequence > 10 {
                 break;
@@ -520,8 +533,10 @@ fn live_phase(
             marker_windows.insert(time_ms.div_euclid(EDGE_WINDOW_MS));
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
+                let query_started = Instant::now();
                 if marker_queryable(api, &selector, time_ms)? {
                     latencies_ms.push((now_ms() - time_ms) as f64);
+                    query_ms.push(query_started.elapsed().as_secs_f64() * 1e3);
                     break;
                 }
                 if Instant::now() >= deadline {
@@ -536,6 +551,13 @@ fn live_phase(
     if marker_outcome.is_err() {
         stop_fleet.store(true, Ordering::SeqCst);
     }
+    let mut stage_figures =
+        stages::breakdown(&stages_before, &stages::snapshot(&collector.metrics()?));
+    query_ms.sort_by(f64::total_cmp);
+    stage_figures["query_ms"] = json!({
+        "p50": round3(percentile(&query_ms, 0.5)),
+        "p99": round3(percentile(&query_ms, 0.99)),
+    });
     let fleet_outcome = fleet_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the fleet publisher thread panicked"))?;
@@ -587,6 +609,7 @@ fn live_phase(
         bytes_down: relay.bytes_down() - start_down,
         baseline_bytes_up: bridge_up - bridge_start_up,
         baseline_bytes_down: bridge_down - bridge_start_down,
+        stages: stage_figures,
         ..RunFigures::default()
     };
     agent.process.stop(Duration::from_secs(20))?;

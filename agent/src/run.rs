@@ -199,6 +199,8 @@ pub struct Pipeline {
     cut: Vec<CutBatch>,
     commit_interval: Duration,
     shipper: Option<crate::ship::ShipperHandle>,
+    /// QoS 1 messages committed and not yet acknowledged (`source::broker::redelivery`).
+    redelivery: Option<Arc<crate::source::broker::redelivery::RedeliveryLog>>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -343,6 +345,7 @@ impl Pipeline {
             cut,
             commit_interval,
             shipper: None,
+            redelivery: None,
         };
         Ok((pipeline, replayed))
     }
@@ -350,6 +353,17 @@ impl Pipeline {
     /// The agent's state database (the embedded brokers keep their sessions in it).
     pub fn state_database(&self) -> sled::Db {
         self.state_db.clone()
+    }
+
+    /// Records the QoS 1 messages of each commit in `log` (loading the previous run's records
+    /// against this journal), so their redeliveries are not ingested twice.
+    pub fn set_redelivery(
+        &mut self,
+        log: Arc<crate::source::broker::redelivery::RedeliveryLog>,
+    ) -> sled::Result<usize> {
+        let loaded = log.load(self.next_journal_seq)?;
+        self.redelivery = Some(log);
+        Ok(loaded)
     }
 
     /// Wakes `shipper` after every commit that appended batches (live data goes out at once).
@@ -421,6 +435,9 @@ impl Pipeline {
             }
         }
         if let Some(durable) = input.durable {
+            if let Some(log) = &self.redelivery {
+                log.ingested(input.source, self.next_journal_seq);
+            }
             self.pending_acks.push(durable);
         }
     }
@@ -428,6 +445,9 @@ impl Pipeline {
     /// Stores the pending journal block as one tree entry (made durable by the commit's
     /// state flush).
     fn write_journal_block(&mut self) {
+        if let Some(log) = &self.redelivery {
+            log.write_pending(); // Before the block: durable with it or before it.
+        }
         if self.journal_block.is_empty() {
             return;
         }
@@ -525,6 +545,9 @@ impl Pipeline {
         };
         if !durable {
             pipeline.commit_errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(log) = self.redelivery.as_ref().filter(|_| journal_failed) {
+                log.commit_failed();
+            }
             if journal_failed || !matches!(buffer_flushed, Ok(Durability::MemoryOnly)) {
                 self.pending_acks.clear();
             }
@@ -536,6 +559,9 @@ impl Pipeline {
             }
         }
         let released = self.pending_acks.len() as u64;
+        if let Some(log) = &self.redelivery {
+            log.committed(released);
+        }
         for durable in self.pending_acks.drain(..) {
             let _ = durable.send(());
         }
@@ -675,6 +701,14 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
     let (sender, receiver) = mpsc::channel::<PipelineInput>(4096);
     // The embedded brokers keep their persistent-session client ids in the state database.
     let state_db = pipeline.state_database();
+    let redelivery = crate::source::broker::redelivery::RedeliveryLog::open(
+        &state_db,
+        config.sources.iter().map(|source| source.name.clone()).collect(),
+    )
+    .map(Arc::new)
+    .and_then(|log| pipeline.set_redelivery(Arc::clone(&log)).map(|_| log))
+    .map_err(|error| tracing::warn!(%error, "cannot open the redelivery records; a crash before PUBACKs may count messages twice"))
+    .ok();
     let pipeline_task = tokio::spawn(pipeline.run(receiver));
 
     let sources_stop = CancellationToken::new();
@@ -693,6 +727,7 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
                     router,
                     source_metrics,
                     sender,
+                    redelivery.clone(),
                     stop,
                 )));
             }
@@ -727,6 +762,7 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
                     crate::source::broker::SessionStore::open(&state_db, &source.name)
                         .map_err(|error| tracing::warn!(%error, "cannot open the broker session store; persistent sessions last one run"))
                         .ok(),
+                    redelivery.clone(),
                     stop,
                 )));
             }
@@ -743,11 +779,16 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
     let render_metrics = Arc::clone(&metrics);
     let render_buffer = buffer.clone();
     let ship_stats = Arc::clone(shipper_handle.stats());
+    let render_redelivery = redelivery.clone();
     let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-        render_metrics.render(
+        let mut text = render_metrics.render(
             &render_buffer.stats(now_ms()),
             &render_ship_stats(&ship_stats),
-        )
+        );
+        if let Some(log) = &render_redelivery {
+            text.push_str(&log.render());
+        }
+        text
     });
     let metrics_task = tokio::spawn(crate::metrics::serve(
         listener,

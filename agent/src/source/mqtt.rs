@@ -24,8 +24,9 @@
 //! limit (Mosquitto's `max_inflight_messages`) bounds the window. `protocol = "v5"` or
 //! `"v311"` pins the revision.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, Publish};
@@ -38,6 +39,7 @@ use crate::aggregate::SourceIndex;
 use crate::config::{MqttProtocol, MqttSubscribeConfig};
 use crate::metrics::SourceMetrics;
 use crate::run::{now_ms, PipelineInput};
+use crate::source::broker::redelivery::{MessageId, RedeliveryLog};
 use crate::source::TopicRouter;
 
 /// Session expiry asked of the broker: how long it keeps our queue while we are away.
@@ -222,6 +224,27 @@ struct Shell<'a> {
     pipeline: &'a mpsc::Sender<PipelineInput>,
     stop: &'a CancellationToken,
     readings: Vec<crate::source::ParsedReading>,
+    redelivery: Option<Arc<RedeliveryLog>>,
+    /// Counts CONNACKs: a redelivery record matches only on a later connection.
+    connection: u64,
+}
+
+/// PUBACKs handed to rumqttc and not yet written out, by packet id: their redelivery
+/// records go once rumqttc reports the PUBACK outgoing.
+type AckedMessages = Arc<Mutex<HashMap<u16, MessageId>>>;
+
+fn lock_acked(acked: &AckedMessages) -> std::sync::MutexGuard<'_, HashMap<u16, MessageId>> {
+    acked
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What the event loop does with one QoS 1 PUBLISH before ingesting it.
+enum Arrival {
+    /// A redelivery of a message already durable: acknowledge, do not ingest.
+    Redelivered,
+    /// Ingest; record it under this identity (if redelivery records are kept).
+    New(Option<MessageId>),
 }
 
 impl Shell<'_> {
@@ -233,6 +256,7 @@ impl Shell<'_> {
         topic: &[u8],
         payload: &[u8],
         wants_ack: bool,
+        message: Option<MessageId>,
     ) -> Result<Option<oneshot::Receiver<()>>, ()> {
         let metrics = self.metrics;
         metrics.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -259,7 +283,10 @@ impl Shell<'_> {
                     receive_ms,
                     durable,
                 };
-                self.pipeline.send(input).await.map_err(|_| ())?;
+                match &self.redelivery {
+                    Some(log) => log.send(self.pipeline, input, message).await?,
+                    None => self.pipeline.send(input).await.map_err(|_| ())?,
+                }
                 Ok(receiver)
             }
             outcome => {
@@ -281,6 +308,46 @@ impl Shell<'_> {
         }
     }
 
+    /// Classifies a QoS 1 PUBLISH: a redelivery (DUP = 1, same packet id and topic +
+    /// payload as a durable record of an earlier connection) or a message to ingest.
+    fn arrival(&self, pkid: u16, dup: bool, topic: &[u8], payload: &[u8]) -> Arrival {
+        let Some(log) = &self.redelivery else {
+            return Arrival::New(None);
+        };
+        let message = log.message_id(
+            self.source,
+            &self.config.client_id,
+            self.connection,
+            pkid,
+            topic,
+            payload,
+        );
+        if dup && log.take_redelivery(self.source, &message) {
+            tracing::debug!(source = %self.metrics.name, pkid, "redelivery of a message already durable: acknowledged, not ingested");
+            Arrival::Redelivered
+        } else {
+            Arrival::New(Some(message))
+        }
+    }
+
+    /// A CONNACK: a new connection; without a stored session nothing earlier is resent.
+    fn connected(&mut self, session_present: bool) {
+        self.connection += 1;
+        if !session_present {
+            if let Some(log) = &self.redelivery {
+                log.session_restarted(self.source, &self.config.client_id, self.connection);
+            }
+        }
+    }
+
+    /// rumqttc wrote the PUBACK of `pkid` out: its redelivery record goes at the next commit.
+    fn puback_written(&self, acked: &AckedMessages, pkid: u16) {
+        let message = lock_acked(acked).remove(&pkid);
+        if let (Some(log), Some(message)) = (&self.redelivery, message) {
+            log.acknowledged(&message);
+        }
+    }
+
     async fn backoff(&self, backoff_ms: &mut u64) -> bool {
         let stopped = tokio::select! {
             _ = self.stop.cancelled() => true,
@@ -291,13 +358,15 @@ impl Shell<'_> {
     }
 }
 
-/// Runs one subscribe source until `stop` is cancelled.
+/// Runs one subscribe source until `stop` is cancelled. With `redelivery`, QoS 1
+/// redeliveries of messages already durable are acknowledged without being ingested.
 pub async fn run_subscribe(
     source: SourceIndex,
     config: MqttSubscribeConfig,
     router: TopicRouter,
     metrics: Arc<SourceMetrics>,
     pipeline: mpsc::Sender<PipelineInput>,
+    redelivery: Option<Arc<RedeliveryLog>>,
     stop: CancellationToken,
 ) {
     let mut negotiation = ProtocolNegotiation::new(config.protocol);
@@ -309,6 +378,8 @@ pub async fn run_subscribe(
         pipeline: &pipeline,
         stop: &stop,
         readings: Vec::new(),
+        redelivery,
+        connection: 0,
     };
     loop {
         let end = match negotiation.current() {
@@ -327,6 +398,13 @@ pub async fn run_subscribe(
         }
     }
     metrics.connected.store(0, Ordering::Relaxed);
+}
+
+/// A durability signal that has already fired (nothing to wait for).
+fn fired() -> oneshot::Receiver<()> {
+    let (sender, receiver) = oneshot::channel();
+    let _ = sender.send(());
+    receiver
 }
 
 fn subscription_filters(router: &TopicRouter) -> Vec<String> {
@@ -357,12 +435,17 @@ async fn run_v5(
 
     // Acknowledgements in arrival order, each once its data is durable.
     let (ack_sender, mut ack_receiver) =
-        mpsc::unbounded_channel::<(Publish, oneshot::Receiver<()>)>();
+        mpsc::unbounded_channel::<(Publish, oneshot::Receiver<()>, Option<MessageId>)>();
     let ack_client = client.clone();
     let ack_metrics = Arc::clone(&metrics);
+    let acked: AckedMessages = AckedMessages::default();
+    let ack_acked = Arc::clone(&acked);
     let ack_task = tokio::spawn(async move {
-        while let Some((publish, durable)) = ack_receiver.recv().await {
+        while let Some((publish, durable, message)) = ack_receiver.recv().await {
             if durable.await.is_ok() {
+                if let Some(message) = message {
+                    lock_acked(&ack_acked).insert(publish.pkid, message);
+                }
                 if let Err(error) = ack_client.ack(&publish).await {
                     tracing::debug!(source = %ack_metrics.name, %error, "could not send PUBACK (disconnected); the broker will redeliver");
                 }
@@ -385,6 +468,7 @@ async fn run_v5(
                 backoff_ms = BACKOFF_INITIAL_MS;
                 got_connack = true;
                 negotiation.on_connack();
+                shell.connected(connack.session_present);
                 metrics.connected.store(1, Ordering::Relaxed);
                 tracing::info!(source = %metrics.name, session_present = connack.session_present, "connected to MQTT broker {} (MQTT 5)", config.broker_address);
                 if !connack.session_present {
@@ -397,16 +481,31 @@ async fn run_v5(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let wants_ack = publish.qos != QoS::AtMostOnce;
+                let arrival = if wants_ack {
+                    shell.arrival(publish.pkid, publish.dup, &publish.topic, &publish.payload)
+                } else {
+                    Arrival::New(None)
+                };
+                let message = match arrival {
+                    Arrival::Redelivered => {
+                        let _ = ack_sender.send((publish, fired(), None));
+                        continue;
+                    }
+                    Arrival::New(message) => message,
+                };
                 match shell
-                    .ingest(&publish.topic, &publish.payload, wants_ack)
+                    .ingest(&publish.topic, &publish.payload, wants_ack, message.clone())
                     .await
                 {
                     Ok(Some(receiver)) => {
-                        let _ = ack_sender.send((publish, receiver));
+                        let _ = ack_sender.send((publish, receiver, message));
                     }
                     Ok(None) => {}
                     Err(()) => break,
                 }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(pkid))) => {
+                shell.puback_written(&acked, pkid);
             }
             Ok(_) => {}
             Err(error) => {
@@ -456,12 +555,17 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
         .max(16);
     let (client, mut event_loop) = rumqttc::AsyncClient::new(options, capacity);
     let (ack_sender, mut ack_receiver) =
-        mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<()>)>();
+        mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<()>, Option<MessageId>)>();
     let ack_client = client.clone();
     let ack_metrics = Arc::clone(&metrics);
+    let acked: AckedMessages = AckedMessages::default();
+    let ack_acked = Arc::clone(&acked);
     let ack_task = tokio::spawn(async move {
-        while let Some((publish, durable)) = ack_receiver.recv().await {
+        while let Some((publish, durable, message)) = ack_receiver.recv().await {
             if durable.await.is_ok() {
+                if let Some(message) = message {
+                    lock_acked(&ack_acked).insert(publish.pkid, message);
+                }
                 if let Err(error) = ack_client.ack(&publish).await {
                     tracing::debug!(source = %ack_metrics.name, %error, "could not send PUBACK (disconnected); the broker will redeliver");
                 }
@@ -480,6 +584,7 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
         match event {
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(connack))) => {
                 backoff_ms = BACKOFF_INITIAL_MS;
+                shell.connected(connack.session_present);
                 metrics.connected.store(1, Ordering::Relaxed);
                 tracing::info!(source = %metrics.name, session_present = connack.session_present, "connected to MQTT broker {} (MQTT 3.1.1)", config.broker_address);
                 if !connack.session_present {
@@ -492,16 +597,41 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
             }
             Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
                 let wants_ack = publish.qos != rumqttc::QoS::AtMostOnce;
+                let arrival = if wants_ack {
+                    shell.arrival(
+                        publish.pkid,
+                        publish.dup,
+                        publish.topic.as_bytes(),
+                        &publish.payload,
+                    )
+                } else {
+                    Arrival::New(None)
+                };
+                let message = match arrival {
+                    Arrival::Redelivered => {
+                        let _ = ack_sender.send((publish, fired(), None));
+                        continue;
+                    }
+                    Arrival::New(message) => message,
+                };
                 match shell
-                    .ingest(publish.topic.as_bytes(), &publish.payload, wants_ack)
+                    .ingest(
+                        publish.topic.as_bytes(),
+                        &publish.payload,
+                        wants_ack,
+                        message.clone(),
+                    )
                     .await
                 {
                     Ok(Some(receiver)) => {
-                        let _ = ack_sender.send((publish, receiver));
+                        let _ = ack_sender.send((publish, receiver, message));
                     }
                     Ok(None) => {}
                     Err(()) => break,
                 }
+            }
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::PubAck(pkid))) => {
+                shell.puback_written(&acked, pkid);
             }
             Ok(_) => {}
             Err(error) => {

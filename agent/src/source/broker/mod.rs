@@ -24,6 +24,7 @@
 //! over: the older connection is closed (MQTT requires it), its unacknowledged messages
 //! stay unacknowledged and the client resends them.
 
+pub mod redelivery;
 pub mod session;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -48,6 +49,7 @@ use crate::aggregate::SourceIndex;
 use crate::metrics::SourceMetrics;
 use crate::run::{now_ms, PipelineInput};
 use crate::source::TopicRouter;
+use redelivery::{MessageId, RedeliveryLog};
 
 /// How long a stopping broker waits for the durability of messages already received, so
 /// their PUBACKs still go out (else the clients resend them: duplicates, not losses).
@@ -146,6 +148,7 @@ struct BrokerContext {
     pipeline: mpsc::Sender<PipelineInput>,
     shared: Shared,
     sessions: Option<SessionStore>,
+    redelivery: Option<Arc<RedeliveryLog>>,
 }
 
 /// Binds the broker's listener (done before the run starts, so a taken port is a startup
@@ -157,6 +160,8 @@ pub async fn bind(listen_address: &str) -> std::io::Result<TcpListener> {
 /// Accepts connections on `listener` until `stop` is cancelled, then lets the connections
 /// finish their acknowledgements and returns. `sessions` (the agent's state database)
 /// makes persistent sessions survive a restart; `None` keeps them in memory for the run.
+/// With `redelivery`, a resent QoS 1 message that is already durable is acknowledged
+/// without being ingested again (see [`redelivery`]).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_broker(
     source: SourceIndex,
@@ -166,6 +171,7 @@ pub async fn run_broker(
     metrics: Arc<SourceMetrics>,
     pipeline: mpsc::Sender<PipelineInput>,
     sessions: Option<SessionStore>,
+    redelivery: Option<Arc<RedeliveryLog>>,
     stop: CancellationToken,
 ) {
     if let Ok(address) = listener.local_addr() {
@@ -188,6 +194,7 @@ pub async fn run_broker(
             ..Shared::default()
         },
         sessions,
+        redelivery,
     });
     let mut connections = JoinSet::new();
     loop {
@@ -241,15 +248,18 @@ pub async fn run_broker(
     }
 }
 
+/// A QoS 1 message awaiting durability: packet id, signal, redelivery identity.
+type PendingAck = (u16, oneshot::Receiver<()>, Option<MessageId>);
+
 /// Resolves with the oldest pending durability signal.
-struct OldestDurable<'a>(&'a mut VecDeque<(u16, oneshot::Receiver<()>)>);
+struct OldestDurable<'a>(&'a mut VecDeque<PendingAck>);
 
 impl Future for OldestDurable<'_> {
     type Output = (u16, bool);
 
     fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
         match self.0.front_mut() {
-            Some((pkid, receiver)) => {
+            Some((pkid, receiver, _)) => {
                 let pkid = *pkid;
                 Pin::new(receiver)
                     .poll(context)
@@ -290,7 +300,9 @@ async fn serve_connection(
         now_ms(),
     );
     let (mut reader, mut writer) = stream.into_split();
-    let mut pending: VecDeque<(u16, oneshot::Receiver<()>)> = VecDeque::new();
+    let mut pending: VecDeque<PendingAck> = VecDeque::new();
+    // Acknowledged, PUBACK not yet written: their records go once it is.
+    let mut acked_unwritten: Vec<MessageId> = Vec::new();
     let taken_over = CancellationToken::new();
     let mut connected = false;
     let mut stopping_deadline: Option<tokio::time::Instant> = None;
@@ -325,22 +337,55 @@ async fn serve_connection(
                         _ => false,
                     };
                     session.accept(session_present);
+                    if !session_present {
+                        // The client resends nothing of earlier connections.
+                        if let Some(log) = &context.redelivery {
+                            log.session_restarted(context.source, &client_id, connection_id);
+                        }
+                    }
                     connected = true;
                     metrics.connected.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(source = %metrics.name, client_id, ?protocol, clean_session, "MQTT client connected");
                 }
                 SessionEvent::Publish(publish) => {
-                    if let Some(receiver) = ingest(&context, &publish, &mut readings).await {
-                        pending.push_back((publish.pkid, receiver));
-                    } else if publish.qos == 1 {
-                        session.acknowledge(publish.pkid);
+                    let message = match (&context.redelivery, publish.qos) {
+                        (Some(log), 1) => Some(log.message_id(
+                            context.source,
+                            session.client_id(),
+                            connection_id,
+                            publish.pkid,
+                            &publish.topic,
+                            &publish.payload,
+                        )),
+                        _ => None,
+                    };
+                    if let (Some(log), Some(message)) = (&context.redelivery, &message) {
+                        // Resent by a resumed session (rumqttc resends with DUP = 0, so the
+                        // flag is not required here) and already durable: not again.
+                        if log.take_redelivery(context.source, message) {
+                            tracing::debug!(source = %metrics.name, client_id = session.client_id(), pkid = publish.pkid, "redelivery of a message already durable: acknowledged, not ingested");
+                            session.acknowledge(publish.pkid);
+                            continue;
+                        }
+                    }
+                    match ingest(&context, &publish, &mut readings, message.clone()).await {
+                        Some(receiver) => pending.push_back((publish.pkid, receiver, message)),
+                        None if publish.qos == 1 => session.acknowledge(publish.pkid),
+                        None => {}
                     }
                 }
             }
         }
         if let Some(bytes) = session.take_output() {
-            if let Err(error) = writer.write_all(&bytes).await {
-                session.peer_gone(&format!("write failed: {error}"));
+            match writer.write_all(&bytes).await {
+                Ok(()) => {
+                    if let Some(log) = &context.redelivery {
+                        for message in acked_unwritten.drain(..) {
+                            log.acknowledged(&message);
+                        }
+                    }
+                }
+                Err(error) => session.peer_gone(&format!("write failed: {error}")),
             }
         }
         if session.is_closed() {
@@ -374,9 +419,10 @@ async fn serve_connection(
                 Err(error) => session.peer_gone(&format!("read failed: {error}")),
             },
             (pkid, durable) = OldestDurable(&mut pending), if has_pending => {
-                pending.pop_front();
+                let message = pending.pop_front().and_then(|(_, _, message)| message);
                 if durable {
                     session.acknowledge(pkid);
+                    acked_unwritten.extend(message);
                 } else {
                     session.close_by_server("not_durable", format!("message {pkid} could not be made durable; closing without PUBACK so the client resends it"));
                 }
@@ -488,6 +534,7 @@ async fn ingest(
     context: &BrokerContext,
     publish: &InboundPublish,
     readings: &mut Vec<crate::source::ParsedReading>,
+    message: Option<MessageId>,
 ) -> Option<oneshot::Receiver<()>> {
     let metrics = &context.metrics;
     metrics.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -515,7 +562,11 @@ async fn ingest(
                 durable,
             };
             // The pipeline is gone only at shutdown; no PUBACK then (the client resends).
-            if context.pipeline.send(input).await.is_err() {
+            let sent = match &context.redelivery {
+                Some(log) => log.send(&context.pipeline, input, message).await,
+                None => context.pipeline.send(input).await.map_err(|_| ()),
+            };
+            if sent.is_err() {
                 let (_, never) = oneshot::channel();
                 return Some(never);
             }

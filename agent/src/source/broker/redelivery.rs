@@ -1,0 +1,462 @@
+//! Redelivery records: nothing acknowledged is lost, and nothing is counted twice.
+//!
+//! The acknowledgement chain (`run.rs`) sends a QoS 1 PUBACK only once a message's readings
+//! are durable. That leaves a window: a kill -9 after the group commit that made a message
+//! durable and before its PUBACK reached the sender. The sender then redelivers the message
+//! (a resumed session resends every unacknowledged QoS 1 message) and, without this module,
+//! the agent would ingest it a second time: its readings counted twice, in raw rows and in
+//! the edge summaries.
+//!
+//! So every QoS 1 message that goes into a group commit leaves a *record*: (source, session,
+//! packet id) -> (hash of topic and payload, the journal sequence number after its readings).
+//! The record is written to the `redelivery` tree of the state database just before the
+//! journal block holding the message's last reading, so the commit's state flush makes both
+//! durable together; sled recovers a prefix of its writes, so a durable journal block implies
+//! its records are durable. The reverse (a record whose readings were lost) is caught at
+//! start: a record naming a journal sequence number the journal never reached is deleted.
+//! A record is removed (at the next commit) once its PUBACK has been handed to the transport.
+//!
+//! A message arriving on a resumed session that matches a durable record of an *earlier*
+//! connection (same packet id and same topic + payload hash; in subscribe mode also DUP = 1)
+//! is acknowledged without being ingested, counted in
+//! `tributary_agent_redeliveries_skipped_total`, and its record dropped. A new message that
+//! reuses the packet id with other content is ingested (the hash differs). Records exist
+//! only between a commit and the PUBACK (a few ms) and are capped per agent; past the cap a
+//! message is simply not recorded (counted in `redelivery_records_not_kept_total`): a crash
+//! may then duplicate it, never lose it.
+//!
+//! Pairing: the pipeline sees a message only as a [`PipelineInput`]. Each shell queues the
+//! message's record on its source's queue and sends the input under one per-source lock, so
+//! the queue order is the channel order, and the pipeline takes one queued record per
+//! acknowledged input of that source ([`RedeliveryLog::ingested`]).
+//!
+//! Test-only fault: `TRIBUTARY_AGENT_FAULT_ABORT_AFTER_ACKS=N` aborts the process right after
+//! the first durable commit that brings the acknowledgements released to N or more, before
+//! they are handed to the shells (the durable-but-unacknowledged state of a kill -9).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::mpsc;
+
+use crate::aggregate::SourceIndex;
+use crate::run::PipelineInput;
+
+/// Records kept at most (all sources). One record is about 100 bytes of memory.
+pub const MAX_RECORDS: usize = 65_536;
+/// The environment variable of the test-only fault (see the module docs).
+pub const FAULT_ABORT_AFTER_ACKS: &str = "TRIBUTARY_AGENT_FAULT_ABORT_AFTER_ACKS";
+/// Connection id of records loaded at start: never the current connection of anyone.
+const LOADED: u64 = u64::MAX;
+const VALUE_BYTES: usize = 16;
+
+/// The identity and content hash of one QoS 1 message, as a shell sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageId {
+    key: Vec<u8>,
+    hash: u64,
+    connection: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    hash: u64,
+    connection: u64,
+    /// Written to the tree (flushed by the next commit).
+    written: bool,
+    /// Flushed by a commit that succeeded: its readings are durable, so it may be matched.
+    durable: bool,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Per source, the records of acknowledged inputs sent and not yet ingested (`None`:
+    /// not recorded, past the cap).
+    queued: Vec<VecDeque<Option<MessageId>>>,
+    records: HashMap<Vec<u8>, Record>,
+    /// Tree writes waiting for the next journal block: value `None` removes.
+    writes: Vec<(Vec<u8>, Option<[u8; VALUE_BYTES]>)>,
+    acks_released: u64,
+}
+
+/// The records of one agent (all its MQTT sources), shared by the shells and the pipeline.
+#[derive(Debug)]
+pub struct RedeliveryLog {
+    tree: sled::Tree,
+    source_names: Vec<String>,
+    inner: Mutex<Inner>,
+    send_locks: Vec<tokio::sync::Mutex<()>>,
+    skipped: Vec<AtomicU64>,
+    not_kept: AtomicU64,
+    write_errors: AtomicU64,
+    max_records: usize,
+    abort_after_acks: Option<u64>,
+}
+
+/// 64-bit FNV-1a of the topic length, topic and payload: stable across runs and versions.
+pub fn message_hash(topic: &[u8], payload: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let length = (topic.len() as u64).to_be_bytes();
+    for byte in length.iter().chain(topic).chain(payload) {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+fn record_key(source_name: &str, session: &str, pkid: u16) -> Vec<u8> {
+    let mut key = Vec::with_capacity(source_name.len() + session.len() + 4);
+    key.extend_from_slice(source_name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(session.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&pkid.to_be_bytes());
+    key
+}
+
+fn session_prefix(source_name: &str, session: &str) -> Vec<u8> {
+    let mut key = record_key(source_name, session, 0);
+    key.truncate(key.len() - 2);
+    key
+}
+
+impl RedeliveryLog {
+    /// Opens the `redelivery` tree of `state_db` for the sources named `source_names` (in
+    /// config order). Records are loaded by [`RedeliveryLog::load`].
+    pub fn open(state_db: &sled::Db, source_names: Vec<String>) -> sled::Result<Self> {
+        Self::with_limit(state_db, source_names, MAX_RECORDS)
+    }
+
+    /// [`RedeliveryLog::open`] with another cap on the records kept.
+    pub fn with_limit(
+        state_db: &sled::Db,
+        source_names: Vec<String>,
+        max_records: usize,
+    ) -> sled::Result<Self> {
+        let sources = source_names.len();
+        let abort_after_acks = std::env::var(FAULT_ABORT_AFTER_ACKS)
+            .ok()
+            .and_then(|value| value.trim().parse().ok());
+        Ok(Self {
+            tree: state_db.open_tree("redelivery")?,
+            inner: Mutex::new(Inner {
+                queued: (0..sources).map(|_| VecDeque::new()).collect(),
+                ..Inner::default()
+            }),
+            send_locks: (0..sources).map(|_| tokio::sync::Mutex::new(())).collect(),
+            skipped: (0..sources).map(|_| AtomicU64::new(0)).collect(),
+            source_names,
+            not_kept: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            max_records,
+            abort_after_acks,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Loads the records of the previous run. `journal_next_seq` is the journal sequence
+    /// number the reopened journal continues from: a record naming a later one belongs to
+    /// readings that never became durable and is deleted (durably, before any new reading
+    /// could reach its sequence number). Returns how many records were kept.
+    pub fn load(&self, journal_next_seq: u64) -> sled::Result<usize> {
+        let mut inner = self.lock();
+        let mut removed = sled::Batch::default();
+        let mut removals = 0usize;
+        for entry in self.tree.iter() {
+            let (key, value) = entry?;
+            let known_source = self
+                .source_names
+                .iter()
+                .any(|name| key.starts_with(name.as_bytes()) && key.get(name.len()) == Some(&0));
+            let decoded = <[u8; VALUE_BYTES]>::try_from(value.as_ref())
+                .ok()
+                .map(|value| {
+                    let (hash, end_seq) = value.split_at(8);
+                    (
+                        u64::from_be_bytes(hash.try_into().unwrap_or_default()),
+                        u64::from_be_bytes(end_seq.try_into().unwrap_or_default()),
+                    )
+                });
+            match decoded {
+                Some((hash, end_seq))
+                    if known_source
+                        && end_seq <= journal_next_seq
+                        && inner.records.len() < self.max_records =>
+                {
+                    inner.records.insert(
+                        key.to_vec(),
+                        Record {
+                            hash,
+                            connection: LOADED,
+                            written: true,
+                            durable: true,
+                        },
+                    );
+                }
+                _ => {
+                    removed.remove(key);
+                    removals += 1;
+                }
+            }
+        }
+        if removals > 0 {
+            self.tree.apply_batch(removed)?;
+            self.tree.flush()?;
+        }
+        Ok(inner.records.len())
+    }
+
+    /// The identity of message `pkid` of `session` (a client id) on `connection` of
+    /// `source`.
+    pub fn message_id(
+        &self,
+        source: SourceIndex,
+        session: &str,
+        connection: u64,
+        pkid: u16,
+        topic: &[u8],
+        payload: &[u8],
+    ) -> MessageId {
+        let name = self.source_names.get(source).map_or("", String::as_str);
+        MessageId {
+            key: record_key(name, session, pkid),
+            hash: message_hash(topic, payload),
+            connection,
+        }
+    }
+
+    /// If `message` is a redelivery of a durable message of an earlier connection, drops
+    /// its record, counts it and returns true: acknowledge it without ingesting.
+    pub fn take_redelivery(&self, source: SourceIndex, message: &MessageId) -> bool {
+        let mut inner = self.lock();
+        let matches = inner.records.get(&message.key).is_some_and(|record| {
+            record.durable && record.hash == message.hash && record.connection != message.connection
+        });
+        if matches {
+            inner.records.remove(&message.key);
+            inner.writes.push((message.key.clone(), None));
+            if let Some(counter) = self.skipped.get(source) {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        matches
+    }
+
+    /// Hands one message's readings to the pipeline; an acknowledged input (with
+    /// `durable`) gets `message` recorded when the pipeline ingests it. Err: the pipeline
+    /// is gone (shutdown).
+    pub async fn send(
+        &self,
+        pipeline: &mpsc::Sender<PipelineInput>,
+        input: PipelineInput,
+        message: Option<MessageId>,
+    ) -> Result<(), ()> {
+        let source = input.source;
+        let Some(send_lock) = self
+            .send_locks
+            .get(source)
+            .filter(|_| input.durable.is_some())
+        else {
+            return pipeline.send(input).await.map_err(|_| ());
+        };
+        let _ordered = send_lock.lock().await;
+        {
+            let mut inner = self.lock();
+            let room = inner.records.len() + inner.queued.iter().map(VecDeque::len).sum::<usize>()
+                < self.max_records;
+            let entry = match message {
+                Some(message) if room => Some(message),
+                Some(_) => {
+                    self.not_kept.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                None => None,
+            };
+            if let Some(queue) = inner.queued.get_mut(source) {
+                queue.push_back(entry);
+            }
+        }
+        pipeline.send(input).await.map_err(|_| ())
+    }
+
+    /// Pipeline: an acknowledged input of `source` was ingested; its readings' journal
+    /// sequence numbers are all below `journal_next_seq`.
+    pub fn ingested(&self, source: SourceIndex, journal_next_seq: u64) {
+        let mut inner = self.lock();
+        let Some(Some(message)) = inner.queued.get_mut(source).and_then(VecDeque::pop_front) else {
+            return;
+        };
+        let mut value = [0u8; VALUE_BYTES];
+        value[..8].copy_from_slice(&message.hash.to_be_bytes());
+        value[8..].copy_from_slice(&journal_next_seq.to_be_bytes());
+        inner.records.insert(
+            message.key.clone(),
+            Record {
+                hash: message.hash,
+                connection: message.connection,
+                written: false,
+                durable: false,
+            },
+        );
+        inner.writes.push((message.key, Some(value)));
+    }
+
+    /// Pipeline: writes the pending records and removals, just before a journal block (the
+    /// commit's state flush makes them durable with it).
+    pub fn write_pending(&self) {
+        let mut inner = self.lock();
+        if inner.writes.is_empty() {
+            return;
+        }
+        let mut batch = sled::Batch::default();
+        for (key, value) in inner.writes.drain(..) {
+            match value {
+                Some(value) => batch.insert(key, &value[..]),
+                None => batch.remove(key),
+            }
+        }
+        match self.tree.apply_batch(batch) {
+            Ok(()) => {
+                for record in inner.records.values_mut() {
+                    record.written = true;
+                }
+            }
+            Err(error) => {
+                // Not recorded: a crash may duplicate these messages, never lose them.
+                self.write_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "cannot write redelivery records; a crash before their PUBACKs may count those messages twice");
+                inner.records.retain(|_, record| record.written);
+            }
+        }
+    }
+
+    /// Pipeline: a commit made everything written so far durable and releases `acks`
+    /// acknowledgements next.
+    pub fn committed(&self, acks: u64) {
+        let mut inner = self.lock();
+        for record in inner.records.values_mut() {
+            if record.written {
+                record.durable = true;
+            }
+        }
+        inner.acks_released += acks;
+        if let Some(limit) = self.abort_after_acks {
+            if acks > 0 && inner.acks_released >= limit {
+                eprintln!(
+                    "{FAULT_ABORT_AFTER_ACKS}={limit}: aborting after a durable commit, before its {acks} acknowledgements"
+                );
+                std::process::abort();
+            }
+        }
+    }
+
+    /// Pipeline: a commit failed and its acknowledgements are dropped: forget the records
+    /// not yet made durable (their readings may not be; the senders resend them).
+    pub fn commit_failed(&self) {
+        let mut inner = self.lock();
+        let forgotten: Vec<Vec<u8>> = inner
+            .records
+            .iter()
+            .filter(|(_, record)| !record.durable)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in forgotten {
+            inner.records.remove(&key);
+            inner.writes.push((key, None));
+        }
+    }
+
+    /// Shell: the PUBACK of `message` (or of `pkid` of that session) was handed to the
+    /// transport; its record goes at the next commit.
+    pub fn acknowledged(&self, message: &MessageId) {
+        let mut inner = self.lock();
+        if inner
+            .records
+            .get(&message.key)
+            .is_some_and(|record| record.durable)
+        {
+            inner.records.remove(&message.key);
+            inner.writes.push((message.key.clone(), None));
+        }
+    }
+
+    /// Shell: `session` of `source` starts on `connection` without a stored session
+    /// ("session present = 0"): nothing of earlier connections will be resent, so their
+    /// records go.
+    pub fn session_restarted(&self, source: SourceIndex, session: &str, connection: u64) {
+        let name = self.source_names.get(source).map_or("", String::as_str);
+        let prefix = session_prefix(name, session);
+        let mut inner = self.lock();
+        let stale: Vec<Vec<u8>> = inner
+            .records
+            .iter()
+            .filter(|(key, record)| {
+                record.durable
+                    && record.connection != connection
+                    && key.len() == prefix.len() + 2
+                    && key.starts_with(&prefix)
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in stale {
+            inner.records.remove(&key);
+            inner.writes.push((key, None));
+        }
+    }
+
+    /// Records held (in memory and in the tree).
+    pub fn records(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    /// Redeliveries skipped for `source`.
+    pub fn skipped(&self, source: SourceIndex) -> u64 {
+        self.skipped
+            .get(source)
+            .map_or(0, |counter| counter.load(Ordering::Relaxed))
+    }
+
+    /// Prometheus text for `/metrics`.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "# TYPE tributary_agent_redeliveries_skipped_total counter"
+        );
+        for (name, counter) in self.source_names.iter().zip(&self.skipped) {
+            let _ = writeln!(
+                text,
+                "tributary_agent_redeliveries_skipped_total{{source=\"{name}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let gauges = [
+            (
+                "tributary_agent_redelivery_records",
+                "gauge",
+                self.records() as u64,
+            ),
+            (
+                "tributary_agent_redelivery_records_not_kept_total",
+                "counter",
+                self.not_kept.load(Ordering::Relaxed),
+            ),
+            (
+                "tributary_agent_redelivery_write_errors_total",
+                "counter",
+                self.write_errors.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, kind, value) in gauges {
+            let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");
+        }
+        text
+    }
+}

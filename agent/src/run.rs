@@ -19,9 +19,13 @@
 //!    journaled in *blocks*: one tree entry per commit (or per [`JOURNAL_BLOCK_MAX_BYTES`]),
 //!    keyed by the sequence number of its first reading, holding consecutive readings.
 //!    One sled write per reading was most of the agent's CPU at QoS 1;
-//! 2. each commit (every `group_commit_interval_ms`) appends the batches cut since the last
-//!    one to the buffer, flushes the state database, then flushes the buffer, and only
-//!    then lets the MQTT shell acknowledge the messages ingested before the commit;
+//! 2. each commit (every `group_commit_interval_ms`) flushes the state database (journal
+//!    blocks and new series ids), then appends the batches cut since the last one to the
+//!    buffer and flushes it, and only then lets the MQTT shell acknowledge the messages
+//!    ingested before the commit. State first because buffered batches carry no series
+//!    definitions: a batch must never be on disk before the registry entries naming its
+//!    series (sled may write a batch out before its buffer's flush). If the state flush
+//!    fails, that commit's batches are encoded with their definitions instead;
 //! 3. after the flush, the smallest journal sequence number still in an open window or an
 //!    uncut batch is recorded as the `journal_covered_below` mark, and the blocks wholly
 //!    below it are deleted: their data is in durable batches.
@@ -93,6 +97,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Buffer(#[from] buffer::BufferError),
+    #[error("the agent state at {} holds no series registry, but the buffer holds {batches} batches that name their series by the registry's ids; restore {}, or move the buffer directory aside as well (its batches are then lost)", state_path.display(), state_path.display())]
+    RegistryLost { state_path: PathBuf, batches: u64 },
 }
 
 /// Where the state database (series registry, journal) lives: beside the buffer.
@@ -120,6 +126,7 @@ pub fn buffer_config(config: &crate::config::BufferConfig) -> buffer::BufferConf
         path: config.path.clone(),
         max_buffer_bytes: config.max_buffer_bytes,
         fsync,
+        cache_capacity_bytes: config.cache_capacity_bytes,
         ..buffer::BufferConfig::default()
     }
 }
@@ -228,13 +235,21 @@ impl Pipeline {
         let state_db = crate::sled_open::open(
             &sled::Config::new()
                 .path(&path)
-                .cache_capacity(4 * 1024 * 1024),
+                .cache_capacity(config.buffer.state_cache_capacity_bytes),
         )
         .map_err(|source| RunError::StateOpen {
             path: path.clone(),
             source,
         })?;
         let registry = SeriesRegistry::open(state_db.open_tree("series").map_err(state_error)?)?;
+        let batches_buffered = buffer.stats(0).batches_buffered;
+        if registry.is_empty() && batches_buffered > 0 {
+            // Fresh ids would give buffered batches' series the keys of new ones.
+            return Err(RunError::RegistryLost {
+                state_path: path,
+                batches: batches_buffered,
+            });
+        }
         let journal = state_db.open_tree("journal").map_err(state_error)?;
         let meta = state_db.open_tree("meta").map_err(state_error)?;
         let mut stage = AggregationStage::new(registry, config.batching.cutter());
@@ -375,6 +390,12 @@ impl Pipeline {
         &self.stage
     }
 
+    /// Read access to the series registry for the shipper, which attaches definitions to
+    /// batches buffered without them.
+    pub fn registry_reader(&self) -> Option<crate::aggregate::RegistryReader> {
+        self.stage.registry().reader()
+    }
+
     /// Takes one message's readings.
     pub fn ingest(&mut self, input: PipelineInput, now_ms: i64) {
         let policy = self
@@ -475,12 +496,15 @@ impl Pipeline {
         }
     }
 
-    /// Appends cut batches, flushes state and buffer, releases acknowledgements, truncates
-    /// the journal. On any failure nothing is acknowledged (the broker redelivers).
+    /// Flushes state, appends cut batches, flushes the buffer, releases acknowledgements,
+    /// truncates the journal. On any failure nothing is acknowledged (the broker redelivers).
     pub async fn commit(&mut self, now_ms: i64) {
         let metrics = Arc::clone(&self.metrics);
         let pipeline = &metrics.pipeline;
         self.write_journal_block();
+        // Before any append: the batches below rely on the registry for their definitions.
+        let state_flushed = self.state_db.flush_async().await;
+        let include_definitions = state_flushed.is_err() || !self.stage.registry().is_persistent();
         let appended_any = !self.cut.is_empty();
         for cut in std::mem::take(&mut self.cut) {
             let class = cut.class;
@@ -493,7 +517,9 @@ impl Pipeline {
                     continue;
                 }
             };
-            let (bytes, info) = self.stage.encode(cut, &self.agent_id, batch_seq, now_ms);
+            let (bytes, info) =
+                self.stage
+                    .encode(cut, &self.agent_id, batch_seq, now_ms, include_definitions);
             match self.buffer.append(batch_seq, info, &bytes) {
                 Ok(receipt) => {
                     if !receipt.stored {
@@ -521,7 +547,6 @@ impl Pipeline {
                 }
             }
         }
-        let state_flushed = self.state_db.flush_async().await;
         let buffer_flushed = self.buffer.flush_async().await;
         pipeline.commits.fetch_add(1, Ordering::Relaxed);
         let journal_failed = std::mem::take(&mut self.journal_write_failed);
@@ -689,8 +714,11 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
         .collect();
     let metrics = Arc::new(Metrics::new(source_metrics.clone()));
     let (mut pipeline, _) = Pipeline::open(&config, buffer.clone(), Arc::clone(&metrics))?;
-    let shipper = crate::ship::Shipper::new(ship_config(&config)?, buffer.clone())
+    let mut shipper = crate::ship::Shipper::new(ship_config(&config)?, buffer.clone())
         .context("cannot set up shipping to the collector (check the [collector] section)")?;
+    if let Some(registry) = pipeline.registry_reader() {
+        shipper.set_registry(registry);
+    }
     let shipper_handle = shipper.handle();
     pipeline.set_shipper(shipper_handle.clone());
     let shipper_task = tokio::spawn(async move {

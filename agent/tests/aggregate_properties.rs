@@ -171,7 +171,7 @@ fn stage_cuts_separate_self_contained_batches() {
         100
     );
     for (index, batch) in cut.into_iter().enumerate() {
-        let (bytes, info) = stage.encode(batch, "gw-1", index as u64, 5);
+        let (bytes, info) = stage.encode(batch, "gw-1", index as u64, 5, true);
         let decoded = decode_batch(&bytes, &BatchLimits::default()).expect("decode");
         assert_eq!(decoded.batch_seq, index as u64);
         assert_eq!(

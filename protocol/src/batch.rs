@@ -40,7 +40,7 @@ pub use dictionary::{
     series_ids_used, DictionaryError, ReceiverSessionDictionary, SenderSessionDictionary,
 };
 
-use crate::model::{Reading, SeriesDef, WindowSummary};
+use crate::model::{Reading, SeriesDef, SeriesId, WindowSummary};
 use readings::{EncodedColumns, ReadingColumns};
 use varint::Reader;
 
@@ -479,35 +479,121 @@ impl BatchDecoder {
         let mut reader = Reader::new(bytes, "envelope");
         let start = read_envelope_start(&mut reader, limits)?;
         let counts = read_counts(&mut reader, limits)?;
-        let payload = reader.remaining();
-        let body: &[u8] = if counts.compression == COMPRESSION_ZSTD {
-            let decompressor = match self.decompressor.as_mut() {
-                Some(decompressor) => decompressor,
-                None => self
-                    .decompressor
-                    .insert(zstd::bulk::Decompressor::new().map_err(|source| {
-                        BatchError::Decompress {
-                            declared_bytes: counts.body_bytes as u64,
-                            source,
-                        }
-                    })?),
-            };
-            self.body.clear();
-            // The declared size was checked against the limit; zstd writes at most
-            // the buffer's capacity and fails past it.
-            self.body.reserve_exact(counts.body_bytes);
-            decompressor
-                .decompress_to_buffer(payload, &mut self.body)
-                .map_err(|source| BatchError::Decompress {
-                    declared_bytes: counts.body_bytes as u64,
-                    source,
-                })?;
-            &self.body
-        } else {
-            payload
-        };
+        let body = self.body(&counts, reader.remaining())?;
         decode_body(start, &counts, body)
     }
+
+    /// The definitions an encoded batch carries and the series ids it uses, without
+    /// decoding its timestamps and values (only the run column, and the summaries,
+    /// are read). What a sender needs to attach definitions at send time to batches
+    /// stored without them. Never panics; allocates only within `limits`.
+    pub fn series_usage(
+        &mut self,
+        bytes: &[u8],
+        limits: &BatchLimits,
+    ) -> Result<SeriesUsage, BatchError> {
+        check_encoded_size(bytes, limits)?;
+        let mut reader = Reader::new(bytes, "envelope");
+        let start = read_envelope_start(&mut reader, limits)?;
+        let counts = read_counts(&mut reader, limits)?;
+        let body = self.body(&counts, reader.remaining())?;
+        if counts.summary_count > 0 {
+            // Summary batches are small next to raw ones: decoded whole, so this reader
+            // follows whatever the summary encoding is.
+            let batch = decode_body(start, &counts, body)?;
+            let used = series_ids_used(&batch);
+            return Ok(SeriesUsage {
+                defined: batch.series,
+                used,
+            });
+        }
+        if body.len() != counts.body_bytes {
+            return Err(BatchError::BodySizeMismatch {
+                declared_bytes: counts.body_bytes as u64,
+                actual_bytes: body.len() as u64,
+            });
+        }
+        let defined = decode_definitions(start.definitions, start.series_count)?;
+        let mut body_reader = Reader::new(body, "body");
+        // The (empty) summary sections before the runs: one in format 1, three after.
+        let summary_sections = if bytes.get(1).is_some_and(|version| *version >= 2) {
+            3
+        } else {
+            1
+        };
+        for _ in 0..summary_sections {
+            let section_bytes = body_reader.read_usize()?;
+            body_reader.take(section_bytes)?;
+        }
+        let runs_bytes = body_reader.read_usize()?;
+        let mut runs = Reader::new(body_reader.take(runs_bytes)?, "run column");
+        // A run takes at least three bytes: bounds the allocation by the input present.
+        if counts.run_count > runs_bytes / 3 {
+            return Err(BatchError::Truncated {
+                section: "reading columns",
+            });
+        }
+        let mut used = Vec::with_capacity(counts.run_count);
+        let mut series: u64 = 0;
+        let mut readings = 0usize;
+        for _ in 0..counts.run_count {
+            series = series.wrapping_add(runs.read_u64()?);
+            let series_id = SeriesId::try_from(series)
+                .map_err(|_| BatchError::SeriesIdOutOfRange { value: series })?;
+            let length = runs.read_usize()?;
+            runs.read_u8()?;
+            if length == 0 || length > counts.reading_count - readings {
+                return Err(BatchError::RunLengthsMismatch {
+                    declared_readings: counts.reading_count as u64,
+                    run_length: length as u64,
+                    already_decoded: readings as u64,
+                });
+            }
+            readings += length;
+            used.push(series_id);
+        }
+        used.sort_unstable();
+        used.dedup();
+        Ok(SeriesUsage { defined, used })
+    }
+
+    /// The batch body: `payload` itself, or decompressed into the reused buffer.
+    fn body<'a>(&'a mut self, counts: &Counts, payload: &'a [u8]) -> Result<&'a [u8], BatchError> {
+        if counts.compression != COMPRESSION_ZSTD {
+            return Ok(payload);
+        }
+        let decompressor = match self.decompressor.as_mut() {
+            Some(decompressor) => decompressor,
+            None => self
+                .decompressor
+                .insert(zstd::bulk::Decompressor::new().map_err(|source| {
+                    BatchError::Decompress {
+                        declared_bytes: counts.body_bytes as u64,
+                        source,
+                    }
+                })?),
+        };
+        self.body.clear();
+        // The declared size was checked against the limit; zstd writes at most
+        // the buffer's capacity and fails past it.
+        self.body.reserve_exact(counts.body_bytes);
+        decompressor
+            .decompress_to_buffer(payload, &mut self.body)
+            .map_err(|source| BatchError::Decompress {
+                declared_bytes: counts.body_bytes as u64,
+                source,
+            })?;
+        Ok(&self.body)
+    }
+}
+
+/// What [`BatchDecoder::series_usage`] reads from an encoded batch.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SeriesUsage {
+    /// The definitions the batch carries (none for a batch stored without them).
+    pub defined: Vec<SeriesDef>,
+    /// The ids its readings and summaries use, sorted and deduplicated.
+    pub used: Vec<SeriesId>,
 }
 
 fn decode_body(

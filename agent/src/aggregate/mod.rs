@@ -4,8 +4,14 @@
 //! registry's sled tree. Per source, a [`WindowAggregator`] keeps per-series event-time
 //! tumbling windows and applies the raw-forwarding policy; the [`BatchCutter`] groups raw
 //! readings and window summaries into separate batches; [`AggregationStage::encode`] turns
-//! a cut batch into the protocol's columnar bytes with every series definition it uses
-//! (the buffer's contract with the shipper: each stored batch is self-contained).
+//! a cut batch into the protocol's columnar bytes.
+//!
+//! Batches are stored *without* series definitions when the registry holds them durably:
+//! the shipper attaches, per session, the definitions the collector has not confirmed
+//! (from [`RegistryReader`]). A raw batch of a 10k-series fleet cut every second would
+//! otherwise carry 10k keys each time: 80% of the bytes buffered per reading and over
+//! half of the encoding time (`docs/benchmarks.md`, `bench agent`). The run loop makes the
+//! registry durable before it appends batches that rely on it.
 //!
 //! - [`window`]: windows, watermark and idle close, raw policies;
 //! - [`registry`]: stable series ids, persisted across restarts;
@@ -16,7 +22,7 @@ pub mod registry;
 pub mod window;
 
 pub use cutter::{BatchCutter, CutBatch, DEFAULT_MAX_BATCH_AGE_MS, DEFAULT_MAX_ITEMS_PER_BATCH};
-pub use registry::{RegistryError, SeriesRegistry};
+pub use registry::{RegistryError, RegistryReader, SeriesRegistry};
 pub use window::{
     AggregateOutput, AggregatorCounters, ClosedWindow, ForwardedReading, WindowAggregator,
     WindowConfig, DEFAULT_ALLOWED_DISORDER_MS, DEFAULT_SERIES_EVICT_AFTER_MS, NOT_JOURNALED,
@@ -207,14 +213,17 @@ impl AggregationStage {
         }
     }
 
-    /// Encodes a cut batch under `batch_seq`, with the definitions of every series it uses,
-    /// and the header the buffer stores with it.
+    /// Encodes a cut batch under `batch_seq`, and the header the buffer stores with it.
+    /// With `include_definitions` the batch carries the definition of every series it uses
+    /// (self-contained); without, the shipper must attach them from the registry, so pass
+    /// `false` only when the registry is persistent and flushed.
     pub fn encode(
         &mut self,
         cut: CutBatch,
         agent_id: &str,
         batch_seq: u64,
         created_ms: i64,
+        include_definitions: bool,
     ) -> (Vec<u8>, BatchInfo) {
         let info = BatchInfo {
             class: cut.class,
@@ -230,6 +239,9 @@ impl AggregationStage {
             readings: cut.readings,
             summaries: cut.summaries,
         };
+        if !include_definitions {
+            return (self.encoder.encode(&batch), info);
+        }
         // The definitions are lent by the registry for the encoding, not cloned: a raw
         // batch of a 10k-series fleet names every series, once a second.
         batch.series = self.registry.take_definitions(&series_ids_used(&batch));

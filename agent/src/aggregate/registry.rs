@@ -58,6 +58,39 @@ impl std::hash::Hasher for PassThroughHasher {
     }
 }
 
+/// Read access to the persisted assignments from another task: the shipper attaches the
+/// definitions a session still needs to batches the buffer holds without them.
+///
+/// Reads go to the sled tree the registry writes (a new assignment is visible at once, in
+/// this process), so the shipper needs no lock on the pipeline's registry and holds no copy
+/// of the keys.
+#[derive(Debug, Clone)]
+pub struct RegistryReader {
+    tree: sled::Tree,
+}
+
+impl RegistryReader {
+    /// The definition of `id`, or `None` if no key was ever assigned it.
+    pub fn definition(&self, id: SeriesId) -> Result<Option<SeriesDef>, RegistryError> {
+        let Some(value) =
+            self.tree
+                .get(id.to_be_bytes())
+                .map_err(|source| RegistryError::Storage {
+                    operation: "reading a series definition",
+                    source,
+                })?
+        else {
+            return Ok(None);
+        };
+        let key: SeriesKey =
+            serde_json::from_slice(&value).map_err(|error| RegistryError::Corrupt {
+                id: id.to_string(),
+                reason: error.to_string(),
+            })?;
+        Ok(Some(SeriesDef { id, key }))
+    }
+}
+
 /// Series keys and their ids, optionally backed by a sled tree.
 #[derive(Debug, Default)]
 pub struct SeriesRegistry {
@@ -114,6 +147,17 @@ impl SeriesRegistry {
 
     pub fn len(&self) -> usize {
         self.definitions.len()
+    }
+
+    /// A reader of the persisted assignments for other tasks; `None` for an in-memory
+    /// registry (whose batches must then carry their definitions).
+    pub fn reader(&self) -> Option<RegistryReader> {
+        self.tree.clone().map(|tree| RegistryReader { tree })
+    }
+
+    /// Whether assignments are persisted (see [`SeriesRegistry::reader`]).
+    pub fn is_persistent(&self) -> bool {
+        self.tree.is_some()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -13,6 +13,12 @@
 //! non-retryable nack, see below). All decisions are made by the sans-IO
 //! [`super::state`] machines; this file moves bytes and reads clocks.
 //!
+//! Series definitions: the agent buffers batches without them (the series registry in the
+//! agent's state database holds every key durably). Before a batch goes out, the shipper
+//! reads which series ids it uses (`BatchDecoder::series_usage`: the run column, not the
+//! readings) and attaches the definitions this session has not confirmed, from the batch
+//! itself (batches buffered by older builds carry theirs) or from the registry.
+//!
 //! Dead letters: a non-retryable nack means the collector can never accept these
 //! bytes (they do not decode, or are over its limits). Keeping them would resend them
 //! on every reconnect forever and hold buffer space, so the shipper removes them from
@@ -30,19 +36,22 @@ use ring::rand::SecureRandom;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tributary_protocol::batch::{replace_series_definitions, SenderSessionDictionary};
+use tributary_protocol::batch::{
+    replace_series_definitions, BatchDecoder, SenderSessionDictionary,
+};
 use tributary_protocol::close::{CLOSE_NORMAL, CLOSE_PROTOCOL_VIOLATION};
 use tributary_protocol::frame::{frame_header, Frame, FrameDecoder, FrameKind, FrameLimits};
 use tributary_protocol::session::{
     speaks_version, Backlog, Hello, Message, Nack, NackReason, Welcome, MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
 };
-use tributary_protocol::{decode_batch, BatchLimits, SeriesId};
+use tributary_protocol::{BatchLimits, SeriesDef, SeriesId};
 
 use super::config::ShipConfig;
 use super::error::ShipError;
 use super::state::{Backoff, DrainRate, InFlightBook, NackAction, ReconnectSchedule, SendPlan};
 use super::tls::{client_config, PinnedCertVerifier};
+use crate::aggregate::RegistryReader;
 use crate::buffer::{DiskBuffer, ReplayOrder, StoredBatch};
 
 /// Buffered batches created this recently when a session starts are sent as live data,
@@ -140,6 +149,9 @@ pub struct Shipper {
     handle: ShipperHandle,
     clock: Instant,
     random: SmallRandom,
+    /// Where definitions missing from a buffered batch come from.
+    registry: Option<RegistryReader>,
+    decoder: BatchDecoder,
 }
 
 /// Why a session ended.
@@ -191,7 +203,15 @@ impl Shipper {
             handle,
             clock: Instant::now(),
             random: SmallRandom::seeded(),
+            registry: None,
+            decoder: BatchDecoder::new(),
         })
+    }
+
+    /// The agent's series registry, for batches buffered without their definitions
+    /// (without it, batches go out with the definitions they carry, if any).
+    pub fn set_registry(&mut self, registry: RegistryReader) {
+        self.registry = Some(registry);
     }
 
     pub fn handle(&self) -> ShipperHandle {
@@ -624,7 +644,7 @@ impl Shipper {
     }
 
     fn spawn_send(
-        &self,
+        &mut self,
         connection: &Connection,
         session: &SessionState,
         tasks: &mut JoinSet<(u64, Vec<SeriesId>, Result<Message, String>)>,
@@ -632,8 +652,13 @@ impl Shipper {
         plan: SendPlan,
     ) {
         let batch_seq = stored.batch_seq;
-        let (payload, defined) =
-            with_session_definitions(stored.payload, &session.dictionary, plan.full_definitions);
+        let (payload, defined) = with_session_definitions(
+            &mut self.decoder,
+            self.registry.as_ref(),
+            stored.payload,
+            &session.dictionary,
+            plan.full_definitions,
+        );
         let stats = self.handle.inner.stats.clone();
         ShipStats::add(&stats.batches_sent, 1);
         ShipStats::add(&stats.bytes_sent, payload.len() as u64);
@@ -734,36 +759,70 @@ impl SessionState {
     }
 }
 
-/// Attaches only the definitions this session has not confirmed (all of them on
-/// request). Buffered batches are self-contained: they carry the definition of every
-/// series they use, so nothing else needs to be looked up. Returns the bytes to send
-/// and the ids they define. A batch that does not decode goes as is: the collector's
-/// nack will say what is wrong with it.
+/// Attaches the definitions this session has not confirmed (every used series' on
+/// request) and nothing else. They come from the batch itself when it carries them
+/// (batches buffered by older builds, or when the registry could not be flushed) and from
+/// the registry otherwise. Returns the bytes to send and the ids they define. A batch
+/// that does not decode goes as is: the collector's nack will say what is wrong with it.
 fn with_session_definitions(
+    decoder: &mut BatchDecoder,
+    registry: Option<&RegistryReader>,
     payload: Vec<u8>,
     dictionary: &SenderSessionDictionary,
     full_definitions: bool,
 ) -> (Vec<u8>, Vec<SeriesId>) {
     let limits = BatchLimits::default();
-    let Ok(batch) = decode_batch(&payload, &limits) else {
+    let Ok(usage) = decoder.series_usage(&payload, &limits) else {
         return (payload, Vec::new());
     };
-    let all_ids: Vec<SeriesId> = batch.series.iter().map(|def| def.id).collect();
-    if full_definitions {
-        return (payload, all_ids);
-    }
-    let needed: Vec<_> = batch
-        .series
-        .into_iter()
-        .filter(|def| !dictionary.is_confirmed(def.id))
+    let needed: Vec<SeriesId> = usage
+        .used
+        .iter()
+        .copied()
+        .filter(|id| full_definitions || !dictionary.is_confirmed(*id))
         .collect();
-    if needed.len() == all_ids.len() {
-        return (payload, all_ids);
+    let mut carried = usage.defined;
+    carried.sort_unstable_by_key(|definition| definition.id);
+    if carried.len() == needed.len()
+        && carried
+            .iter()
+            .zip(&needed)
+            .all(|(definition, id)| definition.id == *id)
+    {
+        // Exactly what the session needs (often: nothing at all).
+        return (payload, needed);
     }
-    let needed_ids = needed.iter().map(|def| def.id).collect();
-    match replace_series_definitions(&payload, &needed, &limits) {
-        Ok(stripped) => (stripped, needed_ids),
-        Err(_) => (payload, all_ids),
+    let mut definitions: Vec<SeriesDef> = Vec::with_capacity(needed.len());
+    let mut unresolved = Vec::new();
+    for id in &needed {
+        if let Ok(index) = carried.binary_search_by_key(id, |definition| definition.id) {
+            definitions.push(carried[index].clone());
+            continue;
+        }
+        match registry.map(|registry| registry.definition(*id)) {
+            Some(Ok(Some(definition))) => definitions.push(definition),
+            Some(Err(error)) => {
+                tracing::error!(series_id = id, %error, "cannot read a series definition");
+                unresolved.push(*id);
+            }
+            Some(Ok(None)) | None => unresolved.push(*id),
+        }
+    }
+    if !unresolved.is_empty() {
+        // The collector nacks the batch (unknown series); it is retried with backoff.
+        tracing::error!(
+            unresolved = unresolved.len(),
+            first = unresolved.first().copied(),
+            "a buffered batch uses series the agent's registry does not know; was the state directory replaced?"
+        );
+    }
+    let defined: Vec<SeriesId> = definitions.iter().map(|definition| definition.id).collect();
+    match replace_series_definitions(&payload, &definitions, &limits) {
+        Ok(rewritten) => (rewritten, defined),
+        Err(_) => (
+            payload,
+            carried.iter().map(|definition| definition.id).collect(),
+        ),
     }
 }
 

@@ -64,6 +64,19 @@ fn agent_config_text(
 ) -> String {
     let (collector_address, fingerprint) =
         collector.unwrap_or_else(|| (SocketAddr::from(([127, 0, 0, 1], 9)), "00".repeat(32)));
+    // `TRIBUTARY_BENCH_AGENT_CACHE_BYTES=BUFFER/STATE` sets the two sled page caches (the
+    // sweep behind the agent's defaults); anything else leaves the defaults.
+    let caches = std::env::var("TRIBUTARY_BENCH_AGENT_CACHE_BYTES")
+        .ok()
+        .and_then(|caches| {
+            let (buffer_bytes, state_bytes) = caches.split_once('/')?;
+            Some(format!(
+                "cache_capacity_bytes = {}\nstate_cache_capacity_bytes = {}\n",
+                buffer_bytes.trim(),
+                state_bytes.trim()
+            ))
+        })
+        .unwrap_or_default();
     format!(
         r#"agent_id = "{AGENT_ID}"
 
@@ -77,7 +90,7 @@ token = "token-{AGENT_ID}"
 path = "{buffer}"
 fsync = "group"
 group_commit_interval_ms = 50
-
+{caches}
 [metrics]
 listen_address = "{metrics_address}"
 
@@ -266,6 +279,8 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         "rss_mib": round3(peak_mib),
         "rss_mib_is_peak_of_phase": peak_reset,
         "rss_before_pipeline_mib": round3(rss_before_mib),
+        "buffer_cache_bytes": config.buffer.cache_capacity_bytes,
+        "state_cache_bytes": config.buffer.state_cache_capacity_bytes,
         "buffer_bytes_appended": bytes_appended,
         "bytes_per_reading_buffered": round3(bytes_appended as f64 / readings_in.max(1) as f64),
     }))

@@ -24,7 +24,7 @@
 //! librdkafka's consumer calls block, so they run on tokio's blocking pool.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,10 @@ pub struct KafkaLogConfig {
     /// Group membership: a member that does not poll for this long (a store outage pauses
     /// the processor) leaves the group; it rejoins when it polls again.
     pub group_max_poll_interval_ms: u64,
+    /// How often readers refresh the topic's metadata (`topic.metadata.refresh.interval.ms`):
+    /// a consumer group notices partitions added to the topic within this interval and
+    /// rebalances to hand them out (librdkafka's default is 5 minutes).
+    pub metadata_refresh_interval_ms: u64,
 }
 
 impl Default for KafkaLogConfig {
@@ -103,6 +107,7 @@ impl Default for KafkaLogConfig {
             read_wait_ms: 200,
             group_session_timeout_ms: 10_000,
             group_max_poll_interval_ms: 300_000,
+            metadata_refresh_interval_ms: 30_000,
         }
     }
 }
@@ -221,7 +226,13 @@ impl KafkaLogConfig {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "error")
             .set("fetch.wait.max.ms", "50")
-            .set("isolation.level", "read_committed");
+            .set("isolation.level", "read_committed")
+            .set(
+                "topic.metadata.refresh.interval.ms",
+                self.metadata_refresh_interval_ms
+                    .clamp(1_000, 3_600_000)
+                    .to_string(),
+            );
         config
     }
 
@@ -284,7 +295,13 @@ struct PartitionReader {
 
 struct Inner {
     config: KafkaLogConfig,
+    /// Partitions at connect: appends route agents over these, so an agent's batches stay
+    /// in one partition (and one engine) for the life of the process even when partitions
+    /// are added to the topic.
     partition_count: u32,
+    /// Partitions known to exist (at least `partition_count`; grows with
+    /// [`KafkaLog::refresh_partition_count`]): what reads, offsets and commits accept.
+    readable_partition_count: AtomicU32,
     /// Replaced when librdkafka reports a fatal error (an idempotent producer that can
     /// no longer guarantee order or exactly-once is unusable until recreated).
     producer: std::sync::RwLock<FutureProducer>,
@@ -334,6 +351,7 @@ impl KafkaLog {
             inner: Arc::new(Inner {
                 config,
                 partition_count,
+                readable_partition_count: AtomicU32::new(partition_count),
                 producer: std::sync::RwLock::new(producer),
                 enqueue: tokio::sync::Mutex::new(()),
                 readers,
@@ -584,13 +602,39 @@ impl KafkaLog {
     }
 
     fn check_partition(&self, partition: u32) -> Result<(), LogError> {
-        if partition >= self.inner.partition_count {
+        let partition_count = self.readable_partition_count();
+        if partition >= partition_count {
             return Err(LogError::UnknownPartition {
                 partition,
-                partition_count: self.inner.partition_count,
+                partition_count,
             });
         }
         Ok(())
+    }
+
+    /// Partitions the topic is known to have: those at connect, and any added since that
+    /// [`KafkaLog::refresh_partition_count`] saw. Appends keep routing over the partitions
+    /// at connect ([`DurableLog::partition_count`]).
+    pub fn readable_partition_count(&self) -> u32 {
+        self.inner
+            .readable_partition_count
+            .load(Ordering::Relaxed)
+            .max(self.inner.partition_count)
+    }
+
+    /// Asks the brokers how many partitions the topic has now (partitions can be added,
+    /// never removed) and lets reads, offsets and commits use the new ones. The processor
+    /// calls it periodically to pick up partitions added while it runs.
+    pub async fn refresh_partition_count(&self) -> Result<u32, LogError> {
+        let producer = self.inner.current_producer()?;
+        let topic = self.inner.config.topic.clone();
+        let timeout = self.inner.request_timeout();
+        let count = blocking(move || topic_partition_count(&producer, &topic, timeout)).await?;
+        let known = self
+            .inner
+            .readable_partition_count
+            .fetch_max(count, Ordering::Relaxed);
+        Ok(known.max(count))
     }
 }
 

@@ -221,6 +221,10 @@ struct Consumer<L: RecordSource, S, C> {
     sampler: SkipSampler,
     last_flush_ms: i64,
     records_processed: u64,
+    /// Partitions the log had when last asked (they can grow while the loop runs).
+    partition_count: u32,
+    /// When to ask the log again whether partitions were added (`None`: they cannot be).
+    next_partition_refresh: Option<Instant>,
     /// Log times of the records processed since the last flush, for the
     /// `log_to_stored_seconds` histogram once the flush makes them durable.
     unflushed_log_times_ms: Vec<i64>,
@@ -253,11 +257,22 @@ where
         config.partitions = PartitionAssignment::All;
     }
     let member = config.partitions == PartitionAssignment::Group;
+    // Asked of the log, not taken from `partition_count()`: a Kafka log routes appends over
+    // the partitions it had at connect, and the topic may have more by now.
+    let partition_count = L::current_partition_count(&log)
+        .await
+        .unwrap_or_else(|_| log.partition_count())
+        .max(log.partition_count());
     let partitions = if member {
         Vec::new()
     } else {
-        config.partitions.resolve(log.partition_count())?
+        config.partitions.resolve(partition_count)?
     };
+    // A replay reads what the log had at its start; a running processor keeps looking.
+    let next_partition_refresh = (config.until == RunUntil::Shutdown)
+        .then(|| L::partition_refresh_interval(&log))
+        .flatten()
+        .map(|interval| Instant::now() + interval);
     let reader = L::open_reader(&log, member.then_some(config.group.as_str()))?;
     let mut consumer = Consumer {
         last_flush_ms: clock.now_ms(),
@@ -274,6 +289,8 @@ where
         out: EngineOutput::default(),
         sampler: SkipSampler::default(),
         records_processed: 0,
+        partition_count,
+        next_partition_refresh,
         unflushed_log_times_ms: Vec::new(),
     };
     for partition in partitions {
@@ -472,9 +489,29 @@ where
     /// answer with the offsets to read them from. `false` on shutdown while waiting.
     async fn take_partitions(&mut self, assignment: Assignment) -> Result<bool, PipelineError> {
         let mut starts = BTreeMap::new();
+        if assignment
+            .partitions()
+            .iter()
+            .any(|partition| *partition >= self.partition_count)
+        {
+            // The group saw partitions added to the topic before this processor did.
+            let log = self.log.clone();
+            match self
+                .log_call("read the topic's partition count", || {
+                    L::current_partition_count(&log)
+                })
+                .await
+            {
+                Some(count) => self.partition_count = self.partition_count.max(count),
+                None => {
+                    assignment.start_at(BTreeMap::new());
+                    return Ok(false);
+                }
+            }
+        }
         for partition in assignment.partitions().to_vec() {
-            if partition >= self.log.partition_count() {
-                tracing::error!(partition, partition_count = self.log.partition_count(), "the group assigned a partition this processor does not know (partitions added since it started?); restart the processors to take it");
+            if partition >= self.partition_count {
+                tracing::error!(partition, partition_count = self.partition_count, "the group assigned a partition the topic's metadata does not show yet; it is left to the next rebalance");
                 continue;
             }
             if let Some(run) = self.runs.get(&partition) {
@@ -643,6 +680,12 @@ where
                 next_lag_refresh = Instant::now() + Duration::from_secs(1);
                 self.refresh_log_ends().await;
             }
+            if self
+                .next_partition_refresh
+                .is_some_and(|due| due <= Instant::now())
+            {
+                self.take_added_partitions().await?;
+            }
 
             let now_ms = self.clock.now_ms();
             if now_ms >= next_tick_ms && self.runs.values().any(|run| run.caught_up) {
@@ -677,6 +720,68 @@ where
         // Leave the group only once the results are durable (or the flush gave up).
         self.reader.close().await;
         result.map(|()| report)
+    }
+
+    /// Asks the log whether partitions were added (Kafka topics can grow while the processor
+    /// runs). With a fixed assignment that selects by rule (`all`, `INDEX/COUNT`), the new
+    /// partitions it selects are opened like any other: from their checkpoint if a
+    /// processor of this group ever stored one, else from the start of the retained log.
+    /// A group member only learns the new count here; the group hands the partitions out
+    /// by rebalancing (librdkafka refreshes the topic's metadata as often).
+    async fn take_added_partitions(&mut self) -> Result<(), PipelineError> {
+        let interval = L::partition_refresh_interval(&self.log).unwrap_or(Duration::from_secs(30));
+        self.next_partition_refresh = Some(Instant::now() + interval);
+        let count = match L::current_partition_count(&self.log).await {
+            Ok(count) => count,
+            Err(error) => {
+                self.metrics.log_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "cannot ask the log for its partition count; asking again later");
+                return Ok(());
+            }
+        };
+        if count <= self.partition_count {
+            return Ok(());
+        }
+        tracing::info!(
+            from = self.partition_count,
+            to = count,
+            "partitions were added to the log"
+        );
+        self.partition_count = count;
+        let selected = match &self.config.partitions {
+            PartitionAssignment::All | PartitionAssignment::Share { .. } => {
+                self.config.partitions.resolve(count)?
+            }
+            // A list names its partitions; a group member's come from the group.
+            PartitionAssignment::List(_) | PartitionAssignment::Group => return Ok(()),
+        };
+        let added: Vec<u32> = selected
+            .into_iter()
+            .filter(|partition| !self.runs.contains_key(partition))
+            .collect();
+        if added.is_empty() {
+            return Ok(());
+        }
+        let start = std::mem::replace(&mut self.config.start, StartFrom::Checkpoint);
+        let mut opened = Ok(());
+        for partition in &added {
+            match self.open_partition(*partition).await {
+                Ok(Some(run)) => {
+                    self.runs.insert(*partition, run);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    opened = Err(error);
+                    break;
+                }
+            }
+        }
+        self.config.start = start;
+        opened?;
+        tracing::info!(partitions = ?added, "reading partitions added to the log");
+        let positions = self.positions();
+        self.reader.assign(&positions)?;
+        Ok(())
     }
 
     async fn refresh_log_ends(&mut self) {

@@ -70,6 +70,15 @@ pub trait RecordSource: DurableLog + Sized {
     /// A reader of fixed partitions (`group_member: None`), or a member of that consumer
     /// group (Kafka only).
     fn open_reader(log: &Arc<Self>, group_member: Option<&str>) -> Result<Self::Reader, LogError>;
+
+    /// How often to ask whether partitions were added, for a log whose partitions can grow
+    /// while the processor runs (a Kafka topic); `None` when they are fixed.
+    fn partition_refresh_interval(log: &Arc<Self>) -> Option<Duration>;
+
+    /// The number of partitions the log has now (and can be read), asked of the log itself.
+    fn current_partition_count(
+        log: &Arc<Self>,
+    ) -> impl Future<Output = Result<u32, LogError>> + Send;
 }
 
 /// Reads each owned partition of the embedded log in turn; never waits.
@@ -94,6 +103,15 @@ impl RecordSource for EmbeddedLog {
             log: Arc::clone(log),
             positions: BTreeMap::new(),
         })
+    }
+
+    /// The embedded log's partitions are set when it is created.
+    fn partition_refresh_interval(_log: &Arc<Self>) -> Option<Duration> {
+        None
+    }
+
+    async fn current_partition_count(log: &Arc<Self>) -> Result<u32, LogError> {
+        Ok(log.partition_count())
     }
 }
 
@@ -173,6 +191,19 @@ impl RecordSource for KafkaLog {
             log: Arc::clone(log),
             reader,
         })
+    }
+
+    /// Partitions can be added to a topic at any time: asked as often as the reader
+    /// refreshes its metadata (`metadata_refresh_interval_ms`, also what makes a consumer
+    /// group rebalance to hand them out).
+    fn partition_refresh_interval(log: &Arc<Self>) -> Option<Duration> {
+        Some(Duration::from_millis(
+            log.config().metadata_refresh_interval_ms.max(1_000),
+        ))
+    }
+
+    async fn current_partition_count(log: &Arc<Self>) -> Result<u32, LogError> {
+        log.refresh_partition_count().await
     }
 }
 

@@ -651,7 +651,8 @@ fn the_dashboard_lists_devices_and_a_chart_follows_the_live_feed() {
 
     let png = browser.screenshot();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
-    let target = repo_root().join("target").join("dashboard.png");
+    // Cargo's scratch directory for integration tests: it exists wherever the target dir is.
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     std::fs::write(&target, &png).unwrap_or_else(|error| panic!("{}: {error}", target.display()));
     if std::env::var("TRIBUTARY_BLESS").is_ok_and(|value| value == "1") {
         let docs = repo_root().join("docs").join("dashboard.png");

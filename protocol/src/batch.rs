@@ -13,10 +13,19 @@
 //! definitions_bytes · series_count · series definitions (postcard, uncompressed)
 //! reading_count · run_count · summary_count · compression (0 none, 1 zstd) · body_bytes
 //! body (compressed unless that did not help):
-//!     summaries_bytes · summaries (postcard each)
+//!     format 2: heads_bytes · summary heads · summary_values_bytes · summary values
+//!               sketches_bytes · summary sketches            (see [`summaries`])
+//!     format 1: summaries_bytes · summaries (postcard each)
 //!     runs_bytes · run column · times_bytes · timestamp column
 //!     values_bytes · value column · flag column (the rest)
 //! ```
+//!
+//! Format versions: 2 (written by default) differs from 1 only in how summaries are
+//! encoded (compact columns instead of postcard, about 5x smaller). Every version from
+//! [`OLDEST_FORMAT_VERSION`] up decodes, because agent buffers and collector logs hold
+//! batches written by older builds; [`BatchEncoder::set_format_version`] and
+//! [`transcode_batch`] write the older format for a peer that only reads that
+//! ([`format_version_for_protocol`]).
 //!
 //! The definitions sit outside the compressed body so that an agent can store a
 //! batch once and attach the definitions a session needs at send time
@@ -31,6 +40,7 @@
 
 pub mod dictionary;
 mod readings;
+mod summaries;
 mod varint;
 
 use serde::{Deserialize, Serialize};
@@ -42,11 +52,24 @@ pub use dictionary::{
 
 use crate::model::{Reading, SeriesDef, SeriesId, WindowSummary};
 use readings::{EncodedColumns, ReadingColumns};
+use summaries::{EncodedSummaryColumns, SummaryColumns};
 use varint::Reader;
 
 const MAGIC: u8 = b'T';
-/// Version of the batch wire layout; bumped on any incompatible change.
-pub const FORMAT_VERSION: u8 = 1;
+/// Version of the batch wire layout this build writes; bumped on any incompatible change.
+pub const FORMAT_VERSION: u8 = 2;
+/// The oldest batch layout this build still decodes (and can write, for old peers).
+pub const OLDEST_FORMAT_VERSION: u8 = 1;
+
+/// The batch format a session of the given protocol version carries: protocol 1 peers
+/// read batch format 1 only; protocol 2 introduced format 2 (compact summaries).
+pub fn format_version_for_protocol(protocol_version: u16) -> u8 {
+    if protocol_version >= 2 {
+        FORMAT_VERSION
+    } else {
+        OLDEST_FORMAT_VERSION
+    }
+}
 const COMPRESSION_NONE: u8 = 0;
 const COMPRESSION_ZSTD: u8 = 1;
 /// The zstd level [`encode_batch`] uses; chosen by measurement (docs/benchmarks.md).
@@ -110,8 +133,8 @@ pub enum BatchError {
     #[error("not a Tributary batch: first byte is {found:#04x}, expected {expected:#04x} ('T')")]
     BadMagic { found: u8, expected: u8 },
     #[error(
-        "batch format version {found} is not supported (this build reads version {supported}); \
-         upgrade the receiver or downgrade the sender"
+        "batch format version {found} is not supported (this build reads versions 1 to \
+         {supported}); upgrade the receiver or downgrade the sender"
     )]
     UnsupportedVersion { found: u8, supported: u8 },
     #[error("batch declares {declared} {what}, limit is {limit}")]
@@ -163,6 +186,17 @@ pub enum BatchError {
     SeriesIdOutOfRange { value: u64 },
     #[error("unknown value mode {mode:#04x} in the run column")]
     UnknownValueMode { mode: u8 },
+    #[error("unknown value mode {mode:#04x} in the summary heads column")]
+    UnknownSummaryMode { mode: u8 },
+    #[error(
+        "summary #{index}: its {field} does not fit the field's range; the encoding is corrupt"
+    )]
+    SummaryOutOfRange { index: u64, field: &'static str },
+    #[error("summary #{index}: its quantile sketch is invalid: {source}")]
+    SummarySketch {
+        index: u64,
+        source: crate::sketch::SketchError,
+    },
     #[error(
         "flag column points {gap} past the previous flag, beyond the batch's {readings} readings"
     )]
@@ -184,6 +218,8 @@ pub struct BatchHeader {
 /// Encodes batches, reusing its column buffers and zstd context between calls.
 pub struct BatchEncoder {
     zstd_level: i32,
+    format_version: u8,
+    summary_columns: SummaryColumns,
     compressor: Option<zstd::bulk::Compressor<'static>>,
     columns: ReadingColumns,
     sorted: Vec<Reading>,
@@ -201,6 +237,8 @@ impl BatchEncoder {
     pub fn new(zstd_level: i32) -> Self {
         Self {
             zstd_level,
+            format_version: FORMAT_VERSION,
+            summary_columns: SummaryColumns::default(),
             // If zstd cannot set up a context (out of memory), batches go uncompressed.
             compressor: zstd::bulk::Compressor::new(zstd_level).ok(),
             columns: ReadingColumns::default(),
@@ -212,6 +250,23 @@ impl BatchEncoder {
 
     pub fn zstd_level(&self) -> i32 {
         self.zstd_level
+    }
+
+    /// Writes batch format `format_version` from now on (the default is [`FORMAT_VERSION`];
+    /// an older one for a peer that reads only that, see [`format_version_for_protocol`]).
+    pub fn set_format_version(&mut self, format_version: u8) -> Result<(), BatchError> {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&format_version) {
+            return Err(BatchError::UnsupportedVersion {
+                found: format_version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        self.format_version = format_version;
+        Ok(())
+    }
+
+    pub fn format_version(&self) -> u8 {
+        self.format_version
     }
 
     /// Encodes `batch`, appending to `out`.
@@ -228,14 +283,29 @@ impl BatchEncoder {
         let run_count = readings::encode(readings, batch.created_ms, &mut self.columns);
 
         self.body.clear();
-        let summaries_start = self.body.len();
-        for summary in &batch.summaries {
-            append_postcard(&mut self.body, summary);
+        if self.format_version >= 2 {
+            summaries::encode(
+                &batch.summaries,
+                batch.created_ms,
+                &mut self.summary_columns,
+            );
+            for column in [
+                &self.summary_columns.heads,
+                &self.summary_columns.values,
+                &self.summary_columns.sketches,
+            ] {
+                varint::write_u64(&mut self.body, column.len() as u64);
+                self.body.extend_from_slice(column);
+            }
+        } else {
+            let mut summaries = Vec::new();
+            for summary in &batch.summaries {
+                append_postcard(&mut summaries, summary);
+            }
+            varint::write_u64(&mut self.body, summaries.len() as u64);
+            self.body.extend_from_slice(&summaries);
         }
-        let summaries = self.body.split_off(summaries_start);
         let body = &mut self.body;
-        varint::write_u64(body, summaries.len() as u64);
-        body.extend_from_slice(&summaries);
         for column in [
             &self.columns.runs,
             &self.columns.times,
@@ -260,7 +330,7 @@ impl BatchEncoder {
             }
         }
 
-        write_envelope_start(out, batch);
+        write_envelope_start(out, batch, self.format_version);
         write_definitions(out, &batch.series);
         varint::write_u64(out, readings.len() as u64);
         varint::write_u64(out, run_count as u64);
@@ -294,9 +364,9 @@ fn append_postcard<T: Serialize>(out: &mut Vec<u8>, value: &T) {
     }
 }
 
-fn write_envelope_start(out: &mut Vec<u8>, batch: &Batch) {
+fn write_envelope_start(out: &mut Vec<u8>, batch: &Batch, format_version: u8) {
     out.push(MAGIC);
-    out.push(FORMAT_VERSION);
+    out.push(format_version);
     varint::write_u64(out, batch.agent_id.len() as u64);
     out.extend_from_slice(batch.agent_id.as_bytes());
     varint::write_u64(out, batch.batch_seq);
@@ -326,6 +396,7 @@ fn check_limit(what: &'static str, declared: usize, limit: usize) -> Result<(), 
 
 /// The envelope up to and including the series definitions' raw bytes.
 struct EnvelopeStart<'a> {
+    format_version: u8,
     agent_id: &'a str,
     batch_seq: u64,
     created_ms: i64,
@@ -345,7 +416,7 @@ fn read_envelope_start<'a>(
         });
     }
     let version = reader.read_u8()?;
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(BatchError::UnsupportedVersion {
             found: version,
             supported: FORMAT_VERSION,
@@ -362,6 +433,7 @@ fn read_envelope_start<'a>(
     check_limit("series definitions", series_count, limits.max_series)?;
     let definitions = reader.take(definitions_bytes)?;
     Ok(EnvelopeStart {
+        format_version: version,
         agent_id,
         batch_seq,
         created_ms,
@@ -452,6 +524,15 @@ pub fn decode_batch_header(bytes: &[u8], limits: &BatchLimits) -> Result<BatchHe
         reading_count: counts.reading_count,
         summary_count: counts.summary_count,
     })
+}
+
+/// Bytes of the series definitions an encoded batch carries (their postcard encoding,
+/// without the two counts in front), read from the envelope alone: lets a sender account
+/// for what the session dictionary costs on the wire apart from the data.
+pub fn series_definitions_bytes(bytes: &[u8], limits: &BatchLimits) -> Result<usize, BatchError> {
+    check_encoded_size(bytes, limits)?;
+    let mut reader = Reader::new(bytes, "envelope");
+    Ok(read_envelope_start(&mut reader, limits)?.definitions.len())
 }
 
 /// Decodes an untrusted batch. Never panics; allocates only within `limits`.
@@ -609,8 +690,22 @@ fn decode_body(
     }
 
     let mut body_reader = Reader::new(body, "body");
-    let summaries_bytes = body_reader.read_usize()?;
-    let summaries_section = body_reader.take(summaries_bytes)?;
+    let summary_columns = if start.format_version >= 2 {
+        let heads_bytes = body_reader.read_usize()?;
+        let heads = body_reader.take(heads_bytes)?;
+        let values_bytes = body_reader.read_usize()?;
+        let values = body_reader.take(values_bytes)?;
+        let sketches_bytes = body_reader.read_usize()?;
+        let sketches = body_reader.take(sketches_bytes)?;
+        Ok(EncodedSummaryColumns {
+            heads,
+            values,
+            sketches,
+        })
+    } else {
+        let summaries_bytes = body_reader.read_usize()?;
+        Err(body_reader.take(summaries_bytes)?)
+    };
     let runs_bytes = body_reader.read_usize()?;
     let runs = body_reader.take(runs_bytes)?;
     let times_bytes = body_reader.read_usize()?;
@@ -627,35 +722,21 @@ fn decode_body(
             section: "reading columns",
         });
     }
-    if summaries_section.len() < counts.summary_count {
-        return Err(BatchError::Truncated {
-            section: "summaries",
-        });
-    }
-
     let series = decode_definitions(start.definitions, start.series_count)?;
 
-    let mut summaries = Vec::with_capacity(counts.summary_count);
-    let mut rest = summaries_section;
-    for index in 0..counts.summary_count {
-        let (summary, remaining) =
-            postcard::take_from_bytes::<WindowSummary>(rest).map_err(|source| {
-                BatchError::Postcard {
-                    section: "summary",
-                    index: index as u64,
-                    source,
-                }
-            })?;
-        summaries.push(summary);
-        rest = remaining;
-    }
-    if !rest.is_empty() {
-        return Err(BatchError::TrailingBytes {
-            section: "summaries",
-            count: rest.len() as u64,
-        });
-    }
-
+    let summaries = match summary_columns {
+        Ok(columns) => {
+            let mut summaries = Vec::new();
+            summaries::decode(
+                columns,
+                counts.summary_count,
+                start.created_ms,
+                &mut summaries,
+            )?;
+            summaries
+        }
+        Err(postcard_section) => decode_postcard_summaries(postcard_section, counts.summary_count)?,
+    };
     let mut readings = Vec::with_capacity(counts.reading_count);
     readings::decode(
         EncodedColumns {
@@ -680,6 +761,40 @@ fn decode_body(
     })
 }
 
+/// Format 1 summaries: postcard, one after the other.
+fn decode_postcard_summaries(
+    section: &[u8],
+    summary_count: usize,
+) -> Result<Vec<WindowSummary>, BatchError> {
+    if section.len() < summary_count {
+        return Err(BatchError::Truncated {
+            section: "summaries",
+        });
+    }
+    let mut summaries = Vec::with_capacity(summary_count);
+    let mut rest = section;
+    for index in 0..summary_count {
+        let (summary, remaining) =
+            postcard::take_from_bytes::<WindowSummary>(rest).map_err(|source| {
+                BatchError::Postcard {
+                    section: "summary",
+                    index: index as u64,
+                    source,
+                }
+            })?;
+        summaries.push(summary);
+        rest = remaining;
+    }
+    if !rest.is_empty() {
+        return Err(BatchError::TrailingBytes {
+            section: "summaries",
+            count: rest.len() as u64,
+        });
+    }
+
+    Ok(summaries)
+}
+
 /// Re-encodes an encoded batch with different series definitions, copying the
 /// (compressed) body untouched. Lets an agent store a batch once and attach, at
 /// send time, the definitions the current session still needs.
@@ -694,7 +809,7 @@ pub fn replace_series_definitions(
     let rest = reader.remaining();
     let mut out = Vec::with_capacity(encoded.len() + series.len() * 32);
     out.push(MAGIC);
-    out.push(FORMAT_VERSION);
+    out.push(start.format_version);
     varint::write_u64(&mut out, start.agent_id.len() as u64);
     out.extend_from_slice(start.agent_id.as_bytes());
     varint::write_u64(&mut out, start.batch_seq);
@@ -702,4 +817,31 @@ pub fn replace_series_definitions(
     write_definitions(&mut out, series);
     out.extend_from_slice(rest);
     Ok(out)
+}
+
+/// The batch format an encoded batch is written in, from its first two bytes.
+pub fn batch_format_version(encoded: &[u8]) -> Result<u8, BatchError> {
+    let mut reader = Reader::new(encoded, "envelope");
+    let magic = reader.read_u8()?;
+    if magic != MAGIC {
+        return Err(BatchError::BadMagic {
+            found: magic,
+            expected: MAGIC,
+        });
+    }
+    reader.read_u8()
+}
+
+/// Re-encodes `encoded` in batch format `format_version` (same content, same series
+/// definitions). For a sender whose stored batches are newer than what the session's
+/// peer reads (see [`batch_format_version`] to tell whether that is needed).
+pub fn transcode_batch(
+    encoded: &[u8],
+    format_version: u8,
+    limits: &BatchLimits,
+) -> Result<Vec<u8>, BatchError> {
+    let batch = decode_batch(encoded, limits)?;
+    let mut encoder = BatchEncoder::default();
+    encoder.set_format_version(format_version)?;
+    Ok(encoder.encode(&batch))
 }

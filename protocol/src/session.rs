@@ -30,7 +30,10 @@ pub const ALPN: &[u8] = b"tributary/1";
 /// [`negotiate_version`]: the lower of the two newest. Each side keeps speaking every
 /// version from [`MIN_PROTOCOL_VERSION`] up, so an old agent works with a new collector and
 /// a new agent with an old collector, as long as their ranges overlap.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: batches may use batch format 2 (compact summaries); in a version 1 session
+/// the agent sends format 1 ([`crate::batch::format_version_for_protocol`]).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -29,7 +29,9 @@
 //! commutative even when it collapses.
 //!
 //! Wire form: each store is `(first_index, [(gap, count), ..])` over its non-empty
-//! buckets only, so a window with a few distinct values costs a few bytes in postcard.
+//! buckets only, so a window with a few distinct values costs a few bytes in postcard
+//! (batch format 1, and wherever a sketch is stored on its own). Batch format 2 codes the
+//! stores against the buckets of the summary's min and max instead (`batch/summaries.rs`).
 
 use serde::de::Error as _;
 use serde::ser::{SerializeSeq, SerializeTuple};
@@ -113,7 +115,7 @@ fn inverse_approximate_log2(log: f64) -> (i64, f64) {
 
 /// The bucket index of a positive normal magnitude.
 #[inline]
-fn bucket_index(magnitude: f64) -> i32 {
+pub(crate) fn bucket_index(magnitude: f64) -> i32 {
     // A hand-written ceil: `f64::ceil` is a libm call on baseline x86-64 (no SSE4.1).
     // Finite normals give |scaled| < 36000, so `CEIL_OFFSET - scaled` is positive and
     // truncating it is `floor`; `ceil(x) = CEIL_OFFSET - floor(CEIL_OFFSET - x)`. The
@@ -142,7 +144,7 @@ fn bucket_value(index: i32) -> f64 {
 /// Invariant: empty, or the first and last counts are non-zero (so derived equality is
 /// equality of the represented multiset) and `counts.len() <= MAX_BUCKETS_PER_STORE`.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct BucketStore {
+pub(crate) struct BucketStore {
     offset: i32,
     counts: Vec<u64>,
 }
@@ -281,7 +283,7 @@ impl BucketStore {
     }
 
     /// Non-empty buckets as `(index, count)`, lowest index first.
-    fn buckets(&self) -> impl DoubleEndedIterator<Item = (i32, u64)> + '_ {
+    pub(crate) fn buckets(&self) -> impl DoubleEndedIterator<Item = (i32, u64)> + '_ {
         let offset = self.offset;
         self.counts
             .iter()
@@ -318,7 +320,12 @@ impl Serialize for BucketStore {
 }
 
 impl BucketStore {
-    fn from_sparse(first_index: i32, buckets: &[(u32, u64)]) -> Result<Self, SketchError> {
+    /// Builds a store from its first non-empty index and `(gap, count)` pairs (first gap
+    /// 0, later gaps at least 1, counts at least 1), checking the span before allocating.
+    pub(crate) fn from_sparse(
+        first_index: i32,
+        buckets: &[(u32, u64)],
+    ) -> Result<Self, SketchError> {
         if buckets.is_empty() {
             return Ok(BucketStore::default());
         }
@@ -560,6 +567,25 @@ impl Sketch {
 
     pub fn zero_count(&self) -> u64 {
         self.zero_count
+    }
+
+    /// The negative and positive stores, for the batch codec's compact summary form.
+    pub(crate) fn stores(&self) -> (&BucketStore, &BucketStore) {
+        (&self.negative, &self.positive)
+    }
+
+    /// A sketch from parts the batch codec decoded (each store already validated by
+    /// [`BucketStore::from_sparse`]).
+    pub(crate) fn from_parts(
+        zero_count: u64,
+        negative: BucketStore,
+        positive: BucketStore,
+    ) -> Self {
+        Self {
+            zero_count,
+            positive,
+            negative,
+        }
     }
 }
 

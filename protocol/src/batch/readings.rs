@@ -24,7 +24,7 @@ use crate::model::{Reading, SeriesId};
 
 /// Highest decimal scale tried: values with more than nine decimals go raw.
 pub(crate) const MAX_DECIMAL_SCALE: u8 = 9;
-const POWERS_OF_TEN: [f64; MAX_DECIMAL_SCALE as usize + 1] =
+pub(crate) const POWERS_OF_TEN: [f64; MAX_DECIMAL_SCALE as usize + 1] =
     [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
 /// Integers beyond 2^53 are not all representable as f64, so the decimal codec
 /// stops there.
@@ -117,7 +117,7 @@ pub(crate) fn encode(sorted: &[Reading], created_ms: i64, columns: &mut ReadingC
 /// The integer for `value` at `scale`, if the decoder's `integer / 10^scale`
 /// reproduces `value` bit for bit.
 #[inline]
-fn decimal_integer(value: f64, scale: u8) -> Option<i64> {
+pub(crate) fn decimal_integer(value: f64, scale: u8) -> Option<i64> {
     let power = POWERS_OF_TEN[usize::from(scale)];
     let rounded = (value * power).round();
     if rounded.is_nan() || rounded.abs() > MAX_EXACT_INTEGER {

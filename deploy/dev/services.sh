@@ -18,11 +18,19 @@ REPO_DIR=$(cd "$SCRIPT_DIR/../.." && pwd)
 STATE_DIR=${TRIBUTARY_SERVICES_DIR:-$REPO_DIR/.services}
 CACHE_DIR=${TRIBUTARY_CACHE_DIR:-/var/cache/tributary}
 
-MQTT_PORT=${TRIBUTARY_MQTT_PORT:-18830}
-CLICKHOUSE_HTTP_PORT=${TRIBUTARY_CLICKHOUSE_HTTP_PORT:-18123}
-CLICKHOUSE_TCP_PORT=${TRIBUTARY_CLICKHOUSE_TCP_PORT:-19000}
-KAFKA_PORT=${TRIBUTARY_KAFKA_PORT:-19092}
-KAFKA_CONTROLLER_PORT=${TRIBUTARY_KAFKA_CONTROLLER_PORT:-19093}
+# The ports `up` chose are recorded in the state dir, so a later `start NAME` (a fault test
+# restarting a service it stopped) binds the same ports even when its environment lacks the
+# TRIBUTARY_*_PORT overrides; without this, a restarted service could land on the default port
+# of another set of services on the same machine.
+if [[ -f $STATE_DIR/ports ]]; then
+    # shellcheck disable=SC1091
+    source "$STATE_DIR/ports"
+fi
+MQTT_PORT=${TRIBUTARY_MQTT_PORT:-${RECORDED_MQTT_PORT:-18830}}
+CLICKHOUSE_HTTP_PORT=${TRIBUTARY_CLICKHOUSE_HTTP_PORT:-${RECORDED_CLICKHOUSE_HTTP_PORT:-18123}}
+CLICKHOUSE_TCP_PORT=${TRIBUTARY_CLICKHOUSE_TCP_PORT:-${RECORDED_CLICKHOUSE_TCP_PORT:-19000}}
+KAFKA_PORT=${TRIBUTARY_KAFKA_PORT:-${RECORDED_KAFKA_PORT:-19092}}
+KAFKA_CONTROLLER_PORT=${TRIBUTARY_KAFKA_CONTROLLER_PORT:-${RECORDED_KAFKA_CONTROLLER_PORT:-19093}}
 KAFKA_VERSION=${TRIBUTARY_KAFKA_VERSION:-4.4.0}
 # TOPIC:PARTITIONS, created on every `up`/`start kafka` if missing.
 KAFKA_TOPICS=${TRIBUTARY_KAFKA_TOPICS:-tributary.batches:4}
@@ -494,6 +502,17 @@ service_version() {
     esac
 }
 
+write_ports_file() {
+    cat >"$STATE_DIR/ports" <<EOF
+# Written by services.sh up: the ports of these services, reused by start NAME.
+RECORDED_MQTT_PORT=$MQTT_PORT
+RECORDED_CLICKHOUSE_HTTP_PORT=$CLICKHOUSE_HTTP_PORT
+RECORDED_CLICKHOUSE_TCP_PORT=$CLICKHOUSE_TCP_PORT
+RECORDED_KAFKA_PORT=$KAFKA_PORT
+RECORDED_KAFKA_CONTROLLER_PORT=$KAFKA_CONTROLLER_PORT
+EOF
+}
+
 write_env_file() {
     local python
     python=$(chdb_python || true)
@@ -617,6 +636,7 @@ main() {
             local started
             started=$(now_s)
             mkdir -p "$STATE_DIR"
+            write_ports_file
             install_debian_packages
             install_kafka_jars
             install_chdb

@@ -3,71 +3,28 @@
 //! sending garbage (only that client is closed), SUBSCRIBE refused; and kill -9 of the agent
 //! after PUBACKs: every message a sensor got a PUBACK for is in the buffer after the restart.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tributary_agent::buffer::{BatchClass, BufferConfig, DiskBuffer, ReplayOrder};
-use tributary_protocol::batch::{decode_batch, BatchLimits};
+use support::{ci_requires_services, free_port, AgentProcess, Buffered};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
-}
-
-fn get_metrics(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.trim().parse().ok())
-    })
-}
-
+/// The agent running an embedded broker on its own port.
 struct Agent {
-    child: Child,
-    config: PathBuf,
-    buffer: PathBuf,
-    metrics_port: u16,
+    process: AgentProcess,
     mqtt_port: u16,
-    _directory: tempfile::TempDir,
 }
 
 impl Agent {
     fn start(aggregation: &str) -> Agent {
-        let directory = tempfile::tempdir().expect("tempdir");
-        let metrics_port = free_port();
         let mqtt_port = free_port();
-        let buffer = directory.path().join("buffer");
-        let config = directory.path().join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
+        let process = AgentProcess::start(
+            "gw-broker-test",
+            &format!(
                 r#"
-agent_id = "gw-broker-test"
-[collector]
-address = "127.0.0.1:9"
-cert_fingerprint_sha256 = "5E:9B:0C:21:7A:44:13:C8:F0:2D:6B:93:AA:10:7E:55:C4:21:08:3F:9D:6A:E2:71:B0:4C:58:13:2E:9F:07:D6"
-token = "t"
-[buffer]
-path = "{}"
-[metrics]
-listen_address = "127.0.0.1:{metrics_port}"
 [[sources]]
 name = "embedded"
 [sources.mqtt_broker]
@@ -77,142 +34,28 @@ max_packet_bytes = 4096
 template = "plant/{{device}}/{{metric}}"
 [sources.aggregation]
 {aggregation}
-"#,
-                buffer.display()
+"#
             ),
-        )
-        .expect("write config");
-        let child = spawn_agent(&config);
-        Agent {
-            child,
-            config,
-            buffer,
-            metrics_port,
-            mqtt_port,
-            _directory: directory,
-        }
-    }
-
-    fn restart(&mut self) {
-        self.child = spawn_agent(&self.config);
-    }
-
-    /// Waits until `condition` holds for the agent's /metrics, failing after `limit`.
-    async fn wait_for_metrics(
-        &mut self,
-        limit: Duration,
-        what: &str,
-        condition: impl Fn(&str) -> bool,
-    ) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(text) = get_metrics(self.metrics_port) {
-                if condition(&text) {
-                    return;
-                }
-            }
-            assert!(
-                self.child.try_wait().expect("wait").is_none(),
-                "agent exited while waiting for {what}"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "timed out after {limit:?} waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        );
+        Agent { process, mqtt_port }
     }
 
     async fn wait_listening(&mut self) {
         let port = self.mqtt_port;
-        self.wait_for_metrics(Duration::from_secs(60), "the broker to listen", |_| {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        self.process
+            .wait_for_metrics(Duration::from_secs(60), "the broker to listen", |_| {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            })
+            .await;
     }
 
     fn rejected(&self, reason: &str) -> f64 {
-        get_metrics(self.metrics_port)
-            .and_then(|text| {
-                metric(
-                    &text,
-                    &format!(
-                        "tributary_agent_rejected_total{{source=\"embedded\",reason=\"{reason}\"}}"
-                    ),
-                )
-            })
+        self.process
+            .metric(&format!(
+                "tributary_agent_rejected_total{{source=\"embedded\",reason=\"{reason}\"}}"
+            ))
             .unwrap_or(0.0)
     }
-
-    /// SIGTERM and wait: windows close, the buffer flushes.
-    async fn stop(&mut self) {
-        // SAFETY: signalling our own child process by its id.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) },
-            0
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(status.success(), "agent exit {status:?}");
-    }
-
-    /// Raw reading values by device, and how many readings the summaries cover.
-    fn buffered(&self) -> (BTreeMap<String, Vec<i64>>, u64) {
-        let buffer = DiskBuffer::open(BufferConfig::at(&self.buffer)).expect("open buffer");
-        let mut raw: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        let mut summarised = 0u64;
-        for stored in buffer.replay(ReplayOrder::OldestFirst) {
-            let stored = stored.expect("intact entry");
-            let batch =
-                decode_batch(&stored.payload, &BatchLimits::default()).expect("decodable batch");
-            match stored.header.class {
-                BatchClass::Raw => {
-                    for reading in &batch.readings {
-                        let device = batch
-                            .series
-                            .iter()
-                            .find(|definition| definition.id == reading.series)
-                            .map_or_else(
-                                || "?".to_owned(),
-                                |definition| definition.key.device_id.clone(),
-                            );
-                        raw.entry(device).or_default().push(reading.value as i64);
-                    }
-                }
-                BatchClass::Summary => {
-                    summarised += batch
-                        .summaries
-                        .iter()
-                        .map(|summary| summary.summary.count)
-                        .sum::<u64>()
-                }
-            }
-        }
-        (raw, summarised)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_agent(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tributary-agent"))
-        .args(["run", "--config", config.to_str().expect("utf-8 path")])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn agent")
 }
 
 const PER_CLIENT: i64 = 200;
@@ -319,7 +162,7 @@ fn mosquitto_pub_available() -> bool {
         .status()
         .is_ok();
     if !found {
-        if std::env::var("CI").is_ok_and(|value| value == "true" || value == "1") {
+        if ci_requires_services() {
             panic!("CI=true and mosquitto_pub is missing; deploy/dev/services.sh installs mosquitto-clients");
         }
         eprintln!("SKIPPED (part): mosquitto_pub is not installed; run deploy/dev/services.sh up");
@@ -379,9 +222,12 @@ async fn rumqttc_and_mosquitto_clients_publish_into_the_embedded_broker() {
         malformed >= 1.0,
         "the garbage client is counted: {malformed}"
     );
-    agent.stop().await;
+    agent.process.stop().await;
 
-    let (raw, summarised) = agent.buffered();
+    let Buffered {
+        raw_by_device: raw,
+        summarised,
+    } = agent.process.buffered();
     let expect = |device: &str, values: Vec<i64>| {
         let mut got = raw.get(device).cloned().unwrap_or_default();
         got.sort_unstable();
@@ -455,8 +301,7 @@ async fn kill_minus_9_loses_nothing_that_was_acknowledged() {
             _ => {}
         }
     }
-    agent.child.kill().expect("kill -9");
-    let _ = agent.child.wait();
+    agent.process.kill();
     // Drain what was already on the socket: PUBACKs sent before the kill count too.
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Ok(event) = event_loop.poll().await {
@@ -471,10 +316,13 @@ async fn kill_minus_9_loses_nothing_that_was_acknowledged() {
     publisher.abort();
     let in_flight_at_kill = value_of_pkid.len();
 
-    agent.restart();
+    agent.process.restart();
     agent.wait_listening().await;
-    agent.stop().await;
-    let (raw, summarised) = agent.buffered();
+    agent.process.stop().await;
+    let Buffered {
+        raw_by_device: raw,
+        summarised,
+    } = agent.process.buffered();
     let stored: BTreeSet<i64> = raw
         .get("dev-kill")
         .map(|values| values.iter().copied().collect())

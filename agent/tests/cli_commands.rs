@@ -1,12 +1,14 @@
 //! The binary as a user runs it: `check-config` messages, `buffer inspect|verify`, and
 //! `run` serving /metrics and stopping cleanly on SIGTERM.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+mod support;
+
+use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use support::{agent_config, free_port, spawn_agent, terminate, wait_for_metrics};
 use tributary_agent::buffer::{BatchClass, BatchInfo, BufferConfig, DiskBuffer};
 
 fn agent() -> Command {
@@ -180,72 +182,43 @@ fn buffer_inspect_and_verify() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
-}
-
-fn get_metrics(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-#[test]
-fn run_serves_metrics_and_stops_on_sigterm() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_serves_metrics_and_stops_on_sigterm() {
     let directory = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let config_path = directory.path().join("agent.toml");
     std::fs::write(
         &config_path,
-        format!(
-            r#"
-agent_id = "gw-cli"
-[collector]
-address = "127.0.0.1:9"
-cert_fingerprint_sha256 = "5E:9B:0C:21:7A:44:13:C8:F0:2D:6B:93:AA:10:7E:55:C4:21:08:3F:9D:6A:E2:71:B0:4C:58:13:2E:9F:07:D6"
-token = "t"
-[buffer]
-path = "{}"
-[metrics]
-listen_address = "127.0.0.1:{port}"
+        agent_config(
+            "gw-cli",
+            &directory.path().join("buffer"),
+            port,
+            &format!(
+                r#"
 [[sources]]
 name = "missing-tty"
 [sources.serial]
 path = "{}"
 reconnect_interval_ms = 50
 "#,
-            directory.path().join("buffer").display(),
-            directory.path().join("no-such-tty").display()
+                directory.path().join("no-such-tty").display()
+            ),
         ),
     )
     .expect("write config");
-    let mut child = agent()
-        .args(["run", "--config", config_path.to_str().expect("utf-8 path")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn agent");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let metrics = loop {
-        if let Some(response) = get_metrics(port) {
-            break response;
-        }
-        assert!(Instant::now() < deadline, "no /metrics within 30 s");
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "agent exited early"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let mut child = spawn_agent(&config_path, Stdio::piped());
+    let mut metrics = String::new();
+    wait_for_metrics(
+        port,
+        &mut child,
+        Duration::from_secs(30),
+        "/metrics",
+        |text| {
+            metrics = text.to_owned();
+            true
+        },
+    )
+    .await;
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(
         metrics.contains("tributary_agent_source_connected{source=\"missing-tty\"} 0"),
@@ -259,20 +232,7 @@ reconnect_interval_ms = 50
         metrics.contains("tributary_agent_ship_connected 0"),
         "the shipper's counters are exported: {metrics}"
     );
-    // SAFETY: signalling our own child process by its id.
-    let signalled = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(signalled, 0);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "agent did not stop within 20 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = terminate(&mut child, Duration::from_secs(20)).await;
     let mut stderr = String::new();
     if let Some(mut pipe) = child.stderr.take() {
         let _ = pipe.read_to_string(&mut stderr);

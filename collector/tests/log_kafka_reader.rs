@@ -1,7 +1,9 @@
 //! The processor's Kafka reader (`KafkaLog::partition_reader`) against the real broker:
 //! one consumer for every owned partition, so a caught-up processor waits once per round
 //! (not once per idle partition), and a record appended while every partition is idle is
-//! returned by the poll that is waiting, not after the wait ran out.
+//! returned by the poll that is waiting, not after the wait ran out; once a partition's last
+//! record was delivered, the next poll returns at its end (`enable.partition.eof`) instead of
+//! waiting, so the processor knows at once that it is caught up and flushes.
 
 mod log_kafka_support;
 
@@ -67,6 +69,23 @@ async fn one_wait_covers_every_idle_partition_and_a_new_record_ends_it() {
         }
     }
 
+    // Each partition that delivered a record reports its end once: those fetches return
+    // early, empty, and count no empty wait.
+    let mut early_returns = 0;
+    loop {
+        let before = reader.stats();
+        let records = records_of(reader.fetch(1 << 20, Duration::from_millis(300)).await);
+        assert!(records.is_empty(), "nothing new was appended: {records:?}");
+        if reader.stats().empty_waits > before.empty_waits {
+            break;
+        }
+        early_returns += 1;
+        assert!(
+            early_returns <= PARTITIONS,
+            "more early returns than partitions that reached their end"
+        );
+    }
+
     // Every partition idle: one fetch waits once, whatever the number of partitions.
     let before = reader.stats();
     let idle = records_of(reader.fetch(1 << 20, Duration::from_millis(300)).await);
@@ -81,7 +100,7 @@ async fn one_wait_covers_every_idle_partition_and_a_new_record_ends_it() {
 
     // A record for the last partition while a fetch waits (up to 20 s) on all four: the
     // fetch returns it, long before its wait would have run out.
-    let reader = {
+    let mut reader = {
         let fetch = tokio::spawn(async move {
             let event = reader.fetch(1 << 20, wait).await;
             (reader, event, Instant::now())
@@ -114,6 +133,22 @@ async fn one_wait_covers_every_idle_partition_and_a_new_record_ends_it() {
     assert_eq!(
         stats.empty_waits, after.empty_waits,
         "no empty wait before the new record was returned"
+    );
+
+    // That partition is at its end again: the next fetch says so by returning at once,
+    // without waiting out its 20 s (the processor flushes instead of waiting).
+    let started = Instant::now();
+    let records = records_of(reader.fetch(1 << 20, wait).await);
+    let returned_after = started.elapsed();
+    assert!(records.is_empty(), "nothing new was appended: {records:?}");
+    assert!(
+        returned_after < wait / 4,
+        "the fetch after the partition's last record waited {returned_after:?} (wait {wait:?})"
+    );
+    assert_eq!(
+        reader.stats().empty_waits,
+        stats.empty_waits,
+        "returning at a partition's end is not an empty wait"
     );
     reader.close().await;
 }

@@ -227,6 +227,10 @@ impl KafkaLogConfig {
             .set("auto.offset.reset", "error")
             .set("fetch.wait.max.ms", "50")
             .set("isolation.level", "read_committed")
+            // An end-of-partition event once the reader has delivered a partition's last
+            // record: the processor then knows it is caught up and flushes at once
+            // (`kafka_group::poll_batch`) instead of waiting out the fetch.
+            .set("enable.partition.eof", "true")
             .set(
                 "topic.metadata.refresh.interval.ms",
                 self.metadata_refresh_interval_ms

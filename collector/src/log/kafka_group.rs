@@ -23,10 +23,10 @@
 //! memory through a rebalance; with an eager protocol every member would flush, drop and
 //! restore every engine each time a member joins or leaves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
@@ -129,6 +129,9 @@ struct ReaderContext {
     topic: String,
     events: mpsc::UnboundedSender<Membership>,
     positions: Mutex<BTreeMap<u32, u64>>,
+    /// Partitions that delivered records since librdkafka last said they were at their end
+    /// (`enable.partition.eof`): their next end-of-partition event means "caught up".
+    delivered_since_end: Mutex<BTreeSet<u32>>,
 }
 
 impl ReaderContext {
@@ -136,6 +139,23 @@ impl ReaderContext {
         self.positions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records that `partition` delivered a record.
+    fn delivered(&self, partition: u32) {
+        self.delivered_since_end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(partition);
+    }
+
+    /// librdkafka says `partition` is at its end: whether it delivered records since the
+    /// last time (then the processor has just caught up and should not wait any longer).
+    fn reached_end(&self, partition: u32) -> bool {
+        self.delivered_since_end
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&partition)
     }
 
     fn partitions_of(&self, list: &TopicPartitionList) -> Vec<u32> {
@@ -244,6 +264,8 @@ impl ConsumerContext for ReaderContext {
 struct Polled {
     records: Vec<LogRecord>,
     error: Option<PollError>,
+    /// Returned early because a partition that delivered records reached its end.
+    reached_end: bool,
 }
 
 enum PollError {
@@ -302,6 +324,7 @@ impl KafkaReader {
             topic: topic.clone(),
             events: sender,
             positions: Mutex::new(BTreeMap::new()),
+            delivered_since_end: Mutex::new(BTreeSet::new()),
         };
         let client_config = match group {
             Some(group) => config.member_config(group),
@@ -407,7 +430,11 @@ impl KafkaReader {
             self.in_flight = Some(tokio::task::spawn_blocking(move || {
                 counters.fetches.fetch_add(1, Ordering::Relaxed);
                 let polled = poll_batch(&consumer, &topic, max_bytes, wait);
-                if polled.records.is_empty() && polled.error.is_none() && !wait.is_zero() {
+                if polled.records.is_empty()
+                    && polled.error.is_none()
+                    && !polled.reached_end
+                    && !wait.is_zero()
+                {
                     counters.empty_waits.fetch_add(1, Ordering::Relaxed);
                 }
                 polled
@@ -530,13 +557,34 @@ fn poll_batch(
 ) -> Polled {
     let mut records = Vec::new();
     let mut value_bytes = 0usize;
-    let mut wait = wait;
+    let deadline = Instant::now() + wait;
+    let mut first_taken = false;
+    let mut reached_end = false;
     let mut error = None;
     while value_bytes < max_bytes.max(1) {
-        let message = match consumer.poll(wait) {
+        // Until the first record, wait out what is left of `wait`; then take only what is
+        // already fetched.
+        let remaining = if first_taken {
+            Duration::ZERO
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        let message = match consumer.poll(remaining) {
             None => break,
             Some(Ok(message)) => message,
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                // A partition that delivered records has none left: the processor is
+                // caught up there, so return now (it flushes at once instead of waiting
+                // out the fetch). The end of a partition that delivered nothing (every
+                // idle partition once after assignment) changes nothing: keep waiting.
+                match u32::try_from(partition) {
+                    Ok(partition) if consumer.context().reached_end(partition) => {
+                        reached_end = true;
+                        break;
+                    }
+                    _ => continue,
+                }
+            }
             Some(Err(KafkaError::MessageConsumption(
                 RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange,
             ))) => {
@@ -548,8 +596,7 @@ fn poll_batch(
                 break;
             }
         };
-        // After the first record, take only what is already fetched.
-        wait = Duration::ZERO;
+        first_taken = true;
         let (Ok(partition), Ok(offset)) = (
             u32::try_from(message.partition()),
             u64::try_from(message.offset()),
@@ -563,6 +610,7 @@ fn poll_batch(
             .context()
             .positions()
             .insert(partition, offset.saturating_add(1));
+        consumer.context().delivered(partition);
         match log_record(&message, partition, offset) {
             Ok(record) => {
                 value_bytes += record.value.len();
@@ -575,5 +623,9 @@ fn poll_batch(
             }
         }
     }
-    Polled { records, error }
+    Polled {
+        records,
+        error,
+        reached_end,
+    }
 }

@@ -489,36 +489,76 @@ impl ClickHouseStore {
         }
     }
 
-    async fn flush_pending(&mut self) -> Result<FlushReport, StoreError> {
+    /// [`Self::insert_with_retry`] with a report of its own (for concurrent inserts).
+    async fn insert_block<T>(&self, table: &str, rows: &[T]) -> Result<FlushReport, StoreError>
+    where
+        T: RowOwned + RowWrite + Serialize + Sync,
+    {
         let mut report = FlushReport::default();
-        // Each table's buffer is cleared only once its block is durable.
+        self.insert_with_retry(table, rows, &mut report).await?;
+        Ok(report)
+    }
+
+    async fn flush_pending(&mut self) -> Result<FlushReport, StoreError> {
+        // The row tables are inserted concurrently: a flush then takes about as long as its
+        // slowest insert instead of the sum of five, so a caught-up processor's next flush
+        // (the dashboard's fresh rows) is not held up behind the last one. Each table's
+        // buffer is cleared only once its block is durable; a failed one stays buffered and
+        // the whole flush is retried (the blocks that landed replace on their keys).
         let raw = std::mem::take(&mut self.pending.raw);
-        if let Err(error) = self.insert_with_retry(RAW_TABLE, &raw, &mut report).await {
+        let rollups = std::mem::take(&mut self.pending.rollups);
+        let late = std::mem::take(&mut self.pending.late);
+        let last_seen = self.pending.last_seen_rows();
+        let (raw_result, rollup_results, late_result, last_seen_result) = {
+            let store = &*self;
+            let rollup_inserts = async {
+                // Few resolutions (two by default): one after another in this branch.
+                let mut results = Vec::with_capacity(rollups.len());
+                for (resolution_ms, rows) in &rollups {
+                    let table = schema::rollup_table_name(*resolution_ms);
+                    results.push((*resolution_ms, store.insert_block(&table, rows).await));
+                }
+                results
+            };
+            tokio::join!(
+                store.insert_block(RAW_TABLE, &raw),
+                rollup_inserts,
+                store.insert_block(LATE_TABLE, &late),
+                store.insert_block(LAST_SEEN_TABLE, &last_seen),
+            )
+        };
+        let mut report = FlushReport::default();
+        let mut failure = None;
+        let mut account = |result: Result<FlushReport, StoreError>| match result {
+            Ok(done) => {
+                report.rows_written += done.rows_written;
+                report.retries += done.retries;
+                true
+            }
+            Err(error) => {
+                failure.get_or_insert(error);
+                false
+            }
+        };
+        if !account(raw_result) {
             self.pending.raw = raw;
-            return Err(error);
         }
-        let resolutions: Vec<i64> = self.pending.rollups.keys().copied().collect();
-        for resolution_ms in resolutions {
-            let rows = self
-                .pending
-                .rollups
-                .remove(&resolution_ms)
-                .unwrap_or_default();
-            let table = schema::rollup_table_name(resolution_ms);
-            if let Err(error) = self.insert_with_retry(&table, &rows, &mut report).await {
-                self.pending.rollups.insert(resolution_ms, rows);
-                return Err(error);
+        let mut rollups = rollups;
+        for (resolution_ms, result) in rollup_results {
+            if account(result) {
+                rollups.remove(&resolution_ms);
             }
         }
-        let late = std::mem::take(&mut self.pending.late);
-        if let Err(error) = self.insert_with_retry(LATE_TABLE, &late, &mut report).await {
+        self.pending.rollups = rollups;
+        if !account(late_result) {
             self.pending.late = late;
+        }
+        if account(last_seen_result) {
+            self.pending.last_seen.clear();
+        }
+        if let Some(error) = failure {
             return Err(error);
         }
-        let last_seen = self.pending.last_seen_rows();
-        self.insert_with_retry(LAST_SEEN_TABLE, &last_seen, &mut report)
-            .await?;
-        self.pending.last_seen.clear();
         // Last: a checkpoint is never durable before the rows it accounts for.
         if !self.pending.checkpoints.is_empty() {
             let mut version = self.last_checkpoint_version;

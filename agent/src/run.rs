@@ -839,6 +839,14 @@ pub async fn run_agent(config: AgentConfig, shutdown: CancellationToken) -> anyh
         }
     }
     let _ = pipeline_task.await;
+    if let Some(log) = &redelivery {
+        // The records of messages acknowledged since the last commit go now, not at the
+        // next start (where a stale record could be taken for a resend).
+        log.write_pending();
+        if let Err(error) = state_db.flush_async().await {
+            tracing::warn!(%error, "cannot flush the redelivery records at shutdown");
+        }
+    }
     shipper_handle.stop();
     if tokio::time::timeout(Duration::from_secs(5), shipper_task)
         .await

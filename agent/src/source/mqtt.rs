@@ -531,8 +531,12 @@ async fn run_v5(
     let _ = tokio::time::timeout(Duration::from_millis(500), client.disconnect()).await;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(event) = event_loop.poll().await {
-            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
-                break;
+            match event {
+                Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
+                Event::Outgoing(rumqttc::Outgoing::PubAck(pkid)) => {
+                    shell.puback_written(&acked, pkid);
+                }
+                _ => {}
             }
         }
     })
@@ -649,11 +653,12 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
     let _ = tokio::time::timeout(Duration::from_millis(500), client.disconnect()).await;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(event) = event_loop.poll().await {
-            if matches!(
-                event,
-                rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)
-            ) {
-                break;
+            match event {
+                rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
+                rumqttc::Event::Outgoing(rumqttc::Outgoing::PubAck(pkid)) => {
+                    shell.puback_written(&acked, pkid);
+                }
+                _ => {}
             }
         }
     })

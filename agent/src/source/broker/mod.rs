@@ -433,7 +433,12 @@ async fn serve_connection(
         }
     }
     if let Some(bytes) = session.take_output() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&bytes)).await;
+        let written = tokio::time::timeout(Duration::from_secs(1), writer.write_all(&bytes)).await;
+        if let (Ok(Ok(())), Some(log)) = (written, &context.redelivery) {
+            for message in acked_unwritten.drain(..) {
+                log.acknowledged(&message);
+            }
+        }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
     if connected {

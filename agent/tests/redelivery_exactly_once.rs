@@ -1,0 +1,599 @@
+//! Nothing counted twice: QoS 1 redeliveries after the agent dies between a group commit
+//! and its PUBACKs.
+//!
+//! The agent is made to abort right after a durable commit and before it hands out that
+//! commit's acknowledgements (`TRIBUTARY_AGENT_FAULT_ABORT_AFTER_ACKS`: the state a kill -9
+//! leaves in that window). After the restart the sender redelivers those messages; the agent
+//! must acknowledge them without ingesting them again. Checked exactly: every value published
+//! is in the buffer once as a raw reading, the summaries cover each reading once, and the
+//! skip counter shows the window was really hit. Against the real Mosquitto (subscribe
+//! mode, which resends with DUP = 1) and against the embedded broker with a rumqttc client
+//! (which resends with DUP = 0 on a resumed session). Also a direct test of the records.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tributary_agent::buffer::{BatchClass, BufferConfig, DiskBuffer, ReplayOrder};
+use tributary_agent::source::broker::redelivery::{RedeliveryLog, FAULT_ABORT_AFTER_ACKS};
+use tributary_protocol::batch::{decode_batch, BatchLimits};
+
+const MESSAGES: u32 = 1_500;
+/// The agent aborts after the commit that brings its released acknowledgements to this.
+const ABORT_AFTER_ACKS: u32 = 300;
+
+fn ci_requires_services() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true" || value == "1")
+}
+
+/// Mosquitto's `host:port` from the environment or the dev services' env file; `None`
+/// (skip, loudly) unless `CI=true`.
+fn mosquitto_address() -> Option<String> {
+    const NAME: &str = "TRIBUTARY_MQTT_ADDR";
+    let from_env = std::env::var(NAME).ok().filter(|value| !value.is_empty());
+    let mut files = Vec::new();
+    if let Ok(directory) = std::env::var("TRIBUTARY_SERVICES_DIR") {
+        files.push(Path::new(&directory).join("env"));
+    }
+    files.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.services/env"));
+    let found = from_env.or_else(|| {
+        files.iter().find_map(|path| {
+            let contents = std::fs::read_to_string(path).ok()?;
+            contents.lines().find_map(|line| {
+                let line = line.trim();
+                let line = line.strip_prefix("export ").unwrap_or(line);
+                let (key, value) = line.split_once('=')?;
+                (key.trim() == NAME)
+                    .then(|| value.trim().trim_matches('"').trim_matches('\'').to_owned())
+                    .filter(|value| !value.is_empty())
+            })
+        })
+    });
+    if found.is_none() {
+        let message =
+            format!("{NAME} is not set; start the services with `deploy/dev/services.sh up`");
+        assert!(
+            !ci_requires_services(),
+            "CI=true and a required service is missing: {message}"
+        );
+        eprintln!("SKIPPED: {message}");
+    }
+    found
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    format!("{}-{nanos}", std::process::id())
+}
+
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
+}
+
+fn get_metrics(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The agent binary on a config in a temporary directory; killed on drop.
+struct Agent {
+    child: Child,
+    config: PathBuf,
+    buffer: PathBuf,
+    metrics_port: u16,
+    _directory: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts the agent with the abort fault armed.
+    fn start(agent_id: &str, sources: &str) -> Agent {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let metrics_port = free_port();
+        let buffer = directory.path().join("buffer");
+        let config = directory.path().join("agent.toml");
+        let text = format!(
+            r#"
+agent_id = "{agent_id}"
+[collector]
+address = "127.0.0.1:9"
+cert_fingerprint_sha256 = "5E:9B:0C:21:7A:44:13:C8:F0:2D:6B:93:AA:10:7E:55:C4:21:08:3F:9D:6A:E2:71:B0:4C:58:13:2E:9F:07:D6"
+token = "t"
+[buffer]
+path = "{}"
+[metrics]
+listen_address = "127.0.0.1:{metrics_port}"
+{sources}"#,
+            buffer.display()
+        );
+        std::fs::write(&config, text).expect("write config");
+        let child = spawn(&config, true);
+        Agent {
+            child,
+            config,
+            buffer,
+            metrics_port,
+            _directory: directory,
+        }
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        get_metrics(self.metrics_port).and_then(|text| metric(&text, series))
+    }
+
+    async fn wait_for(&mut self, what: &str, mut condition: impl FnMut(&Agent) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !condition(self) {
+            assert!(
+                self.child.try_wait().expect("wait").is_none(),
+                "agent exited while waiting for {what}"
+            );
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits for the armed fault to abort the agent, then starts it again unarmed.
+    async fn wait_for_abort_and_restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not abort after {ABORT_AFTER_ACKS} acknowledgements"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(!status.success(), "the agent must have aborted: {status:?}");
+        self.child = spawn(&self.config, false);
+    }
+
+    async fn stop(&mut self) {
+        // SAFETY: signalling our own child process by its id.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) },
+            0
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "agent exit {status:?}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop within 30 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(config: &Path, armed: bool) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tributary-agent"));
+    command
+        .args(["run", "--config", config.to_str().expect("utf-8 path")])
+        .env("RUST_LOG", "info")
+        .env_remove(FAULT_ABORT_AFTER_ACKS)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if armed {
+        command.env(FAULT_ABORT_AFTER_ACKS, ABORT_AFTER_ACKS.to_string());
+    }
+    command.spawn().expect("spawn agent")
+}
+
+/// Raw reading values (with multiplicity) and readings covered by summaries in a buffer.
+fn buffered(path: &Path) -> (BTreeMap<i64, u32>, u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let buffer = loop {
+        match DiskBuffer::open(BufferConfig::at(path)) {
+            Ok(buffer) => break buffer,
+            Err(error) => {
+                assert!(Instant::now() < deadline, "cannot open the buffer: {error}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    let mut raw: BTreeMap<i64, u32> = BTreeMap::new();
+    let mut summarised = 0u64;
+    for stored in buffer.replay(ReplayOrder::OldestFirst) {
+        let stored = stored.expect("intact entry");
+        let batch =
+            decode_batch(&stored.payload, &BatchLimits::default()).expect("decodable batch");
+        match stored.header.class {
+            BatchClass::Raw => {
+                for reading in &batch.readings {
+                    *raw.entry(reading.value as i64).or_default() += 1;
+                }
+            }
+            BatchClass::Summary => {
+                summarised += batch
+                    .summaries
+                    .iter()
+                    .map(|summary| summary.summary.count)
+                    .sum::<u64>();
+            }
+        }
+    }
+    (raw, summarised)
+}
+
+/// Every value 0..MESSAGES exactly once, nothing else, and summaries covering each once.
+fn assert_exactly_once(path: &Path) {
+    let (raw, summarised) = buffered(path);
+    let missing: Vec<u32> = (0..MESSAGES)
+        .filter(|value| !raw.contains_key(&i64::from(*value)))
+        .collect();
+    let doubled: Vec<(i64, u32)> = raw
+        .iter()
+        .filter(|(_, count)| **count > 1)
+        .map(|(value, count)| (*value, *count))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(20)]
+    );
+    assert!(
+        doubled.is_empty(),
+        "{} values stored more than once (value, times), e.g. {:?}",
+        doubled.len(),
+        &doubled[..doubled.len().min(20)]
+    );
+    assert_eq!(raw.len() as u32, MESSAGES, "unexpected raw values");
+    assert_eq!(
+        summarised,
+        u64::from(MESSAGES),
+        "the summaries must cover every reading exactly once"
+    );
+}
+
+const AGGREGATION: &str = r#"
+[sources.aggregation]
+window_ms = 1000
+raw = { policy = "all" }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_mode_redeliveries_after_a_crash_are_not_counted_twice() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let Some(address) = mosquitto_address() else {
+        return;
+    };
+    let (host, port) = address.rsplit_once(':').expect("host:port");
+    let port: u16 = port.parse().expect("port");
+    let suffix = unique_suffix();
+    let prefix = format!("tributary-redelivery-test/{suffix}");
+    let mut agent = Agent::start(
+        "gw-redelivery-subscribe",
+        &format!(
+            r#"
+[[sources]]
+name = "broker"
+[sources.mqtt_subscribe]
+broker_address = "{address}"
+client_id = "tributary-redelivery-{suffix}"
+qos = 1
+[[sources.mqtt_subscribe.topics]]
+template = "{prefix}/{{device}}/{{metric}}"
+{AGGREGATION}"#
+        ),
+    );
+    agent
+        .wait_for("the MQTT connection", |agent| {
+            agent.metric("tributary_agent_source_connected{source=\"broker\"}") == Some(1.0)
+        })
+        .await;
+
+    let mut options = MqttOptions::new(format!("tributary-redelivery-pub-{suffix}"), host, port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (publisher, mut publisher_loop) = AsyncClient::new(options, 4096);
+    let (acked_sender, mut acked_receiver) = tokio::sync::watch::channel(0u32);
+    let driver = tokio::spawn(async move {
+        let mut acknowledged = 0u32;
+        loop {
+            match publisher_loop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => {
+                    acknowledged += 1;
+                    let _ = acked_sender.send(acknowledged);
+                }
+                Ok(_) => {}
+                Err(error) => panic!("publisher connection failed: {error}"),
+            }
+        }
+    });
+    // Probe until the subscription is live (a probe is rejected: not a number).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent
+        .metric("tributary_agent_messages_in_total{source=\"broker\",kind=\"mqtt_subscribe\"}")
+        .unwrap_or(0.0)
+        < 1.0
+    {
+        publisher
+            .publish(
+                format!("{prefix}/probe/temp"),
+                QoS::AtLeastOnce,
+                false,
+                "probe",
+            )
+            .await
+            .expect("publish probe");
+        assert!(
+            Instant::now() < deadline,
+            "the agent's subscription never went live"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    for index in 0..MESSAGES {
+        publisher
+            .publish(
+                format!("{prefix}/dev-{}/temp", index % 10),
+                QoS::AtLeastOnce,
+                false,
+                index.to_string(),
+            )
+            .await
+            .expect("publish");
+    }
+    agent.wait_for_abort_and_restart().await;
+    // Mosquitto has every message (its PUBACKs); the agent gets the rest after the restart.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while *acked_receiver.borrow_and_update() < MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "Mosquitto did not acknowledge all publishes"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), acked_receiver.changed()).await;
+    }
+    // The sentinel is not a number: once the restarted agent counts a rejection, everything
+    // the broker held for it before the sentinel (resends first) has been delivered.
+    publisher
+        .publish(
+            format!("{prefix}/sentinel/temp"),
+            QoS::AtLeastOnce,
+            false,
+            "end",
+        )
+        .await
+        .expect("publish sentinel");
+    agent
+        .wait_for("the sentinel", |agent| {
+            get_metrics(agent.metrics_port).is_some_and(|text| {
+                text.lines().any(|line| {
+                    line.starts_with("tributary_agent_rejected_total{source=\"broker\"")
+                        && !line.ends_with(" 0")
+                })
+            })
+        })
+        .await;
+    let skipped = agent
+        .metric("tributary_agent_redeliveries_skipped_total{source=\"broker\"}")
+        .unwrap_or(0.0);
+    assert!(
+        skipped >= 1.0,
+        "the abort left durable, unacknowledged messages: Mosquitto must have resent some (DUP = 1) and the agent skipped them"
+    );
+    driver.abort();
+    agent.stop().await;
+    assert_exactly_once(&agent.buffer);
+}
+
+/// Publishes `MESSAGES` values at QoS 1 with a rumqttc MQTT 3.1.1 client on a persistent
+/// session, riding out the agent's abort and restart (the client reconnects and resends its
+/// unacknowledged messages with DUP = 0); returns once every message got its PUBACK.
+async fn publish_through_restart(port: u16, client_id: String, agent: &mut Agent) {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_clean_session(false);
+    let (client, mut event_loop) = AsyncClient::new(options, MESSAGES as usize + 16);
+    for index in 0..MESSAGES {
+        client
+            .publish(
+                format!("plant/dev-{}/temp", index % 10),
+                QoS::AtLeastOnce,
+                false,
+                index.to_string(),
+            )
+            .await
+            .expect("queue publish");
+    }
+    let mut acknowledged = 0u32;
+    let mut restarted = false;
+    let mut session_present_after_restart = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acknowledged < MESSAGES {
+        assert!(
+            Instant::now() < deadline,
+            "only {acknowledged} of {MESSAGES} PUBACKs within 120 s"
+        );
+        let event = tokio::time::timeout(Duration::from_secs(5), event_loop.poll()).await;
+        match event {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acknowledged += 1,
+            Ok(Ok(Event::Incoming(Packet::ConnAck(connack)))) if restarted => {
+                session_present_after_restart = connack.session_present;
+                assert!(
+                    session_present_after_restart,
+                    "the restarted agent must resume the persistent session"
+                );
+            }
+            Ok(Ok(_)) | Err(_) => {}
+            Ok(Err(_)) => {
+                // The agent died (the armed fault): restart it once, then reconnect. Polling
+                // again reconnects; while the agent is not listening yet, wait a little
+                // before the next attempt instead of spinning.
+                if !restarted {
+                    agent.wait_for_abort_and_restart().await;
+                    restarted = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert!(restarted, "the agent never aborted");
+    assert!(session_present_after_restart);
+    client.disconnect().await.expect("disconnect request");
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = event_loop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_resends_after_a_crash_are_not_counted_twice() {
+    let mqtt_port = free_port();
+    let mut agent = Agent::start(
+        "gw-redelivery-broker",
+        &format!(
+            r#"
+[[sources]]
+name = "embedded"
+[sources.mqtt_broker]
+listen_address = "127.0.0.1:{mqtt_port}"
+[[sources.mqtt_broker.topics]]
+template = "plant/{{device}}/{{metric}}"
+{AGGREGATION}"#
+        ),
+    );
+    agent
+        .wait_for("the broker to listen", |_| {
+            TcpStream::connect(("127.0.0.1", mqtt_port)).is_ok()
+        })
+        .await;
+    publish_through_restart(mqtt_port, format!("sensor-{}", unique_suffix()), &mut agent).await;
+    // Every message has its PUBACK, so each is durable in the agent (journal or buffer).
+    let skipped = agent
+        .metric("tributary_agent_redeliveries_skipped_total{source=\"embedded\"}")
+        .unwrap_or(0.0);
+    assert!(
+        skipped >= 1.0,
+        "the abort left durable, unacknowledged messages: the client must have resent some and the agent skipped them"
+    );
+    agent.stop().await;
+    assert_exactly_once(&agent.buffer);
+}
+
+/// The records themselves, without processes: a match needs a durable record of an earlier
+/// connection with the same packet id and the same content; a record whose readings the
+/// journal never reached is dropped at load.
+#[test]
+fn records_match_only_durable_same_content_from_an_earlier_connection() {
+    let directory = tempfile::tempdir().expect("tempdir");
+    let open = || {
+        // A just-dropped sled database holds its lock until its threads let go.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let db = loop {
+            match sled::Config::new()
+                .path(directory.path().join("state"))
+                .open()
+            {
+                Ok(db) => break db,
+                Err(error) => {
+                    assert!(Instant::now() < deadline, "cannot reopen: {error}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        let log = RedeliveryLog::open(&db, vec!["mqtt".to_owned()]).expect("open log");
+        (db, log)
+    };
+    let input = || {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        (
+            tributary_agent::run::PipelineInput {
+                source: 0,
+                readings: Vec::new(),
+                receive_ms: 0,
+                durable: Some(sender),
+            },
+            receiver,
+        )
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    {
+        let (db, log) = open();
+        assert_eq!(log.load(0).expect("load"), 0);
+        let (pipeline, mut inputs) = tokio::sync::mpsc::channel(16);
+        let first = log.message_id(0, "sensor", 1, 7, b"t", b"21.5");
+        let second = log.message_id(0, "sensor", 1, 8, b"t", b"22.0");
+        for message in [&first, &second] {
+            let (input, _receiver) = input();
+            runtime
+                .block_on(log.send(&pipeline, input, Some(message.clone())))
+                .expect("send");
+            runtime.block_on(inputs.recv()).expect("input");
+        }
+        // Journal: message 7 ends below seq 10, message 8 below seq 20.
+        log.ingested(0, 10);
+        log.ingested(0, 20);
+        log.write_pending();
+        assert!(
+            !log.take_redelivery(0, &log.message_id(0, "sensor", 2, 7, b"t", b"21.5")),
+            "not durable before its commit"
+        );
+        log.committed(2);
+        assert!(
+            !log.take_redelivery(0, &first),
+            "the connection that sent it never resends it"
+        );
+        db.flush().expect("flush");
+    }
+    // The journal came back up to seq 15: message 8's readings were not durable.
+    let (_db, log) = open();
+    assert_eq!(
+        log.load(15).expect("load"),
+        1,
+        "only message 7's record is valid"
+    );
+    assert!(
+        !log.take_redelivery(0, &log.message_id(0, "sensor", 1, 7, b"t", b"99")),
+        "same packet id, other content: a new message"
+    );
+    assert!(
+        !log.take_redelivery(0, &log.message_id(0, "other", 1, 7, b"t", b"21.5")),
+        "another session"
+    );
+    assert!(log.take_redelivery(0, &log.message_id(0, "sensor", 1, 7, b"t", b"21.5")));
+    assert_eq!(log.skipped(0), 1);
+    assert!(
+        !log.take_redelivery(0, &log.message_id(0, "sensor", 1, 7, b"t", b"21.5")),
+        "a record matches once"
+    );
+    assert_eq!(log.records(), 0);
+}

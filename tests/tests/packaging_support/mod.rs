@@ -1,5 +1,6 @@
 //! Shared by the packaging and deployment tests: finding the workspace's binaries, running
-//! commands with their output in the failure message, and a few file checks.
+//! commands with their output in the failure message, a few file checks, and asking a
+//! started binary's HTTP endpoint.
 //!
 //! Why the binaries are found next to the test executable: this crate cannot depend on the
 //! agent's and collector's *binaries* (only on libraries), and building them from inside a test
@@ -10,9 +11,12 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// `<target>/<profile>`: the test executable lives in `<target>/<profile>/deps/`.
 pub fn profile_dir() -> PathBuf {
@@ -153,4 +157,34 @@ pub fn assert_unit_hardened(unit_text: &str) {
             "the unit lost `{setting}`:\n{unit_text}"
         );
     }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The whole response (head and body) to `GET path`, or `None` while nothing answers.
+pub fn http_get(address: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The status code of `GET path`, or `None` while nothing answers.
+pub fn http_status(address: &str, path: &str) -> Option<u16> {
+    http_get(address, path)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -915,6 +915,21 @@ fn render_ship_stats(stats: &crate::ship::ShipStats) -> String {
             stats.bytes_sent.load(Ordering::Relaxed),
         ),
         (
+            "tributary_agent_ship_raw_bytes_sent_total",
+            "counter",
+            stats.raw_bytes_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_summary_bytes_sent_total",
+            "counter",
+            stats.summary_bytes_sent.load(Ordering::Relaxed),
+        ),
+        (
+            "tributary_agent_ship_definition_bytes_sent_total",
+            "counter",
+            stats.definition_bytes_sent.load(Ordering::Relaxed),
+        ),
+        (
             "tributary_agent_ship_batches_acked_total",
             "counter",
             stats.batches_acked.load(Ordering::Relaxed),

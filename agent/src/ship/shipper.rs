@@ -37,7 +37,8 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tributary_protocol::batch::{
-    replace_series_definitions, BatchDecoder, SenderSessionDictionary,
+    batch_format_version, format_version_for_protocol, replace_series_definitions,
+    series_definitions_bytes, transcode_batch, BatchDecoder, SenderSessionDictionary,
 };
 use tributary_protocol::close::{CLOSE_NORMAL, CLOSE_PROTOCOL_VIOLATION};
 use tributary_protocol::frame::{frame_header, Frame, FrameDecoder, FrameKind, FrameLimits};
@@ -68,6 +69,11 @@ pub struct ShipStats {
     pub connect_failures: AtomicU64,
     pub batches_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
+    /// `bytes_sent` split: raw batches and summary batches without their series
+    /// definitions, and the definitions (the session dictionary) apart.
+    pub raw_bytes_sent: AtomicU64,
+    pub summary_bytes_sent: AtomicU64,
+    pub definition_bytes_sent: AtomicU64,
     pub batches_acked: AtomicU64,
     pub nacks_retryable: AtomicU64,
     /// Batches the collector refused for good; removed from the buffer.
@@ -455,6 +461,7 @@ impl Shipper {
             .max_in_flight_batches
             .min(welcome.limits.max_in_flight_batches.max(1)) as usize;
         let mut session = SessionState {
+            batch_format_version: format_version_for_protocol(welcome.protocol_version),
             book: InFlightBook::new(
                 max_in_flight,
                 Backoff {
@@ -659,9 +666,31 @@ impl Shipper {
             &session.dictionary,
             plan.full_definitions,
         );
+        // A collector of an older protocol version reads only the older batch format.
+        let payload = match batch_format_version(&payload) {
+            Ok(version) if version > session.batch_format_version => transcode_batch(
+                &payload,
+                session.batch_format_version,
+                &BatchLimits::default(),
+            )
+            .unwrap_or(payload),
+            _ => payload,
+        };
         let stats = self.handle.inner.stats.clone();
         ShipStats::add(&stats.batches_sent, 1);
         ShipStats::add(&stats.bytes_sent, payload.len() as u64);
+        let definition_bytes =
+            series_definitions_bytes(&payload, &BatchLimits::default()).unwrap_or(0);
+        let class_bytes = if stored.header.class == crate::buffer::BatchClass::Summary {
+            &stats.summary_bytes_sent
+        } else {
+            &stats.raw_bytes_sent
+        };
+        ShipStats::add(
+            class_bytes,
+            payload.len().saturating_sub(definition_bytes) as u64,
+        );
+        ShipStats::add(&stats.definition_bytes_sent, definition_bytes as u64);
         let connection = connection.clone();
         let frame_limits = session.frame_limits;
         let ack_timeout = Duration::from_millis(self.config.ack_timeout_ms);
@@ -738,6 +767,8 @@ impl Shipper {
 
 struct SessionState {
     book: InFlightBook,
+    /// The batch format the collector reads in this session's protocol version.
+    batch_format_version: u8,
     dictionary: SenderSessionDictionary,
     /// Batches at or above this sequence were appended during this session: live.
     live_boundary: u64,

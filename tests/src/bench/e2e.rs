@@ -195,12 +195,63 @@ struct RunFigures {
     bytes_down: u64,
     baseline_bytes_up: u64,
     baseline_bytes_down: u64,
+    /// What the agent handed to QUIC over the same interval as `bytes_up`, by part.
+    ship: ShipBytes,
     /// Where the markers' time went: the collector's stage histograms over the marker phase
     /// ([`stages`]), plus the query that first saw each marker (`query_ms`).
     stages: Value,
 }
 
+/// The agent's batch payload bytes (its `tributary_agent_ship_*bytes_sent_total` counters):
+/// raw and summary batches without their series definitions, and the definitions apart.
+/// Whatever the relay counted beyond their sum is transport: QUIC and TLS (handshake,
+/// packet headers, ACK frames), stream framing and the collector's answers.
+#[derive(Debug, Clone, Copy, Default)]
+struct ShipBytes {
+    raw: u64,
+    summary: u64,
+    definitions: u64,
+    total: u64,
+}
+
+impl ShipBytes {
+    fn read(agent: &Agent) -> anyhow::Result<Self> {
+        let text = agent.metrics()?;
+        let counter = |name: &str| metric_value(&text, name, &[]).unwrap_or(0.0) as u64;
+        Ok(Self {
+            raw: counter("tributary_agent_ship_raw_bytes_sent_total"),
+            summary: counter("tributary_agent_ship_summary_bytes_sent_total"),
+            definitions: counter("tributary_agent_ship_definition_bytes_sent_total"),
+            total: counter("tributary_agent_ship_bytes_sent_total"),
+        })
+    }
+
+    fn since(self, start: ShipBytes) -> Self {
+        Self {
+            raw: self.raw.saturating_sub(start.raw),
+            summary: self.summary.saturating_sub(start.summary),
+            definitions: self.definitions.saturating_sub(start.definitions),
+            total: self.total.saturating_sub(start.total),
+        }
+    }
+}
+
 impl RunFigures {
+    fn per_reading(&self, bytes: u64) -> f64 {
+        bytes as f64 / self.live_readings.max(1) as f64
+    }
+
+    /// Uplink transport: what the relay carried up beyond the agent's batch payloads.
+    fn transport_up_bytes(&self) -> u64 {
+        self.bytes_up.saturating_sub(self.ship.total)
+    }
+
+    /// Both directions without the session's series definitions: what a long-lived
+    /// gateway session pays per reading once its dictionary has been sent.
+    fn steady_bytes_per_reading(&self) -> f64 {
+        self.per_reading((self.bytes_up + self.bytes_down).saturating_sub(self.ship.definitions))
+    }
+
     fn bytes_per_reading(&self) -> f64 {
         (self.bytes_up + self.bytes_down) as f64 / self.live_readings.max(1) as f64
     }
@@ -220,6 +271,24 @@ fn summarise(setup: &Setup, sizes: &Sizes, runs: &[RunFigures]) -> Value {
     let field = |pick: &dyn Fn(&RunFigures) -> f64| median(runs.iter().map(pick).collect());
     let bytes = field(&|run| run.bytes_per_reading());
     let baseline = field(&|run| run.baseline_bytes_per_reading());
+    let steady = field(&|run| run.steady_bytes_per_reading());
+    // Where the bytes go (medians of each part, so they need not add up exactly).
+    let split = |run: &RunFigures| {
+        json!({
+            "raw_batches": round3(run.per_reading(run.ship.raw)),
+            "summary_batches": round3(run.per_reading(run.ship.summary)),
+            "dictionary": round3(run.per_reading(run.ship.definitions)),
+            "transport_up": round3(run.per_reading(run.transport_up_bytes())),
+            "down": round3(run.per_reading(run.bytes_down)),
+        })
+    };
+    let split_median = json!({
+        "raw_batches": round3(field(&|run| run.per_reading(run.ship.raw))),
+        "summary_batches": round3(field(&|run| run.per_reading(run.ship.summary))),
+        "dictionary": round3(field(&|run| run.per_reading(run.ship.definitions))),
+        "transport_up": round3(field(&|run| run.per_reading(run.transport_up_bytes()))),
+        "down": round3(field(&|run| run.per_reading(run.bytes_down))),
+    });
     let per_run: Vec<Value> = runs
         .iter()
         .map(|run| {
@@ -229,6 +298,8 @@ fn summarise(setup: &Setup, sizes: &Sizes, runs: &[RunFigures]) -> Value {
                 "p99_ms": round3(run.p99_ms),
                 "bytes_per_reading": round3(run.bytes_per_reading()),
                 "baseline_mosquitto_bridge_bytes_per_reading": round3(run.baseline_bytes_per_reading()),
+                "steady_bytes_per_reading": round3(run.steady_bytes_per_reading()),
+                "split_bytes_per_reading": split(run),
                 "stages": run.stages,
             })
         })
@@ -242,6 +313,9 @@ fn summarise(setup: &Setup, sizes: &Sizes, runs: &[RunFigures]) -> Value {
         "bytes_per_reading": round3(bytes),
         "baseline_mosquitto_bridge_bytes_per_reading": round3(baseline),
         "baseline_over_ours": round3(baseline / bytes.max(f64::MIN_POSITIVE)),
+        "steady_bytes_per_reading": round3(steady),
+        "baseline_over_ours_steady": round3(baseline / steady.max(f64::MIN_POSITIVE)),
+        "split_bytes_per_reading": split_median,
         "agent_intake_readings_per_s": field(&|run| run.agent_intake_readings_per_s).round(),
         "drain_after_flood_s": round3(field(&|run| run.drain_after_flood_s)),
         "max_ms": round3(field(&|run| run.max_ms)),
@@ -471,6 +545,7 @@ fn live_phase(
     let mut marker_to_agent = Publisher::connect(agent.broker_address, "bench-marker")?;
     let mut marker_to_bridge = Publisher::connect(bridge.gateway_address(), "bench-marker")?;
     let (start_up, start_down) = (relay.bytes_up(), relay.bytes_down());
+    let ship_start = ShipBytes::read(&agent)?;
     let (bridge_start_up, bridge_start_down) = bridge.bytes();
     let bridge_start_delivered = bridge.delivered();
     let readings_before = collector_metric(collector, "tributary_ingest_readings_total")? as u64;
@@ -596,6 +671,7 @@ fn live_phase(
         || Ok((bridge.delivered() >= bridge_start_delivered + live_readings).then_some(())),
     )?;
     let (bridge_up, bridge_down) = bridge.bytes();
+    let ship = ShipBytes::read(&agent)?.since(ship_start);
     let figures = RunFigures {
         p50_ms: {
             latencies_ms.sort_by(f64::total_cmp);
@@ -609,6 +685,7 @@ fn live_phase(
         bytes_down: relay.bytes_down() - start_down,
         baseline_bytes_up: bridge_up - bridge_start_up,
         baseline_bytes_down: bridge_down - bridge_start_down,
+        ship,
         stages: stage_figures,
         ..RunFigures::default()
     };

@@ -190,10 +190,23 @@ impl QueryParams {
         }
         Ok(selectors)
     }
+
+    /// Like [`Self::series`], for requests that need at least one series.
+    pub fn required_series(&self) -> Result<Vec<SeriesSelector>, ParamError> {
+        let series = self.series()?;
+        if series.is_empty() {
+            return Err(ParamError::new(
+                "series",
+                "required: name one or more series (series=device_id/metric)",
+            ));
+        }
+        Ok(series)
+    }
 }
 
-/// A half-open time range `[from_ms, to_ms)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A half-open time range `[from_ms, to_ms)`. Answers over a range repeat it (flattened:
+/// `from_ms`, `to_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TimeRange {
     pub from_ms: i64,
     pub to_ms: i64,
@@ -237,13 +250,7 @@ impl RangeRequest {
     /// `resolutions_ms`: what the store keeps; without `resolution_ms` the finest is used.
     pub fn parse(params: &QueryParams, resolutions_ms: &[i64]) -> Result<Self, ParamError> {
         params.only(&["series", "resolution_ms", "from_ms", "to_ms"])?;
-        let series = params.series()?;
-        if series.is_empty() {
-            return Err(ParamError::new(
-                "series",
-                "required: name one or more series (series=device_id/metric)",
-            ));
-        }
+        let series = params.required_series()?;
         let listed = || {
             resolutions_ms
                 .iter()
@@ -289,13 +296,7 @@ pub struct RawRequest {
 impl RawRequest {
     pub fn parse(params: &QueryParams) -> Result<Self, ParamError> {
         params.only(&["series", "from_ms", "to_ms"])?;
-        let series = params.series()?;
-        if series.is_empty() {
-            return Err(ParamError::new(
-                "series",
-                "required: name one or more series (series=device_id/metric)",
-            ));
-        }
+        let series = params.required_series()?;
         let range = TimeRange::from_params(params, MAX_RAW_SPAN_MS)?;
         Ok(Self { series, range })
     }

@@ -168,23 +168,40 @@ pub(crate) async fn devices(State(state): State<ApiState>, params: Params) -> Re
     .await
 }
 
+/// Which series an answer is about, with the ready-made selector that names it in a query.
+/// Flattened into every per-series response, so the JSON fields stand beside the others
+/// (`device_id`, `metric`, `tags`, `selector`) and the selector is built in one place.
 #[derive(Debug, Serialize)]
-pub struct SeriesResponse {
+pub struct SeriesIdentity {
     pub device_id: String,
     pub metric: String,
     pub tags: String,
     /// The `series` parameter value that names this series.
     pub selector: String,
+}
+
+impl SeriesIdentity {
+    pub fn new(device_id: String, metric: String, tags: String) -> Self {
+        Self {
+            selector: selector_string(&device_id, &metric, &tags),
+            device_id,
+            metric,
+            tags,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SeriesResponse {
+    #[serde(flatten)]
+    pub series: SeriesIdentity,
     pub last_seen_ms: u64,
 }
 
 impl From<SeriesRow> for SeriesResponse {
     fn from(row: SeriesRow) -> Self {
         Self {
-            selector: selector_string(&row.device_id, &row.metric, &row.tags),
-            device_id: row.device_id,
-            metric: row.metric,
-            tags: row.tags,
+            series: SeriesIdentity::new(row.device_id, row.metric, row.tags),
             last_seen_ms: row.last_seen_ms,
         }
     }
@@ -231,10 +248,8 @@ pub(crate) async fn device_series(
 
 #[derive(Debug, Serialize)]
 pub struct LatestValueResponse {
-    pub device_id: String,
-    pub metric: String,
-    pub tags: String,
-    pub selector: String,
+    #[serde(flatten)]
+    pub series: SeriesIdentity,
     pub time_ms: i64,
     pub value: f64,
 }
@@ -242,10 +257,7 @@ pub struct LatestValueResponse {
 impl From<LatestValueRow> for LatestValueResponse {
     fn from(row: LatestValueRow) -> Self {
         Self {
-            selector: selector_string(&row.device_id, &row.metric, &row.tags),
-            device_id: row.device_id,
-            metric: row.metric,
-            tags: row.tags,
+            series: SeriesIdentity::new(row.device_id, row.metric, row.tags),
             time_ms: row.time_ms,
             value: row.value,
         }
@@ -273,10 +285,8 @@ pub(crate) async fn latest(State(state): State<ApiState>, params: Params) -> Res
 #[derive(Debug, Serialize)]
 pub struct WindowResponse {
     pub agent_id: String,
-    pub device_id: String,
-    pub metric: String,
-    pub tags: String,
-    pub selector: String,
+    #[serde(flatten)]
+    pub series: SeriesIdentity,
     pub window_start_ms: i64,
     /// False while the window may still change (a running emission).
     pub is_final: bool,
@@ -302,12 +312,9 @@ fn finite(value: f64) -> Option<f64> {
 impl From<RollupRow> for WindowResponse {
     fn from(row: RollupRow) -> Self {
         Self {
-            selector: selector_string(&row.device_id, &row.metric, &row.tags),
             mean: (row.count > 0).then(|| row.sum / row.count as f64),
             agent_id: row.agent_id,
-            device_id: row.device_id,
-            metric: row.metric,
-            tags: row.tags,
+            series: SeriesIdentity::new(row.device_id, row.metric, row.tags),
             window_start_ms: row.window_start_ms,
             is_final: row.is_final != 0,
             count: row.count,
@@ -328,8 +335,8 @@ impl From<RollupRow> for WindowResponse {
 #[derive(Debug, Serialize)]
 pub struct RangeResponse {
     pub resolution_ms: i64,
-    pub from_ms: i64,
-    pub to_ms: i64,
+    #[serde(flatten)]
+    pub range: TimeRange,
     pub windows: Vec<WindowResponse>,
 }
 
@@ -348,8 +355,7 @@ pub(crate) async fn range(State(state): State<ApiState>, params: Params) -> Resp
             .await?;
         Ok(RangeResponse {
             resolution_ms: request.resolution_ms,
-            from_ms: request.range.from_ms,
-            to_ms: request.range.to_ms,
+            range: request.range,
             windows: rows.into_iter().map(WindowResponse::from).collect(),
         })
     })
@@ -360,10 +366,8 @@ pub(crate) async fn range(State(state): State<ApiState>, params: Params) -> Resp
 pub struct RawReadingResponse {
     pub agent_id: String,
     pub batch_seq: u64,
-    pub device_id: String,
-    pub metric: String,
-    pub tags: String,
-    pub selector: String,
+    #[serde(flatten)]
+    pub series: SeriesIdentity,
     pub time_ms: i64,
     pub value: f64,
     pub flags: u8,
@@ -372,12 +376,9 @@ pub struct RawReadingResponse {
 impl From<RawReadingRow> for RawReadingResponse {
     fn from(row: RawReadingRow) -> Self {
         Self {
-            selector: selector_string(&row.device_id, &row.metric, &row.tags),
             agent_id: row.agent_id,
             batch_seq: row.batch_seq,
-            device_id: row.device_id,
-            metric: row.metric,
-            tags: row.tags,
+            series: SeriesIdentity::new(row.device_id, row.metric, row.tags),
             time_ms: row.time_ms,
             value: row.value,
             flags: row.flags,
@@ -387,8 +388,8 @@ impl From<RawReadingRow> for RawReadingResponse {
 
 #[derive(Debug, Serialize)]
 pub struct RawResponse {
-    pub from_ms: i64,
-    pub to_ms: i64,
+    #[serde(flatten)]
+    pub range: TimeRange,
     pub readings: Vec<RawReadingResponse>,
 }
 
@@ -401,8 +402,7 @@ pub(crate) async fn raw(State(state): State<ApiState>, params: Params) -> Respon
             .raw_range(&request.series, request.range.from_ms, request.range.to_ms)
             .await?;
         Ok(RawResponse {
-            from_ms: request.range.from_ms,
-            to_ms: request.range.to_ms,
+            range: request.range,
             readings: rows.into_iter().map(RawReadingResponse::from).collect(),
         })
     })
@@ -434,8 +434,8 @@ impl From<LateCountRow> for LateCountResponse {
 
 #[derive(Debug, Serialize)]
 pub struct LateResponse {
-    pub from_ms: i64,
-    pub to_ms: i64,
+    #[serde(flatten)]
+    pub range: TimeRange,
     pub counts: Vec<LateCountResponse>,
 }
 
@@ -450,8 +450,7 @@ pub(crate) async fn late(State(state): State<ApiState>, params: Params) -> Respo
             .late_counts(range.from_ms, range.to_ms)
             .await?;
         Ok(LateResponse {
-            from_ms: range.from_ms,
-            to_ms: range.to_ms,
+            range,
             counts: rows.into_iter().map(LateCountResponse::from).collect(),
         })
     })

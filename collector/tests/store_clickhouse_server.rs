@@ -5,6 +5,8 @@
 //!
 //! Each test uses its own database, so runs never see each other's rows.
 
+mod store_support;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,51 +16,36 @@ use tributary_collector::process::{
 };
 use tributary_collector::store::schema::{Dialect, RollupSpec, SchemaConfig, SeriesSelector};
 use tributary_collector::store::{
-    ClickHouseStore, ClickHouseStoreConfig, LastSeenRow, RawReadingRow, RetryPolicy, Store,
+    ClickHouseStore, ClickHouseStoreConfig, LastSeenRow, RawReadingRow, Store,
 };
-use tributary_protocol::{SeriesKey, Summary};
-use tributary_tests::services::{service_env, unique_suffix, CLICKHOUSE_URL, SERVICES_SCRIPT};
+use tributary_protocol::SeriesKey;
+use tributary_tests::services::{service_env, CLICKHOUSE_URL, SERVICES_SCRIPT};
 
-/// 2026-01-01T00:00:00Z
-const T0: i64 = 1_767_225_600_000;
-const DAY_MS: i64 = 86_400_000;
+use store_support::{
+    clickhouse_config, drop_database, window_result, DAY_MS, HOUR_MS, MINUTE_MS, T0,
+};
 
+/// Two resolutions with their own retentions, raw kept 7 days and late rows 30: the
+/// retention test counts on these.
 fn config(url: &str, name: &str) -> ClickHouseStoreConfig {
-    ClickHouseStoreConfig {
-        url: url.to_string(),
-        schema: SchemaConfig {
-            database: format!("tributary_test_{name}_{}", unique_suffix()),
-            raw_retention_days: 7,
-            late_retention_days: 30,
-            rollups: vec![
-                RollupSpec {
-                    resolution_ms: 60_000,
-                    retention_days: 90,
-                },
-                RollupSpec {
-                    resolution_ms: 3_600_000,
-                    retention_days: 730,
-                },
-            ],
-        },
-        retry: RetryPolicy {
-            initial_delay_ms: 50,
-            max_delay_ms: 1_000,
-            give_up_after_ms: 20_000,
-        },
-        request_timeout_ms: 10_000,
-        ..ClickHouseStoreConfig::default()
-    }
-}
-
-async fn drop_database(url: &str, database: &str) {
-    let client = clickhouse::Client::default()
-        .with_url(url)
-        .with_validation(false);
-    let _ = client
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
+    let mut config = clickhouse_config(url, name);
+    config.schema = SchemaConfig {
+        database: config.schema.database,
+        raw_retention_days: 7,
+        late_retention_days: 30,
+        rollups: vec![
+            RollupSpec {
+                resolution_ms: MINUTE_MS,
+                retention_days: 90,
+            },
+            RollupSpec {
+                resolution_ms: HOUR_MS,
+                retention_days: 730,
+            },
+        ],
+    };
+    config.request_timeout_ms = 10_000;
+    config
 }
 
 fn raw(
@@ -82,30 +69,20 @@ fn raw(
     }
 }
 
-fn summary_of(readings: &[(i64, f64)]) -> Summary {
-    let mut summary = Summary::empty();
-    for (time_ms, value) in readings {
-        summary.observe(*time_ms, *value);
-    }
-    summary
-}
-
 fn window(
     device: &str,
     window_start_ms: i64,
     readings: &[(i64, f64)],
     is_final: bool,
 ) -> WindowResult {
-    let summary = summary_of(readings);
-    WindowResult {
-        agent_id: Arc::from("agent-1"),
-        series: Arc::new(SeriesKey::new(device, "temperature_c")),
-        resolution_ms: 60_000,
+    window_result(
+        "agent-1",
+        &SeriesKey::new(device, "temperature_c"),
+        MINUTE_MS,
         window_start_ms,
-        version: summary.count | if is_final { FINAL_VERSION_BIT } else { 0 },
-        summary,
+        readings,
         is_final,
-    }
+    )
 }
 
 fn selector(device: &str) -> SeriesSelector {

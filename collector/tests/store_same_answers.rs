@@ -7,48 +7,14 @@
 
 mod store_support;
 
-use tributary_collector::store::schema::{RollupSpec, SchemaConfig};
 use tributary_collector::store::{
-    Checkpoint, ClickHouseStore, ClickHouseStoreConfig, EmbeddedStore, EmbeddedStoreConfig,
-    Queries, RetryPolicy, Store,
+    Checkpoint, ClickHouseStore, EmbeddedStore, EmbeddedStoreConfig, Queries, Store,
 };
-use tributary_tests::services::{service_env, unique_suffix, CLICKHOUSE_URL};
+use tributary_tests::services::{service_env, CLICKHOUSE_URL};
 
-use store_support::{answers, apply, generate, RESOLUTIONS_MS, T0};
-
-fn clickhouse_config(url: &str, name: &str) -> ClickHouseStoreConfig {
-    ClickHouseStoreConfig {
-        url: url.to_string(),
-        schema: SchemaConfig {
-            database: format!("tributary_test_{name}_{}", unique_suffix()),
-            rollups: RESOLUTIONS_MS
-                .iter()
-                .map(|resolution_ms| RollupSpec {
-                    resolution_ms: *resolution_ms,
-                    retention_days: 3_650,
-                })
-                .collect(),
-            ..SchemaConfig::default()
-        },
-        retry: RetryPolicy {
-            initial_delay_ms: 50,
-            max_delay_ms: 1_000,
-            give_up_after_ms: 20_000,
-        },
-        request_timeout_ms: 20_000,
-        ..ClickHouseStoreConfig::default()
-    }
-}
-
-async fn drop_database(url: &str, database: &str) {
-    let client = clickhouse::Client::default()
-        .with_url(url)
-        .with_validation(false);
-    let _ = client
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
-}
+use store_support::{
+    answers, apply, clickhouse_config, drop_database, generate, RESOLUTIONS_MS, T0,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_and_clickhouse_give_the_same_answers() {

@@ -1,6 +1,7 @@
 //! Shared by the store tests: a generated write sequence with retries, replays, out-of-order
 //! window versions and late rows, applied identically to any [`Store`], and a snapshot of
-//! every query's answer through [`Queries`].
+//! every query's answer through [`Queries`]; and the ClickHouse store's test setup (a
+//! database of its own per test, dropped at the end).
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -8,12 +9,13 @@ use std::sync::Arc;
 use tributary_collector::process::{
     LateItem, LateReading, LateReason, WindowResult, FINAL_VERSION_BIT,
 };
-use tributary_collector::store::schema::SeriesSelector;
+use tributary_collector::store::schema::{RollupSpec, SchemaConfig, SeriesSelector};
 use tributary_collector::store::{
-    render_tags, Checkpoint, DeviceRow, LastSeenRow, LateCountRow, LatestValueRow, Queries,
-    RawReadingRow, RollupRow, SeriesRow, Store,
+    render_tags, Checkpoint, ClickHouseStoreConfig, DeviceRow, LastSeenRow, LateCountRow,
+    LatestValueRow, Queries, RawReadingRow, RetryPolicy, RollupRow, SeriesRow, Store,
 };
 use tributary_protocol::{SeriesKey, Summary};
+use tributary_tests::services::unique_suffix;
 
 /// 2026-01-01T00:00:00Z
 pub const T0: i64 = 1_767_225_600_000;
@@ -74,7 +76,7 @@ pub fn selector(key: &SeriesKey) -> SeriesSelector {
     SeriesSelector::for_key(key)
 }
 
-fn summary_of(readings: &[(i64, f64)]) -> Summary {
+pub fn summary_of(readings: &[(i64, f64)]) -> Summary {
     let mut summary = Summary::empty();
     for (time_ms, value) in readings {
         summary.observe(*time_ms, *value);
@@ -82,7 +84,8 @@ fn summary_of(readings: &[(i64, f64)]) -> Summary {
     summary
 }
 
-fn result(
+/// A window result over `readings`, its version the reading count (plus the final bit).
+pub fn window_result(
     agent: &str,
     key: &SeriesKey,
     resolution_ms: i64,
@@ -192,7 +195,7 @@ pub fn generate(seed: u64) -> Vec<Op> {
             }
             // Running versions 1..count, then final; shuffled later, some repeated.
             for prefix in 1..=readings.len() {
-                ops.push(Op::Windows(vec![result(
+                ops.push(Op::Windows(vec![window_result(
                     agent,
                     key,
                     MINUTE_MS,
@@ -201,7 +204,7 @@ pub fn generate(seed: u64) -> Vec<Op> {
                     false,
                 )]));
             }
-            ops.push(Op::Windows(vec![result(
+            ops.push(Op::Windows(vec![window_result(
                 agent,
                 key,
                 MINUTE_MS,
@@ -210,7 +213,7 @@ pub fn generate(seed: u64) -> Vec<Op> {
                 true,
             )]));
             if rng.below(2) == 0 {
-                ops.push(Op::Windows(vec![result(
+                ops.push(Op::Windows(vec![window_result(
                     agent,
                     key,
                     MINUTE_MS,
@@ -270,8 +273,8 @@ pub fn generate(seed: u64) -> Vec<Op> {
         for (hour_start_ms, readings) in hour_readings {
             let half = readings.len().div_ceil(2);
             ops.push(Op::Windows(vec![
-                result(agent, key, HOUR_MS, hour_start_ms, &readings, true),
-                result(agent, key, HOUR_MS, hour_start_ms, &readings[..half], false),
+                window_result(agent, key, HOUR_MS, hour_start_ms, &readings, true),
+                window_result(agent, key, HOUR_MS, hour_start_ms, &readings[..half], false),
             ]));
         }
     }
@@ -405,4 +408,42 @@ pub async fn answers(queries: &Queries) -> Answers {
             .await
             .is_err(),
     }
+}
+
+/// A ClickHouse store config for a test: a database of its own (`tributary_test_{name}_...`,
+/// drop it with [`drop_database`]), the stores' rollups kept ten years, quick retries that
+/// give up after 20 s.
+pub fn clickhouse_config(url: &str, name: &str) -> ClickHouseStoreConfig {
+    ClickHouseStoreConfig {
+        url: url.to_string(),
+        schema: SchemaConfig {
+            database: format!("tributary_test_{name}_{}", unique_suffix()),
+            rollups: RESOLUTIONS_MS
+                .iter()
+                .map(|resolution_ms| RollupSpec {
+                    resolution_ms: *resolution_ms,
+                    retention_days: 3_650,
+                })
+                .collect(),
+            ..SchemaConfig::default()
+        },
+        retry: RetryPolicy {
+            initial_delay_ms: 50,
+            max_delay_ms: 1_000,
+            give_up_after_ms: 20_000,
+        },
+        request_timeout_ms: 20_000,
+        ..ClickHouseStoreConfig::default()
+    }
+}
+
+/// Drops a test's database; errors are ignored (it is cleanup, and the name is unique).
+pub async fn drop_database(url: &str, database: &str) {
+    let client = clickhouse::Client::default()
+        .with_url(url)
+        .with_validation(false);
+    let _ = client
+        .query(&format!("DROP DATABASE IF EXISTS {database}"))
+        .execute()
+        .await;
 }

@@ -130,7 +130,7 @@ impl Metrics {
     pub fn render(&self, buffer: &BufferStatsSnapshot, extra: &str) -> String {
         let mut text = String::new();
         let mut family = |name: &str, kind: &str, help: &str| {
-            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            write_family_header(&mut text, name, kind, help);
         };
         family(
             "tributary_agent_messages_in_total",
@@ -268,11 +268,7 @@ impl Metrics {
             ),
         ];
         for (series, kind, help, value) in counters {
-            if !kind.is_empty() {
-                let name = series.split('{').next().unwrap_or(series);
-                let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            }
-            let _ = writeln!(text, "{series} {value}");
+            write_sample(&mut text, series, kind, help, value);
         }
         let buffer_lines: [(&str, &str, String); 9] = [
             (
@@ -326,15 +322,35 @@ impl Metrics {
             ),
         ];
         for (series, kind, value) in buffer_lines {
-            if !kind.is_empty() {
-                let name = series.split('{').next().unwrap_or(series);
-                let _ = writeln!(text, "# TYPE {name} {kind}");
-            }
-            let _ = writeln!(text, "{series} {value}");
+            write_sample(&mut text, series, kind, "", value);
         }
         text.push_str(extra);
         text
     }
+}
+
+/// `# HELP` (unless `help` is empty) and `# TYPE` of one metric family.
+fn write_family_header(text: &mut String, name: &str, kind: &str, help: &str) {
+    if !help.is_empty() {
+        let _ = writeln!(text, "# HELP {name} {help}");
+    }
+    let _ = writeln!(text, "# TYPE {name} {kind}");
+}
+
+/// One sample line (`series` is the name with its labels), after its family's header when
+/// `kind` is set; an empty `kind` is a further sample of the family just written.
+fn write_sample(
+    text: &mut String,
+    series: &str,
+    kind: &str,
+    help: &str,
+    value: impl std::fmt::Display,
+) {
+    if !kind.is_empty() {
+        let name = series.split('{').next().unwrap_or(series);
+        write_family_header(text, name, kind, help);
+    }
+    let _ = writeln!(text, "{series} {value}");
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`; `render` builds the body.

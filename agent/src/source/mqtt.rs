@@ -340,12 +340,13 @@ impl Shell<'_> {
         }
     }
 
-    /// rumqttc wrote the PUBACK of `pkid` out: its redelivery record goes at the next commit.
+    /// rumqttc wrote the PUBACK of `pkid` out. Its redelivery record stays: "written" means
+    /// rumqttc's buffer, not the broker, so a kill right after could still make the broker
+    /// resend (a crash test under load showed exactly that). Keeping it is safe because a
+    /// match needs DUP = 1 and the same content; the record is replaced when the broker
+    /// reuses the packet id, so there are at most 65,535 per session.
     fn puback_written(&self, acked: &AckedMessages, pkid: u16) {
-        let message = lock_acked(acked).remove(&pkid);
-        if let (Some(log), Some(message)) = (&self.redelivery, message) {
-            log.acknowledged(&message);
-        }
+        lock_acked(acked).remove(&pkid);
     }
 
     async fn backoff(&self, backoff_ms: &mut u64) -> bool {

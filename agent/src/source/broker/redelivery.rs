@@ -14,14 +14,18 @@
 //! durable together; sled recovers a prefix of its writes, so a durable journal block implies
 //! its records are durable. The reverse (a record whose readings were lost) is caught at
 //! start: a record naming a journal sequence number the journal never reached is deleted.
-//! A record is removed (at the next commit) once its PUBACK has been handed to the transport.
+//! The embedded broker removes a record (at the next commit) once its PUBACK has been written
+//! to the client's socket. Subscribe mode keeps it: rumqttc reports a PUBACK as written when
+//! it is in rumqttc's buffer, and a kill right after still makes the broker resend (a crash
+//! test under load showed it); DUP = 1 plus the same content keep a stale record from
+//! matching, and the broker's reuse of the packet id replaces it (at most 65,535 per session).
 //!
 //! A message arriving on a resumed session that matches a durable record of an *earlier*
 //! connection (same packet id and same topic + payload hash; in subscribe mode also DUP = 1)
 //! is acknowledged without being ingested, counted in
 //! `tributary_agent_redeliveries_skipped_total`, and its record dropped. A new message that
-//! reuses the packet id with other content is ingested (the hash differs). Records exist
-//! only between a commit and the PUBACK (a few ms) and are capped per agent; past the cap a
+//! reuses the packet id with other content is ingested (the hash differs). Records are capped
+//! per agent (a record replacing one of the same packet id always fits); past the cap a
 //! message is simply not recorded (counted in `redelivery_records_not_kept_total`): a crash
 //! may then duplicate it, never lose it.
 //!
@@ -272,7 +276,8 @@ impl RedeliveryLog {
             let room = inner.records.len() + inner.queued.iter().map(VecDeque::len).sum::<usize>()
                 < self.max_records;
             let entry = match message {
-                Some(message) if room => Some(message),
+                // A packet id already recorded for this session is replaced, not added.
+                Some(message) if room || inner.records.contains_key(&message.key) => Some(message),
                 Some(_) => {
                     self.not_kept.fetch_add(1, Ordering::Relaxed);
                     None

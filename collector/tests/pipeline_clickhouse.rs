@@ -101,8 +101,13 @@ fn partition_sum(text: &str, name: &str, partitions: u32) -> Option<u64> {
         .sum()
 }
 
+/// One test at a time in this binary: one of them stops the shared ClickHouse, which would cut
+/// the other tests' requests short.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[test]
 fn a_processor_killed_mid_run_resumes_to_the_reference_and_a_replay_rebuilds_it() {
+    let _turn = TURN.blocking_lock();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let Some((brokers, topic)) = runtime.block_on(log_kafka_support::fresh_topic("pipeline", 2))
     else {
@@ -293,6 +298,7 @@ async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_down_mid_run_pauses_consumption_which_resumes_by_itself_losing_nothing() {
+    let _turn = TURN.lock().await;
     let Some(url) = service_env(CLICKHOUSE_URL) else {
         return;
     };

@@ -93,8 +93,13 @@ fn selector(device: &str) -> SeriesSelector {
     }
 }
 
+/// One test at a time in this binary: one of them stops the shared ClickHouse, which would cut
+/// the other tests' requests short.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_replace_dedup_and_read_back_exactly_on_the_server() {
+    let _turn = TURN.lock().await;
     let Some(url) = service_env(CLICKHOUSE_URL) else {
         return;
     };
@@ -274,6 +279,7 @@ async fn writes_replace_dedup_and_read_back_exactly_on_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_drops_partitions_older_than_the_retention() {
+    let _turn = TURN.lock().await;
     let Some(url) = service_env(CLICKHOUSE_URL) else {
         return;
     };
@@ -339,6 +345,7 @@ fn run_services_script(script: &str, action: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_retry_while_clickhouse_is_stopped_and_land_exactly_once() {
+    let _turn = TURN.lock().await;
     let Some(url) = service_env(CLICKHOUSE_URL) else {
         return;
     };

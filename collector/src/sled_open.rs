@@ -17,13 +17,19 @@ pub fn open(config: &sled::Config) -> sled::Result<sled::Db> {
     let mut pause = Duration::from_millis(1);
     loop {
         match config.open() {
-            Err(sled::Error::Io(error))
-                if error.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-            {
+            Err(sled::Error::Io(error)) if is_lock_refusal(&error) && Instant::now() < deadline => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
             other => return other,
         }
     }
+}
+
+/// sled reports a refused lock as an `Other` error whose text starts "could not acquire lock"
+/// (it wraps the `WouldBlock` of the flock); a bare `WouldBlock` counts too.
+fn is_lock_refusal(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::WouldBlock
+        || (error.kind() == std::io::ErrorKind::Other
+            && error.to_string().starts_with("could not acquire lock"))
 }

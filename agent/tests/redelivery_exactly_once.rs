@@ -346,6 +346,12 @@ async fn publish_through_restart(port: u16, client_id: String, agent: &mut Agent
     let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(5));
     options.set_clean_session(false);
+    // Every message gets its own packet id. rumqttc moves its whole request channel into the
+    // resend queue when the connection drops and replays that queue past its in-flight limit;
+    // with ids wrapping at the default limit (100) the replay collides with unacknowledged
+    // ids, and rumqttc keeps only the last colliding publish: messages were lost in the client
+    // and the test waited forever for PUBACKs (CI, 2026-11-28: 831 of 1,500).
+    options.set_inflight(MESSAGES as u16 + 16);
     let (client, mut event_loop) = AsyncClient::new(options, MESSAGES as usize + 16);
     for index in 0..MESSAGES {
         client

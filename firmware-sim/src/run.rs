@@ -77,6 +77,12 @@ impl Publisher {
         // the QoS 1 publishes it had in flight without a PUBACK; with a clean session rumqttc
         // drops them when the broker answers "session present = 0".
         options.set_clean_session(false);
+        // After a drop rumqttc replays its in-flight publishes and its whole request channel
+        // at once, past its in-flight limit, and packet ids wrap at that limit: a replay
+        // larger than the id space collides with unacknowledged ids and rumqttc keeps only
+        // the last colliding publish. An id space far above in-flight + channel capacity
+        // (256) keeps every publish of a replay distinct.
+        options.set_inflight(4096);
         let (client, mut connection) = Client::new(options, 256);
         let counters = Arc::new(Counters {
             sent: AtomicU64::new(0),

@@ -24,9 +24,8 @@
 //! limit (Mosquitto's `max_inflight_messages`) bounds the window. `protocol = "v5"` or
 //! `"v311"` pins the revision.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, Publish};
@@ -229,16 +228,6 @@ struct Shell<'a> {
     connection: u64,
 }
 
-/// PUBACKs handed to rumqttc and not yet written out, by packet id: their redelivery
-/// records go once rumqttc reports the PUBACK outgoing.
-type AckedMessages = Arc<Mutex<HashMap<u16, MessageId>>>;
-
-fn lock_acked(acked: &AckedMessages) -> std::sync::MutexGuard<'_, HashMap<u16, MessageId>> {
-    acked
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// What the event loop does with one QoS 1 PUBLISH before ingesting it.
 enum Arrival {
     /// A redelivery of a message already durable: acknowledge, do not ingest.
@@ -340,15 +329,6 @@ impl Shell<'_> {
         }
     }
 
-    /// rumqttc wrote the PUBACK of `pkid` out. Its redelivery record stays: "written" means
-    /// rumqttc's buffer, not the broker, so a kill right after could still make the broker
-    /// resend (a crash test under load showed exactly that). Keeping it is safe because a
-    /// match needs DUP = 1 and the same content; the record is replaced when the broker
-    /// reuses the packet id, so there are at most 65,535 per session.
-    fn puback_written(&self, acked: &AckedMessages, pkid: u16) {
-        lock_acked(acked).remove(&pkid);
-    }
-
     async fn backoff(&self, backoff_ms: &mut u64) -> bool {
         let stopped = tokio::select! {
             _ = self.stop.cancelled() => true,
@@ -434,19 +414,19 @@ async fn run_v5(
         .max(16);
     let (client, mut event_loop) = AsyncClient::new(options, capacity);
 
-    // Acknowledgements in arrival order, each once its data is durable.
+    // Acknowledgements in arrival order, each once its data is durable. A redelivery record
+    // outlives its PUBACK: rumqttc reporting the PUBACK written means its buffer, not the
+    // broker, so a kill right after can still make the broker resend (a crash test under load
+    // showed exactly that). Keeping records is safe because a match needs DUP = 1 and the same
+    // content, and a record is replaced when the broker reuses its packet id (at most 65,535
+    // per session).
     let (ack_sender, mut ack_receiver) =
-        mpsc::unbounded_channel::<(Publish, oneshot::Receiver<()>, Option<MessageId>)>();
+        mpsc::unbounded_channel::<(Publish, oneshot::Receiver<()>)>();
     let ack_client = client.clone();
     let ack_metrics = Arc::clone(&metrics);
-    let acked: AckedMessages = AckedMessages::default();
-    let ack_acked = Arc::clone(&acked);
     let ack_task = tokio::spawn(async move {
-        while let Some((publish, durable, message)) = ack_receiver.recv().await {
+        while let Some((publish, durable)) = ack_receiver.recv().await {
             if durable.await.is_ok() {
-                if let Some(message) = message {
-                    lock_acked(&ack_acked).insert(publish.pkid, message);
-                }
                 if let Err(error) = ack_client.ack(&publish).await {
                     tracing::debug!(source = %ack_metrics.name, %error, "could not send PUBACK (disconnected); the broker will redeliver");
                 }
@@ -489,24 +469,21 @@ async fn run_v5(
                 };
                 let message = match arrival {
                     Arrival::Redelivered => {
-                        let _ = ack_sender.send((publish, fired(), None));
+                        let _ = ack_sender.send((publish, fired()));
                         continue;
                     }
                     Arrival::New(message) => message,
                 };
                 match shell
-                    .ingest(&publish.topic, &publish.payload, wants_ack, message.clone())
+                    .ingest(&publish.topic, &publish.payload, wants_ack, message)
                     .await
                 {
                     Ok(Some(receiver)) => {
-                        let _ = ack_sender.send((publish, receiver, message));
+                        let _ = ack_sender.send((publish, receiver));
                     }
                     Ok(None) => {}
                     Err(()) => break,
                 }
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::PubAck(pkid))) => {
-                shell.puback_written(&acked, pkid);
             }
             Ok(_) => {}
             Err(error) => {
@@ -532,12 +509,8 @@ async fn run_v5(
     let _ = tokio::time::timeout(Duration::from_millis(500), client.disconnect()).await;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(event) = event_loop.poll().await {
-            match event {
-                Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
-                Event::Outgoing(rumqttc::Outgoing::PubAck(pkid)) => {
-                    shell.puback_written(&acked, pkid);
-                }
-                _ => {}
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
             }
         }
     })
@@ -560,17 +533,12 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
         .max(16);
     let (client, mut event_loop) = rumqttc::AsyncClient::new(options, capacity);
     let (ack_sender, mut ack_receiver) =
-        mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<()>, Option<MessageId>)>();
+        mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<()>)>();
     let ack_client = client.clone();
     let ack_metrics = Arc::clone(&metrics);
-    let acked: AckedMessages = AckedMessages::default();
-    let ack_acked = Arc::clone(&acked);
     let ack_task = tokio::spawn(async move {
-        while let Some((publish, durable, message)) = ack_receiver.recv().await {
+        while let Some((publish, durable)) = ack_receiver.recv().await {
             if durable.await.is_ok() {
-                if let Some(message) = message {
-                    lock_acked(&ack_acked).insert(publish.pkid, message);
-                }
                 if let Err(error) = ack_client.ack(&publish).await {
                     tracing::debug!(source = %ack_metrics.name, %error, "could not send PUBACK (disconnected); the broker will redeliver");
                 }
@@ -614,7 +582,7 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
                 };
                 let message = match arrival {
                     Arrival::Redelivered => {
-                        let _ = ack_sender.send((publish, fired(), None));
+                        let _ = ack_sender.send((publish, fired()));
                         continue;
                     }
                     Arrival::New(message) => message,
@@ -624,19 +592,16 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
                         publish.topic.as_bytes(),
                         &publish.payload,
                         wants_ack,
-                        message.clone(),
+                        message,
                     )
                     .await
                 {
                     Ok(Some(receiver)) => {
-                        let _ = ack_sender.send((publish, receiver, message));
+                        let _ = ack_sender.send((publish, receiver));
                     }
                     Ok(None) => {}
                     Err(()) => break,
                 }
-            }
-            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::PubAck(pkid))) => {
-                shell.puback_written(&acked, pkid);
             }
             Ok(_) => {}
             Err(error) => {
@@ -654,12 +619,11 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
     let _ = tokio::time::timeout(Duration::from_millis(500), client.disconnect()).await;
     let _ = tokio::time::timeout(Duration::from_millis(500), async {
         while let Ok(event) = event_loop.poll().await {
-            match event {
-                rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect) => break,
-                rumqttc::Event::Outgoing(rumqttc::Outgoing::PubAck(pkid)) => {
-                    shell.puback_written(&acked, pkid);
-                }
-                _ => {}
+            if matches!(
+                event,
+                rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)
+            ) {
+                break;
             }
         }
     })

@@ -5,5 +5,5 @@ pub mod config;
 pub mod metrics;
 pub mod run;
 pub mod ship;
-mod sled_open;
+use tributary_sled_open as sled_open;
 pub mod source;

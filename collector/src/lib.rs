@@ -7,5 +7,5 @@ pub mod live;
 pub mod log;
 pub mod pipeline;
 pub mod process;
-pub mod sled_open;
+pub use tributary_sled_open as sled_open;
 pub mod store;

@@ -1,10 +1,11 @@
 //! Opening a sled database that this process has just closed.
 //!
 //! sled releases its directory lock when the last of its background threads lets go of the
-//! database, which can be a moment after the `Db` is dropped. A collector that closes and
-//! reopens a store in one process (a restart in place, the tests) would otherwise see
-//! "could not acquire lock" for a store nobody else holds. So a lock refusal is retried for a
-//! bounded time; a store really held by another process still fails, after that time.
+//! database, which can be a moment after the `Db` is dropped. An agent or collector that
+//! closes and reopens a database in one process (a restart in place, the tests) would
+//! otherwise see "could not acquire lock" for a database nobody else holds. So a lock refusal
+//! is retried for a bounded time; a database really held by another process still fails,
+//! after that time.
 
 use std::time::{Duration, Instant};
 

@@ -414,27 +414,14 @@ async fn run_v5(
         .max(16);
     let (client, mut event_loop) = AsyncClient::new(options, capacity);
 
-    // Acknowledgements in arrival order, each once its data is durable. A redelivery record
-    // outlives its PUBACK: rumqttc reporting the PUBACK written means its buffer, not the
-    // broker, so a kill right after can still make the broker resend (a crash test under load
-    // showed exactly that). Keeping records is safe because a match needs DUP = 1 and the same
-    // content, and a record is replaced when the broker reuses its packet id (at most 65,535
-    // per session).
-    let (ack_sender, mut ack_receiver) =
-        mpsc::unbounded_channel::<(Publish, oneshot::Receiver<()>)>();
-    let ack_client = client.clone();
-    let ack_metrics = Arc::clone(&metrics);
-    let ack_task = tokio::spawn(async move {
-        while let Some((publish, durable)) = ack_receiver.recv().await {
-            if durable.await.is_ok() {
-                if let Err(error) = ack_client.ack(&publish).await {
-                    tracing::debug!(source = %ack_metrics.name, %error, "could not send PUBACK (disconnected); the broker will redeliver");
-                }
-            } else {
-                tracing::warn!(source = %ack_metrics.name, pkid = publish.pkid, "message not acknowledged: its data could not be made durable; the broker redelivers it after a reconnect");
+    let (ack_sender, ack_task) =
+        spawn_acknowledger(Arc::clone(&metrics), |publish| publish.pkid, {
+            let client = client.clone();
+            move |publish: Publish| {
+                let client = client.clone();
+                async move { client.ack(&publish).await }
             }
-        }
-    });
+        });
 
     let mut backoff_ms = BACKOFF_INITIAL_MS;
     let mut got_connack = false;
@@ -518,6 +505,42 @@ async fn run_v5(
     Ok(end)
 }
 
+/// Acknowledgements in arrival order, each once its data is durable: the task sends the PUBACK
+/// of each `(publish, durable)` once `durable` fires (with `ack`), and none for data that could
+/// not be made durable (the broker redelivers it after a reconnect). A redelivery record
+/// outlives its PUBACK: rumqttc reporting the PUBACK written means its buffer, not the broker,
+/// so a kill right after can still make the broker resend (a crash test under load showed
+/// exactly that). Keeping records is safe because a match needs DUP = 1 and the same content,
+/// and a record is replaced when the broker reuses its packet id (at most 65,535 per session).
+fn spawn_acknowledger<P, Ack, Sent, Error>(
+    metrics: Arc<SourceMetrics>,
+    pkid: fn(&P) -> u16,
+    ack: Ack,
+) -> (
+    mpsc::UnboundedSender<(P, oneshot::Receiver<()>)>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    P: Send + 'static,
+    Ack: Fn(P) -> Sent + Send + 'static,
+    Sent: std::future::Future<Output = Result<(), Error>> + Send,
+    Error: std::fmt::Display,
+{
+    let (sender, mut receiver) = mpsc::unbounded_channel::<(P, oneshot::Receiver<()>)>();
+    let task = tokio::spawn(async move {
+        while let Some((publish, durable)) = receiver.recv().await {
+            if durable.await.is_ok() {
+                if let Err(error) = ack(publish).await {
+                    tracing::debug!(source = %metrics.name, %error, "could not send PUBACK (disconnected); the broker will redeliver");
+                }
+            } else {
+                tracing::warn!(source = %metrics.name, pkid = pkid(&publish), "message not acknowledged: its data could not be made durable; the broker redelivers it after a reconnect");
+            }
+        }
+    });
+    (sender, task)
+}
+
 async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
     let config = shell.config;
     let metrics = Arc::clone(shell.metrics);
@@ -532,21 +555,14 @@ async fn run_v311(shell: &mut Shell<'_>) -> Result<LoopEnd, String> {
         .unwrap_or(1024)
         .max(16);
     let (client, mut event_loop) = rumqttc::AsyncClient::new(options, capacity);
-    let (ack_sender, mut ack_receiver) =
-        mpsc::unbounded_channel::<(rumqttc::Publish, oneshot::Receiver<()>)>();
-    let ack_client = client.clone();
-    let ack_metrics = Arc::clone(&metrics);
-    let ack_task = tokio::spawn(async move {
-        while let Some((publish, durable)) = ack_receiver.recv().await {
-            if durable.await.is_ok() {
-                if let Err(error) = ack_client.ack(&publish).await {
-                    tracing::debug!(source = %ack_metrics.name, %error, "could not send PUBACK (disconnected); the broker will redeliver");
-                }
-            } else {
-                tracing::warn!(source = %ack_metrics.name, pkid = publish.pkid, "message not acknowledged: its data could not be made durable; the broker redelivers it after a reconnect");
+    let (ack_sender, ack_task) =
+        spawn_acknowledger(Arc::clone(&metrics), |publish| publish.pkid, {
+            let client = client.clone();
+            move |publish: rumqttc::Publish| {
+                let client = client.clone();
+                async move { client.ack(&publish).await }
             }
-        }
-    });
+        });
 
     let mut backoff_ms = BACKOFF_INITIAL_MS;
     loop {

@@ -34,6 +34,12 @@
 //! the queue order is the channel order, and the pipeline takes one queued record per
 //! acknowledged input of that source ([`RedeliveryLog::ingested`]).
 //!
+//! Cost: a subscribe session keeps up to 65,535 records, so nothing done per message or per
+//! group commit walks them all. A message costs one key allocation (shared by the record, the
+//! pending write and the commit's list) and a few hash lookups; a commit touches only the
+//! records written since the last commit (`Inner::written_not_durable`) and the pending writes.
+//! Only a session restart (once per connection) and the load at start scan every record.
+//!
 //! Test-only fault: `TRIBUTARY_AGENT_FAULT_ABORT_AFTER_ACKS=N` aborts the process right after
 //! the first durable commit that brings the acknowledgements released to N or more, before
 //! they are handed to the shells (the durable-but-unacknowledged state of a kill -9).
@@ -41,7 +47,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
@@ -56,10 +62,14 @@ pub const FAULT_ABORT_AFTER_ACKS: &str = "TRIBUTARY_AGENT_FAULT_ABORT_AFTER_ACKS
 const LOADED: u64 = u64::MAX;
 const VALUE_BYTES: usize = 16;
 
+/// A record's tree key (source name, 0, session, 0, packet id), shared rather than copied
+/// between the record, its pending write and the commit's list.
+type Key = Arc<[u8]>;
+
 /// The identity and content hash of one QoS 1 message, as a shell sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageId {
-    key: Vec<u8>,
+    key: Key,
     hash: u64,
     connection: u64,
 }
@@ -79,9 +89,14 @@ struct Inner {
     /// Per source, the records of acknowledged inputs sent and not yet ingested (`None`:
     /// not recorded, past the cap).
     queued: Vec<VecDeque<Option<MessageId>>>,
-    records: HashMap<Vec<u8>, Record>,
-    /// Tree writes waiting for the next journal block: value `None` removes.
-    writes: Vec<(Vec<u8>, Option<[u8; VALUE_BYTES]>)>,
+    records: HashMap<Key, Record>,
+    /// Tree writes waiting for the next journal block: value `None` removes. Its inserts
+    /// name every record not yet written.
+    writes: Vec<(Key, Option<[u8; VALUE_BYTES]>)>,
+    /// Records written since the last commit (that succeeded or failed): every record that
+    /// is written and not durable is here, so a commit touches only these, not all records.
+    /// A key whose record was since replaced or removed is skipped.
+    written_not_durable: Vec<Key>,
     acks_released: u64,
 }
 
@@ -110,19 +125,24 @@ pub fn message_hash(topic: &[u8], payload: &[u8]) -> u64 {
     hash
 }
 
-fn record_key(source_name: &str, session: &str, pkid: u16) -> Vec<u8> {
-    let mut key = Vec::with_capacity(source_name.len() + session.len() + 4);
+/// One allocation of the exact size (the iterator knows its length).
+fn record_key(source_name: &str, session: &str, pkid: u16) -> Key {
+    let separator = std::iter::once(0u8);
+    source_name
+        .bytes()
+        .chain(separator.clone())
+        .chain(session.bytes())
+        .chain(separator)
+        .chain(pkid.to_be_bytes())
+        .collect()
+}
+
+fn session_prefix(source_name: &str, session: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(source_name.len() + session.len() + 2);
     key.extend_from_slice(source_name.as_bytes());
     key.push(0);
     key.extend_from_slice(session.as_bytes());
     key.push(0);
-    key.extend_from_slice(&pkid.to_be_bytes());
-    key
-}
-
-fn session_prefix(source_name: &str, session: &str) -> Vec<u8> {
-    let mut key = record_key(source_name, session, 0);
-    key.truncate(key.len() - 2);
     key
 }
 
@@ -195,7 +215,7 @@ impl RedeliveryLog {
                         && inner.records.len() < self.max_records =>
                 {
                     inner.records.insert(
-                        key.to_vec(),
+                        Key::from(key.as_ref()),
                         Record {
                             hash,
                             connection: LOADED,
@@ -245,7 +265,7 @@ impl RedeliveryLog {
         });
         if matches {
             inner.records.remove(&message.key);
-            inner.writes.push((message.key.clone(), None));
+            inner.writes.push((Arc::clone(&message.key), None));
             if let Some(counter) = self.skipped.get(source) {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -302,7 +322,7 @@ impl RedeliveryLog {
         value[..8].copy_from_slice(&message.hash.to_be_bytes());
         value[8..].copy_from_slice(&journal_next_seq.to_be_bytes());
         inner.records.insert(
-            message.key.clone(),
+            Arc::clone(&message.key),
             Record {
                 hash: message.hash,
                 connection: message.connection,
@@ -321,23 +341,41 @@ impl RedeliveryLog {
             return;
         }
         let mut batch = sled::Batch::default();
-        for (key, value) in inner.writes.drain(..) {
+        for (key, value) in &inner.writes {
             match value {
-                Some(value) => batch.insert(key, &value[..]),
-                None => batch.remove(key),
+                Some(value) => batch.insert(&key[..], &value[..]),
+                None => batch.remove(&key[..]),
             }
         }
-        match self.tree.apply_batch(batch) {
+        let applied = self.tree.apply_batch(batch);
+        let Inner {
+            records,
+            writes,
+            written_not_durable,
+            ..
+        } = &mut *inner;
+        // The inserts name every record not yet written (removals have no record).
+        let inserted = writes
+            .drain(..)
+            .filter_map(|(key, value)| value.map(|_| key));
+        match applied {
             Ok(()) => {
-                for record in inner.records.values_mut() {
-                    record.written = true;
+                for key in inserted {
+                    if let Some(record) = records.get_mut(&key).filter(|record| !record.written) {
+                        record.written = true;
+                        written_not_durable.push(key);
+                    }
                 }
             }
             Err(error) => {
                 // Not recorded: a crash may duplicate these messages, never lose them.
                 self.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "cannot write redelivery records; a crash before their PUBACKs may count those messages twice");
-                inner.records.retain(|_, record| record.written);
+                for key in inserted {
+                    if records.get(&key).is_some_and(|record| !record.written) {
+                        records.remove(&key);
+                    }
+                }
             }
         }
     }
@@ -346,8 +384,14 @@ impl RedeliveryLog {
     /// acknowledgements next.
     pub fn committed(&self, acks: u64) {
         let mut inner = self.lock();
-        for record in inner.records.values_mut() {
-            if record.written {
+        let Inner {
+            records,
+            written_not_durable,
+            ..
+        } = &mut *inner;
+        for key in written_not_durable.drain(..) {
+            // A record replaced since it was written is not written yet: it waits.
+            if let Some(record) = records.get_mut(&key).filter(|record| record.written) {
                 record.durable = true;
             }
         }
@@ -366,15 +410,22 @@ impl RedeliveryLog {
     /// not yet made durable (their readings may not be; the senders resend them).
     pub fn commit_failed(&self) {
         let mut inner = self.lock();
-        let forgotten: Vec<Vec<u8>> = inner
-            .records
+        let Inner {
+            records,
+            writes,
+            written_not_durable,
+            ..
+        } = &mut *inner;
+        // Every record not durable is written since the last commit or not written yet.
+        let unwritten = writes
             .iter()
-            .filter(|(_, record)| !record.durable)
-            .map(|(key, _)| key.clone())
-            .collect();
-        for key in forgotten {
-            inner.records.remove(&key);
-            inner.writes.push((key, None));
+            .filter_map(|(key, value)| value.map(|_| Arc::clone(key)));
+        let candidates: Vec<Key> = written_not_durable.drain(..).chain(unwritten).collect();
+        for key in candidates {
+            if records.get(&key).is_some_and(|record| !record.durable) {
+                records.remove(&key);
+                writes.push((key, None));
+            }
         }
     }
 
@@ -388,7 +439,7 @@ impl RedeliveryLog {
             .is_some_and(|record| record.durable)
         {
             inner.records.remove(&message.key);
-            inner.writes.push((message.key.clone(), None));
+            inner.writes.push((Arc::clone(&message.key), None));
         }
     }
 
@@ -399,7 +450,7 @@ impl RedeliveryLog {
         let name = self.source_names.get(source).map_or("", String::as_str);
         let prefix = session_prefix(name, session);
         let mut inner = self.lock();
-        let stale: Vec<Vec<u8>> = inner
+        let stale: Vec<Key> = inner
             .records
             .iter()
             .filter(|(key, record)| {
@@ -408,7 +459,7 @@ impl RedeliveryLog {
                     && key.len() == prefix.len() + 2
                     && key.starts_with(&prefix)
             })
-            .map(|(key, _)| key.clone())
+            .map(|(key, _)| Arc::clone(key))
             .collect();
         for key in stale {
             inner.records.remove(&key);
@@ -463,5 +514,120 @@ impl RedeliveryLog {
             let _ = writeln!(text, "# TYPE {name} {kind}\n{name} {value}");
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log over a temporary database, and a runtime to send through.
+    fn log() -> (sled::Db, RedeliveryLog, tokio::runtime::Runtime) {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .expect("temporary database");
+        let log = RedeliveryLog::open(&db, vec!["mqtt".to_owned()]).expect("open log");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        (db, log, runtime)
+    }
+
+    /// Sends message `pkid` (connection 1) as an acknowledged input and ingests it.
+    fn ingest(log: &RedeliveryLog, runtime: &tokio::runtime::Runtime, pkid: u16, payload: &[u8]) {
+        let (pipeline, mut inputs) = mpsc::channel(1);
+        let (durable, _receiver) = tokio::sync::oneshot::channel();
+        let input = PipelineInput {
+            source: 0,
+            readings: Vec::new(),
+            receive_ms: 0,
+            durable: Some(durable),
+        };
+        let message = log.message_id(0, "sensor", 1, pkid, b"t", payload);
+        runtime
+            .block_on(log.send(&pipeline, input, Some(message)))
+            .expect("send");
+        runtime.block_on(inputs.recv()).expect("input");
+        log.ingested(0, u64::from(pkid));
+    }
+
+    /// Whether message `pkid` would be skipped as a resend on a later connection (and takes
+    /// its record if so).
+    fn resent(log: &RedeliveryLog, pkid: u16, payload: &[u8]) -> bool {
+        log.take_redelivery(0, &log.message_id(0, "sensor", 2, pkid, b"t", payload))
+    }
+
+    fn in_tree(db: &sled::Db, pkid: u16) -> bool {
+        let tree = db.open_tree("redelivery").expect("tree");
+        tree.contains_key(&record_key("mqtt", "sensor", pkid)[..])
+            .expect("tree read")
+    }
+
+    /// A commit settles only its own records: earlier ones stay durable through later
+    /// commits (the log no longer revisits them), a failed commit forgets only the records
+    /// written since the last commit, and a record written while a commit fails without
+    /// `commit_failed` (buffer not durable) becomes durable with the next good commit.
+    #[test]
+    fn redelivery_commits_settle_only_their_own_records() {
+        let (db, log, runtime) = log();
+        assert_eq!(log.load(0).expect("load"), 0);
+        ingest(&log, &runtime, 1, b"a");
+        log.write_pending();
+        log.committed(1);
+        ingest(&log, &runtime, 2, b"b");
+        log.write_pending();
+        log.committed(1);
+        // Written, then its commit fails and forgets it.
+        ingest(&log, &runtime, 3, b"c");
+        log.write_pending();
+        assert!(in_tree(&db, 3));
+        log.commit_failed();
+        // A commit with nothing written since, then one that fails without forgetting.
+        log.committed(0);
+        ingest(&log, &runtime, 4, b"d");
+        log.write_pending();
+        ingest(&log, &runtime, 5, b"e");
+        log.write_pending();
+        // Ingested but not written when the commit closes: not durable yet.
+        ingest(&log, &runtime, 6, b"f");
+        log.committed(2);
+        assert_eq!(log.records(), 5, "all but the forgotten message 3");
+        assert!(!resent(&log, 6, b"f"), "not written before its commit");
+        log.write_pending();
+        assert!(
+            !in_tree(&db, 3),
+            "the forgotten record's removal was written"
+        );
+        log.committed(1);
+        for (pkid, payload) in [(1, b"a"), (2, b"b"), (4, b"d"), (5, b"e"), (6, b"f")] {
+            assert!(resent(&log, pkid, payload), "message {pkid} is durable");
+        }
+        assert!(!resent(&log, 3, b"c"), "message 3 was forgotten");
+        assert_eq!(log.records(), 0);
+    }
+
+    /// A record replaced (the packet id reused) after it was written and before the commit
+    /// stays not durable through that commit; a failed commit then drops the replacement,
+    /// and the durable records of earlier commits stay.
+    #[test]
+    fn redelivery_replaced_record_waits_for_its_own_commit() {
+        let (db, log, runtime) = log();
+        assert_eq!(log.load(0).expect("load"), 0);
+        ingest(&log, &runtime, 1, b"a");
+        log.write_pending();
+        log.committed(1);
+        ingest(&log, &runtime, 2, b"old");
+        log.write_pending();
+        ingest(&log, &runtime, 2, b"new");
+        log.committed(1);
+        assert!(!resent(&log, 2, b"old"), "replaced");
+        assert!(!resent(&log, 2, b"new"), "not written before the commit");
+        log.commit_failed();
+        log.write_pending();
+        assert!(!in_tree(&db, 2));
+        assert!(in_tree(&db, 1));
+        assert_eq!(log.records(), 1);
+        assert!(resent(&log, 1, b"a"));
     }
 }

@@ -10,18 +10,24 @@
 //! ```text
 //! 'T' FORMAT_VERSION
 //! agent_id (length, UTF-8) · batch_seq · created_ms
-//! definitions_bytes · series_count · series definitions (postcard, uncompressed)
+//! definitions_bytes · series_count · series definitions
+//!     format 3: interned strings and reference columns in their own zstd frame
+//!               (see [`definitions`]; zero bytes when there are none)
+//!     formats 1 and 2: postcard, one after the other, uncompressed
 //! reading_count · run_count · summary_count · compression (0 none, 1 zstd) · body_bytes
 //! body (compressed unless that did not help):
-//!     format 2: heads_bytes · summary heads · summary_values_bytes · summary values
+//!     formats 2, 3: heads_bytes · summary heads · summary_values_bytes · summary values
 //!               sketches_bytes · summary sketches            (see [`summaries`])
 //!     format 1: summaries_bytes · summaries (postcard each)
 //!     runs_bytes · run column · times_bytes · timestamp column
 //!     values_bytes · value column · flag column (the rest)
 //! ```
 //!
-//! Format versions: 2 (written by default) differs from 1 only in how summaries are
-//! encoded (compact columns instead of postcard, about 5x smaller). Every version from
+//! Format versions: 2 differs from 1 only in how summaries are encoded (compact columns
+//! instead of postcard, about 5x smaller); 3 (written by default) differs from 2 only in
+//! how series definitions are encoded (interned strings in a zstd frame instead of
+//! postcard, about 100x smaller for a real fleet; the body is byte for byte the same, so
+//! moving a batch between 2 and 3 rewrites only its envelope). Every version from
 //! [`OLDEST_FORMAT_VERSION`] up decodes, because agent buffers and collector logs hold
 //! batches written by older builds; [`BatchEncoder::set_format_version`] and
 //! [`transcode_batch`] write the older format for a peer that only reads that
@@ -38,6 +44,7 @@
 //! readings with equal series and time keep their relative order). Values
 //! round-trip bit-exact, including negative zero, infinities and NaN payloads.
 
+mod definitions;
 pub mod dictionary;
 mod readings;
 mod summaries;
@@ -57,17 +64,18 @@ use varint::Reader;
 
 const MAGIC: u8 = b'T';
 /// Version of the batch wire layout this build writes; bumped on any incompatible change.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 /// The oldest batch layout this build still decodes (and can write, for old peers).
 pub const OLDEST_FORMAT_VERSION: u8 = 1;
 
 /// The batch format a session of the given protocol version carries: protocol 1 peers
-/// read batch format 1 only; protocol 2 introduced format 2 (compact summaries).
+/// read batch format 1 only; protocol 2 introduced format 2 (compact summaries), protocol 3
+/// format 3 (compact series definitions).
 pub fn format_version_for_protocol(protocol_version: u16) -> u8 {
-    if protocol_version >= 2 {
-        FORMAT_VERSION
-    } else {
-        OLDEST_FORMAT_VERSION
+    match protocol_version {
+        0 | 1 => OLDEST_FORMAT_VERSION,
+        2 => 2,
+        _ => FORMAT_VERSION,
     }
 }
 const COMPRESSION_NONE: u8 = 0;
@@ -180,6 +188,18 @@ pub enum BatchError {
         "batch declares {declared} series definitions in {bytes} bytes, but they parse differently"
     )]
     DefinitionsMismatch { declared: u64, bytes: u64 },
+    #[error("series definitions are {actual_bytes} bytes after decompression, but the batch declares {declared_bytes}")]
+    DefinitionsSizeMismatch {
+        declared_bytes: u64,
+        actual_bytes: u64,
+    },
+    #[error(
+        "a series definition refers to string #{index}, but the batch's definitions hold \
+         {strings} strings; the encoding is corrupt"
+    )]
+    DefinitionStringOutOfRange { index: u64, strings: u64 },
+    #[error("string #{index} of the batch's series definitions is not valid UTF-8")]
+    DefinitionStringNotUtf8 { index: u64 },
     #[error("batch declares {runs} runs for {readings} readings; runs cannot outnumber readings")]
     TooManyRuns { runs: u64, readings: u64 },
     #[error("series id {value} in the run column does not fit in 32 bits")]
@@ -331,7 +351,7 @@ impl BatchEncoder {
         }
 
         write_envelope_start(out, batch, self.format_version);
-        write_definitions(out, &batch.series);
+        write_definitions(out, &batch.series, self.format_version);
         varint::write_u64(out, readings.len() as u64);
         varint::write_u64(out, run_count as u64);
         varint::write_u64(out, batch.summaries.len() as u64);
@@ -373,10 +393,14 @@ fn write_envelope_start(out: &mut Vec<u8>, batch: &Batch, format_version: u8) {
     varint::write_i64(out, batch.created_ms);
 }
 
-fn write_definitions(out: &mut Vec<u8>, series: &[SeriesDef]) {
+fn write_definitions(out: &mut Vec<u8>, series: &[SeriesDef], format_version: u8) {
     let mut definitions = Vec::new();
-    for def in series {
-        append_postcard(&mut definitions, def);
+    if format_version >= 3 {
+        definitions::encode(series, &mut definitions);
+    } else {
+        for def in series {
+            append_postcard(&mut definitions, def);
+        }
     }
     varint::write_u64(out, definitions.len() as u64);
     varint::write_u64(out, series.len() as u64);
@@ -477,7 +501,14 @@ fn read_counts(reader: &mut Reader<'_>, limits: &BatchLimits) -> Result<Counts, 
     })
 }
 
-fn decode_definitions(bytes: &[u8], count: usize) -> Result<Vec<SeriesDef>, BatchError> {
+fn decode_definitions(
+    start: &EnvelopeStart<'_>,
+    limits: &BatchLimits,
+) -> Result<Vec<SeriesDef>, BatchError> {
+    let (bytes, count) = (start.definitions, start.series_count);
+    if start.format_version >= 3 {
+        return definitions::decode(bytes, count, limits);
+    }
     let mismatch = || BatchError::DefinitionsMismatch {
         declared: count as u64,
         bytes: bytes.len() as u64,
@@ -561,7 +592,7 @@ impl BatchDecoder {
         let start = read_envelope_start(&mut reader, limits)?;
         let counts = read_counts(&mut reader, limits)?;
         let body = self.body(&counts, reader.remaining())?;
-        decode_body(start, &counts, body)
+        decode_body(start, &counts, body, limits)
     }
 
     /// The definitions an encoded batch carries and the series ids it uses, without
@@ -581,7 +612,7 @@ impl BatchDecoder {
         if counts.summary_count > 0 {
             // Summary batches are small next to raw ones: decoded whole, so this reader
             // follows whatever the summary encoding is.
-            let batch = decode_body(start, &counts, body)?;
+            let batch = decode_body(start, &counts, body, limits)?;
             let used = series_ids_used(&batch);
             return Ok(SeriesUsage {
                 defined: batch.series,
@@ -594,7 +625,7 @@ impl BatchDecoder {
                 actual_bytes: body.len() as u64,
             });
         }
-        let defined = decode_definitions(start.definitions, start.series_count)?;
+        let defined = decode_definitions(&start, limits)?;
         let mut body_reader = Reader::new(body, "body");
         // The (empty) summary sections before the runs: one in format 1, three after.
         let summary_sections = if bytes.get(1).is_some_and(|version| *version >= 2) {
@@ -681,6 +712,7 @@ fn decode_body(
     start: EnvelopeStart<'_>,
     counts: &Counts,
     body: &[u8],
+    limits: &BatchLimits,
 ) -> Result<Batch, BatchError> {
     if body.len() != counts.body_bytes {
         return Err(BatchError::BodySizeMismatch {
@@ -722,7 +754,7 @@ fn decode_body(
             section: "reading columns",
         });
     }
-    let series = decode_definitions(start.definitions, start.series_count)?;
+    let series = decode_definitions(&start, limits)?;
 
     let summaries = match summary_columns {
         Ok(columns) => {
@@ -806,17 +838,32 @@ pub fn replace_series_definitions(
     check_encoded_size(encoded, limits)?;
     let mut reader = Reader::new(encoded, "envelope");
     let start = read_envelope_start(&mut reader, limits)?;
-    let rest = reader.remaining();
-    let mut out = Vec::with_capacity(encoded.len() + series.len() * 32);
+    Ok(rewrite_envelope(
+        &start,
+        series,
+        start.format_version,
+        reader.remaining(),
+    ))
+}
+
+/// The envelope of `start` in `format_version` with `series` as its definitions, then
+/// `rest` (the counts and the body) copied untouched.
+fn rewrite_envelope(
+    start: &EnvelopeStart<'_>,
+    series: &[SeriesDef],
+    format_version: u8,
+    rest: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rest.len() + 64 + series.len() * 32);
     out.push(MAGIC);
-    out.push(start.format_version);
+    out.push(format_version);
     varint::write_u64(&mut out, start.agent_id.len() as u64);
     out.extend_from_slice(start.agent_id.as_bytes());
     varint::write_u64(&mut out, start.batch_seq);
     varint::write_i64(&mut out, start.created_ms);
-    write_definitions(&mut out, series);
+    write_definitions(&mut out, series, format_version);
     out.extend_from_slice(rest);
-    Ok(out)
+    out
 }
 
 /// The batch format an encoded batch is written in, from its first two bytes.
@@ -833,13 +880,33 @@ pub fn batch_format_version(encoded: &[u8]) -> Result<u8, BatchError> {
 }
 
 /// Re-encodes `encoded` in batch format `format_version` (same content, same series
-/// definitions). For a sender whose stored batches are newer than what the session's
-/// peer reads (see [`batch_format_version`] to tell whether that is needed).
+/// definitions). For a sender whose stored batches are in another format than the one the
+/// session's peer reads (see [`batch_format_version`] to tell whether that is needed).
+/// Between formats 2 and 3 only the definitions differ, so only the envelope is rewritten
+/// (the compressed body is copied); to or from format 1 the batch is decoded and encoded.
 pub fn transcode_batch(
     encoded: &[u8],
     format_version: u8,
     limits: &BatchLimits,
 ) -> Result<Vec<u8>, BatchError> {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&format_version) {
+        return Err(BatchError::UnsupportedVersion {
+            found: format_version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    check_encoded_size(encoded, limits)?;
+    let mut reader = Reader::new(encoded, "envelope");
+    let start = read_envelope_start(&mut reader, limits)?;
+    if start.format_version >= 2 && format_version >= 2 {
+        let series = decode_definitions(&start, limits)?;
+        return Ok(rewrite_envelope(
+            &start,
+            &series,
+            format_version,
+            reader.remaining(),
+        ));
+    }
     let batch = decode_batch(encoded, limits)?;
     let mut encoder = BatchEncoder::default();
     encoder.set_format_version(format_version)?;

@@ -33,7 +33,9 @@ pub const ALPN: &[u8] = b"tributary/1";
 ///
 /// Version 2: batches may use batch format 2 (compact summaries); in a version 1 session
 /// the agent sends format 1 ([`crate::batch::format_version_for_protocol`]).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: batches may use batch format 3 (compact series definitions); in a version 2
+/// session the agent sends format 2.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -34,11 +34,19 @@
 //! the queue order is the channel order, and the pipeline takes one queued record per
 //! acknowledged input of that source ([`RedeliveryLog::ingested`]).
 //!
+//! Layout: one tree entry per *bucket*, (source, session, high byte of the packet id) ->
+//! up to 256 records of (low byte, hash, journal sequence number), rewritten whole when one
+//! of its records changes. A sled insert costs about 15,000 instructions, more than the rest
+//! of a message's path through the agent, and a broker numbers a session's messages in
+//! sequence, so a commit of a thousand messages writes four or five buckets instead of a
+//! thousand entries. An entry is the whole state of its packet ids, so a removal needs no
+//! tombstone. (Entries of one record each, the first layout, are converted at load.)
+//!
 //! Cost: a subscribe session keeps up to 65,535 records, so nothing done per message or per
-//! group commit walks them all. A message costs one key allocation (shared by the record, the
-//! pending write and the commit's list) and a few hash lookups; a commit touches only the
-//! records written since the last commit (`Inner::written_not_durable`) and the pending writes.
-//! Only a session restart (once per connection) and the load at start scan every record.
+//! group commit walks them all. A message costs one key allocation (shared by the record and
+//! the commit's lists) and a few hash lookups; a commit touches only the buckets changed and
+//! the records written since the last commit (`Inner::written_not_durable`). Only a session
+//! restart (once per connection) and the load at start scan every record.
 //!
 //! Test-only fault: `TRIBUTARY_AGENT_FAULT_ABORT_AFTER_ACKS=N` aborts the process right after
 //! the first durable commit that brings the acknowledgements released to N or more, before
@@ -60,7 +68,10 @@ pub const MAX_RECORDS: usize = 65_536;
 pub const FAULT_ABORT_AFTER_ACKS: &str = "TRIBUTARY_AGENT_FAULT_ABORT_AFTER_ACKS";
 /// Connection id of records loaded at start: never the current connection of anyone.
 const LOADED: u64 = u64::MAX;
+/// A record in the first layout (one entry per record): hash, journal sequence number.
 const VALUE_BYTES: usize = 16;
+/// A record in a bucket entry: low byte of the packet id, hash, journal sequence number.
+const BUCKET_RECORD_BYTES: usize = 17;
 
 /// A record's tree key (source name, 0, session, 0, packet id), shared rather than copied
 /// between the record, its pending write and the commit's list.
@@ -77,6 +88,8 @@ pub struct MessageId {
 #[derive(Debug, Clone, Copy)]
 struct Record {
     hash: u64,
+    /// The journal sequence number after the message's readings.
+    end_seq: u64,
     connection: u64,
     /// Written to the tree (flushed by the next commit).
     written: bool,
@@ -90,14 +103,139 @@ struct Inner {
     /// not recorded, past the cap).
     queued: Vec<VecDeque<Option<MessageId>>>,
     records: HashMap<Key, Record>,
-    /// Tree writes waiting for the next journal block: value `None` removes. Its inserts
-    /// name every record not yet written.
-    writes: Vec<(Key, Option<[u8; VALUE_BYTES]>)>,
+    /// Per bucket key (a record key without its last byte), the records it holds.
+    buckets: HashMap<Key, Bucket>,
+    /// Buckets changed since the last write, each once (`Bucket::dirty`): rewritten (or
+    /// removed, if empty) just before the next journal block.
+    dirty: Vec<Key>,
+    /// Records not yet written (ingested since the last write); a key whose record was
+    /// since removed or already written is skipped.
+    unwritten: Vec<Key>,
     /// Records written since the last commit (that succeeded or failed): every record that
     /// is written and not durable is here, so a commit touches only these, not all records.
     /// A key whose record was since replaced or removed is skipped.
     written_not_durable: Vec<Key>,
     acks_released: u64,
+}
+
+/// Which packet ids (low bytes) of a bucket hold a record.
+#[derive(Debug)]
+struct Bucket {
+    /// Its key in `Inner::buckets` (shared with `Inner::dirty`).
+    key: Key,
+    present: [u64; 4],
+    dirty: bool,
+}
+
+impl Bucket {
+    fn new(key: Key) -> Self {
+        Self {
+            key,
+            present: [0; 4],
+            dirty: false,
+        }
+    }
+
+    fn set(&mut self, low: u8, present: bool) {
+        let (word, bit) = (usize::from(low / 64), low % 64);
+        if let Some(word) = self.present.get_mut(word) {
+            if present {
+                *word |= 1 << bit;
+            } else {
+                *word &= !(1 << bit);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.present.iter().all(|word| *word == 0)
+    }
+
+    /// The low bytes present, ascending.
+    fn lows(&self) -> impl Iterator<Item = u8> + '_ {
+        (0u8..=255).filter(move |low| {
+            self.present
+                .get(usize::from(low / 64))
+                .is_some_and(|word| word & (1 << (low % 64)) != 0)
+        })
+    }
+}
+
+impl Inner {
+    /// Updates the bucket of key `bucket_key` (added if missing): `low` set present or not,
+    /// and with `dirty` marked to be rewritten at the next write.
+    fn update_bucket(&mut self, bucket_key: &[u8], low: Option<(u8, bool)>, dirty: bool) {
+        if !self.buckets.contains_key(bucket_key) {
+            let key = Key::from(bucket_key);
+            self.buckets.insert(Arc::clone(&key), Bucket::new(key));
+        }
+        if let Some(bucket) = self.buckets.get_mut(bucket_key) {
+            if let Some((low, present)) = low {
+                bucket.set(low, present);
+            }
+            if dirty && !bucket.dirty {
+                bucket.dirty = true;
+                self.dirty.push(Arc::clone(&bucket.key));
+            }
+        }
+    }
+
+    /// Adds or replaces the record of `key`; `dirty`: its bucket must be rewritten.
+    fn place(&mut self, key: Key, record: Record, dirty: bool) {
+        if let Some((&low, bucket_key)) = key.split_last() {
+            self.update_bucket(bucket_key, Some((low, true)), dirty);
+            self.records.insert(key, record);
+        }
+    }
+
+    /// Removes the record of `key` (its bucket is rewritten at the next write).
+    fn remove(&mut self, key: &[u8]) {
+        if self.records.remove(key).is_none() {
+            return;
+        }
+        if let Some((&low, bucket_key)) = key.split_last() {
+            self.update_bucket(bucket_key, Some((low, false)), true);
+        }
+    }
+
+    /// Adds the dirty buckets' entries (their whole present state) to `batch`.
+    fn write_buckets(&self, batch: &mut sled::Batch) {
+        let mut lookup = Vec::new();
+        let mut value = Vec::new();
+        for bucket_key in &self.dirty {
+            let Some(bucket) = self.buckets.get(bucket_key) else {
+                continue;
+            };
+            value.clear();
+            for low in bucket.lows() {
+                lookup.clear();
+                lookup.extend_from_slice(bucket_key);
+                lookup.push(low);
+                if let Some(record) = self.records.get(&lookup[..]) {
+                    value.push(low);
+                    value.extend_from_slice(&record.hash.to_be_bytes());
+                    value.extend_from_slice(&record.end_seq.to_be_bytes());
+                }
+            }
+            if value.is_empty() {
+                batch.remove(&bucket_key[..]);
+            } else {
+                batch.insert(&bucket_key[..], &value[..]);
+            }
+        }
+    }
+
+    /// After the dirty buckets were written: nothing is dirty, empty buckets go.
+    fn buckets_written(&mut self) {
+        for bucket_key in std::mem::take(&mut self.dirty) {
+            if let Some(bucket) = self.buckets.get_mut(&bucket_key) {
+                bucket.dirty = false;
+                if bucket.is_empty() {
+                    self.buckets.remove(&bucket_key);
+                }
+            }
+        }
+    }
 }
 
 /// The records of one agent (all its MQTT sources), shared by the shells and the pipeline.
@@ -191,48 +329,58 @@ impl RedeliveryLog {
     /// could reach its sequence number). Returns how many records were kept.
     pub fn load(&self, journal_next_seq: u64) -> sled::Result<usize> {
         let mut inner = self.lock();
-        let mut removed = sled::Batch::default();
-        let mut removals = 0usize;
+        let mut batch = sled::Batch::default();
+        let mut changed = false;
+        let loaded = |hash: &[u8], end_seq: &[u8]| Record {
+            hash: u64::from_be_bytes(hash.try_into().unwrap_or_default()),
+            end_seq: u64::from_be_bytes(end_seq.try_into().unwrap_or_default()),
+            connection: LOADED,
+            written: true,
+            durable: true,
+        };
         for entry in self.tree.iter() {
             let (key, value) = entry?;
             let known_source = self
                 .source_names
                 .iter()
                 .any(|name| key.starts_with(name.as_bytes()) && key.get(name.len()) == Some(&0));
-            let decoded = <[u8; VALUE_BYTES]>::try_from(value.as_ref())
-                .ok()
-                .map(|value| {
-                    let (hash, end_seq) = value.split_at(8);
-                    (
-                        u64::from_be_bytes(hash.try_into().unwrap_or_default()),
-                        u64::from_be_bytes(end_seq.try_into().unwrap_or_default()),
-                    )
-                });
-            match decoded {
-                Some((hash, end_seq))
-                    if known_source
-                        && end_seq <= journal_next_seq
-                        && inner.records.len() < self.max_records =>
-                {
-                    inner.records.insert(
-                        Key::from(key.as_ref()),
-                        Record {
-                            hash,
-                            connection: LOADED,
-                            written: true,
-                            durable: true,
-                        },
-                    );
+            if known_source && value.len() == VALUE_BYTES && key.len() >= 2 {
+                // The first layout: moved into its bucket (rewritten below).
+                batch.remove(&key);
+                changed = true;
+                let (hash, end_seq) = value.split_at(8);
+                let record = loaded(hash, end_seq);
+                if record.end_seq <= journal_next_seq && inner.records.len() < self.max_records {
+                    inner.place(Key::from(key.as_ref()), record, true);
                 }
-                _ => {
-                    removed.remove(key);
-                    removals += 1;
+            } else if known_source && !value.is_empty() && value.len() % BUCKET_RECORD_BYTES == 0 {
+                let mut dropped = false;
+                for chunk in value.chunks_exact(BUCKET_RECORD_BYTES) {
+                    let (low, rest) = chunk.split_at(1);
+                    let (hash, end_seq) = rest.split_at(8);
+                    let record = loaded(hash, end_seq);
+                    if record.end_seq <= journal_next_seq && inner.records.len() < self.max_records
+                    {
+                        let record_key: Key = key.iter().chain(low).copied().collect();
+                        inner.place(record_key, record, false);
+                    } else {
+                        dropped = true;
+                    }
                 }
+                if dropped {
+                    // Rewritten without the dropped records (or removed if none is left).
+                    inner.update_bucket(&key, None, true);
+                }
+            } else {
+                batch.remove(key);
+                changed = true;
             }
         }
-        if removals > 0 {
-            self.tree.apply_batch(removed)?;
+        if changed || !inner.dirty.is_empty() {
+            inner.write_buckets(&mut batch);
+            self.tree.apply_batch(batch)?;
             self.tree.flush()?;
+            inner.buckets_written();
         }
         Ok(inner.records.len())
     }
@@ -264,8 +412,7 @@ impl RedeliveryLog {
             record.durable && record.hash == message.hash && record.connection != message.connection
         });
         if matches {
-            inner.records.remove(&message.key);
-            inner.writes.push((Arc::clone(&message.key), None));
+            inner.remove(&message.key);
             if let Some(counter) = self.skipped.get(source) {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
@@ -318,49 +465,37 @@ impl RedeliveryLog {
         let Some(Some(message)) = inner.queued.get_mut(source).and_then(VecDeque::pop_front) else {
             return;
         };
-        let mut value = [0u8; VALUE_BYTES];
-        value[..8].copy_from_slice(&message.hash.to_be_bytes());
-        value[8..].copy_from_slice(&journal_next_seq.to_be_bytes());
-        inner.records.insert(
-            Arc::clone(&message.key),
-            Record {
-                hash: message.hash,
-                connection: message.connection,
-                written: false,
-                durable: false,
-            },
-        );
-        inner.writes.push((message.key, Some(value)));
+        let record = Record {
+            hash: message.hash,
+            end_seq: journal_next_seq,
+            connection: message.connection,
+            written: false,
+            durable: false,
+        };
+        inner.place(Arc::clone(&message.key), record, true);
+        inner.unwritten.push(message.key);
     }
 
     /// Pipeline: writes the pending records and removals, just before a journal block (the
     /// commit's state flush makes them durable with it).
     pub fn write_pending(&self) {
         let mut inner = self.lock();
-        if inner.writes.is_empty() {
-            return;
+        if inner.dirty.is_empty() {
+            return; // A record not yet written has its bucket dirty.
         }
         let mut batch = sled::Batch::default();
-        for (key, value) in &inner.writes {
-            match value {
-                Some(value) => batch.insert(&key[..], &value[..]),
-                None => batch.remove(&key[..]),
-            }
-        }
+        inner.write_buckets(&mut batch);
         let applied = self.tree.apply_batch(batch);
-        let Inner {
-            records,
-            writes,
-            written_not_durable,
-            ..
-        } = &mut *inner;
-        // The inserts name every record not yet written (removals have no record).
-        let inserted = writes
-            .drain(..)
-            .filter_map(|(key, value)| value.map(|_| key));
+        let unwritten = std::mem::take(&mut inner.unwritten);
         match applied {
             Ok(()) => {
-                for key in inserted {
+                inner.buckets_written();
+                let Inner {
+                    records,
+                    written_not_durable,
+                    ..
+                } = &mut *inner;
+                for key in unwritten {
                     if let Some(record) = records.get_mut(&key).filter(|record| !record.written) {
                         record.written = true;
                         written_not_durable.push(key);
@@ -368,12 +503,17 @@ impl RedeliveryLog {
                 }
             }
             Err(error) => {
-                // Not recorded: a crash may duplicate these messages, never lose them.
+                // Not recorded: a crash may duplicate these messages, never lose them. The
+                // buckets stay dirty: the next write brings the tree up to date.
                 self.write_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "cannot write redelivery records; a crash before their PUBACKs may count those messages twice");
-                for key in inserted {
-                    if records.get(&key).is_some_and(|record| !record.written) {
-                        records.remove(&key);
+                for key in unwritten {
+                    if inner
+                        .records
+                        .get(&key)
+                        .is_some_and(|record| !record.written)
+                    {
+                        inner.remove(&key);
                     }
                 }
             }
@@ -411,20 +551,22 @@ impl RedeliveryLog {
     pub fn commit_failed(&self) {
         let mut inner = self.lock();
         let Inner {
-            records,
-            writes,
             written_not_durable,
+            unwritten,
             ..
         } = &mut *inner;
         // Every record not durable is written since the last commit or not written yet.
-        let unwritten = writes
-            .iter()
-            .filter_map(|(key, value)| value.map(|_| Arc::clone(key)));
-        let candidates: Vec<Key> = written_not_durable.drain(..).chain(unwritten).collect();
+        let candidates: Vec<Key> = written_not_durable
+            .drain(..)
+            .chain(unwritten.iter().cloned())
+            .collect();
         for key in candidates {
-            if records.get(&key).is_some_and(|record| !record.durable) {
-                records.remove(&key);
-                writes.push((key, None));
+            if inner
+                .records
+                .get(&key)
+                .is_some_and(|record| !record.durable)
+            {
+                inner.remove(&key);
             }
         }
     }
@@ -438,8 +580,7 @@ impl RedeliveryLog {
             .get(&message.key)
             .is_some_and(|record| record.durable)
         {
-            inner.records.remove(&message.key);
-            inner.writes.push((Arc::clone(&message.key), None));
+            inner.remove(&message.key);
         }
     }
 
@@ -462,8 +603,7 @@ impl RedeliveryLog {
             .map(|(key, _)| Arc::clone(key))
             .collect();
         for key in stale {
-            inner.records.remove(&key);
-            inner.writes.push((key, None));
+            inner.remove(&key);
         }
     }
 
@@ -558,10 +698,18 @@ mod tests {
         log.take_redelivery(0, &log.message_id(0, "sensor", 2, pkid, b"t", payload))
     }
 
+    /// Whether the tree's bucket of `pkid` holds its record.
     fn in_tree(db: &sled::Db, pkid: u16) -> bool {
         let tree = db.open_tree("redelivery").expect("tree");
-        tree.contains_key(&record_key("mqtt", "sensor", pkid)[..])
+        let key = record_key("mqtt", "sensor", pkid);
+        let (low, bucket_key) = key.split_last().expect("key");
+        tree.get(bucket_key)
             .expect("tree read")
+            .is_some_and(|value| {
+                value
+                    .chunks_exact(BUCKET_RECORD_BYTES)
+                    .any(|record| record.first() == Some(low))
+            })
     }
 
     /// A commit settles only its own records: earlier ones stay durable through later
@@ -629,5 +777,64 @@ mod tests {
         assert!(in_tree(&db, 1));
         assert_eq!(log.records(), 1);
         assert!(resent(&log, 1, b"a"));
+    }
+
+    /// 300 records of one session take two tree entries (buckets of 256 packet ids), and a
+    /// restart loads them back from those entries, without the record removed since.
+    #[test]
+    fn redelivery_records_share_bucket_entries_and_reload() {
+        let (db, log, runtime) = log();
+        assert_eq!(log.load(0).expect("load"), 0);
+        for pkid in 1..=300u16 {
+            ingest(&log, &runtime, pkid, &pkid.to_be_bytes());
+        }
+        log.write_pending();
+        log.committed(300);
+        assert!(resent(&log, 5, &5u16.to_be_bytes()));
+        log.write_pending();
+        let tree = db.open_tree("redelivery").expect("tree");
+        assert_eq!(tree.len(), 2, "one entry per 256 packet ids");
+        // A restart: the journal reached seq 200, so records ending past it are dropped.
+        let restarted = RedeliveryLog::open(&db, vec!["mqtt".to_owned()]).expect("open");
+        assert_eq!(restarted.load(200).expect("load"), 199, "pkids 1-200 but 5");
+        assert!(
+            !resent(&restarted, 5, &5u16.to_be_bytes()),
+            "removed before"
+        );
+        assert!(resent(&restarted, 6, &6u16.to_be_bytes()));
+        assert!(resent(&restarted, 200, &200u16.to_be_bytes()));
+        assert!(
+            !resent(&restarted, 201, &201u16.to_be_bytes()),
+            "past the journal"
+        );
+        assert!(!in_tree(&db, 201), "dropped from the tree at load");
+        assert_eq!(tree.len(), 1, "the second bucket held only dropped records");
+    }
+
+    /// Entries of the first layout (one per record) are moved into buckets at load; those
+    /// past the journal and of unknown sources are deleted.
+    #[test]
+    fn redelivery_load_converts_single_record_entries() {
+        let (db, log, _runtime) = log();
+        let tree = db.open_tree("redelivery").expect("tree");
+        let old_entry = |pkid: u16, payload: &[u8], end_seq: u64| {
+            let mut value = message_hash(b"t", payload).to_be_bytes().to_vec();
+            value.extend_from_slice(&end_seq.to_be_bytes());
+            tree.insert(&record_key("mqtt", "sensor", pkid)[..], value)
+                .expect("insert");
+        };
+        old_entry(7, b"21.5", 10);
+        old_entry(8, b"22.0", 20);
+        tree.insert(
+            &record_key("gone", "sensor", 7)[..],
+            &[0u8; VALUE_BYTES][..],
+        )
+        .expect("insert");
+        assert_eq!(log.load(15).expect("load"), 1);
+        assert_eq!(tree.len(), 1, "one bucket, nothing else");
+        assert!(in_tree(&db, 7));
+        assert!(!in_tree(&db, 8));
+        assert!(!resent(&log, 8, b"22.0"));
+        assert!(resent(&log, 7, b"21.5"));
     }
 }

@@ -666,9 +666,11 @@ impl Shipper {
             &session.dictionary,
             plan.full_definitions,
         );
-        // A collector of an older protocol version reads only the older batch format.
+        // The session's batch format, always: a collector of an older protocol version reads
+        // only the older formats, and batches buffered by an older build go out in the
+        // compact one (between formats 2 and 3 only the envelope is rewritten).
         let payload = match batch_format_version(&payload) {
-            Ok(version) if version > session.batch_format_version => transcode_batch(
+            Ok(version) if version != session.batch_format_version => transcode_batch(
                 &payload,
                 session.batch_format_version,
                 &BatchLimits::default(),

@@ -175,3 +175,59 @@ async fn a_wrong_pinned_fingerprint_fails_with_both_fingerprints_named() {
     );
     collector.server.shutdown().await;
 }
+
+/// Upgrades in either order, from the agent's side: this (newer) agent against a collector
+/// that offers only protocol 1 or 2 (`max_protocol_version`, as an operator pins it while a
+/// rollback is possible, and as an older collector answers) sends every batch in the batch
+/// format that version carries, although its buffer holds the newest format; the log then
+/// holds only batches the older build reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_protocol_collector_gets_batches_in_its_format() {
+    use tributary_protocol::batch::{batch_format_version, format_version_for_protocol};
+    use tributary_protocol::session::PROTOCOL_VERSION;
+    for offered in 1..PROTOCOL_VERSION {
+        let state = temp_dir();
+        let config = tributary_collector::ingest::IngestConfig {
+            max_protocol_version: Some(offered),
+            ..ingest_config(loopback_any_port())
+        };
+        let collector =
+            start_collector_with(state.path(), config, tokens_for(&["gw-1".to_owned()]));
+        let buffer_dir = temp_dir();
+        let buffer = open_buffer(buffer_dir.path());
+        let seqs = fill_buffer(&buffer, "gw-1", 6, 8, 100);
+        let (handle, task) = spawn_shipper(
+            ship_config("gw-1", collector.address, &collector.fingerprint),
+            buffer.clone(),
+        );
+        wait_for("all batches acked", DEADLINE, || buffered(&buffer) == 0).await;
+        handle.stop();
+        task.await.unwrap().unwrap();
+
+        let records = all_records(&collector.log);
+        assert_eq!(
+            records.len(),
+            seqs.len(),
+            "protocol {offered}: one record per batch"
+        );
+        for record in &records {
+            assert_eq!(record.headers.protocol_version, offered);
+            assert_eq!(
+                batch_format_version(&record.value).unwrap(),
+                format_version_for_protocol(offered),
+                "protocol {offered}: the batch must be in the format that version carries"
+            );
+            let batch = decode_batch(&record.value, &BatchLimits::default()).unwrap();
+            assert_eq!(batch.readings.len(), 100);
+            for id in series_ids_used(&batch) {
+                let def = batch
+                    .series
+                    .iter()
+                    .find(|def| def.id == id)
+                    .expect("definition present");
+                assert_eq!(def.key, series_key(id));
+            }
+        }
+        collector.server.shutdown().await;
+    }
+}

@@ -122,6 +122,11 @@ fn unknown_fields_and_bad_values_are_named() {
     assert!(error.contains("max_inflight"), "{error}");
     let error = problem("[ingest]\nkeep_alive_interval_ms = 70000\nidle_timeout_ms = 60000\n");
     assert!(error.contains("ingest.idle_timeout_ms"), "{error}");
+    let error = problem("[ingest]\nmax_protocol_version = 99\n");
+    assert!(
+        error.contains("ingest.max_protocol_version is 99"),
+        "{error}"
+    );
     let error = problem("[log]\nkind = \"kafka\"\ndirectory = \"/tmp/y\"\n");
     assert!(
         error.contains("log:") && error.contains("directory"),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use tributary_protocol::session::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Where the TLS identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -69,6 +70,11 @@ pub struct IngestConfig {
     /// Acked sequence numbers remembered per agent above its contiguous prefix, for
     /// duplicate detection (see `ingest::dedup`).
     pub dedup_window: usize,
+    /// Newest protocol version offered to agents; `None` offers the newest this build
+    /// speaks. While upgrading collectors, pin it to what the build you may roll back to
+    /// speaks: agents then send batches in a format that build reads (the log keeps batches
+    /// in the format they arrived in).
+    pub max_protocol_version: Option<u16>,
 }
 
 impl Default for IngestConfig {
@@ -91,11 +97,20 @@ impl Default for IngestConfig {
             idle_timeout_ms: 60_000,
             drain_timeout_ms: 10_000,
             dedup_window: 4096,
+            max_protocol_version: None,
         }
     }
 }
 
 impl IngestConfig {
+    /// The newest protocol version this collector offers (see `max_protocol_version`).
+    pub fn offered_protocol_version(&self) -> u16 {
+        self.max_protocol_version
+            .map_or(PROTOCOL_VERSION, |version| {
+                version.clamp(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION)
+            })
+    }
+
     /// Problems with the settings, each naming its field.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
@@ -119,6 +134,13 @@ impl IngestConfig {
                 "ingest.idle_timeout_ms ({}) must be longer than ingest.keep_alive_interval_ms ({})",
                 self.idle_timeout_ms, self.keep_alive_interval_ms
             ));
+        }
+        if let Some(version) = self.max_protocol_version {
+            if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
+                problems.push(format!(
+                    "ingest.max_protocol_version is {version}; this build speaks protocol versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION} (leave it out for {PROTOCOL_VERSION})"
+                ));
+            }
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             problems.push(

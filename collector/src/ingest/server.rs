@@ -33,7 +33,7 @@ use tributary_protocol::close::{
 use tributary_protocol::frame::FrameLimits;
 use tributary_protocol::session::{
     negotiate_version, Ack, Hello, Message, Nack, NackReason, Reject, ServerLimits, Welcome,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    MIN_PROTOCOL_VERSION,
 };
 use tributary_protocol::BatchLimits;
 
@@ -434,7 +434,7 @@ async fn run_hello<L: DurableLog>(
     let session_version = negotiate_version(
         hello.protocol_version,
         MIN_PROTOCOL_VERSION,
-        PROTOCOL_VERSION,
+        shared.config.offered_protocol_version(),
     )
     .unwrap_or(MIN_PROTOCOL_VERSION);
     let welcome = Welcome {

@@ -240,45 +240,6 @@ pub(crate) fn decode(
 mod tests {
     use super::*;
 
-    fn fleet(devices: usize) -> Vec<SeriesDef> {
-        const METRICS: [&str; 10] = [
-            "temperature",
-            "humidity",
-            "pressure",
-            "co2",
-            "vibration",
-            "power",
-            "voltage",
-            "current",
-            "energy",
-            "signal_strength",
-        ];
-        const SITES: [&str; 3] = ["plant-north", "plant-south", "warehouse"];
-        let mut series = Vec::new();
-        for device in 0..devices {
-            for metric in METRICS {
-                series.push(SeriesDef {
-                    id: series.len() as SeriesId,
-                    key: SeriesKey::new(format!("dev-{device:04}"), metric)
-                        .with_tags([("site", SITES[device % SITES.len()])]),
-                });
-            }
-        }
-        series
-    }
-
-    #[test]
-    fn a_fleet_round_trips_and_is_small() {
-        let series = fleet(100);
-        let mut out = Vec::new();
-        encode(&series, &mut out);
-        assert_eq!(
-            decode(&out, series.len(), &BatchLimits::default()).unwrap(),
-            series
-        );
-        assert!(out.len() < 1_000, "{} bytes", out.len());
-    }
-
     #[test]
     fn references_past_the_table_are_an_error() {
         // One string, a definition whose metric points at string #5.

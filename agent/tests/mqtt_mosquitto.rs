@@ -5,11 +5,10 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use support::{
-    host_and_port, metric, publish_until, service_env, unique_suffix, AgentProcess, MQTT_ADDR,
+    metric, publish_until, service_env, unique_suffix, AgentProcess, Publisher, MQTT_ADDR,
 };
 
 const MESSAGE_COUNT: u32 = 3_000;
@@ -20,7 +19,6 @@ async fn kill_minus_9_at_qos_1_loses_nothing_the_broker_handed_over() {
     let Some(address) = service_env(MQTT_ADDR) else {
         return;
     };
-    let (host, port) = host_and_port(&address);
     let suffix = unique_suffix();
     let prefix = format!("tributary-agent-test/{suffix}");
     let mut agent = AgentProcess::start(
@@ -47,27 +45,11 @@ raw = {{ policy = "all" }}
         })
         .await;
 
-    let mut options = MqttOptions::new(format!("tributary-test-pub-{suffix}"), host, port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (publisher, mut publisher_loop) = AsyncClient::new(options, 256);
-    let (acked_sender, mut acked_receiver) = tokio::sync::watch::channel(0u32);
-    let driver = tokio::spawn(async move {
-        let mut acknowledged = 0u32;
-        loop {
-            match publisher_loop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acknowledged += 1;
-                    let _ = acked_sender.send(acknowledged);
-                }
-                Ok(_) => {}
-                Err(error) => panic!("publisher connection failed: {error}"),
-            }
-        }
-    });
+    let mut publisher = Publisher::connect(&address, format!("tributary-test-pub-{suffix}"), 256);
 
     // Probe until the agent's subscription is live (a probe is rejected: not a number).
-    publish_until(
-        &publisher,
+    let probes = publish_until(
+        &publisher.client,
         &format!("{prefix}/probe/temp"),
         |_| "probe".to_owned(),
         &agent,
@@ -78,11 +60,12 @@ raw = {{ policy = "all" }}
     .await;
 
     for index in 0..MESSAGE_COUNT {
-        let topic = format!("{prefix}/dev-{}/temp", index % 10);
         publisher
-            .publish(topic, QoS::AtLeastOnce, false, index.to_string())
-            .await
-            .expect("publish");
+            .publish(
+                format!("{prefix}/dev-{}/temp", index % 10),
+                index.to_string(),
+            )
+            .await;
         if index == KILL_AFTER {
             // Mid-stream: make sure the agent has taken some messages, then kill it hard.
             agent
@@ -102,22 +85,11 @@ raw = {{ policy = "all" }}
     // The sentinel is not a number: once the agent counts it rejected, everything the broker
     // queued before it has been delivered.
     publisher
-        .publish(
-            format!("{prefix}/sentinel/temp"),
-            QoS::AtLeastOnce,
-            false,
-            "end",
-        )
-        .await
-        .expect("publish sentinel");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while *acked_receiver.borrow_and_update() < MESSAGE_COUNT + 1 {
-        assert!(
-            Instant::now() < deadline,
-            "Mosquitto did not acknowledge all publishes"
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(1), acked_receiver.changed()).await;
-    }
+        .publish(format!("{prefix}/sentinel/temp"), "end".to_owned())
+        .await;
+    publisher
+        .wait_for_acks(probes + MESSAGE_COUNT + 1, Duration::from_secs(60))
+        .await;
     agent
         .wait_for_metrics(Duration::from_secs(60), "the sentinel", |text| {
             text.lines().any(|line| {
@@ -126,7 +98,7 @@ raw = {{ policy = "all" }}
             })
         })
         .await;
-    driver.abort();
+    drop(publisher);
 
     // Graceful stop: windows close, buffer flushes.
     agent.stop().await;

@@ -12,168 +12,46 @@
 
 use std::collections::BTreeMap;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{free_port, get_metrics, metric, service_env, unique_suffix, MQTT_ADDR};
-use tributary_agent::buffer::{BatchClass, BufferConfig, DiskBuffer, ReplayOrder};
+use support::{
+    free_port, metric, publish_until, service_env, unique_suffix, AgentProcess, Publisher,
+    MQTT_ADDR,
+};
 use tributary_agent::source::broker::redelivery::{RedeliveryLog, FAULT_ABORT_AFTER_ACKS};
-use tributary_protocol::batch::{decode_batch, BatchLimits};
 
 const MESSAGES: u32 = 1_500;
 /// The agent aborts after the commit that brings its released acknowledgements to this.
 const ABORT_AFTER_ACKS: u32 = 300;
 
-/// The agent binary on a config in a temporary directory; killed on drop.
-struct Agent {
-    child: Child,
-    config: PathBuf,
-    buffer: PathBuf,
-    metrics_port: u16,
-    _directory: tempfile::TempDir,
+/// Starts the agent with the abort fault armed for its first run.
+fn start_armed(agent_id: &str, sources: &str) -> AgentProcess {
+    AgentProcess::start_with_env(
+        agent_id,
+        sources,
+        &[(FAULT_ABORT_AFTER_ACKS, ABORT_AFTER_ACKS.to_string())],
+    )
 }
 
-impl Agent {
-    /// Starts the agent with the abort fault armed.
-    fn start(agent_id: &str, sources: &str) -> Agent {
-        let directory = tempfile::tempdir().expect("tempdir");
-        let metrics_port = free_port();
-        let buffer = directory.path().join("buffer");
-        let config = directory.path().join("agent.toml");
-        let text = format!(
-            r#"
-agent_id = "{agent_id}"
-[collector]
-address = "127.0.0.1:9"
-cert_fingerprint_sha256 = "5E:9B:0C:21:7A:44:13:C8:F0:2D:6B:93:AA:10:7E:55:C4:21:08:3F:9D:6A:E2:71:B0:4C:58:13:2E:9F:07:D6"
-token = "t"
-[buffer]
-path = "{}"
-[metrics]
-listen_address = "127.0.0.1:{metrics_port}"
-{sources}"#,
-            buffer.display()
-        );
-        std::fs::write(&config, text).expect("write config");
-        let child = spawn(&config, true);
-        Agent {
-            child,
-            config,
-            buffer,
-            metrics_port,
-            _directory: directory,
-        }
-    }
-
-    fn metric(&self, series: &str) -> Option<f64> {
-        get_metrics(self.metrics_port).and_then(|text| metric(&text, series))
-    }
-
-    async fn wait_for(&mut self, what: &str, mut condition: impl FnMut(&Agent) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !condition(self) {
-            assert!(
-                self.child.try_wait().expect("wait").is_none(),
-                "agent exited while waiting for {what}"
-            );
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// Waits for the armed fault to abort the agent, then starts it again unarmed.
-    async fn wait_for_abort_and_restart(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not abort after {ABORT_AFTER_ACKS} acknowledgements"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        assert!(!status.success(), "the agent must have aborted: {status:?}");
-        self.child = spawn(&self.config, false);
-    }
-
-    async fn stop(&mut self) {
-        // SAFETY: signalling our own child process by its id.
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) },
-            0
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "agent exit {status:?}");
-                return;
-            }
-            assert!(Instant::now() < deadline, "agent did not stop within 30 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(config: &Path, armed: bool) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tributary-agent"));
-    command
-        .args(["run", "--config", config.to_str().expect("utf-8 path")])
-        .env("RUST_LOG", "info")
-        .env_remove(FAULT_ABORT_AFTER_ACKS)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    if armed {
-        command.env(FAULT_ABORT_AFTER_ACKS, ABORT_AFTER_ACKS.to_string());
-    }
-    command.spawn().expect("spawn agent")
+/// Waits for the armed fault to abort the agent, then starts it again unarmed.
+async fn wait_for_abort_and_restart(agent: &mut AgentProcess) {
+    let what = format!("the abort after {ABORT_AFTER_ACKS} acknowledgements");
+    let status = agent.wait_for_exit(Duration::from_secs(60), &what).await;
+    assert!(!status.success(), "the agent must have aborted: {status:?}");
+    agent.restart();
 }
 
 /// Raw reading values (with multiplicity) and readings covered by summaries in a buffer.
 fn buffered(path: &Path) -> (BTreeMap<i64, u32>, u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let buffer = loop {
-        match DiskBuffer::open(BufferConfig::at(path)) {
-            Ok(buffer) => break buffer,
-            Err(error) => {
-                assert!(Instant::now() < deadline, "cannot open the buffer: {error}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let buffered = support::buffered(path);
     let mut raw: BTreeMap<i64, u32> = BTreeMap::new();
-    let mut summarised = 0u64;
-    for stored in buffer.replay(ReplayOrder::OldestFirst) {
-        let stored = stored.expect("intact entry");
-        let batch =
-            decode_batch(&stored.payload, &BatchLimits::default()).expect("decodable batch");
-        match stored.header.class {
-            BatchClass::Raw => {
-                for reading in &batch.readings {
-                    *raw.entry(reading.value as i64).or_default() += 1;
-                }
-            }
-            BatchClass::Summary => {
-                summarised += batch
-                    .summaries
-                    .iter()
-                    .map(|summary| summary.summary.count)
-                    .sum::<u64>();
-            }
-        }
+    for value in buffered.raw_by_device.values().flatten() {
+        *raw.entry(*value).or_default() += 1;
     }
-    (raw, summarised)
+    (raw, buffered.summarised)
 }
 
 /// Every value 0..MESSAGES exactly once, nothing else, and summaries covering each once.
@@ -215,15 +93,12 @@ raw = { policy = "all" }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_mode_redeliveries_after_a_crash_are_not_counted_twice() {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let Some(address) = service_env(MQTT_ADDR) else {
         return;
     };
-    let (host, port) = address.rsplit_once(':').expect("host:port");
-    let port: u16 = port.parse().expect("port");
     let suffix = unique_suffix();
     let prefix = format!("tributary-redelivery-test/{suffix}");
-    let mut agent = Agent::start(
+    let mut agent = start_armed(
         "gw-redelivery-subscribe",
         &format!(
             r#"
@@ -239,90 +114,47 @@ template = "{prefix}/{{device}}/{{metric}}"
         ),
     );
     agent
-        .wait_for("the MQTT connection", |agent| {
-            agent.metric("tributary_agent_source_connected{source=\"broker\"}") == Some(1.0)
+        .wait_for_metrics(Duration::from_secs(60), "the MQTT connection", |text| {
+            metric(text, "tributary_agent_source_connected{source=\"broker\"}") == Some(1.0)
         })
         .await;
-
-    let mut options = MqttOptions::new(format!("tributary-redelivery-pub-{suffix}"), host, port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (publisher, mut publisher_loop) = AsyncClient::new(options, 4096);
-    let (acked_sender, mut acked_receiver) = tokio::sync::watch::channel(0u32);
-    let driver = tokio::spawn(async move {
-        let mut acknowledged = 0u32;
-        loop {
-            match publisher_loop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => {
-                    acknowledged += 1;
-                    let _ = acked_sender.send(acknowledged);
-                }
-                Ok(_) => {}
-                Err(error) => panic!("publisher connection failed: {error}"),
-            }
-        }
-    });
+    let mut publisher =
+        Publisher::connect(&address, format!("tributary-redelivery-pub-{suffix}"), 4096);
     // Probe until the subscription is live (a probe is rejected: not a number).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while agent
-        .metric("tributary_agent_messages_in_total{source=\"broker\",kind=\"mqtt_subscribe\"}")
-        .unwrap_or(0.0)
-        < 1.0
-    {
-        publisher
-            .publish(
-                format!("{prefix}/probe/temp"),
-                QoS::AtLeastOnce,
-                false,
-                "probe",
-            )
-            .await
-            .expect("publish probe");
-        assert!(
-            Instant::now() < deadline,
-            "the agent's subscription never went live"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let probes = publish_until(
+        &publisher.client,
+        &format!("{prefix}/probe/temp"),
+        |_| "probe".to_owned(),
+        &agent,
+        "tributary_agent_messages_in_total{source=\"broker\",kind=\"mqtt_subscribe\"}",
+        1.0,
+        "a probe message",
+    )
+    .await;
 
     for index in 0..MESSAGES {
         publisher
             .publish(
                 format!("{prefix}/dev-{}/temp", index % 10),
-                QoS::AtLeastOnce,
-                false,
                 index.to_string(),
             )
-            .await
-            .expect("publish");
+            .await;
     }
-    agent.wait_for_abort_and_restart().await;
+    wait_for_abort_and_restart(&mut agent).await;
     // Mosquitto has every message (its PUBACKs); the agent gets the rest after the restart.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while *acked_receiver.borrow_and_update() < MESSAGES {
-        assert!(
-            Instant::now() < deadline,
-            "Mosquitto did not acknowledge all publishes"
-        );
-        let _ = tokio::time::timeout(Duration::from_secs(1), acked_receiver.changed()).await;
-    }
+    publisher
+        .wait_for_acks(probes + MESSAGES, Duration::from_secs(60))
+        .await;
     // The sentinel is not a number: once the restarted agent counts a rejection, everything
     // the broker held for it before the sentinel (resends first) has been delivered.
     publisher
-        .publish(
-            format!("{prefix}/sentinel/temp"),
-            QoS::AtLeastOnce,
-            false,
-            "end",
-        )
-        .await
-        .expect("publish sentinel");
+        .publish(format!("{prefix}/sentinel/temp"), "end".to_owned())
+        .await;
     agent
-        .wait_for("the sentinel", |agent| {
-            get_metrics(agent.metrics_port).is_some_and(|text| {
-                text.lines().any(|line| {
-                    line.starts_with("tributary_agent_rejected_total{source=\"broker\"")
-                        && !line.ends_with(" 0")
-                })
+        .wait_for_metrics(Duration::from_secs(60), "the sentinel", |text| {
+            text.lines().any(|line| {
+                line.starts_with("tributary_agent_rejected_total{source=\"broker\"")
+                    && !line.ends_with(" 0")
             })
         })
         .await;
@@ -333,7 +165,7 @@ template = "{prefix}/{{device}}/{{metric}}"
         skipped >= 1.0,
         "the abort left durable, unacknowledged messages: Mosquitto must have resent some (DUP = 1) and the agent skipped them"
     );
-    driver.abort();
+    drop(publisher);
     agent.stop().await;
     assert_exactly_once(&agent.buffer);
 }
@@ -341,7 +173,7 @@ template = "{prefix}/{{device}}/{{metric}}"
 /// Publishes `MESSAGES` values at QoS 1 with a rumqttc MQTT 3.1.1 client on a persistent
 /// session, riding out the agent's abort and restart (the client reconnects and resends its
 /// unacknowledged messages with DUP = 0); returns once every message got its PUBACK.
-async fn publish_through_restart(port: u16, client_id: String, agent: &mut Agent) {
+async fn publish_through_restart(port: u16, client_id: String, agent: &mut AgentProcess) {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(5));
@@ -390,7 +222,7 @@ async fn publish_through_restart(port: u16, client_id: String, agent: &mut Agent
                 // again reconnects; while the agent is not listening yet, wait a little
                 // before the next attempt instead of spinning.
                 if !restarted {
-                    agent.wait_for_abort_and_restart().await;
+                    wait_for_abort_and_restart(agent).await;
                     restarted = true;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -413,7 +245,7 @@ async fn publish_through_restart(port: u16, client_id: String, agent: &mut Agent
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_broker_resends_after_a_crash_are_not_counted_twice() {
     let mqtt_port = free_port();
-    let mut agent = Agent::start(
+    let mut agent = start_armed(
         "gw-redelivery-broker",
         &format!(
             r#"
@@ -427,7 +259,7 @@ template = "plant/{{device}}/{{metric}}"
         ),
     );
     agent
-        .wait_for("the broker to listen", |_| {
+        .wait_for_metrics(Duration::from_secs(60), "the broker to listen", |_| {
             TcpStream::connect(("127.0.0.1", mqtt_port)).is_ok()
         })
         .await;
@@ -452,19 +284,9 @@ fn records_match_only_durable_same_content_from_an_earlier_connection() {
     let directory = tempfile::tempdir().expect("tempdir");
     let open = || {
         // A just-dropped sled database holds its lock until its threads let go.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let db = loop {
-            match sled::Config::new()
-                .path(directory.path().join("state"))
-                .open()
-            {
-                Ok(db) => break db,
-                Err(error) => {
-                    assert!(Instant::now() < deadline, "cannot reopen: {error}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
+        let db =
+            tributary_sled_open::open(&sled::Config::new().path(directory.path().join("state")))
+                .expect("reopen the state database");
         let log = RedeliveryLog::open(&db, vec!["mqtt".to_owned()]).expect("open log");
         (db, log)
     };

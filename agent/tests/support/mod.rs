@@ -123,9 +123,15 @@ listen_address = "127.0.0.1:{metrics_port}"
 
 /// `tributary-agent run --config <config>` with logs at info to `stderr`.
 pub fn spawn_agent(config: &Path, stderr: Stdio) -> Child {
+    spawn_agent_with_env(config, stderr, &[])
+}
+
+/// [`spawn_agent`] with extra environment variables (a fault switch, for example).
+pub fn spawn_agent_with_env(config: &Path, stderr: Stdio, env: &[(&str, String)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_tributary-agent"))
         .args(["run", "--config", config.to_str().expect("utf-8 path")])
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
@@ -193,6 +199,12 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Writes [`agent_config`] with `sources` and starts the agent on it.
     pub fn start(agent_id: &str, sources: &str) -> AgentProcess {
+        AgentProcess::start_with_env(agent_id, sources, &[])
+    }
+
+    /// [`AgentProcess::start`] with extra environment variables for this first run only:
+    /// [`AgentProcess::restart`] starts the agent without them (a fault armed once).
+    pub fn start_with_env(agent_id: &str, sources: &str, env: &[(&str, String)]) -> AgentProcess {
         let directory = tempfile::tempdir().expect("tempdir");
         let metrics_port = free_port();
         let buffer = directory.path().join("buffer");
@@ -202,7 +214,7 @@ impl AgentProcess {
             agent_config(agent_id, &buffer, metrics_port, sources),
         )
         .expect("write config");
-        let child = spawn_agent(&config, Stdio::inherit());
+        let child = spawn_agent_with_env(&config, Stdio::inherit(), env);
         AgentProcess {
             child,
             config,
@@ -221,6 +233,21 @@ impl AgentProcess {
     /// Starts the agent again on the same config and buffer.
     pub fn restart(&mut self) {
         self.child = spawn_agent(&self.config, Stdio::inherit());
+    }
+
+    /// Waits up to `limit` for the agent to exit by itself (an armed fault), failing after it.
+    pub async fn wait_for_exit(&mut self, limit: Duration, what: &str) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {limit:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub async fn wait_for_metrics(
@@ -316,7 +343,7 @@ pub fn buffered(path: &Path) -> Buffered {
 
 /// Publishes to `topic` at QoS 1 (payload `payload(attempt)`, attempt counting from 0) until the
 /// agent's `series` reaches `at_least`, failing after 30 s: a subscription or connection may
-/// still be in flight when a test starts publishing.
+/// still be in flight when a test starts publishing. Returns how many it published.
 pub async fn publish_until(
     publisher: &rumqttc::AsyncClient,
     topic: &str,
@@ -325,7 +352,7 @@ pub async fn publish_until(
     series: &str,
     at_least: f64,
     what: &str,
-) {
+) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut attempt = 0u32;
     loop {
@@ -335,12 +362,77 @@ pub async fn publish_until(
             .expect("publish");
         attempt += 1;
         if agent.metric(series).unwrap_or(0.0) >= at_least {
-            return;
+            return attempt;
         }
         assert!(
             Instant::now() < deadline,
             "the agent never received {what} ({series} below {at_least} after 30 s)"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A QoS 1 publisher on a broker with a task that drives its connection and counts the
+/// broker's PUBACKs; the task stops when this is dropped.
+pub struct Publisher {
+    pub client: rumqttc::AsyncClient,
+    acknowledged: tokio::sync::watch::Receiver<u32>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects as `client_id` to `address` (`host:port`) with a request channel of `capacity`.
+    pub fn connect(address: &str, client_id: String, capacity: usize) -> Publisher {
+        use rumqttc::{Event, Packet};
+        let (host, port) = host_and_port(address);
+        let mut options = rumqttc::MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut event_loop) = rumqttc::AsyncClient::new(options, capacity);
+        let (sender, acknowledged) = tokio::sync::watch::channel(0u32);
+        let driver = tokio::spawn(async move {
+            let mut count = 0u32;
+            loop {
+                match event_loop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        count += 1;
+                        let _ = sender.send(count);
+                    }
+                    Ok(_) => {}
+                    Err(error) => panic!("publisher connection failed: {error}"),
+                }
+            }
+        });
+        Publisher {
+            client,
+            acknowledged,
+            driver,
+        }
+    }
+
+    /// Publishes at QoS 1 (queued to the connection task).
+    pub async fn publish(&self, topic: String, payload: String) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish");
+    }
+
+    /// Waits until the broker has acknowledged `count` publishes, failing after `limit`.
+    pub async fn wait_for_acks(&mut self, count: u32, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while *self.acknowledged.borrow_and_update() < count {
+            assert!(
+                Instant::now() < deadline,
+                "the broker acknowledged only {} of {count} publishes within {limit:?}",
+                *self.acknowledged.borrow()
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.acknowledged.changed()).await;
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.driver.abort();
     }
 }

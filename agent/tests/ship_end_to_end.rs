@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use ship_support::*;
 use tributary_agent::ship::ShipError;
-use tributary_protocol::batch::series_ids_used;
 use tributary_protocol::session::RejectReason;
-use tributary_protocol::{decode_batch, BatchLimits};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -24,13 +22,11 @@ async fn every_batch_is_acked_written_once_and_removed_from_the_buffer() {
     let buffer_dir = temp_dir();
     let buffer = open_buffer(buffer_dir.path());
     let seqs = fill_buffer(&buffer, "gw-1", 40, 8, 500);
-    let (handle, task) = spawn_shipper(
+    let handle = ship_all(
         ship_config("gw-1", collector.address, &collector.fingerprint),
-        buffer.clone(),
-    );
-    wait_for("all batches acked", DEADLINE, || buffered(&buffer) == 0).await;
-    handle.stop();
-    task.await.unwrap().unwrap();
+        &buffer,
+    )
+    .await;
 
     let stats = handle.stats();
     assert_eq!(
@@ -59,19 +55,8 @@ async fn every_batch_is_acked_written_once_and_removed_from_the_buffer() {
             record.headers.protocol_version,
             tributary_protocol::session::PROTOCOL_VERSION
         );
-        // Self-contained: every series the record uses is defined in it, with its key,
-        // although the shipper sent most batches without definitions.
-        let batch = decode_batch(&record.value, &BatchLimits::default()).unwrap();
-        assert_eq!(batch.batch_seq, record.headers.batch_seq);
-        assert_eq!(batch.readings.len(), 500);
-        for id in series_ids_used(&batch) {
-            let def = batch
-                .series
-                .iter()
-                .find(|def| def.id == id)
-                .expect("definition present");
-            assert_eq!(def.key, series_key(id));
-        }
+        // The shipper sent most batches without definitions.
+        assert_self_contained(record, 500);
     }
     let agent = collector.fleet.agent("gw-1").unwrap();
     assert_eq!(agent.batches_acked, 40);
@@ -196,13 +181,11 @@ async fn an_older_protocol_collector_gets_batches_in_its_format() {
         let buffer_dir = temp_dir();
         let buffer = open_buffer(buffer_dir.path());
         let seqs = fill_buffer(&buffer, "gw-1", 6, 8, 100);
-        let (handle, task) = spawn_shipper(
+        ship_all(
             ship_config("gw-1", collector.address, &collector.fingerprint),
-            buffer.clone(),
-        );
-        wait_for("all batches acked", DEADLINE, || buffered(&buffer) == 0).await;
-        handle.stop();
-        task.await.unwrap().unwrap();
+            &buffer,
+        )
+        .await;
 
         let records = all_records(&collector.log);
         assert_eq!(
@@ -217,16 +200,7 @@ async fn an_older_protocol_collector_gets_batches_in_its_format() {
                 format_version_for_protocol(offered),
                 "protocol {offered}: the batch must be in the format that version carries"
             );
-            let batch = decode_batch(&record.value, &BatchLimits::default()).unwrap();
-            assert_eq!(batch.readings.len(), 100);
-            for id in series_ids_used(&batch) {
-                let def = batch
-                    .series
-                    .iter()
-                    .find(|def| def.id == id)
-                    .expect("definition present");
-                assert_eq!(def.key, series_key(id));
-            }
+            assert_self_contained(record, 100);
         }
         collector.server.shutdown().await;
     }

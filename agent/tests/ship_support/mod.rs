@@ -17,7 +17,10 @@ use tributary_collector::ingest::{
     TokenStore,
 };
 use tributary_collector::log::{EmbeddedLog, EmbeddedLogConfig, LogRecord, SystemClock};
-use tributary_protocol::{encode_batch, Batch, Reading, SeriesDef, SeriesKey};
+use tributary_protocol::batch::series_ids_used;
+use tributary_protocol::{
+    decode_batch, encode_batch, Batch, BatchLimits, Reading, SeriesDef, SeriesKey,
+};
 
 pub const TOKEN: &str = "token-of-the-test-fleet";
 
@@ -192,6 +195,41 @@ pub fn spawn_shipper(
     let shipper = Shipper::new(config, buffer).unwrap();
     let handle = shipper.handle();
     (handle, tokio::spawn(shipper.run()))
+}
+
+/// Ships everything in `buffer` to the collector `config` names: starts a shipper, waits until
+/// every batch is acked and removed, stops it cleanly; returns its handle for the stats.
+pub async fn ship_all(config: ShipConfig, buffer: &DiskBuffer) -> ShipperHandle {
+    let (handle, task) = spawn_shipper(config, buffer.clone());
+    wait_for("all batches acked", Duration::from_secs(30), || {
+        buffered(buffer) == 0
+    })
+    .await;
+    handle.stop();
+    task.await.unwrap().unwrap();
+    handle
+}
+
+/// A logged batch is self-contained: it decodes, holds `readings` readings, and defines every
+/// series it uses with its key (although the shipper strips definitions the collector has).
+pub fn assert_self_contained(record: &LogRecord, readings: usize) -> Batch {
+    let batch = decode_batch(&record.value, &BatchLimits::default()).unwrap();
+    assert_eq!(batch.batch_seq, record.headers.batch_seq);
+    assert_eq!(batch.readings.len(), readings);
+    for id in series_ids_used(&batch) {
+        let def = batch
+            .series
+            .iter()
+            .find(|def| def.id == id)
+            .unwrap_or_else(|| {
+                panic!(
+                    "batch {}: series {id} used but not defined",
+                    batch.batch_seq
+                )
+            });
+        assert_eq!(def.key, series_key(id));
+    }
+    batch
 }
 
 /// Waits until `condition` holds, polling, or panics after `deadline` naming `what`.

@@ -7,9 +7,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{
-    metric, publish_until, service_env, unique_suffix, AgentProcess, Publisher, MQTT_ADDR,
-};
+use support::{metric, service_env, unique_suffix, AgentProcess, Publisher, MQTT_ADDR};
 
 const MESSAGE_COUNT: u32 = 3_000;
 const KILL_AFTER: u32 = 1_000;
@@ -47,17 +45,9 @@ raw = {{ policy = "all" }}
 
     let mut publisher = Publisher::connect(&address, format!("tributary-test-pub-{suffix}"), 256);
 
-    // Probe until the agent's subscription is live (a probe is rejected: not a number).
-    let probes = publish_until(
-        &publisher.client,
-        &format!("{prefix}/probe/temp"),
-        |_| "probe".to_owned(),
-        &agent,
-        "tributary_agent_messages_in_total{source=\"broker\",kind=\"mqtt_subscribe\"}",
-        1.0,
-        "a probe message",
-    )
-    .await;
+    let probes = publisher
+        .probe_subscription(&prefix, &agent, "broker")
+        .await;
 
     for index in 0..MESSAGE_COUNT {
         publisher

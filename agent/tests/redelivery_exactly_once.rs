@@ -17,10 +17,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{
-    free_port, metric, publish_until, service_env, unique_suffix, AgentProcess, Publisher,
-    MQTT_ADDR,
-};
+use support::{free_port, metric, service_env, unique_suffix, AgentProcess, Publisher, MQTT_ADDR};
 use tributary_agent::source::broker::redelivery::{RedeliveryLog, FAULT_ABORT_AFTER_ACKS};
 
 const MESSAGES: u32 = 1_500;
@@ -120,17 +117,9 @@ template = "{prefix}/{{device}}/{{metric}}"
         .await;
     let mut publisher =
         Publisher::connect(&address, format!("tributary-redelivery-pub-{suffix}"), 4096);
-    // Probe until the subscription is live (a probe is rejected: not a number).
-    let probes = publish_until(
-        &publisher.client,
-        &format!("{prefix}/probe/temp"),
-        |_| "probe".to_owned(),
-        &agent,
-        "tributary_agent_messages_in_total{source=\"broker\",kind=\"mqtt_subscribe\"}",
-        1.0,
-        "a probe message",
-    )
-    .await;
+    let probes = publisher
+        .probe_subscription(&prefix, &agent, "broker")
+        .await;
 
     for index in 0..MESSAGES {
         publisher

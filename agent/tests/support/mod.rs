@@ -417,6 +417,29 @@ impl Publisher {
             .expect("publish");
     }
 
+    /// Publishes probes (rejected by the agent: not a number) to `{prefix}/probe/temp` until the
+    /// agent's subscribe source `source` has taken one, i.e. its subscription is live; returns
+    /// how many it published.
+    pub async fn probe_subscription(
+        &self,
+        prefix: &str,
+        agent: &AgentProcess,
+        source: &str,
+    ) -> u32 {
+        publish_until(
+            &self.client,
+            &format!("{prefix}/probe/temp"),
+            |_| "probe".to_owned(),
+            agent,
+            &format!(
+                "tributary_agent_messages_in_total{{source=\"{source}\",kind=\"mqtt_subscribe\"}}"
+            ),
+            1.0,
+            "a probe message",
+        )
+        .await
+    }
+
     /// Waits until the broker has acknowledged `count` publishes, failing after `limit`.
     pub async fn wait_for_acks(&mut self, count: u32, limit: Duration) {
         let deadline = Instant::now() + limit;

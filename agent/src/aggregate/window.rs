@@ -166,7 +166,8 @@ struct SeriesState {
     /// (the current one and one held back by the disorder allowance), so a sorted vector
     /// beats a tree: no node allocation per series (a B-tree leaf holds room for 11
     /// windows, which cost about 1.6 KiB per series at 10k series), and its capacity is
-    /// reused when a window closes and the next opens.
+    /// reused when a window closes and the next opens. It grows one window at a time
+    /// (152 bytes each), so a series costs what it holds open, not four windows.
     open: Vec<(i64, OpenWindow)>,
     max_event_ms: i64,
     last_arrival_ms: i64,
@@ -300,6 +301,11 @@ impl WindowAggregator {
             _ => {
                 let index = position.map_or(0, |index| index + 1);
                 self.open_windows += 1;
+                // Grow one window at a time: the default growth of an empty vector reserves
+                // four (608 bytes per series), and two are all a series normally needs.
+                if state.open.len() == state.open.capacity() {
+                    state.open.reserve_exact(1);
+                }
                 state.open.insert(
                     index,
                     (
@@ -508,6 +514,27 @@ mod tests {
         out.raw.clear();
         aggregator.observe(reading(0, 20_000, 5.0), NOT_JOURNALED, 20_000, &mut out);
         assert_eq!(out.raw.len(), 1);
+    }
+
+    #[test]
+    fn a_series_keeps_room_for_the_windows_it_holds_open_only() {
+        let mut aggregator = WindowAggregator::new(WindowConfig::new(10_000, RawPolicy::None));
+        let mut out = AggregateOutput::default();
+        let mut most_open = 0;
+        for second in 0..35 {
+            aggregator.observe(reading(1, second * 1_000, 1.0), NOT_JOURNALED, 0, &mut out);
+            let state = aggregator.series.get(&1).expect("the series is tracked");
+            most_open = most_open.max(state.open.len());
+            assert!(
+                state.open.capacity() <= 2,
+                "second {second}: room for {} windows, {} open",
+                state.open.capacity(),
+                state.open.len()
+            );
+        }
+        // The disorder allowance holds the previous window open beside the current one.
+        assert_eq!(most_open, 2);
+        assert_eq!(out.closed.len(), 3);
     }
 
     #[test]

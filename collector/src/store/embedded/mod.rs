@@ -14,9 +14,12 @@
 //!
 //! Everything lives in one sled tree, one leading byte per table; keys sort like the
 //! queries read (series, then time; see [`keys`]) and values are small postcard records.
+//! Raw readings are stored in blocks, one entry per series, minute and agent per flush
+//! ([`raw_blocks`]: a sled insert per reading capped the whole embedded pipeline).
 //! Layout, retention and memory: `docs/embedded-store.md`.
 
 pub mod keys;
+pub mod raw_blocks;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,10 +36,16 @@ use super::{
 use crate::process::{LateReading, WindowResult};
 
 /// The on-disk format this code writes; refused when a store says it is newer.
-pub const FORMAT_VERSION: u32 = 1;
+/// 1: one entry per raw reading (table `R`); 2: raw readings in blocks (table `B`). A
+/// format 1 store is opened and marked 2: its `R` rows stay readable and expire by
+/// retention, new raw readings go to blocks (a format 1 build would not see them).
+pub const FORMAT_VERSION: u32 = 2;
 
 const TREE_NAME: &str = "tributary_store";
+/// Raw readings one per entry (format 1): still read and expired, never written.
 const TABLE_RAW: u8 = b'R';
+/// Raw readings in blocks (format 2, [`raw_blocks`]).
+const TABLE_RAW_BLOCK: u8 = b'B';
 const TABLE_ROLLUP: u8 = b'U';
 const TABLE_LATE: u8 = b'L';
 const TABLE_LAST_SEEN: u8 = b'S';
@@ -161,12 +170,16 @@ fn series_key(table: u8, device_id: &str, metric: &str, tags: &str) -> KeyWriter
         .string(tags)
 }
 
-fn raw_key(row: &RawReadingRow) -> Vec<u8> {
-    series_key(TABLE_RAW, &row.device_id, &row.metric, &row.tags)
-        .i64(row.time_ms)
-        .string(&row.agent_id)
-        .u64(row.batch_seq)
-        .u32(row.position)
+/// A block's key: series, bucket start, agent, and its first reading's identity.
+fn raw_block_key(
+    (device_id, metric, tags, bucket_start_ms, agent_id): raw_blocks::GroupKey<'_>,
+    first: &raw_blocks::BlockReading,
+) -> Vec<u8> {
+    series_key(TABLE_RAW_BLOCK, device_id, metric, tags)
+        .i64(bucket_start_ms)
+        .string(agent_id)
+        .u64(first.batch_seq)
+        .u32(first.position)
         .finish()
 }
 
@@ -318,6 +331,78 @@ impl Shared {
         Ok(prefixes)
     }
 
+    /// Deletes the readings older than `before_ms` from the blocks under one series prefix:
+    /// blocks of older buckets whole, the bucket holding `before_ms` reading by reading.
+    /// Returns how many readings went. A block rewritten by the writer meanwhile (a
+    /// replay merging into it) is read again (compare-and-swap), never overwritten.
+    fn expire_raw_blocks(&self, prefix: &[u8], before_ms: i64) -> Result<u64, StoreError> {
+        let boundary_bucket_ms = raw_blocks::bucket_start_ms(before_ms);
+        let mut whole_to = prefix.to_vec();
+        whole_to.extend_from_slice(&ordered_i64(boundary_bucket_ms));
+        let mut deleted = 0_u64;
+        loop {
+            let mut batch = sled::Batch::default();
+            let mut keys = 0;
+            for entry in self
+                .tree
+                .range(prefix.to_vec()..whole_to.clone())
+                .take(RETENTION_CHUNK_KEYS)
+            {
+                let (key, value) =
+                    entry.map_err(|source| self.error("scan expired raw blocks", source))?;
+                let block: raw_blocks::RawBlock = self.decode("a raw block", &key, &value)?;
+                deleted += block.readings.len() as u64;
+                batch.remove(key);
+                keys += 1;
+            }
+            if keys == 0 {
+                break;
+            }
+            self.tree
+                .apply_batch(batch)
+                .map_err(|source| self.error("delete expired raw blocks", source))?;
+        }
+        let mut boundary_to = prefix.to_vec();
+        boundary_to.extend_from_slice(&ordered_i64(
+            boundary_bucket_ms.saturating_add(raw_blocks::RAW_BLOCK_MS),
+        ));
+        let boundary_keys: Vec<sled::IVec> = self
+            .tree
+            .range(whole_to..boundary_to)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|source| self.error("scan expiring raw blocks", source))?;
+        for key in boundary_keys {
+            loop {
+                let Some(current) = self
+                    .tree
+                    .get(&key)
+                    .map_err(|source| self.error("read an expiring raw block", source))?
+                else {
+                    break;
+                };
+                let mut block: raw_blocks::RawBlock = self.decode("a raw block", &key, &current)?;
+                let dropped = block.retain_from(boundary_bucket_ms, before_ms);
+                if dropped == 0 {
+                    break;
+                }
+                let replacement = (!block.readings.is_empty()).then(|| encode(&block));
+                match self
+                    .tree
+                    .compare_and_swap(&key, Some(current), replacement)
+                    .map_err(|source| self.error("rewrite an expiring raw block", source))?
+                {
+                    Ok(()) => {
+                        deleted += dropped as u64;
+                        break;
+                    }
+                    Err(_) => continue,
+                }
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Deletes every key in `[from, to)`, in bounded batches; returns how many.
     fn delete_range(&self, from: &[u8], to: &[u8]) -> Result<u64, StoreError> {
         let mut deleted = 0;
@@ -389,6 +474,18 @@ impl EmbeddedStore {
                         supported: FORMAT_VERSION,
                     });
                 }
+                if found < FORMAT_VERSION {
+                    // Older rows stay readable; marking the store keeps an older build from
+                    // opening it and missing the raw blocks written from now on.
+                    shared
+                        .tree
+                        .insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                        .map_err(|source| shared.error("record the format version", source))?;
+                    shared
+                        .db
+                        .flush()
+                        .map_err(|source| shared.error("flush", source))?;
+                }
             }
             None => {
                 shared
@@ -449,16 +546,27 @@ impl EmbeddedStore {
         pending: &PendingWrites,
     ) -> Result<(sled::Batch, usize), StoreError> {
         let mut batch = sled::Batch::default();
-        let mut rows = 0;
-        for row in &pending.raw {
-            batch.insert(
-                raw_key(row),
-                encode(&RawValue {
-                    value: row.value,
-                    flags: row.flags,
-                }),
-            );
-            rows += 1;
+        let mut rows = pending.raw.len();
+        for (group, block) in raw_blocks::group_rows(&pending.raw) {
+            let Some(first) = block.readings.first() else {
+                continue;
+            };
+            let key = raw_block_key(group, first);
+            // A key seen before (a replay cutting its flushes differently) is merged, never
+            // replaced: a reading only the stored block holds must not be lost.
+            let stored = shared
+                .tree
+                .get(&key)
+                .map_err(|source| shared.error("read a stored raw block", source))?;
+            let block = match stored {
+                Some(stored) => {
+                    let stored: raw_blocks::RawBlock =
+                        shared.decode("a raw block", &key, &stored)?;
+                    stored.merge(&block)
+                }
+                None => block,
+            };
+            batch.insert(key, encode(&block));
         }
         for (resolution_ms, emitted) in &pending.rollups {
             // Highest version per window within the flush; on a tie the later write wins,
@@ -667,6 +775,9 @@ impl EmbeddedRetention {
                 to.extend_from_slice(&ordered_i64(before));
                 report.raw_rows_deleted += shared.delete_range(&prefix, &to)?;
             }
+            for prefix in shared.series_prefixes(&[TABLE_RAW_BLOCK], TABLE_RAW_BLOCK)? {
+                report.raw_rows_deleted += shared.expire_raw_blocks(&prefix, before)?;
+            }
         }
         if let Some(retention_ms) = self.rollup_retention_ms {
             let before = cutoff(retention_ms);
@@ -737,41 +848,110 @@ impl Shared {
             return Ok(rows);
         }
         for selector in sorted_selectors(series) {
-            let prefix = series_key(
-                TABLE_RAW,
-                &selector.device_id,
-                &selector.metric,
-                &selector.tags,
-            );
-            let from = prefix.clone().i64(from_ms).finish();
-            let to = prefix.i64(to_ms).finish();
-            for entry in self.tree.range(from..to) {
-                let (key, value) =
-                    entry.map_err(|source| self.error("read raw readings", source))?;
-                let corrupt = || self.corrupt("a raw reading key", &key);
-                let mut reader = KeyReader::new(&key, TABLE_RAW).ok_or_else(corrupt)?;
-                let device_id = reader.string().ok_or_else(corrupt)?;
-                let metric = reader.string().ok_or_else(corrupt)?;
-                let tags = reader.string().ok_or_else(corrupt)?;
-                let time_ms = reader.i64().ok_or_else(corrupt)?;
-                let agent_id = reader.string().ok_or_else(corrupt)?;
-                let batch_seq = reader.u64().ok_or_else(corrupt)?;
-                let position = reader.u32().ok_or_else(corrupt)?;
-                let stored: RawValue = self.decode("a raw reading", &key, &value)?;
-                rows.push(RawReadingRow {
+            // Identity (time, agent, batch_seq, position) -> (value, flags): the order of
+            // the format 1 keys, and of the ClickHouse query.
+            let mut found: BTreeMap<(i64, String, u64, u32), (f64, u8)> = BTreeMap::new();
+            self.raw_blocks_into(&selector, from_ms, to_ms, &mut found)?;
+            self.legacy_raw_rows_into(&selector, from_ms, to_ms, &mut found)?;
+            rows.extend(found.into_iter().map(
+                |((time_ms, agent_id, batch_seq, position), (value, flags))| RawReadingRow {
                     agent_id,
                     batch_seq,
                     position,
-                    device_id,
-                    metric,
-                    tags,
+                    device_id: selector.device_id.clone(),
+                    metric: selector.metric.clone(),
+                    tags: selector.tags.clone(),
                     time_ms,
-                    value: stored.value,
-                    flags: stored.flags,
-                });
-            }
+                    value,
+                    flags,
+                },
+            ));
         }
         Ok(rows)
+    }
+
+    /// The readings in `[from_ms, to_ms)` of every block of the buckets that range touches.
+    fn raw_blocks_into(
+        &self,
+        selector: &SeriesSelector,
+        from_ms: i64,
+        to_ms: i64,
+        found: &mut BTreeMap<(i64, String, u64, u32), (f64, u8)>,
+    ) -> Result<(), StoreError> {
+        let prefix = series_key(
+            TABLE_RAW_BLOCK,
+            &selector.device_id,
+            &selector.metric,
+            &selector.tags,
+        );
+        let from = prefix
+            .clone()
+            .i64(raw_blocks::bucket_start_ms(from_ms))
+            .finish();
+        let to = prefix.i64(to_ms).finish();
+        for entry in self.tree.range(from..to) {
+            let (key, value) = entry.map_err(|source| self.error("read raw readings", source))?;
+            let corrupt = || self.corrupt("a raw block key", &key);
+            let mut reader = KeyReader::new(&key, TABLE_RAW_BLOCK).ok_or_else(corrupt)?;
+            for _ in 0..3 {
+                reader.string().ok_or_else(corrupt)?;
+            }
+            let bucket_start_ms = reader.i64().ok_or_else(corrupt)?;
+            let agent_id = reader.string().ok_or_else(corrupt)?;
+            let block: raw_blocks::RawBlock = self.decode("a raw block", &key, &value)?;
+            for reading in block.readings {
+                let time_ms = bucket_start_ms.saturating_add(i64::from(reading.offset_ms));
+                if time_ms < from_ms || time_ms >= to_ms {
+                    continue;
+                }
+                found.insert(
+                    (
+                        time_ms,
+                        agent_id.clone(),
+                        reading.batch_seq,
+                        reading.position,
+                    ),
+                    (reading.value, reading.flags),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw rows a format 1 build wrote, one per entry.
+    fn legacy_raw_rows_into(
+        &self,
+        selector: &SeriesSelector,
+        from_ms: i64,
+        to_ms: i64,
+        found: &mut BTreeMap<(i64, String, u64, u32), (f64, u8)>,
+    ) -> Result<(), StoreError> {
+        let prefix = series_key(
+            TABLE_RAW,
+            &selector.device_id,
+            &selector.metric,
+            &selector.tags,
+        );
+        let from = prefix.clone().i64(from_ms).finish();
+        let to = prefix.i64(to_ms).finish();
+        for entry in self.tree.range(from..to) {
+            let (key, value) = entry.map_err(|source| self.error("read raw readings", source))?;
+            let corrupt = || self.corrupt("a raw reading key", &key);
+            let mut reader = KeyReader::new(&key, TABLE_RAW).ok_or_else(corrupt)?;
+            for _ in 0..3 {
+                reader.string().ok_or_else(corrupt)?;
+            }
+            let time_ms = reader.i64().ok_or_else(corrupt)?;
+            let agent_id = reader.string().ok_or_else(corrupt)?;
+            let batch_seq = reader.u64().ok_or_else(corrupt)?;
+            let position = reader.u32().ok_or_else(corrupt)?;
+            let stored: RawValue = self.decode("a raw reading", &key, &value)?;
+            found.insert(
+                (time_ms, agent_id, batch_seq, position),
+                (stored.value, stored.flags),
+            );
+        }
+        Ok(())
     }
 
     fn decode_rollup(&self, key: &[u8], value: &[u8]) -> Result<RollupRow, StoreError> {
@@ -1135,5 +1315,119 @@ impl EmbeddedReader {
                 shared.load_checkpoint(&group, partition)
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(time_ms: i64, batch_seq: u64, value: f64) -> RawReadingRow {
+        RawReadingRow {
+            agent_id: "agent".into(),
+            batch_seq,
+            position: 0,
+            device_id: "device".into(),
+            metric: "temperature".into(),
+            tags: String::new(),
+            time_ms,
+            value,
+            flags: 0,
+        }
+    }
+
+    /// A store written by a format 1 build (one `R` entry per reading) opens, is marked
+    /// format 2, and answers with its old rows and the new blocks merged in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_format_1_store_keeps_its_rows_readable_beside_the_blocks() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = EmbeddedStoreConfig::new(directory.path().join("store"), vec![60_000]);
+        {
+            let db = sled::open(&config.path).expect("sled");
+            let tree = db.open_tree(TREE_NAME).expect("tree");
+            tree.insert(FORMAT_KEY, &1_u32.to_be_bytes())
+                .expect("format");
+            let old = row(2_000, 1, 1.5);
+            let key = series_key(TABLE_RAW, &old.device_id, &old.metric, &old.tags)
+                .i64(old.time_ms)
+                .string(&old.agent_id)
+                .u64(old.batch_seq)
+                .u32(old.position)
+                .finish();
+            let value = encode(&RawValue {
+                value: old.value,
+                flags: 0,
+            });
+            tree.insert(key, value).expect("legacy row");
+            db.flush().expect("flush");
+        }
+        let mut store = EmbeddedStore::open(config.clone()).expect("open");
+        let format = store
+            .shared
+            .tree
+            .get(FORMAT_KEY)
+            .expect("read")
+            .expect("format");
+        assert_eq!(format.as_ref(), &FORMAT_VERSION.to_be_bytes());
+        store.write_raw_readings(vec![row(1_000, 2, 0.5), row(3_000, 2, 2.5)], 0);
+        store.flush().await.expect("flush");
+        let selector = SeriesSelector {
+            device_id: "device".into(),
+            metric: "temperature".into(),
+            tags: String::new(),
+        };
+        let read = store
+            .reader()
+            .raw_range(std::slice::from_ref(&selector), 0, 10_000)
+            .await
+            .expect("read");
+        let values: Vec<f64> = read.iter().map(|row| row.value).collect();
+        assert_eq!(values, vec![0.5, 1.5, 2.5]);
+        let report = store
+            .enforce_retention(2_500 + 7 * DAY_MS)
+            .expect("retention");
+        assert_eq!(
+            report.raw_rows_deleted, 2,
+            "the old row and one block reading"
+        );
+        let left = store
+            .reader()
+            .raw_range(&[selector], 0, 10_000)
+            .await
+            .expect("read");
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].time_ms, 3_000);
+    }
+
+    /// A replay that cuts its flushes differently writes a block with the key of an earlier
+    /// one but fewer readings: the stored readings stay (merge, not replace).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_written_again_with_fewer_readings_loses_none() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = EmbeddedStoreConfig::new(directory.path().join("store"), vec![60_000]);
+        let mut store = EmbeddedStore::open(config).expect("open");
+        let rows = vec![row(1_000, 1, 1.0), row(2_000, 5, 2.0), row(3_000, 3, 3.0)];
+        store.write_raw_readings(rows.clone(), 0);
+        store.flush().await.expect("flush");
+        store.write_raw_readings(vec![rows[0].clone()], 0);
+        store.flush().await.expect("flush");
+        store.write_raw_readings(vec![rows[2].clone(), row(4_000, 6, 4.0)], 0);
+        store.flush().await.expect("flush");
+        let selector = SeriesSelector {
+            device_id: "device".into(),
+            metric: "temperature".into(),
+            tags: String::new(),
+        };
+        let read = store
+            .reader()
+            .raw_range(&[selector], 0, 60_000)
+            .await
+            .expect("read");
+        let values: Vec<f64> = read.iter().map(|row| row.value).collect();
+        assert_eq!(
+            values,
+            vec![1.0, 2.0, 3.0, 4.0],
+            "each reading once, in time order"
+        );
     }
 }

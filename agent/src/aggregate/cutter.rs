@@ -6,6 +6,11 @@
 //! or its oldest item has waited `max_age_ms` of processing time; the defaults give about
 //! one second of live data per batch, which keeps the collector's dashboards fresh while
 //! amortising compression and per-batch overhead.
+//!
+//! Summary batches are also cut at [`MAX_SUMMARIES_PER_BATCH`]: windows of every series
+//! close together (they are aligned to the epoch), and a summary in memory is 152 bytes
+//! plus its sketch, six times a raw reading; 10k series closing at once would otherwise
+//! grow one vector to room for 16,384 (2.4 MiB, and 3.6 MiB while it doubles).
 
 use tributary_protocol::model::{Reading, WindowSummary};
 
@@ -16,6 +21,9 @@ use crate::buffer::BatchClass;
 pub const DEFAULT_MAX_ITEMS_PER_BATCH: usize = 50_000;
 /// Default age at which a non-empty batch is cut.
 pub const DEFAULT_MAX_BATCH_AGE_MS: i64 = 1_000;
+/// Cap on summaries per batch, whatever `max_items` says (see the module docs): about
+/// 0.6 MiB of summaries, and still thousands per batch for compression to work on.
+pub const MAX_SUMMARIES_PER_BATCH: usize = 4_096;
 
 /// The content of one batch, before it gets a sequence number and is encoded.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +92,7 @@ impl Pending {
 #[derive(Debug)]
 pub struct BatchCutter {
     max_items: usize,
+    max_summaries: usize,
     max_age_ms: i64,
     raw: Pending,
     summary: Pending,
@@ -99,6 +108,7 @@ impl BatchCutter {
     pub fn new(max_items: usize, max_age_ms: i64) -> Self {
         Self {
             max_items: max_items.max(1),
+            max_summaries: max_items.clamp(1, MAX_SUMMARIES_PER_BATCH),
             max_age_ms,
             raw: Pending::new(BatchClass::Raw),
             summary: Pending::new(BatchClass::Summary),
@@ -120,7 +130,7 @@ impl BatchCutter {
         pending.started_ms.get_or_insert(now_ms);
         pending.batch.summaries.push(closed.summary);
         pending.batch.min_journal_seq = pending.batch.min_journal_seq.min(closed.min_journal_seq);
-        if pending.batch.item_count() >= self.max_items {
+        if pending.batch.item_count() >= self.max_summaries {
             cut.push(pending.take());
         }
     }
@@ -201,5 +211,31 @@ mod tests {
         assert_eq!(cut.len(), 2);
         assert_eq!(cut[1].class, BatchClass::Raw);
         assert!(cut.iter().all(|batch| batch.summaries.is_empty()));
+    }
+
+    #[test]
+    fn summary_batches_are_capped_below_a_large_max_items() {
+        let mut cutter = BatchCutter::new(50_000, 1_000);
+        let mut cut = Vec::new();
+        let closed = |series: u32| ClosedWindow {
+            summary: WindowSummary {
+                series,
+                window_start_ms: 0,
+                window_ms: 10_000,
+                summary: tributary_protocol::Summary::empty(),
+            },
+            min_journal_seq: NOT_JOURNALED,
+        };
+        for series in 0..10_000 {
+            cutter.push_summary(closed(series), 0, &mut cut);
+        }
+        let sizes: Vec<usize> = cut.iter().map(CutBatch::item_count).collect();
+        assert_eq!(sizes, vec![MAX_SUMMARIES_PER_BATCH; 2]);
+        cutter.cut_due(0, true, &mut cut);
+        assert_eq!(cut.len(), 3);
+        assert_eq!(cut[2].item_count(), 10_000 - 2 * MAX_SUMMARIES_PER_BATCH);
+        assert!(cut
+            .iter()
+            .all(|batch| batch.class == BatchClass::Summary && batch.readings.is_empty()));
     }
 }

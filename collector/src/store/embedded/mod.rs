@@ -52,6 +52,10 @@ const TABLE_LAST_SEEN: u8 = b'S';
 const TABLE_CHECKPOINT: u8 = b'C';
 /// Table `M` (metadata): the format version.
 const FORMAT_KEY: &[u8] = b"Mformat";
+/// How many raw readings may wait for a flush per `batch.max_batch_rows`: a reading costs
+/// about 40 bytes buffered and a fraction of a sled entry written, a row of another table one
+/// entry. 4: up to 200,000 readings (8 MB) per flush with the default policy.
+const RAW_READINGS_PER_BATCH_ROW: usize = 4;
 /// Deletions per sled batch during retention: bounds the memory one retention pass holds.
 const RETENTION_CHUNK_KEYS: usize = 10_000;
 
@@ -431,6 +435,8 @@ pub struct EmbeddedStore {
     shared: Shared,
     config: EmbeddedStoreConfig,
     pending: PendingWrites,
+    /// Raw readings wait here, grouped into blocks (`pending.raw` stays empty).
+    pending_raw: raw_blocks::PendingRaw,
 }
 
 impl EmbeddedStore {
@@ -502,6 +508,7 @@ impl EmbeddedStore {
             shared,
             config,
             pending: PendingWrites::default(),
+            pending_raw: raw_blocks::PendingRaw::default(),
         })
     }
 
@@ -544,11 +551,12 @@ impl EmbeddedStore {
     fn build_batch(
         shared: &Shared,
         pending: &PendingWrites,
+        pending_raw: &mut raw_blocks::PendingRaw,
     ) -> Result<(sled::Batch, usize), StoreError> {
         let mut batch = sled::Batch::default();
-        let mut rows = pending.raw.len();
-        for (group, block) in raw_blocks::group_rows(&pending.raw) {
-            let Some(first) = block.readings.first() else {
+        let mut rows = pending.raw.len() + pending_raw.readings();
+        for (group, readings) in pending_raw.sorted_blocks() {
+            let Some(first) = readings.first() else {
                 continue;
             };
             let key = raw_block_key(group, first);
@@ -558,15 +566,17 @@ impl EmbeddedStore {
                 .tree
                 .get(&key)
                 .map_err(|source| shared.error("read a stored raw block", source))?;
-            let block = match stored {
+            let value = match stored {
                 Some(stored) => {
                     let stored: raw_blocks::RawBlock =
                         shared.decode("a raw block", &key, &stored)?;
-                    stored.merge(&block)
+                    encode(&stored.merge(&raw_blocks::RawBlock {
+                        readings: readings.to_vec(),
+                    }))
                 }
-                None => block,
+                None => encode(&raw_blocks::RawBlockRef { readings }),
             };
-            batch.insert(key, encode(&block));
+            batch.insert(key, value);
         }
         for (resolution_ms, emitted) in &pending.rollups {
             // Highest version per window within the flush; on a tie the later write wins,
@@ -661,13 +671,15 @@ impl EmbeddedStore {
     }
 
     async fn flush_pending(&mut self) -> Result<FlushReport, StoreError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.pending_raw.is_empty() {
             return Ok(FlushReport::default());
         }
         let pending = std::mem::take(&mut self.pending);
+        let mut pending_raw = std::mem::take(&mut self.pending_raw);
         let shared = self.shared.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let result = Self::build_batch(&shared, &pending).and_then(|(batch, rows)| {
+            let built = Self::build_batch(&shared, &pending, &mut pending_raw);
+            let result = built.and_then(|(batch, rows)| {
                 shared
                     .tree
                     .apply_batch(batch)
@@ -678,16 +690,17 @@ impl EmbeddedStore {
                     .map_err(|source| shared.error("flush to disk", source))?;
                 Ok(rows)
             });
-            (pending, result)
+            (pending, pending_raw, result)
         })
         .await;
         match outcome {
-            Ok((_, Ok(rows_written))) => Ok(FlushReport {
+            Ok((_, _, Ok(rows_written))) => Ok(FlushReport {
                 rows_written,
                 retries: 0,
             }),
-            Ok((pending, Err(error))) => {
+            Ok((pending, pending_raw, Err(error))) => {
                 self.pending = pending;
+                self.pending_raw = pending_raw;
                 Err(error)
             }
             Err(join_error) => Err(StoreError::EmbeddedTask {
@@ -703,7 +716,7 @@ impl EmbeddedStore {
 
 impl Store for EmbeddedStore {
     fn write_raw_readings(&mut self, rows: Vec<RawReadingRow>, now_ms: i64) {
-        self.pending.push_raw(rows, now_ms);
+        self.pending_raw.push(rows, now_ms);
     }
 
     fn write_window_results(
@@ -738,11 +751,29 @@ impl Store for EmbeddedStore {
     }
 
     fn buffered_rows(&self) -> usize {
-        self.pending.row_count()
+        self.pending.row_count() + self.pending_raw.readings()
     }
 
     fn flush_due(&self, now_ms: i64) -> bool {
-        self.pending.flush_due(&self.config.batch, now_ms)
+        // The cost of a flush is its sled entries: a block per series and minute, however
+        // many readings it holds. So raw readings count as their blocks, bounded in number
+        // (memory: about 40 bytes each) at RAW_READINGS_PER_BATCH_ROW x max_batch_rows.
+        let policy = &self.config.batch;
+        if self.pending.flush_due(policy, now_ms) {
+            return true;
+        }
+        if self.pending_raw.is_empty() {
+            return false;
+        }
+        self.pending.row_count() + self.pending_raw.blocks() >= policy.max_batch_rows
+            || self.pending_raw.readings()
+                >= policy
+                    .max_batch_rows
+                    .saturating_mul(RAW_READINGS_PER_BATCH_ROW)
+            || self
+                .pending_raw
+                .oldest_buffered_ms()
+                .is_none_or(|oldest| now_ms.saturating_sub(oldest) >= policy.max_batch_age_ms)
     }
 
     fn flush(

@@ -17,6 +17,10 @@
 //!    then the collector comes up while live data keeps arriving every second: time until
 //!    the backlog is gone, and how old live data is when the collector has it durably
 //!    (log append time minus the live batch's creation time).
+//! 4. The agent process: the real `tributary-agent run` binary (embedded broker, shipping to
+//!    a real `tributary-collector`) fed the 10k series of part 1 as JSON messages at QoS 1,
+//!    one simulated second after another as fast as it acknowledges them; its own peak RSS
+//!    (`VmHWM` of its process), which part 1's whole-bench figure only bounds from above.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -37,6 +41,7 @@ use tributary_firmware_sim::fleet::Fleet;
 use tributary_protocol::{encode_batch, Batch, Reading, SeriesDef};
 
 use super::collector::{collector_runtime, threads_cpu_seconds, Collector, COLLECTOR_THREAD};
+use super::e2e::mqtt::{now_ms, stamp, FleetMessages, Publisher};
 use super::{
     peak_rss_mib, percentile, process_cpu_seconds, reset_peak_rss, round3, rss_mib, BenchOptions,
 };
@@ -207,13 +212,15 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         parse_seconds += started.elapsed().as_secs_f64();
     }
 
+    drop(parsed);
     let rss_before_mib = rss_mib().unwrap_or(0.0);
     let peak_reset = reset_peak_rss();
     let buffer = DiskBuffer::open(buffer_config(&config.buffer))?;
     let source_metrics = vec![Arc::new(SourceMetrics::new("bench", "mqtt_subscribe"))];
     let metrics = Arc::new(Metrics::new(source_metrics));
     let (mut pipeline, _) = Pipeline::open(&config, buffer.clone(), metrics.clone())?;
-    let mut fleet = Fleet::new(devices, 11);
+    // The same fleet again from its start; the baseline's copy is dropped, not kept beside it.
+    fleet = Fleet::new(devices, 11);
     let mut pipeline_seconds = 0.0;
     let mut readings_in = 0u64;
     let cpu_before = process_cpu_seconds(std::process::id()).unwrap_or(0.0);
@@ -279,6 +286,11 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         "rss_mib": round3(peak_mib),
         "rss_mib_is_peak_of_phase": peak_reset,
         "rss_before_pipeline_mib": round3(rss_before_mib),
+        // What the pipeline added to the peak: the agent's share of `rss_mib`.
+        "rss_growth_mib": round3(peak_mib - rss_before_mib),
+        // File-backed pages at the end (the bench binary's code and libraries): part of
+        // `rss_mib`, not the agent's data.
+        "rss_file_mib": round3(super::proc_status_mib(None, "RssFile").unwrap_or(0.0)),
         "buffer_cache_bytes": config.buffer.cache_capacity_bytes,
         "state_cache_bytes": config.buffer.state_cache_capacity_bytes,
         "buffer_bytes_appended": bytes_appended,
@@ -689,11 +701,108 @@ fn append_batch(
     Ok((batch_seq, bytes.len()))
 }
 
+/// Part 4: the real agent binary with 10k active series, and its peak RSS.
+fn agent_process(options: &BenchOptions) -> anyhow::Result<Value> {
+    use tributary_firmware_sim::cluster;
+    let binaries = match cluster::Binaries::locate() {
+        Ok(binaries) => binaries,
+        Err(error) if running_in_ci() => {
+            return Err(error
+                .context("CI=true: bench agent's agent_process part needs the release binaries"));
+        }
+        Err(error) => {
+            return Ok(json!({
+                "bench": "agent", "part": "agent_process",
+                "note": format!("skipped: {error:#}"),
+            }));
+        }
+    };
+    let devices = 1_000;
+    // Past the first window closes (10 s windows, 2 s of disorder): every series then holds
+    // its steady state of one or two open windows.
+    let seconds: i64 = if options.quick { 14 } else { 40 };
+    let directory = tempfile::tempdir()?;
+    let agent_id = "bench-agent-process";
+    let mut collector = cluster::Collector::start(
+        &binaries,
+        &cluster::CollectorSpec {
+            dir: directory.path().join("collector"),
+            agent_ids: vec![agent_id.to_string()],
+            extra_config: String::new(),
+            api_port: None,
+        },
+    )?;
+    let spec = cluster::AgentSpec::new(directory.path().join("agent"), agent_id, &collector)?;
+    let mut agent = cluster::Agent::start(&binaries, &spec)?;
+    let pid = agent
+        .process
+        .pid()
+        .context("the agent process has no pid")?;
+    let rss_started_mib = super::proc_status_mib(Some(pid), "VmRSS").unwrap_or(0.0);
+    let mut fleet = FleetMessages::new(devices, 11);
+    let series = fleet.series_count();
+    let mut publisher = Publisher::connect(agent.broker_address, "bench-agent-process")?;
+    // Event time advances one second per period, as fast as the agent acknowledges, and
+    // never passes the wall clock: it starts far enough in the past, on a window boundary.
+    let window_ms = i64::try_from(spec.window_ms).unwrap_or(10_000).max(1);
+    let first_ms = (now_ms() / window_ms - seconds / (window_ms / 1000).max(1) - 2) * window_ms;
+    let started = Instant::now();
+    let mut readings_sent = 0u64;
+    for period in 0..seconds {
+        let time_ms = first_ms + period * 1000;
+        for (topic, payload, readings) in fleet.next_period_per_device() {
+            publisher.publish(&topic, stamp(&payload, time_ms))?;
+            readings_sent += readings as u64;
+        }
+        publisher.check()?;
+        agent.process.check_running()?;
+    }
+    publisher.wait_acknowledged(Duration::from_secs(300))?;
+    let intake_seconds = started.elapsed().as_secs_f64();
+    // A PUBACK means durable in the agent, so every reading is counted by now.
+    let readings_in =
+        cluster::metric_value(&agent.metrics()?, "tributary_agent_readings_in_total", &[])
+            .unwrap_or(0.0) as u64;
+    let peak_mib = super::proc_status_mib(Some(pid), "VmHWM").unwrap_or(0.0);
+    let file_mib = super::proc_status_mib(Some(pid), "RssFile").unwrap_or(0.0);
+    let rss_end_mib = super::proc_status_mib(Some(pid), "VmRSS").unwrap_or(0.0);
+    drop(publisher);
+    agent.process.stop(Duration::from_secs(20))?;
+    collector.process.stop(Duration::from_secs(20))?;
+    ensure_eq(
+        readings_in,
+        readings_sent,
+        "readings the agent took in and readings published",
+    )?;
+    Ok(json!({
+        "bench": "agent",
+        "part": "agent_process",
+        "series": series,
+        "readings": readings_in,
+        "simulated_seconds": seconds,
+        "messages": publisher_messages(devices, seconds),
+        "intake_readings_per_s": (readings_in as f64 / intake_seconds.max(1e-9)).round(),
+        // Peak resident memory of the agent process alone, its start included.
+        "agent_rss_mib": round3(peak_mib),
+        "agent_rss_started_mib": round3(rss_started_mib),
+        "agent_rss_end_mib": round3(rss_end_mib),
+        // File-backed pages at the end (the agent binary's code and libraries).
+        "agent_rss_file_mib": round3(file_mib),
+    }))
+}
+
+/// Messages part 4 publishes: one per device per simulated second.
+fn publisher_messages(devices: usize, seconds: i64) -> u64 {
+    devices as u64 * seconds.max(0).unsigned_abs()
+}
+
 /// Environment variable naming the parts to run (comma-separated: `in_process`,
-/// `mosquitto`, `backlog_drain`); unset runs all three. For profiling one part alone.
+/// `mosquitto`, `backlog_drain`, `agent_process`); unset runs all four. For profiling one
+/// part alone.
 pub const PARTS_ENV: &str = "TRIBUTARY_BENCH_AGENT_PARTS";
 
-/// Runs the bench: in-process, Mosquitto, backlog drain (or the parts `PARTS_ENV` names).
+/// Runs the bench: in-process, Mosquitto, backlog drain, agent process (or the parts
+/// `PARTS_ENV` names).
 pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
     let selected = std::env::var(PARTS_ENV).ok();
     let wanted = |part: &str| {
@@ -710,6 +819,9 @@ pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
     }
     if wanted("backlog_drain") {
         lines.push(backlog_drain(options)?);
+    }
+    if wanted("agent_process") {
+        lines.push(agent_process(options)?);
     }
     Ok(lines)
 }

@@ -53,6 +53,10 @@
 //! they are handed to the shells (the durable-but-unacknowledged state of a kill -9).
 
 use std::collections::{HashMap, VecDeque};
+
+// Records and buckets are looked up for every QoS 1 message: a fast hash, seeded per
+// process (keys hold client ids, which a client chooses).
+use foldhash::fast::RandomState;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,9 +106,9 @@ struct Inner {
     /// Per source, the records of acknowledged inputs sent and not yet ingested (`None`:
     /// not recorded, past the cap).
     queued: Vec<VecDeque<Option<MessageId>>>,
-    records: HashMap<Key, Record>,
+    records: HashMap<Key, Record, RandomState>,
     /// Per bucket key (a record key without its last byte), the records it holds.
-    buckets: HashMap<Key, Bucket>,
+    buckets: HashMap<Key, Bucket, RandomState>,
     /// Buckets changed since the last write, each once (`Bucket::dirty`): rewritten (or
     /// removed, if empty) just before the next journal block.
     dirty: Vec<Key>,
@@ -151,6 +155,18 @@ impl Bucket {
         self.present.iter().all(|word| *word == 0)
     }
 
+    /// `low` set present or not; with `dirty`, marked (once, listed in `dirty_buckets`) to
+    /// be rewritten at the next write.
+    fn update(&mut self, low: Option<(u8, bool)>, dirty: bool, dirty_buckets: &mut Vec<Key>) {
+        if let Some((low, present)) = low {
+            self.set(low, present);
+        }
+        if dirty && !self.dirty {
+            self.dirty = true;
+            dirty_buckets.push(Arc::clone(&self.key));
+        }
+    }
+
     /// The low bytes present, ascending.
     fn lows(&self) -> impl Iterator<Item = u8> + '_ {
         (0u8..=255).filter(move |low| {
@@ -164,20 +180,18 @@ impl Bucket {
 impl Inner {
     /// Updates the bucket of key `bucket_key` (added if missing): `low` set present or not,
     /// and with `dirty` marked to be rewritten at the next write.
+    ///
+    /// One hash lookup when the bucket exists (every message but one in 256 of a session):
+    /// this runs for every QoS 1 message.
     fn update_bucket(&mut self, bucket_key: &[u8], low: Option<(u8, bool)>, dirty: bool) {
-        if !self.buckets.contains_key(bucket_key) {
-            let key = Key::from(bucket_key);
-            self.buckets.insert(Arc::clone(&key), Bucket::new(key));
-        }
         if let Some(bucket) = self.buckets.get_mut(bucket_key) {
-            if let Some((low, present)) = low {
-                bucket.set(low, present);
-            }
-            if dirty && !bucket.dirty {
-                bucket.dirty = true;
-                self.dirty.push(Arc::clone(&bucket.key));
-            }
+            bucket.update(low, dirty, &mut self.dirty);
+            return;
         }
+        let key = Key::from(bucket_key);
+        let mut bucket = Bucket::new(Arc::clone(&key));
+        bucket.update(low, dirty, &mut self.dirty);
+        self.buckets.insert(key, bucket);
     }
 
     /// Adds or replaces the record of `key`; `dirty`: its bucket must be rewritten.
@@ -680,7 +694,7 @@ mod tests {
         let (durable, _receiver) = tokio::sync::oneshot::channel();
         let input = PipelineInput {
             source: 0,
-            readings: Vec::new(),
+            readings: Default::default(),
             receive_ms: 0,
             durable: Some(durable),
         };

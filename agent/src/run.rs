@@ -60,7 +60,7 @@ use crate::aggregate::{
 use crate::buffer::{self, BatchClass, DiskBuffer, Durability};
 use crate::config::{AgentConfig, FsyncPolicy, SourceKind};
 use crate::metrics::{Metrics, SourceMetrics};
-use crate::source::{ParsedReading, TimePolicy};
+use crate::source::{ParsedReadings, TimePolicy};
 
 /// Wall-clock milliseconds since the Unix epoch: the shells' clock (cores take time as input).
 pub fn now_ms() -> i64 {
@@ -74,7 +74,7 @@ pub fn now_ms() -> i64 {
 #[derive(Debug)]
 pub struct PipelineInput {
     pub source: SourceIndex,
-    pub readings: Vec<ParsedReading>,
+    pub readings: ParsedReadings,
     pub receive_ms: i64,
     /// Set for messages that need an acknowledgement: the readings are journaled, and the
     /// sender fires once they are durable. Dropped without firing if the commit failed.
@@ -410,7 +410,7 @@ impl Pipeline {
                 .readings_in
                 .fetch_add(input.readings.len() as u64, Ordering::Relaxed);
         }
-        for parsed in input.readings {
+        for parsed in input.readings.iter() {
             let (time_ms, flags) = policy.resolve(parsed.time_ms, input.receive_ms);
             let journal_seq = if journaled {
                 self.next_journal_seq
@@ -419,7 +419,7 @@ impl Pipeline {
             };
             match self.stage.observe(
                 input.source,
-                &parsed.key,
+                parsed.key,
                 time_ms,
                 parsed.value,
                 flags,
@@ -1032,7 +1032,8 @@ raw = {{ policy = "none" }}
                 key: SeriesKey::new("dev-1", "temp"),
                 time_ms: Some(time_ms),
                 value,
-            }],
+            }]
+            .into(),
             receive_ms: T0_MS,
             durable: Some(sender),
         }

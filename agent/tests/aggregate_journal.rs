@@ -79,7 +79,7 @@ fn message(time_ms: i64, value: f64) -> (PipelineInput, oneshot::Receiver<()>) {
     (
         PipelineInput {
             source: 0,
-            readings: vec![reading],
+            readings: vec![reading].into(),
             receive_ms: T0_MS + 10_000,
             durable: Some(sender),
         },

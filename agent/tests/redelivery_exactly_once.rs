@@ -284,7 +284,7 @@ fn records_match_only_durable_same_content_from_an_earlier_connection() {
         (
             tributary_agent::run::PipelineInput {
                 source: 0,
-                readings: Vec::new(),
+                readings: Default::default(),
                 receive_ms: 0,
                 durable: Some(sender),
             },

@@ -86,6 +86,7 @@ async fn receive_devices(
         readings.extend(
             input
                 .readings
+                .to_vec()
                 .into_iter()
                 .map(|reading| (reading.key.device_id, reading.key.metric, reading.value)),
         );

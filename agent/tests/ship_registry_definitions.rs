@@ -33,7 +33,7 @@ fn append_without_definitions(buffer: &DiskBuffer, index: i64, summaries: bool) 
         batch_seq,
         created_ms,
         series: Vec::new(),
-        readings: Vec::new(),
+        readings: Default::default(),
         summaries: Vec::new(),
     };
     if summaries {
@@ -201,7 +201,8 @@ async fn after_a_commit_every_buffered_series_is_in_the_durable_registry() {
                         key: key(index),
                         time_ms: Some(now_ms),
                         value: f64::from(index),
-                    }],
+                    }]
+                    .into(),
                     receive_ms: now_ms,
                     durable: None,
                 },

@@ -4,8 +4,8 @@
 
 use proptest::prelude::*;
 use tributary_agent::source::{
-    MessageParser, ParsedReading, PayloadError, PayloadFormat, PayloadOptions, TimeUnit,
-    TopicTemplate,
+    MessageParser, ParsedReading, ParsedReadings, PayloadError, PayloadFormat, PayloadOptions,
+    TimeUnit, TopicTemplate,
 };
 use tributary_protocol::model::SeriesKey;
 
@@ -15,13 +15,19 @@ fn parser(template: &str, options: PayloadOptions) -> MessageParser {
     MessageParser::new(TopicTemplate::parse(template).unwrap(), options).unwrap()
 }
 
+/// Parses into both sinks (owned keys, and the agent's `ParsedReadings`), which must agree.
 fn parse(
     parser: &MessageParser,
     topic: &str,
     payload: &str,
 ) -> Result<Vec<ParsedReading>, PayloadError> {
+    let mut compact = ParsedReadings::new();
+    let compact_result = parser.parse(topic, payload.as_bytes(), RECEIVE_MS, &mut compact);
     let mut out = Vec::new();
-    let count = parser.parse(topic, payload.as_bytes(), RECEIVE_MS, &mut out)?;
+    let result = parser.parse(topic, payload.as_bytes(), RECEIVE_MS, &mut out);
+    assert_eq!(compact_result, result);
+    assert_eq!(compact.to_vec(), out);
+    let count = result?;
     assert_eq!(count, out.len());
     Ok(out)
 }
@@ -468,10 +474,12 @@ proptest! {
         let Ok(parser) = MessageParser::new(TopicTemplate::parse(template).unwrap(), options) else {
             return Ok(());
         };
+        let topic = if with_metric { "d/x/m" } else { "d/x" };
         let mut out = Vec::new();
-        match parser.parse(if with_metric { "d/x/m" } else { "d/x" }, &payload, RECEIVE_MS, &mut out) {
+        let result = parser.parse(topic, &payload, RECEIVE_MS, &mut out);
+        match &result {
             Ok(count) => {
-                prop_assert_eq!(count, out.len());
+                prop_assert_eq!(*count, out.len());
                 prop_assert!(out.iter().all(|reading| reading.value.is_finite()));
             }
             Err(error) => {
@@ -479,6 +487,14 @@ proptest! {
                 prop_assert!(PayloadError::REASONS.contains(&error.reason()));
             }
         }
+        // The agent's sink, holding a reading of an earlier message: on a rejection it is
+        // left exactly as it was; otherwise it holds the same readings after it.
+        let earlier = ParsedReading { key: SeriesKey::new("x", "earlier").with_tags([("site", "a")]), time_ms: None, value: 1.0 };
+        let mut compact = ParsedReadings::from(vec![earlier.clone()]);
+        prop_assert_eq!(&parser.parse(topic, &payload, RECEIVE_MS, &mut compact), &result);
+        let mut expected = vec![earlier];
+        expected.extend(out);
+        prop_assert_eq!(compact.to_vec(), expected);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 use tributary_agent::source::{
-    crc8, parse_line, LineDecoder, ParsedReading, SerialLineError, SerialLineOptions,
-    SerialLineReader,
+    crc8, parse_line, LineDecoder, ParsedReading, ParsedReadings, SerialLineError,
+    SerialLineOptions, SerialLineReader,
 };
 use tributary_protocol::model::SeriesKey;
 
@@ -32,9 +32,15 @@ fn reading(device: &str, metric: &str, time_ms: Option<i64>, value: f64) -> Pars
     }
 }
 
+/// Parses into both sinks (owned keys, and the agent's `ParsedReadings`), which must agree.
 fn parse(line: &str) -> Result<Vec<ParsedReading>, SerialLineError> {
+    let mut compact = ParsedReadings::new();
+    let compact_result = parse_line(line.as_bytes(), &SerialLineOptions::default(), &mut compact);
     let mut out = Vec::new();
-    parse_line(line.as_bytes(), &SerialLineOptions::default(), &mut out)?;
+    let result = parse_line(line.as_bytes(), &SerialLineOptions::default(), &mut out);
+    assert_eq!(compact_result, result);
+    assert_eq!(compact.to_vec(), out);
+    result?;
     Ok(out)
 }
 
@@ -45,7 +51,8 @@ fn read_all(
     options: SerialLineOptions,
 ) -> (Vec<ParsedReading>, Vec<SerialLineError>) {
     let mut reader = SerialLineReader::new(options);
-    let mut readings = Vec::new();
+    // The serial shell's sink: readings of every line accumulate, rejected lines are taken back.
+    let mut readings = ParsedReadings::new();
     let mut errors = Vec::new();
     let mut rest = stream;
     let mut sizes = chunk_sizes.iter().cycle();
@@ -61,7 +68,7 @@ fn read_all(
         }
     }
     errors.extend(reader.finish());
-    (readings, errors)
+    (readings.to_vec(), errors)
 }
 
 #[test]

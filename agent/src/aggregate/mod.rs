@@ -29,10 +29,11 @@ pub use window::{
 };
 
 use tributary_protocol::batch::{series_ids_used, BatchEncoder, DEFAULT_ZSTD_LEVEL};
-use tributary_protocol::model::{Reading, SeriesId, SeriesKey};
+use tributary_protocol::model::{Reading, SeriesId};
 use tributary_protocol::Batch;
 
 use crate::buffer::BatchInfo;
+use crate::source::SeriesKeyRef;
 
 /// Index of a source within the stage (order of `add_source`).
 pub type SourceIndex = usize;
@@ -81,12 +82,13 @@ impl AggregationStage {
     }
 
     /// One reading of `source` (event time and flags already resolved), arrived at `now_ms`.
-    /// Completed batches are appended to `cut`. An unknown `source` index is ignored.
+    /// Completed batches are appended to `cut`. An unknown `source` index is ignored. `key`
+    /// is a borrowed [`SeriesKeyRef`] (or a `&SeriesKey`): only a new series allocates.
     #[allow(clippy::too_many_arguments)]
-    pub fn observe(
+    pub fn observe<'k>(
         &mut self,
         source: SourceIndex,
-        key: &SeriesKey,
+        key: impl Into<SeriesKeyRef<'k>>,
         time_ms: i64,
         value: f64,
         flags: u8,
@@ -94,7 +96,7 @@ impl AggregationStage {
         now_ms: i64,
         cut: &mut Vec<CutBatch>,
     ) -> Result<SeriesId, RegistryError> {
-        let series = self.registry.intern(key)?;
+        let series = self.registry.intern_ref(key.into())?;
         if let Some(aggregator) = self.sources.get_mut(source) {
             aggregator.observe(
                 Reading {

@@ -10,16 +10,19 @@
 //! Every reading is looked up here, so the lookup is built for speed: the key is hashed
 //! once with a fast seeded hash (foldhash: per-process random seed, so sensors cannot aim
 //! collisions), the 64-bit hash finds the id, and the stored definition confirms the key.
+//! Lookups take a borrowed [`SeriesKeyRef`] (the parsed message's text), so a reading of a
+//! known series allocates nothing; an owned key is built only for a new series.
 //! Each key is held once, in its [`SeriesDef`], which batches borrow while they are
 //! encoded (see [`SeriesRegistry::take_definitions`]) instead of cloning 10k keys a second.
 
 use std::collections::HashMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use thiserror::Error;
 use tributary_protocol::model::{SeriesDef, SeriesId, SeriesKey};
 
 use super::window::SeriesIdMap;
+use crate::source::SeriesKeyRef;
 
 #[derive(Debug, Error)]
 pub enum RegistryError {
@@ -164,16 +167,31 @@ impl SeriesRegistry {
         self.definitions.is_empty()
     }
 
-    fn lookup(&self, key: &SeriesKey, hash: u64) -> Option<SeriesId> {
+    /// One hash for a key whether it is owned or borrowed: its strings in order (each
+    /// ends in 0xff, a byte UTF-8 never holds, so the sequence is unambiguous).
+    fn hash_key(&self, key: SeriesKeyRef<'_>) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        key.device_id.hash(&mut hasher);
+        key.metric.hash(&mut hasher);
+        for (name, value) in key.tags() {
+            name.hash(&mut hasher);
+            value.hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+
+    fn lookup(&self, key: SeriesKeyRef<'_>, hash: u64) -> Option<SeriesId> {
         let id = *self.by_hash.get(&hash)?;
         match self.definitions.get(id as usize) {
-            Some(definition) if definition.key == *key => Some(id),
-            _ => self.collided.get(key).copied(),
+            Some(definition) if key.matches(&definition.key) => Some(id),
+            // A 64-bit hash shared with another key: astronomically rare, so the owned key
+            // this lookup needs is no cost worth avoiding.
+            _ => self.collided.get(&key.to_key()).copied(),
         }
     }
 
     fn insert(&mut self, key: SeriesKey, id: SeriesId) {
-        let hash = self.hasher.hash_one(&key);
+        let hash = self.hash_key(SeriesKeyRef::from(&key));
         match self.by_hash.entry(hash) {
             std::collections::hash_map::Entry::Occupied(_) => {
                 self.collided.insert(key.clone(), id);
@@ -187,11 +205,16 @@ impl SeriesRegistry {
 
     /// The id of `key`, assigning (and persisting, unflushed) the next one if it is new.
     pub fn intern(&mut self, key: &SeriesKey) -> Result<SeriesId, RegistryError> {
+        self.intern_ref(SeriesKeyRef::from(key))
+    }
+
+    /// [`SeriesRegistry::intern`] for a borrowed key: allocates only for a new series.
+    pub fn intern_ref(&mut self, key: SeriesKeyRef<'_>) -> Result<SeriesId, RegistryError> {
         debug_assert!(
             self.lent.is_empty(),
             "interning while definitions are lent out"
         );
-        let hash = self.hasher.hash_one(key);
+        let hash = self.hash_key(key);
         if let Some(id) = self.lookup(key, hash) {
             return Ok(id);
         }
@@ -199,8 +222,9 @@ impl SeriesRegistry {
             SeriesId::try_from(self.definitions.len()).map_err(|_| RegistryError::Exhausted {
                 limit: u64::from(SeriesId::MAX),
             })?;
+        let key = key.to_key();
         if let Some(tree) = &self.tree {
-            let value = serde_json::to_vec(key).map_err(|error| RegistryError::Corrupt {
+            let value = serde_json::to_vec(&key).map_err(|error| RegistryError::Corrupt {
                 id: id.to_string(),
                 reason: error.to_string(),
             })?;
@@ -210,7 +234,7 @@ impl SeriesRegistry {
                     source,
                 })?;
         }
-        self.insert(key.clone(), id);
+        self.insert(key, id);
         Ok(id)
     }
 
@@ -287,6 +311,42 @@ mod tests {
             2
         );
         assert_eq!(registry.key(0), Some(&first));
+    }
+
+    #[test]
+    fn borrowed_and_owned_keys_find_the_same_series() {
+        use crate::source::{KeyPieces, ParsedReadings, ReadingSink};
+        let mut registry = SeriesRegistry::in_memory();
+        let owned = SeriesKey::new("dev-1", "env.temp").with_tags([("site", "a"), ("floor", "2")]);
+        let mut parsed = ParsedReadings::new();
+        parsed.push_reading(
+            KeyPieces {
+                device_id: "dev-1",
+                metric_prefix: "env",
+                metric_name: "temp",
+                tag_groups: [&[("site", "a")], &[("floor", "2")]],
+            },
+            None,
+            1.0,
+        );
+        parsed.push_reading(
+            KeyPieces {
+                device_id: "dev-1",
+                metric_prefix: "env",
+                metric_name: "temp",
+                tag_groups: [&[("site", "b")], &[("floor", "2")]],
+            },
+            None,
+            1.0,
+        );
+        let first = parsed.get(0).expect("first").key;
+        let second = parsed.get(1).expect("second").key;
+        assert_eq!(registry.intern_ref(first).expect("intern"), 0);
+        assert_eq!(registry.intern(&owned).expect("intern"), 0);
+        assert_eq!(registry.intern_ref(second).expect("intern"), 1);
+        assert_eq!(registry.intern_ref(first).expect("intern"), 0);
+        assert_eq!(registry.key(0), Some(&owned));
+        assert_eq!(registry.len(), 2);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //!
 //! - [`topic`]: topic templates (`site/{site}/dev/{device}/{metric}`) that map MQTT topic levels
 //!   to device, metric and tags, and derive the subscription filter.
+//! - [`readings`]: what parsers produce: the readings of one message with their key text
+//!   held once ([`ParsedReadings`]), looked up by the registry without allocating.
 //! - [`payload`]: payload formats (plain number, JSON object, SenML JSON, InfluxDB line
 //!   protocol) and the typed rejection reasons counted by the metrics layer.
 //! - [`serial_line`]: the serial line protocol (`docs/serial-protocol.md`): a byte-chunk line
@@ -16,6 +18,7 @@
 pub mod broker;
 pub mod mqtt;
 pub mod payload;
+pub mod readings;
 pub mod serial;
 pub mod serial_line;
 pub mod time;
@@ -25,29 +28,19 @@ mod json;
 mod line_protocol;
 mod senml;
 
-use tributary_protocol::model::SeriesKey;
-
 pub use payload::{
     parse_payload, MessageParser, PayloadError, PayloadFormat, PayloadOptions, TimeUnit,
     TopicRouter,
+};
+pub use readings::{
+    KeyPieces, ParsedReading, ParsedReadings, ReadingRef, ReadingSink, SeriesKeyRef,
 };
 pub use serial_line::{
     crc8, parse_line, LineDecoder, LineDecoderStats, RawLine, SerialLineError, SerialLineOptions,
     SerialLineReader,
 };
 pub use time::{plausible_time, TimePolicy};
-pub use topic::{TemplateError, TopicFields, TopicTemplate};
-
-/// One value parsed from a source, before the aggregator assigns it a series id.
-///
-/// `time_ms` is the event time the device reported, if it reported one; the source shell passes it
-/// through [`plausible_time`] (or uses the receive time when it is `None`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParsedReading {
-    pub key: SeriesKey,
-    pub time_ms: Option<i64>,
-    pub value: f64,
-}
+pub use topic::{TemplateError, TopicFields, TopicTags, TopicTemplate};
 
 /// Shortens untrusted text quoted in an error message so a hostile payload cannot blow up logs.
 pub(crate) fn excerpt(text: &str) -> String {

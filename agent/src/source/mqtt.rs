@@ -222,7 +222,7 @@ struct Shell<'a> {
     metrics: &'a Arc<SourceMetrics>,
     pipeline: &'a mpsc::Sender<PipelineInput>,
     stop: &'a CancellationToken,
-    readings: Vec<crate::source::ParsedReading>,
+    readings: crate::source::ParsedReadings,
     redelivery: Option<Arc<RedeliveryLog>>,
     /// Counts CONNACKs: a redelivery record matches only on a later connection.
     connection: u64,
@@ -358,7 +358,7 @@ pub async fn run_subscribe(
         metrics: &metrics,
         pipeline: &pipeline,
         stop: &stop,
-        readings: Vec::new(),
+        readings: crate::source::ParsedReadings::new(),
         redelivery,
         connection: 0,
     };

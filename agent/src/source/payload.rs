@@ -27,10 +27,9 @@
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tributary_protocol::model::SeriesKey;
 
 use super::topic::{TopicFields, TopicTemplate};
-use super::{excerpt, parse_number_text, NumberText, ParsedReading};
+use super::{excerpt, parse_number_text, KeyPieces, NumberText, ReadingSink};
 
 pub use super::json::MAX_JSON_DEPTH;
 
@@ -254,21 +253,17 @@ impl PayloadError {
 /// Appends readings for one message to `out`, keyed by the topic's device, metric and tags.
 pub(crate) struct Emitter<'o, 'f> {
     fields: &'f TopicFields<'f>,
-    out: &'o mut Vec<ParsedReading>,
+    out: &'o mut dyn ReadingSink,
 }
 
 impl<'o, 'f> Emitter<'o, 'f> {
     pub(crate) fn len(&self) -> usize {
-        self.out.len()
+        self.out.reading_count()
     }
 
     /// Sets the event time of every reading appended since `first_index`.
     pub(crate) fn set_time_from(&mut self, first_index: usize, time_ms: i64) {
-        if let Some(readings) = self.out.get_mut(first_index..) {
-            for reading in readings {
-                reading.time_ms = Some(time_ms);
-            }
-        }
+        self.out.set_time_from(first_index, Some(time_ms));
     }
 
     /// `payload_name` is the name the payload gives the value (empty for `plain`).
@@ -285,28 +280,18 @@ impl<'o, 'f> Emitter<'o, 'f> {
                 field: field_for_errors.to_owned(),
             });
         }
-        let metric = match (self.fields.metric, payload_name.is_empty()) {
-            (Some(topic_metric), true) => topic_metric.to_owned(),
-            (Some(topic_metric), false) => format!("{topic_metric}.{payload_name}"),
-            (None, _) => payload_name.to_owned(),
+        let key = KeyPieces {
+            device_id: self.fields.device_id,
+            metric_prefix: self.fields.metric.unwrap_or_default(),
+            metric_name: payload_name,
+            tag_groups: [self.fields.tags.as_slice(), payload_tags],
         };
-        if metric.is_empty() {
+        if key.metric_is_empty() {
             return Err(PayloadError::EmptyMetricName {
                 field: field_for_errors.to_owned(),
             });
         }
-        let key = SeriesKey::new(self.fields.device_id, metric).with_tags(
-            self.fields
-                .tags
-                .iter()
-                .copied()
-                .chain(payload_tags.iter().copied()),
-        );
-        self.out.push(ParsedReading {
-            key,
-            time_ms,
-            value,
-        });
+        self.out.push_reading(key, time_ms, value);
         Ok(())
     }
 }
@@ -320,15 +305,15 @@ pub fn parse_payload(
     fields: &TopicFields<'_>,
     payload: &[u8],
     receive_ms: i64,
-    out: &mut Vec<ParsedReading>,
+    out: &mut impl ReadingSink,
 ) -> Result<usize, PayloadError> {
-    let start_len = out.len();
+    let start_len = out.reading_count();
     let result = parse_payload_inner(options, fields, payload, receive_ms, out);
     match result {
-        Ok(()) if out.len() > start_len => Ok(out.len() - start_len),
+        Ok(()) if out.reading_count() > start_len => Ok(out.reading_count() - start_len),
         Ok(()) => Err(PayloadError::NoReadings),
         Err(error) => {
-            out.truncate(start_len);
+            out.truncate_readings(start_len);
             Err(error)
         }
     }
@@ -339,7 +324,7 @@ fn parse_payload_inner(
     fields: &TopicFields<'_>,
     payload: &[u8],
     receive_ms: i64,
-    out: &mut Vec<ParsedReading>,
+    out: &mut dyn ReadingSink,
 ) -> Result<(), PayloadError> {
     if payload.len() > options.max_payload_bytes {
         return Err(PayloadError::TooLarge {
@@ -429,7 +414,7 @@ impl MessageParser {
         topic: &str,
         payload: &[u8],
         receive_ms: i64,
-        out: &mut Vec<ParsedReading>,
+        out: &mut impl ReadingSink,
     ) -> Result<usize, PayloadError> {
         let fields =
             self.template
@@ -474,7 +459,7 @@ impl TopicRouter {
         topic: &str,
         payload: &[u8],
         receive_ms: i64,
-        out: &mut Vec<ParsedReading>,
+        out: &mut impl ReadingSink,
     ) -> Result<usize, PayloadError> {
         for parser in &self.parsers {
             if let Some(fields) = parser.template().match_topic(topic) {

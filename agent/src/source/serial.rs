@@ -65,7 +65,7 @@ pub async fn run_serial(
     let retry = Duration::from_millis(config.reconnect_interval_ms.max(10));
     let mut reader = SerialLineReader::new(config.line.clone());
     let mut chunk = vec![0u8; 4096];
-    let mut readings = Vec::new();
+    let mut readings = crate::source::ParsedReadings::new();
     let mut logged_missing = false;
     'reopen: loop {
         let mut port = match open(&config) {

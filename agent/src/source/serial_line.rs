@@ -19,9 +19,8 @@
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tributary_protocol::model::SeriesKey;
 
-use super::{excerpt, parse_number_text, NumberText, ParsedReading};
+use super::{excerpt, parse_number_text, KeyPieces, NumberText, ReadingSink};
 
 /// Default bound on one line, terminator excluded.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 512;
@@ -283,20 +282,20 @@ fn is_name_byte(byte: u8) -> bool {
 pub fn parse_line(
     line: &[u8],
     options: &SerialLineOptions,
-    out: &mut Vec<ParsedReading>,
+    out: &mut impl ReadingSink,
 ) -> Result<usize, SerialLineError> {
-    let start_len = out.len();
+    let start_len = out.reading_count();
     let result = parse_line_inner(line, options, out);
     if result.is_err() {
-        out.truncate(start_len);
+        out.truncate_readings(start_len);
     }
-    result.map(|()| out.len() - start_len)
+    result.map(|()| out.reading_count() - start_len)
 }
 
 fn parse_line_inner(
     line: &[u8],
     options: &SerialLineOptions,
-    out: &mut Vec<ParsedReading>,
+    out: &mut dyn ReadingSink,
 ) -> Result<(), SerialLineError> {
     let trimmed_end = line
         .iter()
@@ -356,7 +355,7 @@ fn parse_line_inner(
         });
     }
     let mut time_ms = None;
-    let first_reading = out.len();
+    let first_reading = out.reading_count();
     for token in tokens {
         let byte_offset = token.as_ptr() as usize - text.as_ptr() as usize;
         let Some((name, value)) = token.split_once('=') else {
@@ -395,23 +394,24 @@ fn parse_line_inner(
                 })
             }
         };
-        out.push(ParsedReading {
-            key: SeriesKey::new(device, name),
-            time_ms: None,
-            value: number,
-        });
+        out.push_reading(
+            KeyPieces {
+                device_id: device,
+                metric_prefix: "",
+                metric_name: name,
+                tag_groups: [&[], &[]],
+            },
+            None,
+            number,
+        );
     }
-    if out.len() == first_reading {
+    if out.reading_count() == first_reading {
         return Err(SerialLineError::Garbage {
             byte_offset: device.len(),
             detail: "no metric=value pair",
         });
     }
-    if let Some(readings) = out.get_mut(first_reading..) {
-        for reading in readings {
-            reading.time_ms = time_ms;
-        }
-    }
+    out.set_time_from(first_reading, time_ms);
     Ok(())
 }
 
@@ -443,7 +443,7 @@ impl SerialLineReader {
     /// Blank and comment lines are skipped.
     pub fn next_readings(
         &mut self,
-        out: &mut Vec<ParsedReading>,
+        out: &mut impl ReadingSink,
     ) -> Option<Result<usize, SerialLineError>> {
         loop {
             let line = match self.decoder.next_line()? {

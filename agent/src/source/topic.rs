@@ -2,8 +2,9 @@
 //!
 //! Sensors put identity in the topic (`site/berlin/dev/dev-7/temp`). A template such as
 //! `site/{site}/dev/{device}/{metric}` is compiled once into a matcher; every incoming topic is
-//! then matched level by level without allocating. The same template derives the MQTT
-//! subscription filter (`site/+/dev/+/+`), so users write the shape once.
+//! then matched level by level without allocating (up to four tags are held inline). The same
+//! template derives the MQTT subscription filter (`site/+/dev/+/+`), so users write the shape
+//! once.
 //!
 //! Rules:
 //! - A level is a literal (matched exactly), a placeholder `{name}` filling the whole level,
@@ -62,7 +63,64 @@ pub struct TopicFields<'a> {
     pub device_id: &'a str,
     pub metric: Option<&'a str>,
     /// Tag (name, value) pairs in template order.
-    pub tags: Vec<(&'a str, &'a str)>,
+    pub tags: TopicTags<'a>,
+}
+
+/// Tags inline up to this many (every template we have seen), on the heap beyond.
+const INLINE_TAGS: usize = 4;
+
+/// A topic's tags without an allocation per message for the usual few (every message is
+/// matched, so a `Vec` here was one allocation per reading of a plain-number feed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicTags<'a> {
+    Inline {
+        pairs: [(&'a str, &'a str); INLINE_TAGS],
+        len: usize,
+    },
+    Heap(Vec<(&'a str, &'a str)>),
+}
+
+impl Default for TopicTags<'_> {
+    fn default() -> Self {
+        Self::Inline {
+            pairs: [("", ""); INLINE_TAGS],
+            len: 0,
+        }
+    }
+}
+
+impl<'a> TopicTags<'a> {
+    pub fn push(&mut self, tag: (&'a str, &'a str)) {
+        match self {
+            Self::Inline { pairs, len } => match pairs.get_mut(*len) {
+                Some(slot) => {
+                    *slot = tag;
+                    *len += 1;
+                }
+                None => {
+                    let mut heap = pairs.to_vec();
+                    heap.push(tag);
+                    *self = Self::Heap(heap);
+                }
+            },
+            Self::Heap(tags) => tags.push(tag),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[(&'a str, &'a str)] {
+        match self {
+            Self::Inline { pairs, len } => pairs.get(..*len).unwrap_or_default(),
+            Self::Heap(tags) => tags,
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for TopicTags<'a> {
+    type Target = [(&'a str, &'a str)];
+
+    fn deref(&self) -> &Self::Target {
+        self.as_slice()
+    }
 }
 
 impl TopicTemplate {
@@ -161,10 +219,10 @@ impl TopicTemplate {
 
     /// Matches a topic; `None` if the topic does not have this template's shape.
     pub fn match_topic<'a>(&'a self, topic: &'a str) -> Option<TopicFields<'a>> {
-        let mut topic_levels = topic.split('/');
+        let mut topic_levels = Levels { rest: Some(topic) };
         let mut device_id = None;
         let mut metric = None;
-        let mut tags = Vec::new();
+        let mut tags = TopicTags::default();
         for (index, level) in self.levels.iter().enumerate() {
             let value = topic_levels.next()?;
             if index == 0 && value.starts_with('$') && !matches!(level, Level::Literal(_)) {
@@ -199,6 +257,31 @@ impl TopicTemplate {
     }
 }
 
+/// A topic's levels, as `topic.split('/')` gives them. Scanning bytes for the ASCII `/` is
+/// a few times cheaper than `str::split`'s searcher on topics this short, and every message's
+/// topic is split.
+struct Levels<'a> {
+    rest: Option<&'a str>,
+}
+
+impl<'a> Iterator for Levels<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.rest?;
+        match rest.bytes().position(|byte| byte == b'/') {
+            Some(slash) => {
+                self.rest = rest.get(slash + 1..);
+                rest.get(..slash)
+            }
+            None => {
+                self.rest = None;
+                Some(rest)
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for TopicTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.template)
@@ -216,7 +299,7 @@ mod tests {
         let fields = template.match_topic("site/berlin/dev/dev-7/temp").unwrap();
         assert_eq!(fields.device_id, "dev-7");
         assert_eq!(fields.metric, Some("temp"));
-        assert_eq!(fields.tags, vec![("site", "berlin")]);
+        assert_eq!(fields.tags.as_slice(), [("site", "berlin")]);
         assert!(template.match_topic("site/berlin/dev/dev-7").is_none());
         assert!(template
             .match_topic("site/berlin/dev/dev-7/temp/x")
@@ -225,6 +308,46 @@ mod tests {
             .match_topic("site/berlin/device/dev-7/temp")
             .is_none());
         assert!(template.match_topic("site/berlin/dev//temp").is_none());
+    }
+
+    #[test]
+    fn many_tags_keep_template_order() {
+        let template = TopicTemplate::parse("{a}/{b}/{c}/{d}/{e}/{f}/{device}/{metric}").unwrap();
+        let fields = template.match_topic("1/2/3/4/5/6/dev/m").unwrap();
+        assert_eq!(
+            fields.tags.as_slice(),
+            [
+                ("a", "1"),
+                ("b", "2"),
+                ("c", "3"),
+                ("d", "4"),
+                ("e", "5"),
+                ("f", "6")
+            ]
+        );
+        let fields = template.match_topic("1/2/3/4/5/6/dev/m").unwrap();
+        assert_eq!(&fields.tags[..2], [("a", "1"), ("b", "2")]);
+    }
+
+    #[test]
+    fn levels_split_like_str_split() {
+        for topic in [
+            "",
+            "/",
+            "a",
+            "a/",
+            "/a",
+            "a//b",
+            "site/berlin/dev/dev-7/temp",
+            "ä/ö/",
+        ] {
+            let levels: Vec<&str> = Levels { rest: Some(topic) }.collect();
+            assert_eq!(
+                levels,
+                topic.split('/').collect::<Vec<_>>(),
+                "topic `{topic}`"
+            );
+        }
     }
 
     #[test]

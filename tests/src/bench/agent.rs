@@ -36,6 +36,7 @@ use tributary_agent::config::{topic_router, AgentConfig};
 use tributary_agent::metrics::{Metrics, SourceMetrics};
 use tributary_agent::run::{buffer_config, Pipeline, PipelineInput};
 use tributary_agent::ship::{ShipConfig, Shipper};
+use tributary_agent::source::ParsedReadings;
 use tributary_collector::log::{DurableLog, EmbeddedLog, EmbeddedLogConfig, SystemClock};
 use tributary_firmware_sim::fleet::Fleet;
 use tributary_protocol::{encode_batch, Batch, Reading, SeriesDef};
@@ -188,7 +189,7 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
     // Baseline: parsing alone, the same messages.
     let mut parse_seconds = 0.0;
     let mut parsed_count = 0u64;
-    let mut parsed = Vec::new();
+    let mut parsed = ParsedReadings::new();
     for second in 0..seconds {
         messages_for_second(
             &mut fleet,
@@ -236,7 +237,8 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         let receive_ms = START_MS + second * 1000 + 500;
         let started = Instant::now();
         for (topic, payload) in &messages {
-            let mut parsed = Vec::with_capacity(1);
+            // A new container per message, as the MQTT shells send theirs to the pipeline.
+            let mut parsed = ParsedReadings::new();
             if router
                 .parse(topic, payload.as_bytes(), receive_ms, &mut parsed)
                 .is_err()

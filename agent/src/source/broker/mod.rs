@@ -306,7 +306,7 @@ async fn serve_connection(
     let taken_over = CancellationToken::new();
     let mut connected = false;
     let mut stopping_deadline: Option<tokio::time::Instant> = None;
-    let mut readings = Vec::new();
+    let mut readings = crate::source::ParsedReadings::new();
 
     loop {
         while let Some(event) = session.poll_event(now_ms()) {
@@ -538,7 +538,7 @@ fn register_client(
 async fn ingest(
     context: &BrokerContext,
     publish: &InboundPublish,
-    readings: &mut Vec<crate::source::ParsedReading>,
+    readings: &mut crate::source::ParsedReadings,
     message: Option<MessageId>,
 ) -> Option<oneshot::Receiver<()>> {
     let metrics = &context.metrics;

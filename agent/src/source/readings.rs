@@ -255,6 +255,17 @@ impl ReadingSink for ParsedReadings {
     }
 
     fn push_reading(&mut self, key: KeyPieces<'_>, time_ms: Option<i64>, value: f64) {
+        // Room for the whole key at once: a message's first reading then costs one
+        // allocation per container instead of a `String` grown piece by piece.
+        let tag_bytes: usize = key
+            .tags()
+            .map(|(name, value)| name.len() + value.len())
+            .sum();
+        self.text.reserve(
+            key.device_id.len() + key.metric_prefix.len() + 1 + key.metric_name.len() + tag_bytes,
+        );
+        self.tags.reserve(key.tags().count());
+        self.entries.reserve(1);
         let device = self.device_span(key.device_id);
         let metric_start = self.text.len();
         self.text.push_str(key.metric_prefix);

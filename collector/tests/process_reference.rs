@@ -874,7 +874,7 @@ fn coarse_windows_re_derived_from_fine_ones_equal_the_engine_s() {
         } else {
             &mut entry.1
         };
-        list.push((result.window_start_ms, result.summary.clone()));
+        list.push((result.window_start_ms, Summary::clone(&result.summary)));
     }
     assert_eq!(by_series.len(), 4);
     for (series, (minutes, mut hours)) in by_series {

@@ -492,7 +492,7 @@ async fn fleet(now_ms: i64) -> Fleet {
                 resolution_ms: MINUTE_MS,
                 window_start_ms,
                 version: summary.count,
-                summary,
+                summary: Arc::new(summary),
                 is_final: false,
             });
         }

@@ -22,6 +22,10 @@
 //! - Hot path: one hash lookup per item and resolution in a map keyed by small integers
 //!   with a fast hasher (skipped when consecutive items hit the same window, as sorted
 //!   batches do), summaries updated in place in a slab; no allocation per reading.
+//! - Results share the window's summary (`Arc<Summary>`) instead of copying it: a running
+//!   emission is a reference count, and the window copies its summary (copy on write,
+//!   into a recycled allocation) only if it changes while a result still holds the old
+//!   value. The consumer drops its results before the next batch, so that copy is rare.
 
 use std::collections::{BTreeMap, HashMap};
 use std::mem::size_of;
@@ -45,7 +49,11 @@ pub struct WindowResult {
     pub series: Arc<SeriesKey>,
     pub resolution_ms: i64,
     pub window_start_ms: i64,
-    pub summary: Summary,
+    /// The window's summary as it was at this emission. Shared with the engine while the
+    /// window is open (emitting a running result copies nothing; a window that changes
+    /// while a result still holds its summary copies it first, so a result never
+    /// changes): read it, or clone the `Summary` to keep a copy of your own.
+    pub summary: Arc<Summary>,
     /// Readings merged so far; [`FINAL_VERSION_BIT`] set when `is_final`.
     pub version: u64,
     /// No later emission of this window will follow.
@@ -108,20 +116,22 @@ pub struct LateReading {
 
 /// Where the engine appends what it emits. The caller drains it after each call.
 ///
-/// Reuse one output and [`EngineOutput::clear`] it between calls: `clear` keeps the
-/// summaries it drops (up to [`MAX_SPARE_SUMMARIES`]) so that running emissions copy into
-/// their sketch allocations instead of allocating new ones; the copy of a wide sketch
-/// was, with its malloc and free, the largest cost of the edge-summary path.
+/// Reuse one output and [`EngineOutput::clear`] it between calls: results hold their
+/// window's summary until they are dropped, and a window that changes while its last
+/// result is still held must copy its summary first (copy on write), so clearing before
+/// the next call keeps the engine from copying at all. `clear` also keeps the summaries
+/// of final results nobody else holds (up to [`MAX_SPARE_SUMMARIES`]): new windows and
+/// copies on write reuse their sketch allocations instead of allocating.
 #[derive(Debug, Default, Clone)]
 pub struct EngineOutput {
     pub results: Vec<WindowResult>,
     pub late: Vec<LateReading>,
-    /// Recycled summaries (scratch, not part of the output's value).
-    spare: Vec<Summary>,
+    /// Recycled summaries, each held only here (scratch, not part of the output's value).
+    spare: Vec<Arc<Summary>>,
 }
 
-/// Summaries an [`EngineOutput`] keeps for reuse: enough for the running emissions of a
-/// busy tick, few enough that the kept sketches stay a small part of the engine's memory.
+/// Summaries an [`EngineOutput`] keeps for reuse: enough for the windows a busy batch
+/// opens, few enough that the kept sketches stay a small part of the engine's memory.
 pub const MAX_SPARE_SUMMARIES: usize = 4_096;
 
 impl PartialEq for EngineOutput {
@@ -132,21 +142,30 @@ impl PartialEq for EngineOutput {
 
 impl EngineOutput {
     pub fn clear(&mut self) {
-        let room = MAX_SPARE_SUMMARIES.saturating_sub(self.spare.len());
-        self.spare.extend(
-            self.results
-                .drain(..)
-                .take(room)
-                .map(|result| result.summary),
-        );
+        for result in self.results.drain(..) {
+            if self.spare.len() >= MAX_SPARE_SUMMARIES {
+                break;
+            }
+            // Running results share their summary with an open window: only a final
+            // result's summary (or one whose window closed since) is free to reuse.
+            let mut summary = result.summary;
+            // The count first: a plain load, where `get_mut` is an atomic exchange.
+            if Arc::strong_count(&summary) == 1 && Arc::get_mut(&mut summary).is_some() {
+                self.spare.push(summary);
+            }
+        }
         self.results.clear();
         self.late.clear();
     }
 
-    /// A copy of `source`, in a recycled summary when one is spare.
-    fn copy_of(&mut self, source: &Summary) -> Summary {
-        let Some(mut copy) = self.spare.pop() else {
-            return source.clone();
+    /// A copy of `source` held by nobody else, in a recycled summary when one is spare.
+    fn copy_of(&mut self, source: &Summary) -> Arc<Summary> {
+        let Some(mut shared) = self.spare.pop() else {
+            return Arc::new(source.clone());
+        };
+        let Some(copy) = Arc::get_mut(&mut shared) else {
+            // Not reachable (spares are unique when kept); a fresh copy is still right.
+            return Arc::new(source.clone());
         };
         // Destructured without `..`: a field added to `Summary` must be copied here too.
         let Summary {
@@ -169,8 +188,20 @@ impl EngineOutput {
         copy.last_time_ms = *last_time_ms;
         copy.last_value = *last_value;
         copy.sketch.clone_from(sketch);
-        copy
+        shared
     }
+}
+
+/// The window summary `summary`, ready to be changed: copied first (into a spare of
+/// `out`) if an emitted result still shares it, so that the result keeps the value it
+/// was emitted with.
+#[inline]
+fn writable<'a>(summary: &'a mut Arc<Summary>, out: &mut EngineOutput) -> &'a mut Summary {
+    if Arc::strong_count(summary) != 1 {
+        *summary = out.copy_of(summary);
+    }
+    // Unique by now (the engine makes no weak references): no second copy.
+    Arc::make_mut(summary)
 }
 
 /// What happened to a batch.
@@ -217,7 +248,8 @@ struct WindowKey {
 #[derive(Debug, Clone)]
 struct WindowSlot {
     key: WindowKey,
-    summary: Summary,
+    /// Shared with the results emitted since the window last changed.
+    summary: Arc<Summary>,
     dirty: bool,
     occupied: bool,
     /// Bumped each time the slot is reused, so that a stale entry in the emission queue
@@ -359,6 +391,8 @@ struct WindowStore {
     /// hash lookup. `NO_SLOT` when none. Not checkpointed: slots differ after a restore.
     recent_slot: Vec<u32>,
     resolutions: usize,
+    /// The summary of a window nothing went into yet, shared by all of them.
+    empty: Arc<Summary>,
 }
 
 const NO_SLOT: u32 = u32::MAX;
@@ -409,7 +443,7 @@ impl WindowStore {
             Some(slot) => {
                 if let Some(entry) = self.slots.get_mut(slot as usize) {
                     entry.key = key;
-                    entry.summary = Summary::empty();
+                    entry.summary = self.empty.clone();
                     entry.dirty = false;
                     entry.occupied = true;
                     entry.generation = entry.generation.wrapping_add(1);
@@ -419,7 +453,7 @@ impl WindowStore {
             None => {
                 self.slots.push(WindowSlot {
                     key,
-                    summary: Summary::empty(),
+                    summary: self.empty.clone(),
                     dirty: false,
                     occupied: true,
                     generation: 0,
@@ -435,8 +469,10 @@ impl WindowStore {
         slot
     }
 
+    /// Queues the slot for the next running emission; its summary, to update (through
+    /// [`writable`]).
     #[inline]
-    fn mark_dirty(&mut self, slot: u32) -> Option<&mut Summary> {
+    fn mark_dirty(&mut self, slot: u32) -> Option<&mut Arc<Summary>> {
         let entry = self.slots.get_mut(slot as usize)?;
         if !entry.dirty {
             entry.dirty = true;
@@ -446,14 +482,14 @@ impl WindowStore {
     }
 
     /// Removes a slot, returning its key and summary.
-    fn release(&mut self, slot: u32) -> Option<(WindowKey, Summary)> {
+    fn release(&mut self, slot: u32) -> Option<(WindowKey, Arc<Summary>)> {
         let entry = self.slots.get_mut(slot as usize)?;
         if !entry.occupied {
             return None;
         }
         entry.occupied = false;
         entry.dirty = false;
-        let summary = std::mem::take(&mut entry.summary);
+        let summary = std::mem::replace(&mut entry.summary, self.empty.clone());
         let key = entry.key;
         self.index.remove(&key);
         self.free.push(slot);
@@ -498,6 +534,8 @@ pub struct WindowEngine {
     /// Scratch: per definition of the batch, its engine number if it was known when
     /// checked, and whether the agent's cache gave it (`resolve_series` looks each up once).
     resolved_series: Vec<Option<(u32, bool)>>,
+    /// Scratch: per resolution, the window start of the edge window being windowed.
+    edge_window_starts: Vec<Option<i64>>,
 }
 
 impl WindowEngine {
@@ -519,6 +557,7 @@ impl WindowEngine {
             local_series: FastHashMap::default(),
             summary_series: Vec::new(),
             resolved_series: Vec::new(),
+            edge_window_starts: Vec::new(),
         })
     }
 
@@ -935,7 +974,7 @@ impl WindowEngine {
                     }
                 };
                 if let Some(summary) = self.windows.mark_dirty(slot) {
-                    summary.observe(reading.time_ms, reading.value);
+                    writable(summary, out).observe(reading.time_ms, reading.value);
                     self.counters.readings_windowed += 1;
                 }
             }
@@ -955,6 +994,8 @@ impl WindowEngine {
     ) -> Option<i64> {
         let horizon_ms = now_ms.saturating_add(self.config.max_event_time_ahead_ms);
         let mut max_event_ms: Option<i64> = None;
+        let mut edge_window: Option<(i64, u32)> = None;
+        let mut edge_misaligned = false;
         let state = self.agents.get_mut(agent as usize)?;
         for (edge, series) in batch.summaries.iter().zip(&self.summary_series) {
             let series = *series;
@@ -997,14 +1038,34 @@ impl WindowEngine {
                 continue;
             }
             max_event_ms = Some(max_event_ms.map_or(event_ms, |max| max.max(event_ms)));
-            let edge_width_ms = i64::from(edge.window_ms);
-            let mut misaligned =
-                edge_width_ms == 0 || edge.window_start_ms.rem_euclid(edge_width_ms.max(1)) != 0;
+            // A batch's summaries usually share one edge window (start and width): its
+            // alignment and window starts (integer divisions) are worked out once.
+            if edge_window != Some((edge.window_start_ms, edge.window_ms)) {
+                edge_window = Some((edge.window_start_ms, edge.window_ms));
+                let edge_width_ms = i64::from(edge.window_ms);
+                edge_misaligned = edge_width_ms == 0
+                    || edge.window_start_ms.rem_euclid(edge_width_ms.max(1)) != 0
+                    || self
+                        .config
+                        .resolutions_ms
+                        .iter()
+                        .any(|resolution_ms| resolution_ms % edge_width_ms.max(1) != 0);
+                self.edge_window_starts.clear();
+                self.edge_window_starts.extend(
+                    self.config
+                        .resolutions_ms
+                        .iter()
+                        .map(|resolution_ms| window_start(edge.window_start_ms, *resolution_ms)),
+                );
+            }
+            let misaligned = edge_misaligned;
             for (resolution_index, resolution_ms) in self.config.resolutions_ms.iter().enumerate() {
-                if edge_width_ms == 0 || resolution_ms % edge_width_ms != 0 {
-                    misaligned = true;
-                }
-                let (start_ms, reason) = match window_start(edge.window_start_ms, *resolution_ms) {
+                let start_ms = self
+                    .edge_window_starts
+                    .get(resolution_index)
+                    .copied()
+                    .flatten();
+                let (start_ms, reason) = match start_ms {
                     None => (None, Some(LateReason::EventTimeOutOfRange)),
                     Some(start_ms) => {
                         let closed_through = state
@@ -1034,7 +1095,7 @@ impl WindowEngine {
                                 // allocation instead of a fresh clone of the sketch.
                                 *summary = out.copy_of(&edge.summary);
                             } else {
-                                summary.merge(&edge.summary);
+                                writable(summary, out).merge(&edge.summary);
                             }
                             self.counters.readings_windowed += edge.summary.count;
                         }
@@ -1201,7 +1262,7 @@ impl WindowEngine {
             }
             entry.dirty = false;
             let key = entry.key;
-            let summary = out.copy_of(&entry.summary);
+            let summary = Arc::clone(&entry.summary);
             self.counters.running_emissions += 1;
             out.results.push(WindowResult {
                 agent_id: self.agent_id(key.agent),
@@ -1348,7 +1409,7 @@ impl WindowEngine {
                     series: entry.key.series,
                     resolution_index: entry.key.resolution_index,
                     window_start_ms: entry.key.window_start_ms,
-                    summary: entry.summary.clone(),
+                    summary: Summary::clone(&entry.summary),
                 });
             }
         }
@@ -1498,7 +1559,7 @@ impl WindowEngine {
             let mut counters = EngineCounters::default();
             let slot = engine.windows.slot_for(key, state, &mut counters);
             if let Some(entry) = engine.windows.slots.get_mut(slot as usize) {
-                entry.summary = window.summary;
+                entry.summary = Arc::new(window.summary);
             }
             slots.push(slot);
         }
@@ -1513,5 +1574,121 @@ impl WindowEngine {
         engine.next_tick_ms = checkpoint.next_tick_ms;
         engine.counters = checkpoint.counters;
         Ok(engine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Results share their window's summary: these pin that a result never changes after
+    //! it is emitted, whether or not the caller clears the output in between.
+    use super::*;
+    use tributary_protocol::{Reading, WindowSummary};
+
+    const START_MS: i64 = 1_700_000_000_000;
+
+    fn batch(batch_seq: u64, readings: &[(i64, f64)], summaries: &[(i64, f64)]) -> Batch {
+        Batch {
+            agent_id: "gw-1".into(),
+            batch_seq,
+            created_ms: START_MS,
+            series: vec![SeriesDef {
+                id: 7,
+                key: SeriesKey::new("dev-1", "temperature_c"),
+            }],
+            readings: readings
+                .iter()
+                .map(|(time_ms, value)| Reading {
+                    series: 7,
+                    time_ms: *time_ms,
+                    value: *value,
+                    flags: 0,
+                })
+                .collect(),
+            summaries: summaries
+                .iter()
+                .map(|(window_start_ms, value)| WindowSummary {
+                    series: 7,
+                    window_start_ms: *window_start_ms,
+                    window_ms: 10_000,
+                    summary: Summary::from_reading(*window_start_ms, *value),
+                })
+                .collect(),
+        }
+    }
+
+    fn engine(source: RollupSource) -> WindowEngine {
+        let config = EngineConfig {
+            resolutions_ms: vec![60_000],
+            rollup_source: source,
+            ..EngineConfig::default()
+        };
+        WindowEngine::new(config).expect("the test config is valid")
+    }
+
+    /// The running results of the output, as owned copies of their summaries.
+    fn running(out: &EngineOutput) -> Vec<(usize, Summary)> {
+        out.results
+            .iter()
+            .enumerate()
+            .filter(|(_, result)| !result.is_final)
+            .map(|(position, result)| (position, Summary::clone(&result.summary)))
+            .collect()
+    }
+
+    #[test]
+    fn a_held_result_keeps_its_value_while_its_window_changes() {
+        for source in [RollupSource::RawReadings, RollupSource::EdgeSummaries] {
+            let mut engine = engine(source);
+            let mut out = EngineOutput::default();
+            let first = batch(0, &[(START_MS, 1.0)], &[(START_MS, 1.0)]);
+            engine
+                .ingest_batch(&first, START_MS, &mut out)
+                .expect("valid batch");
+            let emitted = running(&out);
+            assert_eq!(emitted.len(), 1, "{source:?}: one running result");
+            // Not cleared: the window changes while the first result still holds it.
+            let second = batch(1, &[(START_MS + 10_000, 5.0)], &[(START_MS + 10_000, 5.0)]);
+            engine
+                .ingest_batch(&second, START_MS + 1_000, &mut out)
+                .expect("valid batch");
+            for (position, summary) in &emitted {
+                assert_eq!(&*out.results[*position].summary, summary, "{source:?}");
+            }
+            let newest = out.results.last().expect("a second running result");
+            assert_eq!(newest.summary.count, 2, "{source:?}");
+            assert_eq!(out.results[0].summary.count, 1, "{source:?}");
+            assert_eq!(newest.summary.max, 5.0, "{source:?}");
+            // Cleared: the next change copies nothing and results stay right.
+            out.clear();
+            let third = batch(2, &[(START_MS + 20_000, 3.0)], &[(START_MS + 20_000, 3.0)]);
+            engine
+                .ingest_batch(&third, START_MS + 2_000, &mut out)
+                .expect("valid batch");
+            let newest = out.results.last().expect("a third running result");
+            assert_eq!(newest.summary.count, 3, "{source:?}");
+            assert_eq!(newest.summary.sum, 9.0, "{source:?}");
+            assert_eq!(newest.version, 3, "{source:?}");
+        }
+    }
+
+    #[test]
+    fn final_results_are_recycled_only_when_nobody_holds_them() {
+        let mut engine = engine(RollupSource::EdgeSummaries);
+        let mut out = EngineOutput::default();
+        let first = batch(0, &[], &[(START_MS, 1.0)]);
+        engine
+            .ingest_batch(&first, START_MS, &mut out)
+            .expect("valid batch");
+        engine.flush_all(START_MS + 1_000, &mut out);
+        let held = out
+            .results
+            .iter()
+            .find(|result| result.is_final)
+            .map(|result| result.summary.clone())
+            .expect("a final result");
+        out.clear();
+        assert!(out.spare.is_empty(), "a held summary is not reused");
+        assert_eq!(held.count, 1);
+        assert_eq!(Arc::strong_count(&held), 1);
     }
 }

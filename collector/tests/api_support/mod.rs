@@ -71,7 +71,7 @@ fn window(
         series: Arc::new(key.clone()),
         resolution_ms,
         window_start_ms: start_ms,
-        summary,
+        summary: Arc::new(summary),
         version: if is_final {
             count | tributary_collector::process::FINAL_VERSION_BIT
         } else {

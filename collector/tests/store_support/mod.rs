@@ -100,7 +100,7 @@ pub fn window_result(
         resolution_ms,
         window_start_ms,
         version: summary.count | if is_final { FINAL_VERSION_BIT } else { 0 },
-        summary,
+        summary: Arc::new(summary),
         is_final,
     }
 }

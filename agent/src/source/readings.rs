@@ -172,6 +172,18 @@ impl ParsedReadings {
             let tag_value = self.push_text(tag_value);
             self.tags.push((name, tag_value));
         }
+        self.push_entry(device, metric, tags_start, time_ms, value);
+    }
+
+    /// Records a reading whose text is written: its tags are those from `tags_start` on.
+    fn push_entry(
+        &mut self,
+        device: Span,
+        metric: Span,
+        tags_start: usize,
+        time_ms: Option<i64>,
+        value: f64,
+    ) {
         let tags = Span {
             start: tags_start,
             end: self.tags.len(),
@@ -295,17 +307,7 @@ impl ReadingSink for ParsedReadings {
                 }
             }
         }
-        let tags = Span {
-            start: tags_start,
-            end: self.tags.len(),
-        };
-        self.entries.push(Entry {
-            device,
-            metric,
-            tags,
-            time_ms,
-            value,
-        });
+        self.push_entry(device, metric, tags_start, time_ms, value);
     }
 }
 

@@ -901,6 +901,32 @@ impl Shared {
         Ok(rows)
     }
 
+    /// Calls `each` with every entry of `table` for one series whose key time (the first field
+    /// after the series) is in `[from_key_ms, to_ms)`, its reader past the series fields.
+    fn series_entries(
+        &self,
+        table: u8,
+        selector: &SeriesSelector,
+        from_key_ms: i64,
+        to_ms: i64,
+        what: &str,
+        mut each: impl FnMut(&mut KeyReader<'_>, &[u8], &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let prefix = series_key(table, &selector.device_id, &selector.metric, &selector.tags);
+        let from = prefix.clone().i64(from_key_ms).finish();
+        let to = prefix.i64(to_ms).finish();
+        for entry in self.tree.range(from..to) {
+            let (key, value) = entry.map_err(|source| self.error("read raw readings", source))?;
+            let corrupt = || self.corrupt(what, &key);
+            let mut reader = KeyReader::new(&key, table).ok_or_else(corrupt)?;
+            for _ in 0..3 {
+                reader.string().ok_or_else(corrupt)?;
+            }
+            each(&mut reader, &key, &value)?;
+        }
+        Ok(())
+    }
+
     /// The readings in `[from_ms, to_ms)` of every block of the buckets that range touches.
     fn raw_blocks_into(
         &self,
@@ -909,44 +935,37 @@ impl Shared {
         to_ms: i64,
         found: &mut BTreeMap<(i64, String, u64, u32), (f64, u8)>,
     ) -> Result<(), StoreError> {
-        let prefix = series_key(
+        let from_key_ms = raw_blocks::bucket_start_ms(from_ms);
+        let what = "a raw block key";
+        self.series_entries(
             TABLE_RAW_BLOCK,
-            &selector.device_id,
-            &selector.metric,
-            &selector.tags,
-        );
-        let from = prefix
-            .clone()
-            .i64(raw_blocks::bucket_start_ms(from_ms))
-            .finish();
-        let to = prefix.i64(to_ms).finish();
-        for entry in self.tree.range(from..to) {
-            let (key, value) = entry.map_err(|source| self.error("read raw readings", source))?;
-            let corrupt = || self.corrupt("a raw block key", &key);
-            let mut reader = KeyReader::new(&key, TABLE_RAW_BLOCK).ok_or_else(corrupt)?;
-            for _ in 0..3 {
-                reader.string().ok_or_else(corrupt)?;
-            }
-            let bucket_start_ms = reader.i64().ok_or_else(corrupt)?;
-            let agent_id = reader.string().ok_or_else(corrupt)?;
-            let block: raw_blocks::RawBlock = self.decode("a raw block", &key, &value)?;
-            for reading in block.readings {
-                let time_ms = bucket_start_ms.saturating_add(i64::from(reading.offset_ms));
-                if time_ms < from_ms || time_ms >= to_ms {
-                    continue;
+            selector,
+            from_key_ms,
+            to_ms,
+            what,
+            |reader, key, value| {
+                let corrupt = || self.corrupt(what, key);
+                let bucket_start_ms = reader.i64().ok_or_else(corrupt)?;
+                let agent_id = reader.string().ok_or_else(corrupt)?;
+                let block: raw_blocks::RawBlock = self.decode("a raw block", key, value)?;
+                for reading in block.readings {
+                    let time_ms = bucket_start_ms.saturating_add(i64::from(reading.offset_ms));
+                    if time_ms < from_ms || time_ms >= to_ms {
+                        continue;
+                    }
+                    found.insert(
+                        (
+                            time_ms,
+                            agent_id.clone(),
+                            reading.batch_seq,
+                            reading.position,
+                        ),
+                        (reading.value, reading.flags),
+                    );
                 }
-                found.insert(
-                    (
-                        time_ms,
-                        agent_id.clone(),
-                        reading.batch_seq,
-                        reading.position,
-                    ),
-                    (reading.value, reading.flags),
-                );
-            }
-        }
-        Ok(())
+                Ok(())
+            },
+        )
     }
 
     /// Raw rows a format 1 build wrote, one per entry.
@@ -957,32 +976,27 @@ impl Shared {
         to_ms: i64,
         found: &mut BTreeMap<(i64, String, u64, u32), (f64, u8)>,
     ) -> Result<(), StoreError> {
-        let prefix = series_key(
+        let what = "a raw reading key";
+        self.series_entries(
             TABLE_RAW,
-            &selector.device_id,
-            &selector.metric,
-            &selector.tags,
-        );
-        let from = prefix.clone().i64(from_ms).finish();
-        let to = prefix.i64(to_ms).finish();
-        for entry in self.tree.range(from..to) {
-            let (key, value) = entry.map_err(|source| self.error("read raw readings", source))?;
-            let corrupt = || self.corrupt("a raw reading key", &key);
-            let mut reader = KeyReader::new(&key, TABLE_RAW).ok_or_else(corrupt)?;
-            for _ in 0..3 {
-                reader.string().ok_or_else(corrupt)?;
-            }
-            let time_ms = reader.i64().ok_or_else(corrupt)?;
-            let agent_id = reader.string().ok_or_else(corrupt)?;
-            let batch_seq = reader.u64().ok_or_else(corrupt)?;
-            let position = reader.u32().ok_or_else(corrupt)?;
-            let stored: RawValue = self.decode("a raw reading", &key, &value)?;
-            found.insert(
-                (time_ms, agent_id, batch_seq, position),
-                (stored.value, stored.flags),
-            );
-        }
-        Ok(())
+            selector,
+            from_ms,
+            to_ms,
+            what,
+            |reader, key, value| {
+                let corrupt = || self.corrupt(what, key);
+                let time_ms = reader.i64().ok_or_else(corrupt)?;
+                let agent_id = reader.string().ok_or_else(corrupt)?;
+                let batch_seq = reader.u64().ok_or_else(corrupt)?;
+                let position = reader.u32().ok_or_else(corrupt)?;
+                let stored: RawValue = self.decode("a raw reading", key, value)?;
+                found.insert(
+                    (time_ms, agent_id, batch_seq, position),
+                    (stored.value, stored.flags),
+                );
+                Ok(())
+            },
+        )
     }
 
     fn decode_rollup(&self, key: &[u8], value: &[u8]) -> Result<RollupRow, StoreError> {

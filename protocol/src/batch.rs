@@ -377,6 +377,14 @@ pub fn encode_batch(batch: &Batch) -> Vec<u8> {
     BatchEncoder::default().encode(batch)
 }
 
+/// Encodes `batch` in an older (or the current) batch format, for a session that negotiated
+/// an older protocol version; an unsupported version is an error.
+pub fn encode_batch_as(batch: &Batch, format_version: u8) -> Result<Vec<u8>, BatchError> {
+    let mut encoder = BatchEncoder::default();
+    encoder.set_format_version(format_version)?;
+    Ok(encoder.encode(batch))
+}
+
 fn append_postcard<T: Serialize>(out: &mut Vec<u8>, value: &T) {
     // Serialising our own plain data types into a Vec cannot fail.
     if let Ok(bytes) = postcard::to_stdvec(value) {
@@ -907,8 +915,5 @@ pub fn transcode_batch(
             reader.remaining(),
         ));
     }
-    let batch = decode_batch(encoded, limits)?;
-    let mut encoder = BatchEncoder::default();
-    encoder.set_format_version(format_version)?;
-    Ok(encoder.encode(&batch))
+    encode_batch_as(&decode_batch(encoded, limits)?, format_version)
 }

@@ -5,18 +5,10 @@
 
 use proptest::prelude::*;
 use tributary_protocol::batch::{
-    batch_format_version, decode_batch, encode_batch, replace_series_definitions,
-    series_definitions_bytes, transcode_batch, Batch, BatchEncoder, BatchLimits, FORMAT_VERSION,
+    batch_format_version, decode_batch, encode_batch, encode_batch_as, replace_series_definitions,
+    series_definitions_bytes, transcode_batch, Batch, BatchLimits, FORMAT_VERSION,
 };
 use tributary_protocol::{Reading, SeriesDef, SeriesId, SeriesKey};
-
-fn encode_as(batch: &Batch, format_version: u8) -> Vec<u8> {
-    let mut encoder = BatchEncoder::default();
-    encoder
-        .set_format_version(format_version)
-        .expect("a supported format");
-    encoder.encode(batch)
-}
 
 fn batch_with(series: Vec<SeriesDef>) -> Batch {
     let readings = series
@@ -112,7 +104,7 @@ proptest! {
     ) {
         let limits = BatchLimits::default();
         let batch = Batch { readings: Vec::new(), ..batch_with(series.clone()) };
-        let format_2 = encode_as(&batch, 2);
+        let format_2 = encode_batch_as(&batch, 2).expect("a supported format");
         let format_3 = encode_batch(&batch);
         prop_assert_eq!(&transcode_batch(&format_2, 3, &limits).unwrap(), &format_3);
         prop_assert_eq!(&transcode_batch(&format_3, 2, &limits).unwrap(), &format_2);
@@ -141,7 +133,11 @@ fn a_fleet_dictionary_is_thirty_times_smaller_than_in_format_2() {
     let batch = batch_with(series.clone());
     let limits = BatchLimits::default();
     let format_3 = series_definitions_bytes(&encode_batch(&batch), &limits).unwrap();
-    let format_2 = series_definitions_bytes(&encode_as(&batch, 2), &limits).unwrap();
+    let format_2 = series_definitions_bytes(
+        &encode_batch_as(&batch, 2).expect("a supported format"),
+        &limits,
+    )
+    .unwrap();
     // Measured: format 2 37,112 bytes, format 3 a few hundred.
     assert!(
         format_3 * 30 < format_2,
@@ -161,7 +157,11 @@ fn one_new_series_mid_session_costs_a_few_bytes_more_than_postcard_at_most() {
     let batch = batch_with(series);
     let limits = BatchLimits::default();
     let format_3 = series_definitions_bytes(&encode_batch(&batch), &limits).unwrap();
-    let format_2 = series_definitions_bytes(&encode_as(&batch, 2), &limits).unwrap();
+    let format_2 = series_definitions_bytes(
+        &encode_batch_as(&batch, 2).expect("a supported format"),
+        &limits,
+    )
+    .unwrap();
     // No zstd frame for so little, but the section header (compression, size), the
     // string count and four column lengths: 48 bytes against postcard's 37.
     assert!(
@@ -188,7 +188,10 @@ fn a_format_2_batch_from_an_older_build_still_decodes_and_upgrades() {
         (3, 30, 1)
     );
     assert_eq!(batch.series[2].key.device_id, "dev-2");
-    assert_eq!(encode_as(&batch, 2), fixture.to_vec());
+    assert_eq!(
+        encode_batch_as(&batch, 2).expect("a supported format"),
+        fixture.to_vec()
+    );
     let upgraded = transcode_batch(fixture, FORMAT_VERSION, &limits).expect("transcodes");
     assert_eq!(batch_format_version(&upgraded).unwrap(), FORMAT_VERSION);
     assert_eq!(decode_batch(&upgraded, &limits).unwrap(), batch);

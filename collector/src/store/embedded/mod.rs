@@ -462,7 +462,8 @@ impl EmbeddedStore {
                 source,
             })?;
         let shared = Shared { db, tree, path };
-        match shared
+        // A new store, or one an older format wrote, is marked with this build's format.
+        let mark_format = match shared
             .tree
             .get(FORMAT_KEY)
             .map_err(|source| shared.error("read the format version", source))?
@@ -480,29 +481,21 @@ impl EmbeddedStore {
                         supported: FORMAT_VERSION,
                     });
                 }
-                if found < FORMAT_VERSION {
-                    // Older rows stay readable; marking the store keeps an older build from
-                    // opening it and missing the raw blocks written from now on.
-                    shared
-                        .tree
-                        .insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                        .map_err(|source| shared.error("record the format version", source))?;
-                    shared
-                        .db
-                        .flush()
-                        .map_err(|source| shared.error("flush", source))?;
-                }
+                // Older rows stay readable; marking the store keeps an older build from
+                // opening it and missing the raw blocks written from now on.
+                found < FORMAT_VERSION
             }
-            None => {
-                shared
-                    .tree
-                    .insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(|source| shared.error("record the format version", source))?;
-                shared
-                    .db
-                    .flush()
-                    .map_err(|source| shared.error("flush", source))?;
-            }
+            None => true,
+        };
+        if mark_format {
+            shared
+                .tree
+                .insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                .map_err(|source| shared.error("record the format version", source))?;
+            shared
+                .db
+                .flush()
+                .map_err(|source| shared.error("flush", source))?;
         }
         Ok(Self {
             shared,

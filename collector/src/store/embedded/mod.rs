@@ -547,7 +547,8 @@ impl EmbeddedStore {
         pending_raw: &mut raw_blocks::PendingRaw,
     ) -> Result<(sled::Batch, usize), StoreError> {
         let mut batch = sled::Batch::default();
-        let mut rows = pending.raw.len() + pending_raw.readings();
+        // Raw readings are all in `pending_raw` (the embedded store never fills `pending.raw`).
+        let mut rows = pending_raw.readings();
         for (group, readings) in pending_raw.sorted_blocks() {
             let Some(first) = readings.first() else {
                 continue;

@@ -121,12 +121,7 @@ impl PendingRaw {
                 flags: row.flags,
             };
             let key = (row.device_id, row.metric, row.tags, bucket, row.agent_id);
-            match self.groups.get_mut(&key) {
-                Some(readings) => readings.push(reading),
-                None => {
-                    self.groups.insert(key, vec![reading]);
-                }
-            }
+            self.groups.entry(key).or_default().push(reading);
             self.readings += 1;
         }
         if self.oldest_buffered_ms.is_none() && self.readings > 0 {
@@ -157,15 +152,16 @@ impl PendingRaw {
     /// that failed can keep its `PendingRaw` for the retry.
     pub fn sorted_blocks(&mut self) -> impl Iterator<Item = (GroupKey<'_>, &[BlockReading])> {
         for readings in self.groups.values_mut() {
+            // Stable: a later write of a reading stays after the earlier one, whose place
+            // it takes.
             readings.sort_by_key(BlockReading::identity);
-            let mut kept: Vec<BlockReading> = Vec::with_capacity(readings.len());
-            for reading in readings.drain(..) {
-                match kept.last_mut() {
-                    Some(last) if last.identity() == reading.identity() => *last = reading,
-                    _ => kept.push(reading),
+            readings.dedup_by(|later, kept| {
+                let same = later.identity() == kept.identity();
+                if same {
+                    *kept = *later;
                 }
-            }
-            *readings = kept;
+                same
+            });
         }
         self.groups
             .iter()

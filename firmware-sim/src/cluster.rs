@@ -716,6 +716,7 @@ pub struct UdpRelay {
 impl UdpRelay {
     /// Listens on a free loopback port and forwards to `upstream`.
     pub fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
+        use std::collections::hash_map::Entry;
         use std::collections::HashMap;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
@@ -742,37 +743,38 @@ impl UdpRelay {
                         let Ok((length, client)) = listener.recv_from(&mut buffer) else {
                             continue;
                         };
-                        if !upstreams.contains_key(&client) {
-                            let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
-                                continue;
-                            };
-                            let (Ok(()), Ok(()), Ok(back), Ok(reply)) = (
-                                socket.connect(upstream),
-                                socket.set_read_timeout(Some(Duration::from_millis(50))),
-                                socket.try_clone(),
-                                listener.try_clone(),
-                            ) else {
-                                continue;
-                            };
-                            let (cut, stop, dropped) = (cut.clone(), stop.clone(), dropped.clone());
-                            let bytes_down = bytes_down.clone();
-                            downstream_threads.push(std::thread::spawn(move || {
-                                let mut buffer = vec![0_u8; 65_536];
-                                while !stop.load(Ordering::SeqCst) {
-                                    let Ok(length) = back.recv(&mut buffer) else {
-                                        continue;
-                                    };
-                                    if cut.load(Ordering::SeqCst) {
-                                        dropped.fetch_add(1, Ordering::Relaxed);
-                                    } else if reply.send_to(&buffer[..length], client).is_ok() {
-                                        bytes_down.fetch_add(length as u64, Ordering::Relaxed);
+                        let socket = match upstreams.entry(client) {
+                            Entry::Occupied(entry) => entry.into_mut(),
+                            Entry::Vacant(entry) => {
+                                let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+                                    continue;
+                                };
+                                let (Ok(()), Ok(()), Ok(back), Ok(reply)) = (
+                                    socket.connect(upstream),
+                                    socket.set_read_timeout(Some(Duration::from_millis(50))),
+                                    socket.try_clone(),
+                                    listener.try_clone(),
+                                ) else {
+                                    continue;
+                                };
+                                let (cut, stop, dropped) =
+                                    (cut.clone(), stop.clone(), dropped.clone());
+                                let bytes_down = bytes_down.clone();
+                                downstream_threads.push(std::thread::spawn(move || {
+                                    let mut buffer = vec![0_u8; 65_536];
+                                    while !stop.load(Ordering::SeqCst) {
+                                        let Ok(length) = back.recv(&mut buffer) else {
+                                            continue;
+                                        };
+                                        if cut.load(Ordering::SeqCst) {
+                                            dropped.fetch_add(1, Ordering::Relaxed);
+                                        } else if reply.send_to(&buffer[..length], client).is_ok() {
+                                            bytes_down.fetch_add(length as u64, Ordering::Relaxed);
+                                        }
                                     }
-                                }
-                            }));
-                            upstreams.insert(client, socket);
-                        }
-                        let Some(socket) = upstreams.get(&client) else {
-                            continue;
+                                }));
+                                entry.insert(socket)
+                            }
                         };
                         if cut.load(Ordering::SeqCst) {
                             dropped.fetch_add(1, Ordering::Relaxed);

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tokio::time::{timeout_at, Instant};
 use tributary_tests::services::{service_env, unique_suffix, MQTT_ADDR};
 
@@ -27,6 +27,20 @@ fn options(client_id: String, host: &str, port: u16) -> MqttOptions {
     let mut options = MqttOptions::new(client_id, host, port);
     options.set_keep_alive(Duration::from_secs(10));
     options
+}
+
+/// The subscriber's next event; panics with `missing()` when `deadline` passes first.
+async fn next_event(
+    eventloop: &mut EventLoop,
+    deadline: Instant,
+    addr: &str,
+    missing: impl FnOnce() -> String,
+) -> Event {
+    match timeout_at(deadline, eventloop.poll()).await {
+        Ok(Ok(event)) => event,
+        Ok(Err(error)) => panic!("mosquitto at {addr}: subscriber connection failed: {error}"),
+        Err(_) => panic!("mosquitto at {addr}: {}", missing()),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,12 +65,10 @@ async fn mosquitto_publish_subscribe_round_trip_at_qos_1() {
         .expect("queue subscribe");
     let mut suback_count = 0;
     while suback_count < 2 {
-        let event = timeout_at(deadline, subscriber_loop.poll())
-            .await
-            .unwrap_or_else(|_| panic!("no SUBACK from mosquitto at {addr} within 30 s"))
-            .unwrap_or_else(|error| {
-                panic!("mosquitto at {addr}: subscriber connection failed: {error}")
-            });
+        let event = next_event(&mut subscriber_loop, deadline, &addr, || {
+            "no SUBACK within 30 s".to_string()
+        })
+        .await;
         if let Event::Incoming(Packet::SubAck(_)) = event {
             suback_count += 1;
         }
@@ -95,15 +107,13 @@ async fn mosquitto_publish_subscribe_round_trip_at_qos_1() {
     let mut received = BTreeSet::new();
     let mut broker_version = None;
     while received.len() < MESSAGE_COUNT || broker_version.is_none() {
-        let event = timeout_at(deadline, subscriber_loop.poll())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "mosquitto at {addr}: received {} of {MESSAGE_COUNT} messages within 30 s (version seen: {broker_version:?})",
-                    received.len()
-                )
-            })
-            .unwrap_or_else(|error| panic!("mosquitto at {addr}: subscriber connection failed: {error}"));
+        let event = next_event(&mut subscriber_loop, deadline, &addr, || {
+            format!(
+                "received {} of {MESSAGE_COUNT} messages within 30 s (version seen: {broker_version:?})",
+                received.len()
+            )
+        })
+        .await;
         if let Event::Incoming(Packet::Publish(publish)) = event {
             let payload = String::from_utf8_lossy(&publish.payload).into_owned();
             if publish.topic == "$SYS/broker/version" {

@@ -799,6 +799,10 @@ fn small_agent_frames(agent_index: usize, batches: usize) -> anyhow::Result<Agen
 
 /// Raises the soft open-files limit to cover `needed` descriptors (up to the hard limit).
 /// Returns the (soft, hard) limits in force afterwards.
+#[allow(
+    clippy::useless_conversion,
+    reason = "rlim_t is u64 here but 32 bits wide on some targets"
+)]
 fn raise_open_files_limit(needed: u64) -> (u64, u64) {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -808,9 +812,10 @@ fn raise_open_files_limit(needed: u64) -> (u64, u64) {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return (0, 0);
     }
-    if (limit.rlim_cur as u64) < needed {
+    if u64::from(limit.rlim_cur) < needed {
         let raised = libc::rlimit {
-            rlim_cur: needed.min(limit.rlim_max as u64) as libc::rlim_t,
+            rlim_cur: libc::rlim_t::try_from(needed.min(u64::from(limit.rlim_max)))
+                .unwrap_or(limit.rlim_max),
             rlim_max: limit.rlim_max,
         };
         // SAFETY: setrlimit reads the struct we pass.
@@ -818,7 +823,7 @@ fn raise_open_files_limit(needed: u64) -> (u64, u64) {
             limit = raised;
         }
     }
-    (limit.rlim_cur as u64, limit.rlim_max as u64)
+    (u64::from(limit.rlim_cur), u64::from(limit.rlim_max))
 }
 
 /// Runs the bench: embedded and Kafka throughput lines, connections, and the log-design

@@ -28,7 +28,9 @@ use tributary_collector::pipeline::{run_consumer, ConsumerConfig, PipelineMetric
 use tributary_collector::process::EngineConfig;
 use tributary_collector::store::schema::{RollupSpec, SchemaConfig};
 use tributary_collector::store::{ClickHouseStore, ClickHouseStoreConfig, Queries, RetryPolicy};
-use tributary_tests::services::{service_env, unique_suffix, CLICKHOUSE_URL, SERVICES_SCRIPT};
+use tributary_tests::services::{
+    drop_clickhouse_database, service_env, unique_suffix, CLICKHOUSE_URL, SERVICES_SCRIPT,
+};
 
 /// Wall-clock ticks must not change what a window holds: no gap or idle timeouts while the
 /// tests run (the reference has no wall clock).
@@ -82,16 +84,6 @@ async fn connect_store(url: &str, database: &str) -> ClickHouseStore {
 
 async fn queries(url: &str, database: &str) -> Queries {
     Queries::ClickHouse(connect_store(url, database).await.reader())
-}
-
-async fn drop_database(url: &str, database: &str) {
-    let client = clickhouse::Client::default()
-        .with_url(url)
-        .with_validation(false);
-    let _ = client
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
 }
 
 /// Sum over partitions of a per-partition gauge in a scrape.
@@ -238,8 +230,8 @@ max_batch_rows = 300
         let replayed = stored_rollups(&rebuilt, &data, &test_engine_config()).await;
         assert_same_windows(&replayed, &stored, true);
         assert_eq!(raw_rows_once(&rebuilt, &data).await, data.unique_readings);
-        drop_database(&url, &database).await;
-        drop_database(&url, &replayed_database).await;
+        drop_clickhouse_database(&url, &database).await;
+        drop_clickhouse_database(&url, &replayed_database).await;
     });
 }
 
@@ -392,5 +384,5 @@ async fn clickhouse_down_mid_run_pauses_consumption_which_resumes_by_itself_losi
         raw_rows_once(&stored_queries, &data).await,
         data.unique_readings
     );
-    drop_database(&url, &database).await;
+    drop_clickhouse_database(&url, &database).await;
 }

@@ -18,7 +18,9 @@ use tributary_collector::log::{Clock, DurableLog, SystemClock};
 use tributary_collector::process::EngineConfig;
 use tributary_collector::store::schema::{RollupSpec, SchemaConfig};
 use tributary_collector::store::{ClickHouseStore, ClickHouseStoreConfig, Queries, RetryPolicy};
-use tributary_tests::services::{service_env, unique_suffix, CLICKHOUSE_URL};
+use tributary_tests::services::{
+    drop_clickhouse_database, service_env, unique_suffix, CLICKHOUSE_URL,
+};
 
 const PARTITIONS: u32 = 4;
 
@@ -247,13 +249,7 @@ max_batch_rows = 300
             raw_rows_once(&stored_queries, &data).await,
             data.unique_readings
         );
-        let client = clickhouse::Client::default()
-            .with_url(&url)
-            .with_validation(false);
-        let _ = client
-            .query(&format!("DROP DATABASE IF EXISTS {database}"))
-            .execute()
-            .await;
+        drop_clickhouse_database(&url, &database).await;
     });
     eprintln!("group takeover test took {:?}", started.elapsed());
 }

@@ -19,11 +19,11 @@ use tributary_collector::store::{
     ClickHouseStore, ClickHouseStoreConfig, LastSeenRow, RawReadingRow, Store,
 };
 use tributary_protocol::SeriesKey;
-use tributary_tests::services::{service_env, CLICKHOUSE_URL, SERVICES_SCRIPT};
-
-use store_support::{
-    clickhouse_config, drop_database, window_result, DAY_MS, HOUR_MS, MINUTE_MS, T0,
+use tributary_tests::services::{
+    drop_clickhouse_database, service_env, CLICKHOUSE_URL, SERVICES_SCRIPT,
 };
+
+use store_support::{clickhouse_config, window_result, DAY_MS, HOUR_MS, MINUTE_MS, T0};
 
 /// Two resolutions with their own retentions, raw kept 7 days and late rows 30: the
 /// retention test counts on these.
@@ -274,7 +274,7 @@ async fn writes_replace_dedup_and_read_back_exactly_on_the_server() {
         "the repeated late row collapses"
     );
 
-    drop_database(&url, &database).await;
+    drop_clickhouse_database(&url, &database).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,7 +329,7 @@ async fn retention_drops_partitions_older_than_the_retention() {
         "idempotent"
     );
 
-    drop_database(&url, &database).await;
+    drop_clickhouse_database(&url, &database).await;
 }
 
 fn run_services_script(script: &str, action: &str) {
@@ -407,5 +407,5 @@ async fn writes_retry_while_clickhouse_is_stopped_and_land_exactly_once() {
         report.retries, report.rows_written
     );
 
-    drop_database(&url, &database).await;
+    drop_clickhouse_database(&url, &database).await;
 }

@@ -10,11 +10,9 @@ mod store_support;
 use tributary_collector::store::{
     Checkpoint, ClickHouseStore, EmbeddedStore, EmbeddedStoreConfig, Queries, Store,
 };
-use tributary_tests::services::{service_env, CLICKHOUSE_URL};
+use tributary_tests::services::{drop_clickhouse_database, service_env, CLICKHOUSE_URL};
 
-use store_support::{
-    answers, apply, clickhouse_config, drop_database, generate, RESOLUTIONS_MS, T0,
-};
+use store_support::{answers, apply, clickhouse_config, generate, RESOLUTIONS_MS, T0};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_and_clickhouse_give_the_same_answers() {
@@ -106,7 +104,7 @@ async fn embedded_and_clickhouse_give_the_same_answers() {
         );
     }
 
-    drop_database(&url, &database).await;
+    drop_clickhouse_database(&url, &database).await;
 }
 
 /// The checkpoint contract, the same on both stores: nothing before a flush, the latest
@@ -209,7 +207,7 @@ async fn checkpoints_round_trip_on_clickhouse() {
             .expect("load"),
         Some(after_restart)
     );
-    drop_database(&url, &database).await;
+    drop_clickhouse_database(&url, &database).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,6 +129,18 @@ pub fn unique_suffix() -> String {
     format!("{}_{}", std::process::id(), nanos % 1_000_000_000_000)
 }
 
+/// Drops a test's ClickHouse database. Errors are ignored: it is cleanup after a test whose
+/// database name is unique, and a server another test is restarting must not fail this one.
+pub async fn drop_clickhouse_database(url: &str, database: &str) {
+    let client = clickhouse::Client::default()
+        .with_url(url)
+        .with_validation(false);
+    let _ = client
+        .query(&format!("DROP DATABASE IF EXISTS {database}"))
+        .execute()
+        .await;
+}
+
 /// Why running SQL through chdb failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ChdbError {

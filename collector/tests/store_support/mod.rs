@@ -436,14 +436,3 @@ pub fn clickhouse_config(url: &str, name: &str) -> ClickHouseStoreConfig {
         ..ClickHouseStoreConfig::default()
     }
 }
-
-/// Drops a test's database; errors are ignored (it is cleanup, and the name is unique).
-pub async fn drop_database(url: &str, database: &str) {
-    let client = clickhouse::Client::default()
-        .with_url(url)
-        .with_validation(false);
-    let _ = client
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await;
-}

@@ -469,6 +469,12 @@ impl Pipeline {
         if let Some(log) = &self.redelivery {
             log.write_pending(); // Before the block: durable with it or before it.
         }
+        // New series ids before the block that uses them (and before any batch).
+        if let Err(error) = self.stage.registry().write_pending() {
+            tracing::error!(%error, "cannot store new series ids; not acknowledging");
+            self.journal_write_failed = true;
+            return; // The block waits for its ids.
+        }
         if self.journal_block.is_empty() {
             return;
         }
@@ -504,7 +510,9 @@ impl Pipeline {
         self.write_journal_block();
         // Before any append: the batches below rely on the registry for their definitions.
         let state_flushed = self.state_db.flush_async().await;
-        let include_definitions = state_flushed.is_err() || !self.stage.registry().is_persistent();
+        let registry = self.stage.registry();
+        let include_definitions =
+            state_flushed.is_err() || !registry.is_persistent() || registry.has_unstored();
         let appended_any = !self.cut.is_empty();
         for cut in std::mem::take(&mut self.cut) {
             let class = cut.class;

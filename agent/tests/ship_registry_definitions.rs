@@ -85,6 +85,7 @@ async fn batches_without_definitions_ship_with_the_registrys_and_old_batches_wit
     for id in 0..SERIES {
         assert_eq!(registry.intern(&series_key(id)).unwrap(), id);
     }
+    registry.write_pending().unwrap(); // What each commit does first.
     let buffer_dir = temp_dir();
     let buffer = open_buffer(buffer_dir.path());
     // Older builds' batches, self-contained, then batches without definitions.
@@ -234,7 +235,7 @@ async fn after_a_commit_every_buffered_series_is_in_the_durable_registry() {
         assert!(batch.series.is_empty(), "stored without definitions");
         for reading in &batch.readings {
             let expected = key(reading.value as u32);
-            assert_eq!(registry.key(reading.series), Some(&expected));
+            assert_eq!(registry.key(reading.series), Some(expected));
         }
         for summary in &batch.summaries {
             assert!(registry.key(summary.series).is_some());

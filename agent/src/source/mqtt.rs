@@ -223,6 +223,8 @@ struct Shell<'a> {
     pipeline: &'a mpsc::Sender<PipelineInput>,
     stop: &'a CancellationToken,
     readings: crate::source::ParsedReadings,
+    /// Where `readings` come from and return to once the pipeline has ingested them.
+    pool: crate::source::ReadingsPool,
     redelivery: Option<Arc<RedeliveryLog>>,
     /// Counts CONNACKs: a redelivery record matches only on a later connection.
     connection: u64,
@@ -268,7 +270,7 @@ impl Shell<'_> {
                 };
                 let input = PipelineInput {
                     source: self.source,
-                    readings: std::mem::take(&mut self.readings),
+                    readings: std::mem::replace(&mut self.readings, self.pool.take()),
                     receive_ms,
                     durable,
                 };
@@ -351,6 +353,7 @@ pub async fn run_subscribe(
     stop: CancellationToken,
 ) {
     let mut negotiation = ProtocolNegotiation::new(config.protocol);
+    let pool = crate::source::ReadingsPool::new();
     let mut shell = Shell {
         source,
         config: &config,
@@ -358,7 +361,8 @@ pub async fn run_subscribe(
         metrics: &metrics,
         pipeline: &pipeline,
         stop: &stop,
-        readings: crate::source::ParsedReadings::new(),
+        readings: pool.take(),
+        pool,
         redelivery,
         connection: 0,
     };

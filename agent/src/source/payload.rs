@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::topic::{TopicFields, TopicTemplate};
-use super::{excerpt, parse_number_text, KeyPieces, NumberText, ReadingSink};
+use super::{excerpt, parse_number_text, parse_short_decimal, KeyPieces, NumberText, ReadingSink};
 
 pub use super::json::MAX_JSON_DEPTH;
 
@@ -332,10 +332,17 @@ fn parse_payload_inner(
             max_payload_bytes: options.max_payload_bytes,
         });
     }
+    let mut emitter = Emitter { fields, out };
+    if options.format == PayloadFormat::Plain {
+        // Most plain payloads are a short decimal: read straight from the bytes, without
+        // validating UTF-8 and trimming first (it is ASCII if this succeeds).
+        if let Some(value) = parse_short_decimal(payload.trim_ascii()) {
+            return push_plain(&mut emitter, value);
+        }
+    }
     let text = std::str::from_utf8(payload).map_err(|error| PayloadError::NotUtf8 {
         byte_offset: error.valid_up_to(),
     })?;
-    let mut emitter = Emitter { fields, out };
     match options.format {
         PayloadFormat::Plain => parse_plain(text, options, &mut emitter),
         PayloadFormat::Json => super::json::parse_json(text, options, &mut emitter),
@@ -346,12 +353,25 @@ fn parse_payload_inner(
     }
 }
 
+const PLAIN_FIELD: &str = "payload";
+
+/// The one reading of a plain payload; the topic must name the metric.
+fn push_plain(emitter: &mut Emitter<'_, '_>, value: f64) -> Result<(), PayloadError> {
+    if emitter.fields.metric.is_none() {
+        return Err(PayloadError::NoMetric {
+            template: String::from("(this topic's)"),
+            format: "plain",
+        });
+    }
+    emitter.push("", &[], None, value, PLAIN_FIELD)
+}
+
 fn parse_plain(
     text: &str,
     options: &PayloadOptions,
     emitter: &mut Emitter<'_, '_>,
 ) -> Result<(), PayloadError> {
-    const FIELD: &str = "payload";
+    const FIELD: &str = PLAIN_FIELD;
     if emitter.fields.metric.is_none() {
         return Err(PayloadError::NoMetric {
             template: String::from("(this topic's)"),
@@ -361,13 +381,13 @@ fn parse_plain(
     let trimmed = text.trim();
     if options.booleans_as_numbers {
         match trimmed {
-            "true" => return emitter.push("", &[], None, 1.0, FIELD),
-            "false" => return emitter.push("", &[], None, 0.0, FIELD),
+            "true" => return push_plain(emitter, 1.0),
+            "false" => return push_plain(emitter, 0.0),
             _ => {}
         }
     }
     match parse_number_text(trimmed) {
-        NumberText::Finite(value) => emitter.push("", &[], None, value, FIELD),
+        NumberText::Finite(value) => push_plain(emitter, value),
         NumberText::NanOrInf => Err(PayloadError::NanOrInf {
             field: FIELD.to_owned(),
         }),

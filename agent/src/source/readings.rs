@@ -10,6 +10,14 @@
 //!
 //! Parsers write through the [`ReadingSink`] trait, which a plain `Vec<ParsedReading>`
 //! (owned keys: simple to compare in tests and tools) implements as well.
+//!
+//! The containers themselves are recycled: a shell takes one from its [`ReadingsPool`], fills
+//! it and sends it to the pipeline, and when the pipeline drops it after ingesting, its
+//! emptied buffers go back to that pool. Three allocations and three frees per message (on
+//! two threads: the shell's malloc, the pipeline's free) were the largest single cost left
+//! in parsing a plain-number message (`docs/benchmarks.md`, "Session 6").
+
+use std::sync::{Arc, Mutex};
 
 use tributary_protocol::model::SeriesKey;
 
@@ -126,6 +134,77 @@ pub struct ParsedReadings {
     text: String,
     tags: Vec<TagSpan>,
     entries: Vec<Entry>,
+    /// The pool this container's buffers return to when it is dropped (a clone returns to
+    /// the same pool); `None` for a container made with [`ParsedReadings::new`].
+    home: Option<ReadingsPool>,
+}
+
+impl Drop for ParsedReadings {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.take() {
+            home.put_back(self);
+        }
+    }
+}
+
+/// Emptied [`ParsedReadings`] waiting to be filled again (see the module docs).
+///
+/// Cloning gives another handle to the same pool. The pool keeps at most
+/// [`ReadingsPool::MAX_IDLE_CONTAINERS`] idle containers, and none whose buffers grew past
+/// [`ReadingsPool::MAX_IDLE_CONTAINER_BYTES`] for an unusually large message, so what it holds
+/// stays a few KiB; every container in flight (at most the pipeline queue's length) exists
+/// without a pool as well.
+#[derive(Debug, Clone, Default)]
+pub struct ReadingsPool {
+    idle: Arc<Mutex<Vec<ParsedReadings>>>,
+}
+
+impl ReadingsPool {
+    /// Idle containers kept; the pipeline drains its queue faster than a shell fills it, so
+    /// a shell rarely finds more than one or two waiting.
+    pub const MAX_IDLE_CONTAINERS: usize = 32;
+    /// A container whose buffers grew past this (in bytes) is freed instead of kept.
+    pub const MAX_IDLE_CONTAINER_BYTES: usize = 16 * 1024;
+
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty container that returns to this pool when dropped: a recycled one if one is
+    /// idle, a new one (allocating on first use) otherwise.
+    pub fn take(&self) -> ParsedReadings {
+        let recycled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let mut readings = recycled.unwrap_or_default();
+        readings.home = Some(self.clone());
+        readings
+    }
+
+    /// Containers idle in the pool now.
+    pub fn idle_containers(&self) -> usize {
+        self.idle.lock().map_or(0, |idle| idle.len())
+    }
+
+    fn put_back(&self, readings: &mut ParsedReadings) {
+        let buffer_bytes = readings.text.capacity()
+            + readings.tags.capacity() * std::mem::size_of::<TagSpan>()
+            + readings.entries.capacity() * std::mem::size_of::<Entry>();
+        if buffer_bytes > Self::MAX_IDLE_CONTAINER_BYTES {
+            return;
+        }
+        let mut emptied = ParsedReadings {
+            text: std::mem::take(&mut readings.text),
+            tags: std::mem::take(&mut readings.tags),
+            entries: std::mem::take(&mut readings.entries),
+            home: None,
+        };
+        emptied.clear();
+        // A poisoned lock (a panic elsewhere while holding it) only costs the recycling.
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < Self::MAX_IDLE_CONTAINERS {
+                idle.push(emptied);
+            }
+        }
+    }
 }
 
 impl ParsedReadings {
@@ -268,15 +347,21 @@ impl ReadingSink for ParsedReadings {
 
     fn push_reading(&mut self, key: KeyPieces<'_>, time_ms: Option<i64>, value: f64) {
         // Room for the whole key at once: a message's first reading then costs one
-        // allocation per container instead of a `String` grown piece by piece.
-        let tag_bytes: usize = key
-            .tags()
-            .map(|(name, value)| name.len() + value.len())
-            .sum();
+        // allocation per container instead of a `String` grown piece by piece (none at all
+        // for a container recycled through a `ReadingsPool`). The tag groups are walked as
+        // two plain slices: a flattened iterator over them cost more than the tags' text.
+        let mut tag_bytes = 0;
+        let mut tag_count = 0;
+        for group in key.tag_groups {
+            tag_count += group.len();
+            for (name, tag_value) in group {
+                tag_bytes += name.len() + tag_value.len();
+            }
+        }
         self.text.reserve(
             key.device_id.len() + key.metric_prefix.len() + 1 + key.metric_name.len() + tag_bytes,
         );
-        self.tags.reserve(key.tags().count());
+        self.tags.reserve(tag_count);
         self.entries.reserve(1);
         let device = self.device_span(key.device_id);
         let metric_start = self.text.len();
@@ -290,24 +375,41 @@ impl ReadingSink for ParsedReadings {
             end: self.text.len(),
         };
         let tags_start = self.tags.len();
-        for (name, tag_value) in key.tags() {
-            let own_tags = self.tags.get(tags_start..).unwrap_or_default();
-            let position =
-                own_tags.binary_search_by(|(existing, _)| existing.of(&self.text).cmp(name));
-            let tag_value = self.push_text(tag_value);
-            match position {
-                Ok(index) => {
-                    if let Some(slot) = self.tags.get_mut(tags_start + index) {
-                        slot.1 = tag_value;
-                    }
-                }
-                Err(index) => {
-                    let name = self.push_text(name);
-                    self.tags.insert(tags_start + index, (name, tag_value));
-                }
+        for group in key.tag_groups {
+            for (name, tag_value) in group {
+                self.push_tag(tags_start, name, tag_value);
             }
         }
         self.push_entry(device, metric, tags_start, time_ms, value);
+    }
+}
+
+impl ParsedReadings {
+    /// Adds a tag to the reading whose tags start at `tags_start`, keeping them sorted by
+    /// name; a repeated name takes the new value.
+    fn push_tag(&mut self, tags_start: usize, name: &str, tag_value: &str) {
+        let own_tags = self.tags.get(tags_start..).unwrap_or_default();
+        // Tags usually come in name order (one tag, or a template's tags): append then.
+        let in_order = own_tags
+            .last()
+            .is_none_or(|(last, _)| last.of(&self.text) < name);
+        let position = if in_order {
+            Err(own_tags.len())
+        } else {
+            own_tags.binary_search_by(|(existing, _)| existing.of(&self.text).cmp(name))
+        };
+        let tag_value = self.push_text(tag_value);
+        match position {
+            Ok(index) => {
+                if let Some(slot) = self.tags.get_mut(tags_start + index) {
+                    slot.1 = tag_value;
+                }
+            }
+            Err(index) => {
+                let name = self.push_text(name);
+                self.tags.insert(tags_start + index, (name, tag_value));
+            }
+        }
     }
 }
 
@@ -584,5 +686,47 @@ mod tests {
         compact.set_time_from(1, Some(7));
         let times: Vec<Option<i64>> = compact.iter().map(|reading| reading.time_ms).collect();
         assert_eq!(times, [None, Some(7), Some(7)]);
+    }
+
+    #[test]
+    fn dropped_containers_return_emptied_to_their_pool() {
+        let pool = ReadingsPool::new();
+        let mut first = pool.take();
+        first.push_reading(
+            pieces("device-1", "temperature", "", &[("site", "a")], &[]),
+            None,
+            1.0,
+        );
+        let copy = first.clone();
+        drop(first);
+        assert_eq!(pool.idle_containers(), 1);
+        drop(copy);
+        assert_eq!(
+            pool.idle_containers(),
+            2,
+            "a clone returns to the same pool"
+        );
+        let recycled = pool.take();
+        assert!(recycled.is_empty());
+        assert!(recycled.text.capacity() > 0, "the buffers are reused");
+        assert_eq!(pool.idle_containers(), 1);
+        // Containers made without a pool never join one.
+        drop(ParsedReadings::new());
+        assert_eq!(pool.idle_containers(), 1);
+    }
+
+    #[test]
+    fn the_pool_keeps_few_and_small_containers() {
+        let pool = ReadingsPool::new();
+        let mut large = pool.take();
+        let long_device = "d".repeat(ReadingsPool::MAX_IDLE_CONTAINER_BYTES);
+        large.push_reading(pieces(&long_device, "m", "", &[], &[]), None, 1.0);
+        drop(large);
+        assert_eq!(pool.idle_containers(), 0, "an oversized container is freed");
+        let many: Vec<ParsedReadings> = (0..ReadingsPool::MAX_IDLE_CONTAINERS + 5)
+            .map(|_| pool.take())
+            .collect();
+        drop(many);
+        assert_eq!(pool.idle_containers(), ReadingsPool::MAX_IDLE_CONTAINERS);
     }
 }

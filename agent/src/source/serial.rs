@@ -65,7 +65,8 @@ pub async fn run_serial(
     let retry = Duration::from_millis(config.reconnect_interval_ms.max(10));
     let mut reader = SerialLineReader::new(config.line.clone());
     let mut chunk = vec![0u8; 4096];
-    let mut readings = crate::source::ParsedReadings::new();
+    let pool = crate::source::ReadingsPool::new();
+    let mut readings = pool.take();
     let mut logged_missing = false;
     'reopen: loop {
         let mut port = match open(&config) {
@@ -117,7 +118,7 @@ pub async fn run_serial(
                     Ok(_) => {
                         let input = PipelineInput {
                             source,
-                            readings: std::mem::take(&mut readings),
+                            readings: std::mem::replace(&mut readings, pool.take()),
                             receive_ms,
                             durable: None,
                         };

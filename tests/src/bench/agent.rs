@@ -36,7 +36,7 @@ use tributary_agent::config::{topic_router, AgentConfig};
 use tributary_agent::metrics::{Metrics, SourceMetrics};
 use tributary_agent::run::{buffer_config, Pipeline, PipelineInput};
 use tributary_agent::ship::{ShipConfig, Shipper};
-use tributary_agent::source::ParsedReadings;
+use tributary_agent::source::{ParsedReadings, ReadingsPool, TopicRouter};
 use tributary_collector::log::{DurableLog, EmbeddedLog, EmbeddedLogConfig, SystemClock};
 use tributary_firmware_sim::fleet::Fleet;
 use tributary_protocol::{encode_batch, Batch, Reading, SeriesDef};
@@ -201,15 +201,7 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         );
         let receive_ms = START_MS + second * 1000 + 500;
         let started = Instant::now();
-        for (topic, payload) in &messages {
-            parsed.clear();
-            if router
-                .parse(topic, payload.as_bytes(), receive_ms, &mut parsed)
-                .is_ok()
-            {
-                parsed_count += parsed.len() as u64;
-            }
-        }
+        parsed_count += parse_second(&router, &mut parsed, &messages, receive_ms);
         parse_seconds += started.elapsed().as_secs_f64();
     }
 
@@ -224,6 +216,7 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
     fleet = Fleet::new(devices, 11);
     let mut pipeline_seconds = 0.0;
     let mut readings_in = 0u64;
+    let pool = ReadingsPool::new();
     let cpu_before = process_cpu_seconds(std::process::id()).unwrap_or(0.0);
     for second in 0..seconds {
         messages_for_second(
@@ -236,29 +229,14 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         );
         let receive_ms = START_MS + second * 1000 + 500;
         let started = Instant::now();
-        for (topic, payload) in &messages {
-            // A new container per message, as the MQTT shells send theirs to the pipeline.
-            let mut parsed = ParsedReadings::new();
-            if router
-                .parse(topic, payload.as_bytes(), receive_ms, &mut parsed)
-                .is_err()
-            {
-                continue;
-            }
-            readings_in += parsed.len() as u64;
-            pipeline.ingest(
-                PipelineInput {
-                    source: 0,
-                    readings: parsed,
-                    receive_ms,
-                    durable: None,
-                },
-                receive_ms,
-            );
-        }
-        // What the run loop does on each tick: close idle windows, cut batches due by age
-        // (about one raw batch per simulated second), commit.
-        runtime.block_on(pipeline.tick(receive_ms));
+        readings_in += pipeline_second(
+            &router,
+            &mut pipeline,
+            &runtime,
+            &pool,
+            &messages,
+            receive_ms,
+        );
         pipeline_seconds += started.elapsed().as_secs_f64();
     }
     let cpu_seconds = process_cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu_before;
@@ -298,6 +276,69 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         "buffer_bytes_appended": bytes_appended,
         "bytes_per_reading_buffered": round3(bytes_appended as f64 / readings_in.max(1) as f64),
     }))
+}
+
+/// The parse baseline's simulated second: every message parsed into one reused container.
+/// Not inlined, like [`pipeline_second`], so a profiler can tell the two apart.
+#[inline(never)]
+fn parse_second(
+    router: &TopicRouter,
+    parsed: &mut ParsedReadings,
+    messages: &[(String, String)],
+    receive_ms: i64,
+) -> u64 {
+    let mut parsed_count = 0;
+    for (topic, payload) in messages {
+        parsed.clear();
+        if router
+            .parse(topic, payload.as_bytes(), receive_ms, parsed)
+            .is_ok()
+        {
+            parsed_count += parsed.len() as u64;
+        }
+    }
+    parsed_count
+}
+
+/// One simulated second through the pipeline, what `readings_per_s` times: parse each
+/// message, ingest it, then one run-loop tick. Not inlined, so that
+/// `valgrind --tool=callgrind --toggle-collect='*pipeline_second*'` counts exactly this
+/// (`docs/benchmarks.md`, "Session 6"). Returns the readings ingested.
+#[inline(never)]
+fn pipeline_second(
+    router: &TopicRouter,
+    pipeline: &mut Pipeline,
+    runtime: &tokio::runtime::Runtime,
+    pool: &ReadingsPool,
+    messages: &[(String, String)],
+    receive_ms: i64,
+) -> u64 {
+    let mut readings_in = 0;
+    for (topic, payload) in messages {
+        // A container per message from a pool, as the MQTT shells send theirs to the
+        // pipeline: ingesting drops it, which returns its emptied buffers to the pool.
+        let mut parsed = pool.take();
+        if router
+            .parse(topic, payload.as_bytes(), receive_ms, &mut parsed)
+            .is_err()
+        {
+            continue;
+        }
+        readings_in += parsed.len() as u64;
+        pipeline.ingest(
+            PipelineInput {
+                source: 0,
+                readings: parsed,
+                receive_ms,
+                durable: None,
+            },
+            receive_ms,
+        );
+    }
+    // What the run loop does on each tick: close idle windows, cut batches due by age
+    // (about one raw batch per simulated second), commit.
+    runtime.block_on(pipeline.tick(receive_ms));
+    readings_in
 }
 
 fn ensure_eq(left: u64, right: u64, what: &str) -> anyhow::Result<()> {

@@ -149,6 +149,9 @@ struct BrokerContext {
     shared: Shared,
     sessions: Option<SessionStore>,
     redelivery: Option<Arc<RedeliveryLog>>,
+    /// Every connection's readings containers come from here and return here once the
+    /// pipeline has ingested them.
+    pool: crate::source::ReadingsPool,
 }
 
 /// Binds the broker's listener (done before the run starts, so a taken port is a startup
@@ -195,6 +198,7 @@ pub async fn run_broker(
         },
         sessions,
         redelivery,
+        pool: crate::source::ReadingsPool::new(),
     });
     let mut connections = JoinSet::new();
     loop {
@@ -306,7 +310,7 @@ async fn serve_connection(
     let taken_over = CancellationToken::new();
     let mut connected = false;
     let mut stopping_deadline: Option<tokio::time::Instant> = None;
-    let mut readings = crate::source::ParsedReadings::new();
+    let mut readings = context.pool.take();
 
     loop {
         while let Some(event) = session.poll_event(now_ms()) {
@@ -562,7 +566,7 @@ async fn ingest(
             };
             let input = PipelineInput {
                 source: context.source,
-                readings: std::mem::take(readings),
+                readings: std::mem::replace(readings, context.pool.take()),
                 receive_ms,
                 durable,
             };

@@ -227,6 +227,53 @@ fn decode_block(
     Ok(entries)
 }
 
+/// The key of `id` in a stored block, decoding only that entry (the shipper looks ids up
+/// one by one, up to every series of the fleet when a session starts).
+fn find_in_block(
+    block_key: &[u8],
+    value: &[u8],
+    id: SeriesId,
+) -> Result<Option<SeriesKey>, RegistryError> {
+    let corrupt = |reason: String| RegistryError::Corrupt {
+        id: format!("{id} in block {block_key:?}"),
+        reason,
+    };
+    let first_bytes: [u8; 4] = value
+        .get(..4)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| {
+            corrupt(format!(
+                "value is {} bytes, shorter than its first id",
+                value.len()
+            ))
+        })?;
+    let first = SeriesId::from_be_bytes(first_bytes);
+    let Some(position) = id.checked_sub(first) else {
+        return Ok(None);
+    };
+    let mut cursor = Cursor {
+        bytes: value.get(4..).unwrap_or_default(),
+    };
+    for _ in 0..position {
+        if cursor.bytes.is_empty() {
+            return Ok(None);
+        }
+        cursor
+            .text()
+            .ok_or_else(|| corrupt("an earlier entry is cut short".to_string()))?;
+    }
+    if cursor.bytes.is_empty() {
+        return Ok(None);
+    }
+    let packed = cursor
+        .text()
+        .ok_or_else(|| corrupt("the entry is cut short".to_string()))?;
+    PackedKey(packed.into())
+        .to_key()
+        .map(Some)
+        .ok_or_else(|| corrupt("the entry is not a series key".to_string()))
+}
+
 fn decode_legacy(key: &[u8], value: &[u8]) -> Result<(SeriesId, SeriesKey), RegistryError> {
     let id_bytes: [u8; 4] = key.try_into().map_err(|_| RegistryError::Corrupt {
         id: format!("{key:?}"),
@@ -265,10 +312,7 @@ impl RegistryReader {
         };
         let key = block_key(id as usize / BLOCK_SERIES);
         if let Some(value) = self.tree.get(key).map_err(storage)? {
-            if let Some((_, key)) = decode_block(&key, &value)?
-                .into_iter()
-                .find(|(block_id, _)| *block_id == id)
-            {
+            if let Some(key) = find_in_block(&key, &value, id)? {
                 return Ok(Some(SeriesDef { id, key }));
             }
         }

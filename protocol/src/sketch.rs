@@ -141,13 +141,24 @@ fn bucket_value(index: i32) -> f64 {
 
 /// Counts of consecutive bucket indices `[offset, offset + counts.len())`.
 ///
-/// Invariant: empty, or the first and last counts are non-zero (so derived equality is
-/// equality of the represented multiset) and `counts.len() <= MAX_BUCKETS_PER_STORE`.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// Invariant: empty, or at least one count is non-zero, and `counts.len() <=
+/// MAX_BUCKETS_PER_STORE`. The counts may begin and end with zeros (slack): a store that
+/// grows through [`BucketStore::merge`] is widened a little beyond what it needs, so the
+/// next summaries merged into a window land inside it and are added in place instead of
+/// reallocating and shifting the vector each time the window's range creeps outwards.
+/// Everything observable (equality, `Debug`, the wire form, bucket iteration, collapsing)
+/// goes by the occupied range, from the first to the last non-zero count, so slack never
+/// shows. Stores built by [`BucketStore::add`] and decoded from the wire have no slack.
+#[derive(Default)]
 pub(crate) struct BucketStore {
     offset: i32,
     counts: Vec<u64>,
 }
+
+/// Slack, in buckets, added on each side a store grows towards when a merge widens it
+/// (at least; a quarter of the occupied span when that is more, so a window fed for
+/// hours widens a logarithmic number of times). 8 buckets is 64 bytes.
+const MERGE_SLACK_BUCKETS: i64 = 8;
 
 /// By hand so that `clone_from` reuses the target's allocation (the window engine copies
 /// running windows into recycled summaries).
@@ -165,6 +176,46 @@ impl Clone for BucketStore {
     }
 }
 
+/// Equal when they hold the same counts at the same indices, whatever their slack.
+impl PartialEq for BucketStore {
+    fn eq(&self, other: &Self) -> bool {
+        self.occupied() == other.occupied()
+    }
+}
+
+impl Eq for BucketStore {}
+
+/// The occupied range only, as the derived form printed for a store without slack (the
+/// engine's output fingerprint reads it).
+impl std::fmt::Debug for BucketStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (offset, counts) = self.occupied();
+        formatter
+            .debug_struct("BucketStore")
+            .field("offset", &offset)
+            .field("counts", &counts)
+            .finish()
+    }
+}
+
+/// Adds `source` into `target` slot by slot, saturating at `u64::MAX`.
+#[inline]
+fn add_counts(target: &mut [u64], source: &[u64]) {
+    // Wrapping additions vectorise (saturating ones do not on baseline x86-64). A sum
+    // can only wrap when an addend has its top bit set, which no real count has: if one
+    // did, undo the wrapping additions and saturate instead.
+    let mut top_bits = 0u64;
+    for (slot, count) in target.iter_mut().zip(source) {
+        top_bits |= *slot | *count;
+        *slot = slot.wrapping_add(*count);
+    }
+    if top_bits >> 63 != 0 {
+        for (slot, count) in target.iter_mut().zip(source) {
+            *slot = slot.wrapping_sub(*count).saturating_add(*count);
+        }
+    }
+}
+
 impl BucketStore {
     fn is_empty(&self) -> bool {
         self.counts.is_empty()
@@ -176,8 +227,23 @@ impl BucketStore {
             .fold(0u64, |sum, count| sum.saturating_add(*count))
     }
 
-    fn highest_index(&self) -> i64 {
+    /// The highest index the dense vector covers (slack included).
+    fn covered_highest_index(&self) -> i64 {
         self.offset as i64 + self.counts.len() as i64 - 1
+    }
+
+    /// The first non-zero count's index and the counts from it to the last non-zero one;
+    /// `(offset, [])` when empty.
+    fn occupied(&self) -> (i32, &[u64]) {
+        let first = self.counts.iter().position(|count| *count != 0);
+        let last = self.counts.iter().rposition(|count| *count != 0);
+        match (first, last) {
+            (Some(first), Some(last)) => (
+                self.offset.wrapping_add(first as i32),
+                self.counts.get(first..=last).unwrap_or_default(),
+            ),
+            _ => (self.offset, &[]),
+        }
     }
 
     #[inline]
@@ -192,7 +258,7 @@ impl BucketStore {
                 return;
             }
         }
-        self.add_slow(index as i64, index as i64, |counts, lowest| {
+        self.add_slow(index as i64, index as i64, 0, |counts, lowest| {
             let position = (index as i64).max(lowest) - lowest;
             if let Some(slot) = counts.get_mut(position as usize) {
                 *slot = slot.saturating_add(count);
@@ -201,26 +267,28 @@ impl BucketStore {
     }
 
     fn merge(&mut self, other: &BucketStore) {
-        if other.is_empty() {
+        let (other_offset, other_counts) = other.occupied();
+        if other_counts.is_empty() {
             return;
         }
-        let other_lowest = other.offset as i64;
-        let other_highest = other.highest_index();
+        let other_lowest = other_offset as i64;
+        let other_highest = other_lowest + other_counts.len() as i64 - 1;
         // Fast path: `other` lies inside the range `self` covers (the usual case when a
-        // window merges small summaries), so no resizing is needed.
-        if !self.is_empty() && other_lowest >= self.offset as i64 {
+        // window merges small summaries, helped by the slack a merge leaves), so no
+        // resizing is needed.
+        if !self.is_empty()
+            && other_lowest >= self.offset as i64
+            && other_highest <= self.covered_highest_index()
+        {
             let start = (other_lowest - self.offset as i64) as usize;
-            if other_highest <= self.highest_index() {
-                if let Some(target) = self.counts.get_mut(start..start + other.counts.len()) {
-                    for (slot, count) in target.iter_mut().zip(&other.counts) {
-                        *slot = slot.saturating_add(*count);
-                    }
-                    return;
-                }
+            if let Some(target) = self.counts.get_mut(start..start + other_counts.len()) {
+                add_counts(target, other_counts);
+                return;
             }
         }
-        self.add_slow(other_lowest, other_highest, |counts, lowest| {
-            for (position, count) in other.counts.iter().enumerate() {
+        let span = other_counts.len() as i64;
+        self.add_slow(other_lowest, other_highest, span, |counts, lowest| {
+            for (position, count) in other_counts.iter().enumerate() {
                 let index = (other_lowest + position as i64).max(lowest);
                 if let Some(slot) = counts.get_mut((index - lowest) as usize) {
                     *slot = slot.saturating_add(*count);
@@ -229,57 +297,53 @@ impl BucketStore {
         });
     }
 
-    /// Widens the store to cover `[new_lowest, new_highest]` (collapsing whatever falls
-    /// below the kept range into its lowest bucket), then lets `fill` add counts into the
-    /// resized dense vector, given the index of its first slot.
+    /// Rebuilds the store to cover `[new_lowest, new_highest]` and its occupied range
+    /// (collapsing whatever falls below the kept range into its lowest bucket), then lets
+    /// `fill` add counts into the new dense vector, given the index of its first slot.
+    /// With `slack_hint > 0` (merges), each side that grows gets slack too (see
+    /// [`MERGE_SLACK_BUCKETS`]), as far as the store's bucket limit allows.
     fn add_slow(
         &mut self,
         new_lowest: i64,
         new_highest: i64,
+        slack_hint: i64,
         fill: impl FnOnce(&mut Vec<u64>, i64),
     ) {
-        let (lowest, highest) = if self.is_empty() {
+        let (old_offset, old_counts) = self.occupied();
+        let old_lowest = old_offset as i64;
+        let old_highest = old_lowest + old_counts.len() as i64 - 1;
+        let (lowest, highest) = if old_counts.is_empty() {
             (new_lowest, new_highest)
         } else {
-            (
-                new_lowest.min(self.offset as i64),
-                new_highest.max(self.highest_index()),
-            )
+            (new_lowest.min(old_lowest), new_highest.max(old_highest))
         };
+        // Collapsing depends on the occupied range only (never on slack), so that merge
+        // stays associative and commutative.
         let lowest = lowest.max(highest - MAX_BUCKETS_PER_STORE as i64 + 1);
-        let length = (highest - lowest + 1) as usize;
-        if self.is_empty() {
-            self.counts = vec![0; length];
-        } else {
-            let old_offset = self.offset as i64;
-            let old_highest = self.highest_index();
-            // Collapse the old counts that fall below the new lowest index.
-            let collapsed: u64 = if old_offset < lowest {
-                let cut = ((lowest - old_offset) as usize).min(self.counts.len());
-                let sum = self
-                    .counts
-                    .drain(..cut)
-                    .fold(0u64, |sum, count| sum.saturating_add(count));
-                sum
-            } else {
-                0
-            };
-            let kept_lowest = old_offset.max(lowest);
-            let leading_zeros = (kept_lowest - lowest).max(0) as usize;
-            if leading_zeros > 0 {
-                self.counts
-                    .splice(0..0, std::iter::repeat_n(0, leading_zeros));
+        let (mut covered_lowest, mut covered_highest) = (lowest, highest);
+        if slack_hint > 0 && !old_counts.is_empty() {
+            let mut room = MAX_BUCKETS_PER_STORE as i64 - (highest - lowest + 1);
+            let slack = MERGE_SLACK_BUCKETS.max((highest - lowest + 1 + slack_hint) / 4);
+            if highest > old_highest {
+                let above = slack.min(room);
+                covered_highest += above;
+                room -= above;
             }
-            let trailing_zeros = (highest - old_highest.max(lowest - 1)).max(0) as usize;
-            let target_length = self.counts.len() + trailing_zeros;
-            self.counts.resize(target_length, 0);
-            if let Some(first) = self.counts.first_mut() {
-                *first = first.saturating_add(collapsed);
+            if lowest < old_lowest {
+                covered_lowest -= slack.min(room);
             }
-            debug_assert_eq!(self.counts.len(), length);
         }
-        self.offset = lowest as i32;
-        fill(&mut self.counts, lowest);
+        let length = (covered_highest - covered_lowest + 1) as usize;
+        let mut counts = vec![0u64; length];
+        for (position, count) in old_counts.iter().enumerate() {
+            let index = (old_lowest + position as i64).max(lowest);
+            if let Some(slot) = counts.get_mut((index - covered_lowest) as usize) {
+                *slot = slot.saturating_add(*count);
+            }
+        }
+        self.counts = counts;
+        self.offset = covered_lowest as i32;
+        fill(&mut self.counts, covered_lowest);
     }
 
     /// Non-empty buckets as `(index, count)`, lowest index first.
@@ -300,7 +364,7 @@ impl Serialize for SparseBuckets<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let non_empty = self.0.counts.iter().filter(|count| **count > 0).count();
         let mut sequence = serializer.serialize_seq(Some(non_empty))?;
-        let mut previous = self.0.offset;
+        let mut previous = self.0.occupied().0;
         for (index, count) in self.0.buckets() {
             let gap = index.wrapping_sub(previous) as u32;
             previous = index;
@@ -313,7 +377,7 @@ impl Serialize for SparseBuckets<'_> {
 impl Serialize for BucketStore {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut tuple = serializer.serialize_tuple(2)?;
-        tuple.serialize_element(&self.offset)?;
+        tuple.serialize_element(&self.occupied().0)?;
         tuple.serialize_element(&SparseBuckets(self))?;
         tuple.end()
     }
@@ -555,6 +619,11 @@ impl Sketch {
         self.positive.buckets().count() + self.negative.buckets().count()
     }
 
+    /// Heap bytes of the bucket counts (the dense vectors' capacity, slack included).
+    pub fn heap_bytes(&self) -> usize {
+        (self.positive.counts.capacity() + self.negative.counts.capacity()) * 8
+    }
+
     /// Non-empty buckets of the positive and negative stores as `(index, count)`, lowest
     /// index first: for tests and debugging.
     pub fn positive_buckets(&self) -> Vec<(i32, u64)> {
@@ -662,6 +731,61 @@ mod tests {
         assert!(sketch.negative.counts.len() <= MAX_BUCKETS_PER_STORE);
         let top = sketch.quantile(1.0).unwrap();
         assert!((top - 1e300).abs() / 1e300 < 0.03, "{top}");
+    }
+
+    /// Merging many small sketches into one (what a window does) leaves slack in its
+    /// stores; nothing observable may differ from a sketch fed every value directly.
+    #[test]
+    fn slack_left_by_merges_never_shows() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for spread in [1.001_f64, 1.05, 3.0, 1e6, 1e200] {
+            let mut merged = Sketch::new();
+            let mut direct = Sketch::new();
+            for _ in 0..300 {
+                let mut part = Sketch::new();
+                for _ in 0..(next() % 12) {
+                    let exponent = (next() % 2001) as f64 / 1000.0 - 1.0;
+                    let sign = if next() % 5 == 0 { -1.0 } else { 1.0 };
+                    let value = sign * 20.0 * spread.powf(exponent);
+                    part.add(value);
+                    direct.add(value);
+                }
+                merged.merge(&part);
+                assert_eq!(merged, direct, "spread {spread}");
+            }
+            assert!(merged.positive.counts.len() <= MAX_BUCKETS_PER_STORE);
+            assert_eq!(format!("{merged:?}"), format!("{direct:?}"));
+            assert_eq!(
+                postcard::to_allocvec(&merged).unwrap(),
+                postcard::to_allocvec(&direct).unwrap()
+            );
+            assert_eq!(merged.count(), direct.count());
+            for q in [0.0, 0.1, 0.5, 0.99, 1.0] {
+                assert_eq!(merged.quantile(q), direct.quantile(q));
+            }
+        }
+    }
+
+    #[test]
+    fn counts_saturate_instead_of_wrapping() {
+        let mut big = Sketch::new();
+        big.add_count(1.0, u64::MAX - 1);
+        let mut other = Sketch::new();
+        other.add_count(1.0, 5);
+        other.add_count(2.0, u64::MAX);
+        big.merge(&Sketch::from_value(2.0));
+        big.merge(&other);
+        assert_eq!(big.positive_buckets().len(), 2);
+        assert!(big
+            .positive_buckets()
+            .iter()
+            .all(|(_, count)| *count == u64::MAX));
     }
 
     #[test]

@@ -1681,7 +1681,6 @@ mod tests {
     use tributary_protocol::{Reading, WindowSummary};
 
     const START_MS: i64 = 1_700_000_000_000;
-    const START_MS: i64 = 1_700_000_000_000;
 
     #[test]
     fn same_text_agrees_with_string_equality() {

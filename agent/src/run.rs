@@ -74,6 +74,8 @@ pub fn now_ms() -> i64 {
 #[derive(Debug)]
 pub struct PipelineInput {
     pub source: SourceIndex,
+    /// Usually taken from the shell's `ReadingsPool`: dropped once ingested, it returns
+    /// there emptied, so a message costs no allocation on either side.
     pub readings: ParsedReadings,
     pub receive_ms: i64,
     /// Set for messages that need an acknowledgement: the readings are journaled, and the

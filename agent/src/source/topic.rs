@@ -277,8 +277,7 @@ impl TopicTemplate {
 }
 
 /// Position of the first `/` in `bytes`, eight bytes at a time: topic levels are short, but
-/// every level of every message's topic is searched, and a byte-by-byte loop cost about ten
-/// instructions per byte (`docs/benchmarks.md`, "Session 6").
+/// every placeholder level of every message's topic is searched.
 fn find_slash(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH_BITS: u64 = 0x8080_8080_8080_8080;

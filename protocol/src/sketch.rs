@@ -201,6 +201,13 @@ impl std::fmt::Debug for BucketStore {
 /// Adds `source` into `target` slot by slot, saturating at `u64::MAX`.
 #[inline]
 fn add_counts(target: &mut [u64], source: &[u64]) {
+    // An edge summary usually spans a few buckets: a plain loop is cheapest there.
+    if source.len() < 16 {
+        for (slot, count) in target.iter_mut().zip(source) {
+            *slot = slot.saturating_add(*count);
+        }
+        return;
+    }
     // Wrapping additions vectorise (saturating ones do not on baseline x86-64). A sum
     // can only wrap when an addend has its top bit set, which no real count has: if one
     // did, undo the wrapping additions and saturate instead.
@@ -234,7 +241,16 @@ impl BucketStore {
 
     /// The first non-zero count's index and the counts from it to the last non-zero one;
     /// `(offset, [])` when empty.
+    #[inline]
     fn occupied(&self) -> (i32, &[u64]) {
+        // Without slack (edge summaries, decoded stores) the whole vector is occupied.
+        match (self.counts.first(), self.counts.last()) {
+            (None, _) | (_, None) => return (self.offset, &[]),
+            (Some(first), Some(last)) if *first != 0 && *last != 0 => {
+                return (self.offset, &self.counts)
+            }
+            _ => {}
+        }
         let first = self.counts.iter().position(|count| *count != 0);
         let last = self.counts.iter().rposition(|count| *count != 0);
         match (first, last) {
@@ -302,6 +318,7 @@ impl BucketStore {
     /// `fill` add counts into the new dense vector, given the index of its first slot.
     /// With `slack_hint > 0` (merges), each side that grows gets slack too (see
     /// [`MERGE_SLACK_BUCKETS`]), as far as the store's bucket limit allows.
+    #[inline(never)]
     fn add_slow(
         &mut self,
         new_lowest: i64,

@@ -351,14 +351,40 @@ impl BucketStore {
             }
         }
         let length = (covered_highest - covered_lowest + 1) as usize;
-        let mut counts = vec![0u64; length];
-        for (position, count) in old_counts.iter().enumerate() {
-            let index = (old_lowest + position as i64).max(lowest);
-            if let Some(slot) = counts.get_mut((index - covered_lowest) as usize) {
-                *slot = slot.saturating_add(*count);
+        let collapsing = !old_counts.is_empty() && old_lowest < lowest;
+        if collapsing {
+            // Rare (a store past its bucket limit): rebuilt into a fresh vector.
+            let mut counts = vec![0u64; length];
+            for (position, count) in old_counts.iter().enumerate() {
+                let index = (old_lowest + position as i64).max(lowest);
+                if let Some(slot) = counts.get_mut((index - covered_lowest) as usize) {
+                    *slot = slot.saturating_add(*count);
+                }
             }
+            self.counts = counts;
+        } else {
+            // In place: the occupied counts move to their new position in the same
+            // allocation (which grows by doubling, so a store widened bucket by bucket
+            // reallocates rarely) and everything around them is zeroed.
+            let occupied_length = old_counts.len();
+            let source = (old_lowest - self.offset as i64).max(0) as usize;
+            let destination = (old_lowest - covered_lowest).max(0) as usize;
+            if self.counts.len() < length {
+                self.counts.resize(length, 0);
+            }
+            let end = source.max(destination) + occupied_length;
+            if occupied_length > 0 && end <= self.counts.len() {
+                self.counts
+                    .copy_within(source..source + occupied_length, destination);
+            }
+            if let Some(below) = self.counts.get_mut(..destination) {
+                below.fill(0);
+            }
+            if let Some(above) = self.counts.get_mut(destination + occupied_length..) {
+                above.fill(0);
+            }
+            self.counts.truncate(length);
         }
-        self.counts = counts;
         self.offset = covered_lowest as i32;
         fill(&mut self.counts, covered_lowest);
     }

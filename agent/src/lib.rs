@@ -1,5 +1,6 @@
 //! The gateway daemon: reads MQTT and serial sensors, pre-aggregates, buffers to disk, ships over QUIC.
 pub mod aggregate;
+pub mod allocator;
 pub mod buffer;
 pub mod config;
 pub mod metrics;

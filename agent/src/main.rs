@@ -67,6 +67,8 @@ struct BufferLocation {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: arenas created earlier would stay.
+    let allocator = tributary_agent::allocator::tune_for_gateway();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    tracing::debug!(?allocator, "malloc settings");
     let result = match cli.command {
         Command::Run { config } => run(&config),
         Command::CheckConfig { config } => check_config(&config),

@@ -847,6 +847,11 @@ pub const PARTS_ENV: &str = "TRIBUTARY_BENCH_AGENT_PARTS";
 /// Runs the bench: in-process, Mosquitto, backlog drain, agent process (or the parts
 /// `PARTS_ENV` names).
 pub fn run(options: &BenchOptions) -> anyhow::Result<Vec<Value>> {
+    // The agent binary sets these malloc options first thing in `main`; the in-process
+    // pipeline is measured under the same allocator settings (an operator's `MALLOC_*`
+    // variables win in both).
+    let allocator = tributary_agent::allocator::tune_for_gateway();
+    eprintln!("bench agent: {allocator:?}");
     let selected = std::env::var(PARTS_ENV).ok();
     let wanted = |part: &str| {
         selected

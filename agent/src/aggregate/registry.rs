@@ -189,6 +189,19 @@ fn block_key(block: usize) -> [u8; 5] {
     [BLOCK_KEY_PREFIX, number[0], number[1], number[2], number[3]]
 }
 
+/// A stored block's first id and a cursor over its packed keys, or why the value cannot be
+/// a block.
+fn open_block(value: &[u8]) -> Result<(SeriesId, Cursor<'_>), String> {
+    let first_bytes: [u8; 4] = value
+        .get(..4)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| format!("value is {} bytes, shorter than its first id", value.len()))?;
+    let cursor = Cursor {
+        bytes: value.get(4..).unwrap_or_default(),
+    };
+    Ok((SeriesId::from_be_bytes(first_bytes), cursor))
+}
+
 /// The ids and keys of one stored block, in order.
 fn decode_block(
     block_key: &[u8],
@@ -198,19 +211,7 @@ fn decode_block(
         id: format!("block {block_key:?}"),
         reason,
     };
-    let first_bytes: [u8; 4] = value
-        .get(..4)
-        .and_then(|bytes| bytes.try_into().ok())
-        .ok_or_else(|| {
-            corrupt(format!(
-                "value is {} bytes, shorter than its first id",
-                value.len()
-            ))
-        })?;
-    let mut id = SeriesId::from_be_bytes(first_bytes);
-    let mut cursor = Cursor {
-        bytes: value.get(4..).unwrap_or_default(),
-    };
+    let (mut id, mut cursor) = open_block(value).map_err(corrupt)?;
     let mut entries = Vec::new();
     while !cursor.bytes.is_empty() {
         let packed = cursor
@@ -238,21 +239,9 @@ fn find_in_block(
         id: format!("{id} in block {block_key:?}"),
         reason,
     };
-    let first_bytes: [u8; 4] = value
-        .get(..4)
-        .and_then(|bytes| bytes.try_into().ok())
-        .ok_or_else(|| {
-            corrupt(format!(
-                "value is {} bytes, shorter than its first id",
-                value.len()
-            ))
-        })?;
-    let first = SeriesId::from_be_bytes(first_bytes);
+    let (first, mut cursor) = open_block(value).map_err(corrupt)?;
     let Some(position) = id.checked_sub(first) else {
         return Ok(None);
-    };
-    let mut cursor = Cursor {
-        bytes: value.get(4..).unwrap_or_default(),
     };
     for _ in 0..position {
         if cursor.bytes.is_empty() {

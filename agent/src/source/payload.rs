@@ -355,14 +355,20 @@ fn parse_payload_inner(
 
 const PLAIN_FIELD: &str = "payload";
 
-/// The one reading of a plain payload; the topic must name the metric.
-fn push_plain(emitter: &mut Emitter<'_, '_>, value: f64) -> Result<(), PayloadError> {
+/// A plain payload carries no metric name: the topic must give it.
+fn require_topic_metric(emitter: &Emitter<'_, '_>) -> Result<(), PayloadError> {
     if emitter.fields.metric.is_none() {
         return Err(PayloadError::NoMetric {
             template: String::from("(this topic's)"),
             format: "plain",
         });
     }
+    Ok(())
+}
+
+/// The one reading of a plain payload.
+fn push_plain(emitter: &mut Emitter<'_, '_>, value: f64) -> Result<(), PayloadError> {
+    require_topic_metric(emitter)?;
     emitter.push("", &[], None, value, PLAIN_FIELD)
 }
 
@@ -371,13 +377,8 @@ fn parse_plain(
     options: &PayloadOptions,
     emitter: &mut Emitter<'_, '_>,
 ) -> Result<(), PayloadError> {
-    const FIELD: &str = PLAIN_FIELD;
-    if emitter.fields.metric.is_none() {
-        return Err(PayloadError::NoMetric {
-            template: String::from("(this topic's)"),
-            format: "plain",
-        });
-    }
+    // Before the value: a topic without a metric is the error to report, whatever follows.
+    require_topic_metric(emitter)?;
     let trimmed = text.trim();
     if options.booleans_as_numbers {
         match trimmed {
@@ -389,10 +390,10 @@ fn parse_plain(
     match parse_number_text(trimmed) {
         NumberText::Finite(value) => push_plain(emitter, value),
         NumberText::NanOrInf => Err(PayloadError::NanOrInf {
-            field: FIELD.to_owned(),
+            field: PLAIN_FIELD.to_owned(),
         }),
         NumberText::NotANumber => Err(PayloadError::NotANumber {
-            field: FIELD.to_owned(),
+            field: PLAIN_FIELD.to_owned(),
             found: format!("`{}`", excerpt(trimmed)),
         }),
     }

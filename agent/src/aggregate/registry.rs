@@ -411,6 +411,11 @@ impl SeriesRegistry {
         };
         let stored = self.stored_count.load(Ordering::Acquire);
         let total = self.keys.len();
+        if stored >= total {
+            // Nothing new: without this, a partly filled last block was written again at
+            // every journal block and commit.
+            return Ok(());
+        }
         let mut block = stored / BLOCK_SERIES;
         while block * BLOCK_SERIES < total {
             let first = (block * BLOCK_SERIES).max(self.legacy_count);

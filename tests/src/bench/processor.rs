@@ -37,7 +37,9 @@ use tributary_protocol::{
 };
 
 use super::{percentile, round3, BenchOptions};
-use crate::services::{lookup_service_env, running_in_ci, unique_suffix, CLICKHOUSE_URL};
+use crate::services::{
+    drop_clickhouse_database, lookup_service_env, running_in_ci, unique_suffix, CLICKHOUSE_URL,
+};
 
 const DEVICES: usize = 100;
 const SEED: u64 = 2024;
@@ -425,14 +427,9 @@ async fn insert_through_store(
         anyhow::Ok((rows_written, started.elapsed().as_secs_f64(), flushes))
     }
     .await;
-    let client = clickhouse::Client::default()
-        .with_url(url)
-        .with_validation(false);
     let _ = tokio::time::timeout(
         Duration::from_secs(30),
-        client
-            .query(&format!("DROP DATABASE IF EXISTS {database}"))
-            .execute(),
+        drop_clickhouse_database(url, &database),
     )
     .await;
     result
@@ -671,9 +668,7 @@ async fn measure_freshness(
     let consumer_outcome = tokio::time::timeout(Duration::from_secs(60), consumer).await;
     let _ = tokio::time::timeout(
         Duration::from_secs(30),
-        client
-            .query(&format!("DROP DATABASE IF EXISTS {database}"))
-            .execute(),
+        drop_clickhouse_database(&url, &database),
     )
     .await;
     produced?;

@@ -546,6 +546,89 @@ mod tests {
         assert_eq!(out.closed.len(), 3);
     }
 
+    /// FNV-1a over text: a fingerprint that does not depend on the standard library's hasher.
+    fn fnv1a(hash: &mut u64, text: &str) {
+        for byte in text.bytes() {
+            *hash = (*hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// Everything the engine emits for a deterministic stream (disorder within and beyond
+    /// the allowance, negative, zero and wide-ranging values, idle closes, evictions, a
+    /// shutdown) is pinned by a fingerprint taken before the open windows' representation
+    /// changed (session 7): a change of storage must not change one bit of the output.
+    #[test]
+    fn output_is_bit_identical_to_the_pinned_fingerprint() {
+        let config = WindowConfig {
+            window_ms: 1_000,
+            allowed_disorder_ms: 300,
+            idle_timeout_ms: 2_500,
+            series_evict_after_ms: 6_000,
+            raw: RawPolicy::Deadband { threshold: 0.5 },
+        };
+        let mut aggregator = WindowAggregator::new(config);
+        let mut out = AggregateOutput::default();
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+        for step in 0..20_000i64 {
+            let random = next();
+            // Series come and go: the upper ids speak only in some stretches.
+            let series = (random % 40) as u32 + if (step / 3_000) % 2 == 0 { 0 } else { 20 };
+            let now_ms = step * 3;
+            let jitter_ms = ((random >> 8) % 700) as i64;
+            let late_ms = if (random >> 20) % 50 == 0 { 2_000 } else { 0 };
+            let time_ms = now_ms - jitter_ms - late_ms;
+            let value = match (random >> 30) % 6 {
+                0 => 0.0,
+                1 => -(((random >> 36) % 1_000) as f64) / 10.0,
+                2 => ((random >> 36) % 100_000) as f64 * 1e3,
+                3 => 1e-9 * ((random >> 36) % 7) as f64,
+                _ => 20.0 + ((random >> 36) % 50) as f64 / 100.0,
+            };
+            aggregator.observe(
+                reading(series, time_ms, value),
+                step as u64,
+                now_ms,
+                &mut out,
+            );
+            if step % 97 == 0 {
+                aggregator.poll(now_ms, &mut out);
+                fnv1a(
+                    &mut hash,
+                    &format!(
+                        "{} {} {} {:?}",
+                        aggregator.open_windows(),
+                        aggregator.tracked_series(),
+                        aggregator.min_open_journal_seq(),
+                        aggregator.counters()
+                    ),
+                );
+            }
+            for forwarded in out.raw.drain(..) {
+                fnv1a(&mut hash, &format!("{forwarded:?}"));
+            }
+            for closed in out.closed.drain(..) {
+                fnv1a(&mut hash, &format!("{closed:?}"));
+            }
+        }
+        aggregator.close_all(&mut out);
+        for closed in out.closed.drain(..) {
+            fnv1a(&mut hash, &format!("{closed:?}"));
+        }
+        fnv1a(&mut hash, &format!("{:?}", aggregator.counters()));
+        let counters = aggregator.counters();
+        assert!(counters.late_readings > 100, "{counters:?}");
+        assert!(counters.series_evicted > 10, "{counters:?}");
+        assert!(counters.windows_closed > 1_000, "{counters:?}");
+        assert_eq!(hash, 0xb0fb_3839_c379_8116, "output fingerprint changed");
+    }
+
     #[test]
     fn raw_policies() {
         let run = |raw: RawPolicy, values: &[f64]| -> Vec<f64> {

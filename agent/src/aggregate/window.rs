@@ -130,8 +130,181 @@ pub struct AggregatorCounters {
 
 #[derive(Debug)]
 struct OpenWindow {
+    start_ms: i64,
     summary: Summary,
     min_journal_seq: u64,
+}
+
+impl OpenWindow {
+    /// A window with nothing in it yet (also what an unused inline slot holds: no heap).
+    fn empty(start_ms: i64) -> Self {
+        Self {
+            start_ms,
+            summary: Summary::empty(),
+            min_journal_seq: NOT_JOURNALED,
+        }
+    }
+}
+
+/// Windows a series holds without an allocation of their own.
+const INLINE_WINDOWS: usize = 2;
+
+/// The open windows of one series, oldest first: the first [`INLINE_WINDOWS`] in the
+/// series' own state, any further ones in `spill`.
+///
+/// Why two inline: windows are aligned to the epoch, so every series holds its previous
+/// window open beside the current one for the disorder allowance after each boundary (2 s
+/// of every 10 s with the defaults), at the same moment as every other series. A series
+/// with one window inline would allocate a second one for all 10k series at once, right
+/// when the closing burst peaks. Three or more open (late readings reopening old windows,
+/// a disorder allowance wider than a window) are rare and spill to a vector.
+#[derive(Debug)]
+struct OpenWindows {
+    inline: [OpenWindow; INLINE_WINDOWS],
+    inline_len: usize,
+    /// Windows after the inline ones; empty (and unallocated) unless all inline slots are used.
+    spill: Vec<OpenWindow>,
+}
+
+impl OpenWindows {
+    fn new() -> Self {
+        Self {
+            inline: [OpenWindow::empty(0), OpenWindow::empty(0)],
+            inline_len: 0,
+            spill: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.inline_len + self.spill.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inline_len == 0
+    }
+
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &OpenWindow> {
+        self.inline
+            .get(..self.inline_len)
+            .unwrap_or_default()
+            .iter()
+            .chain(self.spill.iter())
+    }
+
+    fn first(&self) -> Option<&OpenWindow> {
+        self.iter().next()
+    }
+
+    fn get_mut(&mut self, index: usize) -> Option<&mut OpenWindow> {
+        if index < self.inline_len {
+            self.inline.get_mut(index)
+        } else {
+            self.spill.get_mut(index - INLINE_WINDOWS)
+        }
+    }
+
+    fn get(&self, index: usize) -> Option<&OpenWindow> {
+        if index < self.inline_len {
+            self.inline.get(index)
+        } else {
+            self.spill.get(index - INLINE_WINDOWS)
+        }
+    }
+
+    /// The window starting at `start_ms`, opened (in start order) if it is not open yet;
+    /// the bool says whether it was opened.
+    #[inline]
+    fn find_or_open(&mut self, start_ms: i64) -> (Option<&mut OpenWindow>, bool) {
+        let length = self.len();
+        // Most readings land in the newest window.
+        if let Some(newest) = length.checked_sub(1) {
+            if self
+                .get(newest)
+                .is_some_and(|window| window.start_ms == start_ms)
+            {
+                return (self.get_mut(newest), false);
+            }
+        }
+        // Search backwards for the last window starting at or before `start_ms`.
+        let at_or_before = self
+            .iter()
+            .rev()
+            .position(|window| window.start_ms <= start_ms)
+            .map(|from_newest| length - 1 - from_newest);
+        let index = match at_or_before {
+            Some(index)
+                if self
+                    .get(index)
+                    .is_some_and(|window| window.start_ms == start_ms) =>
+            {
+                return (self.get_mut(index), false);
+            }
+            Some(index) => index + 1,
+            None => 0,
+        };
+        self.insert(index, OpenWindow::empty(start_ms));
+        (self.get_mut(index), true)
+    }
+
+    /// Inserts `window` at `index` (at most `len()`), keeping the inline slots filled first.
+    fn insert(&mut self, index: usize, window: OpenWindow) {
+        if index >= INLINE_WINDOWS {
+            let position = (index - INLINE_WINDOWS).min(self.spill.len());
+            // Rare: grow one window at a time (152 bytes each).
+            if self.spill.len() == self.spill.capacity() {
+                self.spill.reserve_exact(1);
+            }
+            self.spill.insert(position, window);
+            return;
+        }
+        if self.inline_len == INLINE_WINDOWS {
+            // The last inline window moves to the front of the spill to make room.
+            let Some(last) = self.inline.last_mut() else {
+                return;
+            };
+            let displaced = std::mem::replace(last, window);
+            if let Some(shifted) = self.inline.get_mut(index..) {
+                shifted.rotate_right(1);
+            }
+            if self.spill.len() == self.spill.capacity() {
+                self.spill.reserve_exact(1);
+            }
+            self.spill.insert(0, displaced);
+        } else {
+            let end = self.inline_len;
+            if let Some(slot) = self.inline.get_mut(end) {
+                *slot = window;
+            }
+            if let Some(shifted) = self.inline.get_mut(index..=end) {
+                shifted.rotate_right(1);
+            }
+            self.inline_len += 1;
+        }
+    }
+
+    /// Takes the oldest window out.
+    fn pop_first(&mut self) -> Option<OpenWindow> {
+        if self.inline_len == 0 {
+            return None;
+        }
+        let first = self.inline.first_mut()?;
+        let window = std::mem::replace(first, OpenWindow::empty(0));
+        self.inline.rotate_left(1);
+        self.inline_len -= 1;
+        if !self.spill.is_empty() {
+            let next = self.spill.remove(0);
+            if let Some(slot) = self.inline.get_mut(self.inline_len) {
+                *slot = next;
+                self.inline_len += 1;
+            }
+            if self.spill.is_empty() {
+                // Give the rare spill's room back rather than keep it for every series
+                // that ever had three windows open.
+                self.spill = Vec::new();
+            }
+        }
+        Some(window)
+    }
 }
 
 /// Hashes a [`SeriesId`] with one multiplication. Ids are dense numbers the registry
@@ -162,13 +335,8 @@ pub(crate) type SeriesIdMap<V> = HashMap<SeriesId, V, BuildHasherDefault<SeriesI
 
 #[derive(Debug)]
 struct SeriesState {
-    /// Open windows by start time, oldest first. A series rarely has more than two open
-    /// (the current one and one held back by the disorder allowance), so a sorted vector
-    /// beats a tree: no node allocation per series (a B-tree leaf holds room for 11
-    /// windows, which cost about 1.6 KiB per series at 10k series), and its capacity is
-    /// reused when a window closes and the next opens. It grows one window at a time
-    /// (152 bytes each), so a series costs what it holds open, not four windows.
-    open: Vec<(i64, OpenWindow)>,
+    series: SeriesId,
+    open: OpenWindows,
     max_event_ms: i64,
     last_arrival_ms: i64,
     readings_seen: u64,
@@ -177,9 +345,18 @@ struct SeriesState {
 
 /// The windows and raw policy of every series of one source.
 #[derive(Debug)]
+///
+/// Memory (`docs/agent.md`, "Memory"): the series' states sit side by side in one vector,
+/// each with room for two open windows inline, and a map from series id to position holds
+/// 8 bytes a series. A hash map holding the states themselves kept a third of its slots
+/// empty (it doubles at 7/8 full) and every slot was touched; the vector's spare room past
+/// its length is never written, and for a large vector glibc maps it lazily, so it costs
+/// address space, not memory.
 pub struct WindowAggregator {
     config: WindowConfig,
-    series: SeriesIdMap<SeriesState>,
+    /// Position in `states` of each tracked series.
+    positions: SeriesIdMap<u32>,
+    states: Vec<SeriesState>,
     counters: AggregatorCounters,
     open_windows: usize,
 }
@@ -188,7 +365,8 @@ impl WindowAggregator {
     pub fn new(config: WindowConfig) -> Self {
         Self {
             config,
-            series: SeriesIdMap::default(),
+            positions: SeriesIdMap::default(),
+            states: Vec::new(),
             counters: AggregatorCounters::default(),
             open_windows: 0,
         }
@@ -209,10 +387,10 @@ impl WindowAggregator {
 
     /// Smallest journal sequence number held by an open window ([`NOT_JOURNALED`] if none).
     pub fn min_open_journal_seq(&self) -> u64 {
-        self.series
-            .values()
+        self.states
+            .iter()
             .flat_map(|state| state.open.iter())
-            .map(|(_, window)| window.min_journal_seq)
+            .map(|window| window.min_journal_seq)
             .min()
             .unwrap_or(NOT_JOURNALED)
     }
@@ -247,16 +425,14 @@ impl WindowAggregator {
         }
         self.counters.readings_in += 1;
         let config = self.config;
-        let state = self
-            .series
-            .entry(reading.series)
-            .or_insert_with(|| SeriesState {
-                open: Vec::new(),
-                max_event_ms: i64::MIN,
-                last_arrival_ms: now_ms,
-                readings_seen: 0,
-                last_forwarded_value: None,
-            });
+        let position = match self.positions.get(&reading.series) {
+            Some(position) => *position as usize,
+            None => self.track(reading.series, now_ms),
+        };
+        let Some(state) = self.states.get_mut(position) else {
+            // Unreachable: positions and states are kept in step.
+            return;
+        };
         state.last_arrival_ms = now_ms;
         state.readings_seen += 1;
 
@@ -284,51 +460,18 @@ impl WindowAggregator {
         if end_ms <= watermark_before {
             self.counters.late_readings += 1;
         }
-        // Newest windows are at the end and most readings land there: search backwards.
-        let position = state
-            .open
-            .iter()
-            .rposition(|(open_start_ms, _)| *open_start_ms <= start_ms);
-        let index = match position {
-            Some(index)
-                if state
-                    .open
-                    .get(index)
-                    .is_some_and(|(open_start_ms, _)| *open_start_ms == start_ms) =>
-            {
-                index
-            }
-            _ => {
-                let index = position.map_or(0, |index| index + 1);
-                self.open_windows += 1;
-                // Grow one window at a time: the default growth of an empty vector reserves
-                // four (608 bytes per series), and two are all a series normally needs.
-                if state.open.len() == state.open.capacity() {
-                    state.open.reserve_exact(1);
-                }
-                state.open.insert(
-                    index,
-                    (
-                        start_ms,
-                        OpenWindow {
-                            summary: Summary::empty(),
-                            min_journal_seq: NOT_JOURNALED,
-                        },
-                    ),
-                );
-                index
-            }
-        };
-        let Some((_, window)) = state.open.get_mut(index) else {
-            // Unreachable: `index` was found or inserted just above.
+        let (window, opened) = state.open.find_or_open(start_ms);
+        let Some(window) = window else {
+            // Unreachable: the window was found or opened just above.
             return;
         };
+        self.open_windows += usize::from(opened);
         window.summary.observe(reading.time_ms, reading.value);
         window.min_journal_seq = window.min_journal_seq.min(journal_seq);
         state.max_event_ms = state.max_event_ms.max(reading.time_ms);
 
         let watermark_now = watermark(state.max_event_ms, config.allowed_disorder_ms);
-        let closed = close_windows_ending_by(reading.series, state, &config, watermark_now, out);
+        let closed = close_windows_ending_by(state, &config, watermark_now, out);
         self.open_windows -= closed;
         self.counters.windows_closed += closed as u64;
     }
@@ -339,15 +482,24 @@ impl WindowAggregator {
         let config = self.config;
         let mut closed_total = 0;
         let mut evicted = 0u64;
-        self.series.retain(|series, state| {
+        let mut position = 0;
+        while let Some(state) = self.states.get_mut(position) {
             let silent_ms = now_ms.saturating_sub(state.last_arrival_ms);
             if !state.open.is_empty() && silent_ms >= config.idle_timeout_ms {
-                closed_total += close_windows_ending_by(*series, state, &config, i64::MAX, out);
+                closed_total += close_windows_ending_by(state, &config, i64::MAX, out);
             }
-            let evict = state.open.is_empty() && silent_ms >= config.series_evict_after_ms;
-            evicted += u64::from(evict);
-            !evict
-        });
+            if state.open.is_empty() && silent_ms >= config.series_evict_after_ms {
+                self.untrack(position);
+                evicted += 1;
+            } else {
+                position += 1;
+            }
+        }
+        if evicted > 0 && self.states.len() < self.states.capacity() / 4 {
+            // Most series went away: give back the room they held (in place, no copy).
+            self.states.shrink_to(self.states.len() * 2);
+            self.positions.shrink_to(self.states.len() * 2);
+        }
         self.open_windows -= closed_total;
         self.counters.windows_closed += closed_total as u64;
         self.counters.series_evicted += evicted;
@@ -355,18 +507,50 @@ impl WindowAggregator {
 
     /// Series whose state is held (open windows or recent activity).
     pub fn tracked_series(&self) -> usize {
-        self.series.len()
+        self.states.len()
     }
 
     /// Closes every open window (shutdown).
     pub fn close_all(&mut self, out: &mut AggregateOutput) {
         let config = self.config;
         let mut closed_total = 0;
-        for (series, state) in &mut self.series {
-            closed_total += close_windows_ending_by(*series, state, &config, i64::MAX, out);
+        for state in &mut self.states {
+            closed_total += close_windows_ending_by(state, &config, i64::MAX, out);
         }
         self.open_windows -= closed_total;
         self.counters.windows_closed += closed_total as u64;
+    }
+}
+
+impl WindowAggregator {
+    /// Starts tracking `series` (first reading, or first since it was evicted); returns
+    /// its position in `states`.
+    #[inline(never)]
+    fn track(&mut self, series: SeriesId, now_ms: i64) -> usize {
+        let position = self.states.len();
+        // Positions fit in u32: series ids are u32, and one state per id.
+        self.positions.insert(series, position as u32);
+        self.states.push(SeriesState {
+            series,
+            open: OpenWindows::new(),
+            max_event_ms: i64::MIN,
+            last_arrival_ms: now_ms,
+            readings_seen: 0,
+            last_forwarded_value: None,
+        });
+        position
+    }
+
+    /// Forgets the series at `position`: the last state moves into its place.
+    fn untrack(&mut self, position: usize) {
+        if position >= self.states.len() {
+            return;
+        }
+        let removed = self.states.swap_remove(position);
+        self.positions.remove(&removed.series);
+        if let Some(moved) = self.states.get(position) {
+            self.positions.insert(moved.series, position as u32);
+        }
     }
 }
 
@@ -381,42 +565,34 @@ fn watermark(max_event_ms: i64, allowed_disorder_ms: i64) -> i64 {
 /// Closes (in start order) the windows of one series whose end is at or before `watermark_ms`;
 /// `i64::MAX` closes them all. Returns how many closed.
 fn close_windows_ending_by(
-    series: SeriesId,
     state: &mut SeriesState,
     config: &WindowConfig,
     watermark_ms: i64,
     out: &mut AggregateOutput,
 ) -> usize {
     let width_ms = config.window_width_ms();
-    // Most readings close nothing: answer from the oldest window before setting up a drain
-    // (about 70 instructions a reading in `bench agent`).
-    let oldest_closes = state
+    // Most readings close nothing: answer from the oldest window first (about 70
+    // instructions a reading in `bench agent`).
+    let window_ms = u32::try_from(config.window_ms).unwrap_or(u32::MAX);
+    let mut closed = 0;
+    while state
         .open
         .first()
-        .is_some_and(|(start_ms, _)| start_ms.saturating_add(width_ms) <= watermark_ms);
-    if !oldest_closes {
-        return 0;
-    }
-    let window_ms = u32::try_from(config.window_ms).unwrap_or(u32::MAX);
-    let closed = if watermark_ms == i64::MAX {
-        state.open.len()
-    } else {
-        state
-            .open
-            .iter()
-            .take_while(|(start_ms, _)| start_ms.saturating_add(width_ms) <= watermark_ms)
-            .count()
-    };
-    for (start_ms, window) in state.open.drain(..closed) {
+        .is_some_and(|window| window.start_ms.saturating_add(width_ms) <= watermark_ms)
+    {
+        let Some(window) = state.open.pop_first() else {
+            break;
+        };
         out.closed.push(ClosedWindow {
             summary: WindowSummary {
-                series,
-                window_start_ms: start_ms,
+                series: state.series,
+                window_start_ms: window.start_ms,
                 window_ms,
                 summary: window.summary,
             },
             min_journal_seq: window.min_journal_seq,
         });
+        closed += 1;
     }
     closed
 }
@@ -526,30 +702,104 @@ mod tests {
     }
 
     #[test]
-    fn a_series_keeps_room_for_the_windows_it_holds_open_only() {
+    fn two_open_windows_stay_inline_and_more_spill() {
         let mut aggregator = WindowAggregator::new(WindowConfig::new(10_000, RawPolicy::None));
         let mut out = AggregateOutput::default();
         let mut most_open = 0;
         for second in 0..35 {
             aggregator.observe(reading(1, second * 1_000, 1.0), NOT_JOURNALED, 0, &mut out);
-            let state = aggregator.series.get(&1).expect("the series is tracked");
+            let state = aggregator.states.first().expect("the series is tracked");
             most_open = most_open.max(state.open.len());
-            assert!(
-                state.open.capacity() <= 2,
-                "second {second}: room for {} windows, {} open",
-                state.open.capacity(),
-                state.open.len()
-            );
+            assert_eq!(state.open.spill.capacity(), 0, "second {second}");
         }
         // The disorder allowance holds the previous window open beside the current one.
         assert_eq!(most_open, 2);
         assert_eq!(out.closed.len(), 3);
+
+        // Windows opened in any order come out in start order, through the spill and back.
+        let mut windows = OpenWindows::new();
+        for start_ms in [30, 10, 50, 20, 40, 0] {
+            let (window, opened) = windows.find_or_open(start_ms);
+            assert!(opened);
+            assert_eq!(window.map(|window| window.start_ms), Some(start_ms));
+        }
+        let (_, opened) = windows.find_or_open(20);
+        assert!(!opened, "an open window is found, not opened again");
+        let starts: Vec<i64> = windows.iter().map(|window| window.start_ms).collect();
+        assert_eq!(starts, vec![0, 10, 20, 30, 40, 50]);
+        assert_eq!(windows.spill.len(), 4);
+        let mut popped = Vec::new();
+        while let Some(window) = windows.pop_first() {
+            popped.push(window.start_ms);
+        }
+        assert_eq!(popped, vec![0, 10, 20, 30, 40, 50]);
+        assert_eq!(
+            windows.spill.capacity(),
+            0,
+            "the spill's room is given back"
+        );
+    }
+
+    #[test]
+    fn evicting_series_keeps_positions_in_step() {
+        let config = WindowConfig {
+            window_ms: 1_000,
+            allowed_disorder_ms: 0,
+            idle_timeout_ms: 1_000,
+            series_evict_after_ms: 3_000,
+            raw: RawPolicy::None,
+        };
+        let mut aggregator = WindowAggregator::new(config);
+        let mut out = AggregateOutput::default();
+        for series in 0..300 {
+            aggregator.observe(reading(series, 10, 1.0), NOT_JOURNALED, 0, &mut out);
+        }
+        // Every third series speaks again later; the others are evicted around them.
+        for series in (0..300).step_by(3) {
+            aggregator.observe(reading(series, 2_010, 2.0), NOT_JOURNALED, 2_000, &mut out);
+        }
+        aggregator.poll(3_500, &mut out);
+        assert_eq!(aggregator.tracked_series(), 100);
+        assert_eq!(aggregator.positions.len(), 100);
+        for (position, state) in aggregator.states.iter().enumerate() {
+            assert_eq!(
+                aggregator.positions.get(&state.series),
+                Some(&(position as u32))
+            );
+            assert_eq!(state.series % 3, 0);
+        }
+        assert!(aggregator.states.capacity() <= 256, "room given back");
+        aggregator.observe(reading(3, 2_500, 5.0), NOT_JOURNALED, 3_600, &mut out);
+        aggregator.close_all(&mut out);
+        let three: Vec<(i64, u64)> = out
+            .closed
+            .iter()
+            .filter(|closed| closed.summary.series == 3)
+            .map(|closed| (closed.summary.window_start_ms, closed.summary.summary.count))
+            .collect();
+        assert_eq!(three, vec![(0, 1), (2_000, 1), (2_000, 1)]);
     }
 
     /// FNV-1a over text: a fingerprint that does not depend on the standard library's hasher.
     fn fnv1a(hash: &mut u64, text: &str) {
         for byte in text.bytes() {
             *hash = (*hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    /// Hashes and drains what the engine emitted. Windows closed by `poll` or `close_all`
+    /// (`across_series`) are hashed in (series, start) order: the order in which those
+    /// visit series is the storage's, and no consumer depends on it.
+    fn fingerprint(hash: &mut u64, out: &mut AggregateOutput, across_series: bool) {
+        for forwarded in out.raw.drain(..) {
+            fnv1a(hash, &format!("{forwarded:?}"));
+        }
+        if across_series {
+            out.closed
+                .sort_by_key(|closed| (closed.summary.series, closed.summary.window_start_ms));
+        }
+        for closed in out.closed.drain(..) {
+            fnv1a(hash, &format!("{closed:?}"));
         }
     }
 
@@ -597,8 +847,10 @@ mod tests {
                 now_ms,
                 &mut out,
             );
+            fingerprint(&mut hash, &mut out, false);
             if step % 97 == 0 {
                 aggregator.poll(now_ms, &mut out);
+                fingerprint(&mut hash, &mut out, true);
                 fnv1a(
                     &mut hash,
                     &format!(
@@ -610,23 +862,15 @@ mod tests {
                     ),
                 );
             }
-            for forwarded in out.raw.drain(..) {
-                fnv1a(&mut hash, &format!("{forwarded:?}"));
-            }
-            for closed in out.closed.drain(..) {
-                fnv1a(&mut hash, &format!("{closed:?}"));
-            }
         }
         aggregator.close_all(&mut out);
-        for closed in out.closed.drain(..) {
-            fnv1a(&mut hash, &format!("{closed:?}"));
-        }
+        fingerprint(&mut hash, &mut out, true);
         fnv1a(&mut hash, &format!("{:?}", aggregator.counters()));
         let counters = aggregator.counters();
         assert!(counters.late_readings > 100, "{counters:?}");
         assert!(counters.series_evicted > 10, "{counters:?}");
         assert!(counters.windows_closed > 1_000, "{counters:?}");
-        assert_eq!(hash, 0xb0fb_3839_c379_8116, "output fingerprint changed");
+        assert_eq!(hash, 0x477c_f379_16b1_9342, "output fingerprint changed");
     }
 
     #[test]

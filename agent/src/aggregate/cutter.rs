@@ -8,9 +8,16 @@
 //! amortising compression and per-batch overhead.
 //!
 //! Summary batches are also cut at [`MAX_SUMMARIES_PER_BATCH`]: windows of every series
-//! close together (they are aligned to the epoch), and a summary in memory is 152 bytes
-//! plus its sketch, six times a raw reading; 10k series closing at once would otherwise
-//! grow one vector to room for 16,384 (2.4 MiB, and 3.6 MiB while it doubles).
+//! close together (they are aligned to the epoch), so 10k series closing at once would
+//! otherwise grow one batch to room for 16,384.
+//!
+//! The closing burst is also why a batch holds its summaries *packed* ([`PackedSummaries`]:
+//! postcard bytes, ~75 bytes a sensor window) rather than as `WindowSummary` structs (152
+//! bytes plus a sketch allocation, ~230 bytes with the allocator's overhead): every
+//! series' window closes within the same second, and the batches wait for the next commit
+//! before they are encoded, so a 10k-series fleet held 2.3 MiB of summaries at the moment
+//! the windows of the next period are being filled. They are unpacked one batch at a time
+//! by the encoder, bit for bit as they were.
 
 use tributary_protocol::model::{Reading, WindowSummary};
 
@@ -25,12 +32,96 @@ pub const DEFAULT_MAX_BATCH_AGE_MS: i64 = 1_000;
 /// 0.6 MiB of summaries, and still thousands per batch for compression to work on.
 pub const MAX_SUMMARIES_PER_BATCH: usize = 4_096;
 
+/// Window summaries packed back to back in postcard form (see the module docs: why).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PackedSummaries {
+    bytes: Vec<u8>,
+    count: usize,
+    oldest_window_start_ms: Option<i64>,
+}
+
+/// Packed summaries that do not unpack: a bug in this module, never input from outside.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "packed window summary {index} of {count} does not decode ({source}); the batch \
+     cutter wrote it itself, so this is a bug in the agent: please report it"
+)]
+pub struct UnpackError {
+    pub index: usize,
+    pub count: usize,
+    #[source]
+    pub source: postcard::Error,
+}
+
+impl PackedSummaries {
+    pub fn push(&mut self, summary: &WindowSummary) {
+        // Writing into a vector cannot fail for these types (no maps, no custom errors);
+        // if it ever did, the partial bytes are cut off and the summary is not counted.
+        let length_before = self.bytes.len();
+        match postcard::to_extend(summary, std::mem::take(&mut self.bytes)) {
+            Ok(bytes) => {
+                self.bytes = bytes;
+                self.count += 1;
+                self.oldest_window_start_ms = Some(
+                    self.oldest_window_start_ms
+                        .map_or(summary.window_start_ms, |oldest| {
+                            oldest.min(summary.window_start_ms)
+                        }),
+                );
+            }
+            Err(error) => {
+                self.bytes.truncate(length_before);
+                tracing::error!(%error, series = summary.series, "cannot pack a window summary; it is lost");
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Bytes the packed summaries take.
+    pub fn packed_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Window start of the oldest summary, if any.
+    pub fn oldest_window_start_ms(&self) -> Option<i64> {
+        self.oldest_window_start_ms
+    }
+
+    /// The summaries, in the order they were pushed, exactly as they were.
+    pub fn unpack(&self) -> Result<Vec<WindowSummary>, UnpackError> {
+        let mut summaries = Vec::with_capacity(self.count);
+        let mut rest = self.bytes.as_slice();
+        while !rest.is_empty() {
+            let (summary, after) =
+                postcard::take_from_bytes::<WindowSummary>(rest).map_err(|source| UnpackError {
+                    index: summaries.len(),
+                    count: self.count,
+                    source,
+                })?;
+            summaries.push(summary);
+            rest = after;
+        }
+        Ok(summaries)
+    }
+
+    fn shrink_to_fit(&mut self) {
+        self.bytes.shrink_to_fit();
+    }
+}
+
 /// The content of one batch, before it gets a sequence number and is encoded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CutBatch {
     pub class: BatchClass,
     pub readings: Vec<Reading>,
-    pub summaries: Vec<WindowSummary>,
+    pub summaries: PackedSummaries,
     /// Smallest journal sequence number of what the batch holds ([`NOT_JOURNALED`] if none).
     pub min_journal_seq: u64,
 }
@@ -39,8 +130,10 @@ impl CutBatch {
     /// Event time of the oldest reading or window start in the batch.
     pub fn oldest_event_ms(&self) -> i64 {
         let readings = self.readings.iter().map(|reading| reading.time_ms);
-        let summaries = self.summaries.iter().map(|summary| summary.window_start_ms);
-        readings.chain(summaries).min().unwrap_or(0)
+        readings
+            .chain(self.summaries.oldest_window_start_ms())
+            .min()
+            .unwrap_or(0)
     }
 
     pub fn item_count(&self) -> usize {
@@ -60,7 +153,7 @@ impl Pending {
             batch: CutBatch {
                 class,
                 readings: Vec::new(),
-                summaries: Vec::new(),
+                summaries: PackedSummaries::default(),
                 min_journal_seq: NOT_JOURNALED,
             },
             started_ms: None,
@@ -75,13 +168,12 @@ impl Pending {
             CutBatch {
                 class,
                 readings: Vec::new(),
-                summaries: Vec::new(),
+                summaries: PackedSummaries::default(),
                 min_journal_seq: NOT_JOURNALED,
             },
         );
         // A cut batch waits for the next commit: give back the spare room its vectors'
-        // doubling left (the 10k summaries of a window-closing burst sit in room for
-        // 16,384: 0.9 MiB more). glibc shrinks a block in place; nothing is copied.
+        // doubling left. glibc shrinks a block in place; nothing is copied.
         batch.readings.shrink_to_fit();
         batch.summaries.shrink_to_fit();
         batch
@@ -128,7 +220,7 @@ impl BatchCutter {
     pub fn push_summary(&mut self, closed: ClosedWindow, now_ms: i64, cut: &mut Vec<CutBatch>) {
         let pending = &mut self.summary;
         pending.started_ms.get_or_insert(now_ms);
-        pending.batch.summaries.push(closed.summary);
+        pending.batch.summaries.push(&closed.summary);
         pending.batch.min_journal_seq = pending.batch.min_journal_seq.min(closed.min_journal_seq);
         if pending.batch.item_count() >= self.max_summaries {
             cut.push(pending.take());
@@ -214,6 +306,65 @@ mod tests {
     }
 
     #[test]
+    fn packed_summaries_unpack_bit_for_bit() {
+        let mut wide = tributary_protocol::Summary::empty();
+        for (time_ms, value) in [
+            (5, 21.25),
+            (1, -0.0),
+            (9, 0.0),
+            (3, -7.5e-300),
+            (2, 1e300),
+            (4, f64::MIN_POSITIVE / 2.0),
+            (7, 21.25),
+        ] {
+            wide.observe(time_ms, value);
+        }
+        let summaries = vec![
+            WindowSummary {
+                series: 7,
+                window_start_ms: -10_000,
+                window_ms: 10_000,
+                summary: wide,
+            },
+            WindowSummary {
+                series: u32::MAX,
+                window_start_ms: i64::MAX - 5,
+                window_ms: u32::MAX,
+                summary: tributary_protocol::Summary::empty(),
+            },
+            WindowSummary {
+                series: 0,
+                window_start_ms: 1_700_000_000_000,
+                window_ms: 1_000,
+                summary: tributary_protocol::Summary::from_reading(1_700_000_000_500, 3.25),
+            },
+        ];
+        let mut packed = PackedSummaries::default();
+        for summary in &summaries {
+            packed.push(summary);
+        }
+        assert_eq!(packed.len(), 3);
+        assert_eq!(packed.oldest_window_start_ms(), Some(-10_000));
+        let unpacked = packed.unpack().expect("unpacks");
+        assert_eq!(unpacked, summaries);
+        // Equality compares floats by value; the encoder sees bits.
+        for (got, want) in unpacked.iter().zip(&summaries) {
+            let bits = |summary: &tributary_protocol::Summary| {
+                [
+                    summary.sum,
+                    summary.min,
+                    summary.max,
+                    summary.first_value,
+                    summary.last_value,
+                ]
+                .map(f64::to_bits)
+            };
+            assert_eq!(bits(&got.summary), bits(&want.summary));
+            assert_eq!(format!("{got:?}"), format!("{want:?}"));
+        }
+    }
+
+    #[test]
     fn summary_batches_are_capped_below_a_large_max_items() {
         let mut cutter = BatchCutter::new(50_000, 1_000);
         let mut cut = Vec::new();
@@ -237,5 +388,11 @@ mod tests {
         assert!(cut
             .iter()
             .all(|batch| batch.class == BatchClass::Summary && batch.readings.is_empty()));
+        let series: Vec<u32> = cut
+            .iter()
+            .flat_map(|batch| batch.summaries.unpack().expect("unpacks"))
+            .map(|summary| summary.series)
+            .collect();
+        assert_eq!(series, (0..10_000).collect::<Vec<u32>>());
     }
 }

@@ -306,6 +306,28 @@ mod tests {
     }
 
     #[test]
+    fn a_sensor_window_packs_small() {
+        let mut summary = tributary_protocol::Summary::empty();
+        for second in 0..10 {
+            let value = 21.25 + f64::from(second % 4) * 0.15;
+            summary.observe(1_700_000_000_000 + i64::from(second) * 1_000 + 37, value);
+        }
+        let mut packed = PackedSummaries::default();
+        packed.push(&WindowSummary {
+            series: 9_876,
+            window_start_ms: 1_700_000_000_000,
+            window_ms: 10_000,
+            summary,
+        });
+        // 152 bytes of struct plus a sketch allocation unpacked.
+        assert!(
+            packed.packed_bytes() <= 80,
+            "{} bytes",
+            packed.packed_bytes()
+        );
+    }
+
+    #[test]
     fn packed_summaries_unpack_bit_for_bit() {
         let mut wide = tributary_protocol::Summary::empty();
         for (time_ms, value) in [

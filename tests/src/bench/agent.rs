@@ -123,35 +123,89 @@ raw = {{ policy = "all" }}
     )
 }
 
-/// One simulated second of the fleet as MQTT messages (topic, payload).
-fn messages_for_second(
-    fleet: &mut Fleet,
-    series: &[SeriesDef],
-    prefix: &str,
-    second: i64,
-    readings: &mut Vec<Reading>,
-    out: &mut Vec<(String, String)>,
-) {
-    readings.clear();
-    out.clear();
-    fleet.sample_period(START_MS + second * 1000, readings);
-    for reading in readings.iter() {
-        let Some(definition) = series.get(reading.series as usize) else {
-            continue;
-        };
-        let site = definition
-            .key
-            .tags
-            .iter()
-            .find(|(name, _)| name == "site")
-            .map_or("site", |(_, value)| value.as_str());
-        out.push((
-            format!(
+/// The fleet as MQTT messages (topic, payload), one simulated second at a time, packed
+/// into a few vectors. The in-process part measures the peak RSS of its own process, so
+/// the bench's scaffolding counts against the agent there: the fleet's series keys and
+/// one pair of small strings per message held 3-4 MiB (`docs/benchmarks.md`, "Session 7:
+/// the bench's own memory"). Topics are kept once per series, payloads of the current
+/// second in one string.
+struct FleetFeed {
+    fleet: Fleet,
+    /// Every series' topic, concatenated; `topic_ends[id]` is where series `id`'s ends.
+    topics: String,
+    topic_ends: Vec<u32>,
+    readings: Vec<Reading>,
+    /// The current second's payloads, concatenated.
+    payloads: String,
+    /// The current second's messages: series id and the end of its payload in `payloads`.
+    messages: Vec<(u32, u32)>,
+}
+
+impl FleetFeed {
+    fn new(devices: usize, seed: u64, prefix: &str) -> Self {
+        use std::fmt::Write as _;
+        let fleet = Fleet::new(devices, seed);
+        let mut topics = String::new();
+        let mut topic_ends = Vec::new();
+        for definition in fleet.series() {
+            // Ids are dense (device index × metrics + metric index), in order.
+            debug_assert_eq!(definition.id as usize, topic_ends.len());
+            let site = definition
+                .key
+                .tags
+                .iter()
+                .find(|(name, _)| name == "site")
+                .map_or("site", |(_, value)| value.as_str());
+            let _ = write!(
+                topics,
                 "{prefix}/{site}/{}/{}",
                 definition.key.device_id, definition.key.metric
-            ),
-            format!("{}", reading.value),
-        ));
+            );
+            topic_ends.push(u32::try_from(topics.len()).unwrap_or(u32::MAX));
+        }
+        topics.shrink_to_fit();
+        Self {
+            fleet,
+            topics,
+            topic_ends,
+            readings: Vec::new(),
+            payloads: String::new(),
+            messages: Vec::new(),
+        }
+    }
+
+    /// Samples the fleet's simulated second `second`: one message per reading.
+    fn next_second(&mut self, second: i64) {
+        use std::fmt::Write as _;
+        self.readings.clear();
+        self.payloads.clear();
+        self.messages.clear();
+        self.fleet
+            .sample_period(START_MS + second * 1000, &mut self.readings);
+        for reading in &self.readings {
+            if reading.series as usize >= self.topic_ends.len() {
+                continue;
+            }
+            let _ = write!(self.payloads, "{}", reading.value);
+            let end = u32::try_from(self.payloads.len()).unwrap_or(u32::MAX);
+            self.messages.push((reading.series, end));
+        }
+    }
+
+    /// The current second's messages as (topic, payload).
+    fn messages(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let mut payload_start = 0;
+        self.messages.iter().map(move |&(series, payload_end)| {
+            let series = series as usize;
+            let topic_start = match series {
+                0 => 0,
+                _ => self.topic_ends[series - 1] as usize,
+            };
+            let topic = &self.topics[topic_start..self.topic_ends[series] as usize];
+            let payload = &self.payloads.as_bytes()[payload_start..payload_end as usize];
+            payload_start = payload_end as usize;
+            (topic, payload)
+        })
     }
 }
 
@@ -181,27 +235,17 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
         .enable_all()
         .build()?;
 
-    let mut fleet = Fleet::new(devices, 11);
-    let series = fleet.series();
-    let mut readings = Vec::new();
-    let mut messages = Vec::new();
+    let mut feed = FleetFeed::new(devices, 11, prefix);
 
     // Baseline: parsing alone, the same messages.
     let mut parse_seconds = 0.0;
     let mut parsed_count = 0u64;
     let mut parsed = ParsedReadings::new();
     for second in 0..seconds {
-        messages_for_second(
-            &mut fleet,
-            &series,
-            prefix,
-            second,
-            &mut readings,
-            &mut messages,
-        );
+        feed.next_second(second);
         let receive_ms = START_MS + second * 1000 + 500;
         let started = Instant::now();
-        parsed_count += parse_second(&router, &mut parsed, &messages, receive_ms);
+        parsed_count += parse_second(&router, &mut parsed, &feed, receive_ms);
         parse_seconds += started.elapsed().as_secs_f64();
     }
 
@@ -213,30 +257,17 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
     let metrics = Arc::new(Metrics::new(source_metrics));
     let (mut pipeline, _) = Pipeline::open(&config, buffer.clone(), metrics.clone())?;
     // The same fleet again from its start; the baseline's copy is dropped, not kept beside it.
-    fleet = Fleet::new(devices, 11);
+    drop(feed);
+    let mut feed = FleetFeed::new(devices, 11, prefix);
     let mut pipeline_seconds = 0.0;
     let mut readings_in = 0u64;
     let pool = ReadingsPool::new();
     let cpu_before = process_cpu_seconds(std::process::id()).unwrap_or(0.0);
     for second in 0..seconds {
-        messages_for_second(
-            &mut fleet,
-            &series,
-            prefix,
-            second,
-            &mut readings,
-            &mut messages,
-        );
+        feed.next_second(second);
         let receive_ms = START_MS + second * 1000 + 500;
         let started = Instant::now();
-        readings_in += pipeline_second(
-            &router,
-            &mut pipeline,
-            &runtime,
-            &pool,
-            &messages,
-            receive_ms,
-        );
+        readings_in += pipeline_second(&router, &mut pipeline, &runtime, &pool, &feed, receive_ms);
         pipeline_seconds += started.elapsed().as_secs_f64();
     }
     let cpu_seconds = process_cpu_seconds(std::process::id()).unwrap_or(0.0) - cpu_before;
@@ -284,16 +315,13 @@ fn in_process(options: &BenchOptions) -> anyhow::Result<Value> {
 fn parse_second(
     router: &TopicRouter,
     parsed: &mut ParsedReadings,
-    messages: &[(String, String)],
+    feed: &FleetFeed,
     receive_ms: i64,
 ) -> u64 {
     let mut parsed_count = 0;
-    for (topic, payload) in messages {
+    for (topic, payload) in feed.messages() {
         parsed.clear();
-        if router
-            .parse(topic, payload.as_bytes(), receive_ms, parsed)
-            .is_ok()
-        {
+        if router.parse(topic, payload, receive_ms, parsed).is_ok() {
             parsed_count += parsed.len() as u64;
         }
     }
@@ -310,16 +338,16 @@ fn pipeline_second(
     pipeline: &mut Pipeline,
     runtime: &tokio::runtime::Runtime,
     pool: &ReadingsPool,
-    messages: &[(String, String)],
+    feed: &FleetFeed,
     receive_ms: i64,
 ) -> u64 {
     let mut readings_in = 0;
-    for (topic, payload) in messages {
+    for (topic, payload) in feed.messages() {
         // A container per message from a pool, as the MQTT shells send theirs to the
         // pipeline: ingesting drops it, which returns its emptied buffers to the pool.
         let mut parsed = pool.take();
         if router
-            .parse(topic, payload.as_bytes(), receive_ms, &mut parsed)
+            .parse(topic, payload, receive_ms, &mut parsed)
             .is_err()
         {
             continue;
@@ -454,22 +482,17 @@ fn through_mosquitto(options: &BenchOptions) -> anyhow::Result<Value> {
             .thread_name("publisher")
             .enable_all()
             .build()?;
-        let mut fleet = Fleet::new(devices, 5);
-        let series = fleet.series();
-        let mut readings = Vec::new();
+        let mut feed = FleetFeed::new(devices, 5, &prefix);
         let mut all_messages = Vec::with_capacity(messages_total);
         let mut second = 0;
         while all_messages.len() < messages_total {
-            let mut messages = Vec::new();
-            messages_for_second(
-                &mut fleet,
-                &series,
-                &prefix,
-                second,
-                &mut readings,
-                &mut messages,
-            );
-            all_messages.extend(messages);
+            feed.next_second(second);
+            all_messages.extend(feed.messages().map(|(topic, payload)| {
+                (
+                    topic.to_owned(),
+                    String::from_utf8_lossy(payload).into_owned(),
+                )
+            }));
             second += 1;
         }
         all_messages.truncate(messages_total);

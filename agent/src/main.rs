@@ -133,7 +133,7 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
 
 fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = load(path)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = runtime_builder()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -147,6 +147,26 @@ fn run(path: &Path) -> anyhow::Result<ExitCode> {
         run_agent(config, shutdown).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tokio's variable for the number of worker threads; when an operator sets it, tokio's
+/// own reading of it applies instead of [`AGENT_WORKER_THREADS`].
+const WORKER_THREADS_VARIABLE: &str = "TOKIO_WORKER_THREADS";
+/// Runtime worker threads the agent starts with.
+///
+/// One: the pipeline is a single task, and the sources' parsing is a fraction of its work,
+/// so a second worker bought no intake rate, while the pipeline's allocations, made from
+/// whichever worker ran it, grew both malloc arenas: with 10k series the agent's peak was
+/// ~2 MiB higher with two workers (`docs/benchmarks.md`, "Session 7: the agent process's
+/// memory"). sled's own threads write the disk buffer either way.
+const AGENT_WORKER_THREADS: usize = 1;
+
+fn runtime_builder() -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os(WORKER_THREADS_VARIABLE).is_none() {
+        builder.worker_threads(AGENT_WORKER_THREADS);
+    }
+    builder
 }
 
 async fn wait_for_signal() {

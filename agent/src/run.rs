@@ -44,6 +44,8 @@
 //! disorder allowance) and uncut raw readings (at most one batch age). A source with
 //! `journal_all_readings = true` journals them too (same blocks, no extra write per reading).
 
+mod journal_block;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -133,10 +135,9 @@ pub fn buffer_config(config: &crate::config::BufferConfig) -> buffer::BufferConf
     }
 }
 
-/// Bytes of one journaled reading (source, series, time, value, flags).
-const JOURNAL_VALUE_BYTES: usize = 2 + 4 + 8 + 8 + 1;
-/// A journal block is written out early once it holds this many bytes (about 2,800
-/// readings), so neither memory nor one sled value grows with a burst between commits.
+/// A journal block is written out early once it holds this many bytes (about 6,000
+/// readings at ~10 bytes each, `journal_block`), so neither memory nor one sled value grows
+/// with a burst between commits.
 pub const JOURNAL_BLOCK_MAX_BYTES: usize = 64 * 1024;
 const META_RAW_DURABLE_BELOW: &[u8] = b"raw_durable_below";
 const META_JOURNAL_COVERED_BELOW: &[u8] = b"journal_covered_below";
@@ -146,33 +147,6 @@ fn read_mark(meta: &sled::Tree, key: &[u8]) -> sled::Result<u64> {
         .get(key)?
         .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
         .map_or(0, u64::from_be_bytes))
-}
-
-fn encode_journal_value(source: SourceIndex, reading: &Reading) -> [u8; JOURNAL_VALUE_BYTES] {
-    let mut value = [0u8; JOURNAL_VALUE_BYTES];
-    value[0..2].copy_from_slice(&u16::try_from(source).unwrap_or(u16::MAX).to_be_bytes());
-    value[2..6].copy_from_slice(&reading.series.to_be_bytes());
-    value[6..14].copy_from_slice(&reading.time_ms.to_be_bytes());
-    value[14..22].copy_from_slice(&reading.value.to_bits().to_be_bytes());
-    value[22] = reading.flags;
-    value
-}
-
-fn decode_journal_value(value: &[u8]) -> Option<(SourceIndex, Reading)> {
-    let value: &[u8; JOURNAL_VALUE_BYTES] = value.try_into().ok()?;
-    let source = u16::from_be_bytes([value[0], value[1]]) as usize;
-    let series = u32::from_be_bytes([value[2], value[3], value[4], value[5]]);
-    let time_ms = i64::from_be_bytes(value[6..14].try_into().ok()?);
-    let bits = u64::from_be_bytes(value[14..22].try_into().ok()?);
-    Some((
-        source,
-        Reading {
-            series,
-            time_ms,
-            value: f64::from_bits(bits),
-            flags: value[22],
-        },
-    ))
 }
 
 /// The pipeline task's state.
@@ -193,8 +167,8 @@ pub struct Pipeline {
     journal_low: u64,
     journal_dirty: bool,
     /// Readings journaled since the last block was written: consecutive sequence numbers
-    /// from `journal_block_first`, [`JOURNAL_VALUE_BYTES`] each.
-    journal_block: Vec<u8>,
+    /// from `journal_block_first`, delta-encoded (`journal_block`).
+    journal_block: journal_block::BlockWriter,
     journal_block_first: u64,
     /// A journal block could not be written: the next commit must not acknowledge.
     journal_write_failed: bool,
@@ -269,6 +243,7 @@ impl Pipeline {
         // Sequence numbers below either mark may be named by persisted marks: never reuse them.
         let mut next_journal_seq = raw_durable_below.max(covered_below);
         let mut journal_low = NOT_JOURNALED;
+        let mut block_readings = Vec::new();
         for entry in journal.iter() {
             let (key, value) = entry.map_err(state_error)?;
             let block_first = <[u8; 8]>::try_from(key.as_ref())
@@ -278,18 +253,15 @@ impl Pipeline {
                     reason: "key is not 8 bytes".to_owned(),
                     path: path.clone(),
                 })?;
-            if value.is_empty() || value.len() % JOURNAL_VALUE_BYTES != 0 {
-                return Err(RunError::JournalCorrupt {
+            journal_block::decode(&value, &mut block_readings).map_err(|defect| {
+                RunError::JournalCorrupt {
                     journal_seq: block_first.to_string(),
-                    reason: format!(
-                        "value is {} bytes, expected a non-zero multiple of {JOURNAL_VALUE_BYTES}",
-                        value.len()
-                    ),
+                    reason: defect.0,
                     path: path.clone(),
-                });
-            }
+                }
+            })?;
             let mut journal_seq = block_first;
-            for record in value.chunks_exact(JOURNAL_VALUE_BYTES) {
+            for (source, reading) in block_readings.drain(..) {
                 stored_readings += 1;
                 let this_seq = journal_seq;
                 journal_seq = journal_seq.saturating_add(1);
@@ -297,9 +269,6 @@ impl Pipeline {
                     // Already in durable batches; the block is only partly covered.
                     continue;
                 }
-                let Some((source, reading)) = decode_journal_value(record) else {
-                    continue; // Unreachable: every chunk has the decoder's exact length.
-                };
                 if source >= config.sources.len() {
                     tracing::warn!(journal_seq = this_seq, source, "journaled reading names a source that is no longer configured; replaying it into source 0");
                 }
@@ -353,7 +322,7 @@ impl Pipeline {
             next_journal_seq,
             journal_low: journal_low.min(next_journal_seq),
             journal_dirty: stored_readings > 0,
-            journal_block: Vec::new(),
+            journal_block: journal_block::BlockWriter::new(),
             journal_block_first: next_journal_seq,
             journal_write_failed: false,
             journal_readings: stored_readings,
@@ -440,12 +409,11 @@ impl Pipeline {
                         if self.journal_block.is_empty() {
                             self.journal_block_first = journal_seq;
                         }
-                        self.journal_block
-                            .extend_from_slice(&encode_journal_value(input.source, &reading));
+                        self.journal_block.push(input.source, &reading);
                         self.journal_readings += 1;
                         self.next_journal_seq += 1;
                         self.journal_dirty = true;
-                        if self.journal_block.len() >= JOURNAL_BLOCK_MAX_BYTES {
+                        if self.journal_block.len_bytes() >= JOURNAL_BLOCK_MAX_BYTES {
                             self.write_journal_block();
                         }
                     }
@@ -480,7 +448,7 @@ impl Pipeline {
         if self.journal_block.is_empty() {
             return;
         }
-        let block = std::mem::take(&mut self.journal_block);
+        let block = self.journal_block.take();
         if let Err(error) = self
             .journal
             .insert(self.journal_block_first.to_be_bytes(), block)
@@ -638,7 +606,9 @@ impl Pipeline {
                     continue; // A damaged key is reported when the journal is next replayed.
                 };
                 let block_first = u64::from_be_bytes(key_bytes);
-                let readings = (value.len() / JOURNAL_VALUE_BYTES) as u64;
+                let Some(readings) = journal_block::reading_count(&value) else {
+                    continue; // A damaged block is reported when the journal is next replayed.
+                };
                 if block_first.saturating_add(readings) > covered_below {
                     // Partly covered: kept; replay skips its covered readings by the mark.
                     next_low = block_first;
@@ -1082,5 +1052,55 @@ raw = {{ policy = "none" }}
         // New readings never reuse a sequence number of the kept block.
         pipeline.ingest(acknowledged(T0_MS + 5_100, 4.0), T0_MS);
         assert_eq!(pipeline.next_journal_seq, 4);
+    }
+
+    /// A journal block written by an older build (23 bytes a reading, no header) replays
+    /// after an upgrade, and is deleted once its readings are in a durable summary.
+    #[tokio::test]
+    async fn a_journal_block_of_the_first_format_replays_and_is_truncated() {
+        let directory = tempfile::tempdir().expect("tempdir");
+        let config = config(directory.path());
+        {
+            let (mut pipeline, _) = open(&config);
+            // Registers the series (id 0) and commits its block.
+            pipeline.ingest(acknowledged(T0_MS + 10, 1.0), T0_MS);
+            pipeline.tick(T0_MS + 100).await;
+            assert_eq!(pipeline.journal.len(), 1);
+            // The same reading and one more, as the first format stored them.
+            let mut legacy = Vec::new();
+            for (time_ms, value) in [(T0_MS + 10, 1.0f64), (T0_MS + 20, 2.0)] {
+                legacy.extend_from_slice(&0u16.to_be_bytes());
+                legacy.extend_from_slice(&0u32.to_be_bytes());
+                legacy.extend_from_slice(&time_ms.to_be_bytes());
+                legacy.extend_from_slice(&value.to_bits().to_be_bytes());
+                legacy.push(0);
+            }
+            assert_eq!(legacy.len(), 2 * journal_block::LEGACY_READING_BYTES);
+            pipeline
+                .journal
+                .insert(0u64.to_be_bytes(), legacy)
+                .expect("insert");
+            pipeline.state_db.flush().expect("flush");
+            // Crash.
+        }
+        let (mut pipeline, replayed) = open(&config);
+        assert_eq!(replayed, 2, "both readings of the old block come back");
+        assert_eq!(pipeline.next_journal_seq, 2);
+        // Far later: the watermark closes the window; its summary is cut and committed.
+        pipeline.ingest(acknowledged(T0_MS + 5_000, 3.0), T0_MS);
+        pipeline.tick(T0_MS + 2_000).await;
+        assert_eq!(pipeline.stage().min_unfinished_journal_seq(), 2);
+        let keys: Vec<u64> = pipeline
+            .journal
+            .iter()
+            .keys()
+            .map(|key| u64::from_be_bytes(key.expect("key").as_ref().try_into().expect("8 bytes")))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![2],
+            "the old block is gone, the open window's block stays"
+        );
+        assert_eq!(pipeline.journal_readings, 1);
     }
 }

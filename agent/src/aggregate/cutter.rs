@@ -12,7 +12,7 @@
 //! otherwise grow one batch to room for 16,384.
 //!
 //! The closing burst is also why a batch holds its summaries *packed* ([`PackedSummaries`]:
-//! postcard bytes, ~75 bytes a sensor window) rather than as `WindowSummary` structs (152
+//! ~75 bytes a sensor window) rather than as `WindowSummary` structs (152
 //! bytes plus a sketch allocation, ~230 bytes with the allocator's overhead): every
 //! series' window closes within the same second, and the batches wait for the next commit
 //! before they are encoded, so a 10k-series fleet held 2.3 MiB of summaries at the moment
@@ -20,6 +20,8 @@
 //! by the encoder, bit for bit as they were.
 
 use tributary_protocol::model::{Reading, WindowSummary};
+use tributary_protocol::sketch::{Sketch, SketchError, MAX_BUCKETS_PER_STORE};
+use tributary_protocol::Summary;
 
 use super::window::{ClosedWindow, ForwardedReading, NOT_JOURNALED};
 use crate::buffer::BatchClass;
@@ -32,7 +34,14 @@ pub const DEFAULT_MAX_BATCH_AGE_MS: i64 = 1_000;
 /// 0.6 MiB of summaries, and still thousands per batch for compression to work on.
 pub const MAX_SUMMARIES_PER_BATCH: usize = 4_096;
 
-/// Window summaries packed back to back in postcard form (see the module docs: why).
+/// Window summaries packed back to back (see the module docs: why).
+///
+/// Layout of one summary, little-endian, varints LEB128, signed ones zigzag: series (4
+/// bytes), window start (8), window width, count, sum, min, max, first and last value
+/// (8 bytes each, the floats' bits), first time minus window start, last time minus first
+/// time (wrapping), the sketch's zero count, then per store (negative, positive) its first
+/// index, the number of counts and the counts of its occupied range. Every bit of a
+/// `WindowSummary` comes back; written and read by this module only, within one process.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PackedSummaries {
     bytes: Vec<u8>,
@@ -42,38 +51,112 @@ pub struct PackedSummaries {
 
 /// Packed summaries that do not unpack: a bug in this module, never input from outside.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "packed window summary {index} of {count} does not decode ({source}); the batch \
-     cutter wrote it itself, so this is a bug in the agent: please report it"
-)]
-pub struct UnpackError {
-    pub index: usize,
-    pub count: usize,
-    #[source]
-    pub source: postcard::Error,
+pub enum UnpackError {
+    #[error(
+        "packed window summary {index} of {count} is cut short; the batch cutter wrote it \
+         itself, so this is a bug in the agent: please report it"
+    )]
+    Truncated { index: usize, count: usize },
+    #[error(
+        "packed window summary {index} of {count} holds a sketch no sketch holds ({source}); \
+         the batch cutter wrote it itself, so this is a bug in the agent: please report it"
+    )]
+    Sketch {
+        index: usize,
+        count: usize,
+        #[source]
+        source: SketchError,
+    },
+}
+
+fn write_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn zigzag(value: i64) -> u64 {
+    ((value << 1) ^ (value >> 63)) as u64
+}
+
+fn unzigzag(value: u64) -> i64 {
+    ((value >> 1) as i64) ^ -((value & 1) as i64)
+}
+
+/// Reads packed fields; `None` when the bytes end too early.
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn bytes<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.rest.split_first_chunk::<N>()?;
+        self.rest = rest;
+        Some(*head)
+    }
+
+    fn varint(&mut self) -> Option<u64> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (byte, rest) = self.rest.split_first()?;
+            self.rest = rest;
+            value |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    fn float(&mut self) -> Option<f64> {
+        self.bytes::<8>()
+            .map(|bytes| f64::from_bits(u64::from_le_bytes(bytes)))
+    }
 }
 
 impl PackedSummaries {
-    pub fn push(&mut self, summary: &WindowSummary) {
-        // Writing into a vector cannot fail for these types (no maps, no custom errors);
-        // if it ever did, the partial bytes are cut off and the summary is not counted.
-        let length_before = self.bytes.len();
-        match postcard::to_extend(summary, std::mem::take(&mut self.bytes)) {
-            Ok(bytes) => {
-                self.bytes = bytes;
-                self.count += 1;
-                self.oldest_window_start_ms = Some(
-                    self.oldest_window_start_ms
-                        .map_or(summary.window_start_ms, |oldest| {
-                            oldest.min(summary.window_start_ms)
-                        }),
-                );
-            }
-            Err(error) => {
-                self.bytes.truncate(length_before);
-                tracing::error!(%error, series = summary.series, "cannot pack a window summary; it is lost");
+    pub fn push(&mut self, window: &WindowSummary) {
+        let out = &mut self.bytes;
+        let summary = &window.summary;
+        out.extend_from_slice(&window.series.to_le_bytes());
+        out.extend_from_slice(&window.window_start_ms.to_le_bytes());
+        write_varint(out, u64::from(window.window_ms));
+        write_varint(out, summary.count);
+        for value in [
+            summary.sum,
+            summary.min,
+            summary.max,
+            summary.first_value,
+            summary.last_value,
+        ] {
+            out.extend_from_slice(&value.to_bits().to_le_bytes());
+        }
+        write_varint(
+            out,
+            zigzag(summary.first_time_ms.wrapping_sub(window.window_start_ms)),
+        );
+        write_varint(
+            out,
+            zigzag(summary.last_time_ms.wrapping_sub(summary.first_time_ms)),
+        );
+        write_varint(out, summary.sketch.zero_count());
+        let (negative, positive) = summary.sketch.dense_stores();
+        for (first_index, counts) in [negative, positive] {
+            write_varint(out, zigzag(i64::from(first_index)));
+            write_varint(out, counts.len() as u64);
+            for count in counts {
+                write_varint(out, *count);
             }
         }
+        self.count += 1;
+        self.oldest_window_start_ms = Some(
+            self.oldest_window_start_ms
+                .map_or(window.window_start_ms, |oldest| {
+                    oldest.min(window.window_start_ms)
+                }),
+        );
     }
 
     pub fn len(&self) -> usize {
@@ -97,16 +180,24 @@ impl PackedSummaries {
     /// The summaries, in the order they were pushed, exactly as they were.
     pub fn unpack(&self) -> Result<Vec<WindowSummary>, UnpackError> {
         let mut summaries = Vec::with_capacity(self.count);
-        let mut rest = self.bytes.as_slice();
-        while !rest.is_empty() {
-            let (summary, after) =
-                postcard::take_from_bytes::<WindowSummary>(rest).map_err(|source| UnpackError {
-                    index: summaries.len(),
+        let mut reader = Reader { rest: &self.bytes };
+        // Both stores' counts, reused from summary to summary.
+        let mut counts: Vec<u64> = Vec::new();
+        while !reader.rest.is_empty() {
+            let index = summaries.len();
+            let truncated = UnpackError::Truncated {
+                index,
+                count: self.count,
+            };
+            let summary = unpack_one(&mut reader, &mut counts).map_err(|source| match source {
+                Some(source) => UnpackError::Sketch {
+                    index,
                     count: self.count,
                     source,
-                })?;
+                },
+                None => truncated,
+            })?;
             summaries.push(summary);
-            rest = after;
         }
         Ok(summaries)
     }
@@ -114,6 +205,69 @@ impl PackedSummaries {
     fn shrink_to_fit(&mut self) {
         self.bytes.shrink_to_fit();
     }
+}
+
+/// One summary; `Err(None)` when the bytes end too early.
+fn unpack_one(
+    reader: &mut Reader<'_>,
+    counts: &mut Vec<u64>,
+) -> Result<WindowSummary, Option<SketchError>> {
+    let series = u32::from_le_bytes(reader.bytes::<4>().ok_or(None)?);
+    let window_start_ms = i64::from_le_bytes(reader.bytes::<8>().ok_or(None)?);
+    let window_ms = reader.varint().ok_or(None)?;
+    let count = reader.varint().ok_or(None)?;
+    let sum = reader.float().ok_or(None)?;
+    let min = reader.float().ok_or(None)?;
+    let max = reader.float().ok_or(None)?;
+    let first_value = reader.float().ok_or(None)?;
+    let last_value = reader.float().ok_or(None)?;
+    let first_time_ms = window_start_ms.wrapping_add(unzigzag(reader.varint().ok_or(None)?));
+    let last_time_ms = first_time_ms.wrapping_add(unzigzag(reader.varint().ok_or(None)?));
+    let zero_count = reader.varint().ok_or(None)?;
+    counts.clear();
+    let mut stores = [(0i32, 0usize); 2];
+    for store in &mut stores {
+        let first_index = unzigzag(reader.varint().ok_or(None)?);
+        let length = reader.varint().ok_or(None)?;
+        if length > MAX_BUCKETS_PER_STORE as u64 {
+            return Err(Some(SketchError::TooManyBuckets {
+                span_buckets: length,
+                max_buckets: MAX_BUCKETS_PER_STORE,
+            }));
+        }
+        for _ in 0..length {
+            counts.push(reader.varint().ok_or(None)?);
+        }
+        *store = (
+            i32::try_from(first_index)
+                .map_err(|_| Some(SketchError::IndexOverflow { position: 0 }))?,
+            length as usize,
+        );
+    }
+    let [(negative_index, negative_length), (positive_index, _)] = stores;
+    let (negative, positive) = counts.split_at(negative_length.min(counts.len()));
+    let sketch = Sketch::from_dense_stores(
+        zero_count,
+        (negative_index, negative),
+        (positive_index, positive),
+    )
+    .map_err(Some)?;
+    Ok(WindowSummary {
+        series,
+        window_start_ms,
+        window_ms: u32::try_from(window_ms).unwrap_or(u32::MAX),
+        summary: Summary {
+            count,
+            sum,
+            min,
+            max,
+            first_time_ms,
+            first_value,
+            last_time_ms,
+            last_value,
+            sketch,
+        },
+    })
 }
 
 /// The content of one batch, before it gets a sequence number and is encoded.
@@ -367,6 +521,18 @@ mod tests {
         }
         assert_eq!(packed.len(), 3);
         assert_eq!(packed.oldest_window_start_ms(), Some(-10_000));
+        // Cut short anywhere, the bytes give an error or the whole summaries before the
+        // cut, never a panic or an invented summary.
+        for length in 0..packed.bytes.len() {
+            let prefix = PackedSummaries {
+                bytes: packed.bytes.get(..length).unwrap_or_default().to_vec(),
+                count: 3,
+                oldest_window_start_ms: None,
+            };
+            if let Ok(partial) = prefix.unpack() {
+                assert!(summaries.starts_with(&partial), "cut at {length}");
+            }
+        }
         let unpacked = packed.unpack().expect("unpacks");
         assert_eq!(unpacked, summaries);
         // Equality compares floats by value; the encoder sees bits.

@@ -265,3 +265,21 @@ fn verify(location: &BufferLocation) -> anyhow::Result<ExitCode> {
     println!("{} bad entries", report.bad_entries.len());
     Ok(ExitCode::FAILURE)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runtime_starts_one_worker_unless_the_operator_says_otherwise() {
+        let runtime = runtime_builder().enable_all().build().expect("runtime");
+        let expected = match std::env::var(WORKER_THREADS_VARIABLE) {
+            Ok(value) => value
+                .trim()
+                .parse()
+                .expect("TOKIO_WORKER_THREADS is a number"),
+            Err(_) => AGENT_WORKER_THREADS,
+        };
+        assert_eq!(runtime.metrics().num_workers(), expected);
+    }
+}

@@ -165,7 +165,7 @@ fn stage_cuts_separate_self_contained_batches() {
     assert_eq!(
         summaries
             .iter()
-            .flat_map(|batch| batch.summaries.unpack().expect("packed summaries unpack"))
+            .flat_map(|batch| &batch.summaries)
             .map(|summary| summary.summary.count)
             .sum::<u64>(),
         100

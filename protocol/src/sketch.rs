@@ -476,32 +476,6 @@ impl BucketStore {
     }
 }
 
-impl BucketStore {
-    /// A store holding `counts` from index `first_index` (see [`Sketch::from_dense_stores`]).
-    fn from_dense(first_index: i32, counts: &[u64]) -> Result<Self, SketchError> {
-        let first = counts.iter().position(|count| *count != 0);
-        let last = counts.iter().rposition(|count| *count != 0);
-        let (Some(first), Some(last)) = (first, last) else {
-            return Ok(BucketStore::default());
-        };
-        let span = last - first + 1;
-        if span > MAX_BUCKETS_PER_STORE {
-            return Err(SketchError::TooManyBuckets {
-                span_buckets: span as u64,
-                max_buckets: MAX_BUCKETS_PER_STORE,
-            });
-        }
-        let offset = i64::from(first_index) + first as i64;
-        if offset + span as i64 - 1 > i64::from(i32::MAX) {
-            return Err(SketchError::IndexOverflow { position: last });
-        }
-        Ok(BucketStore {
-            offset: offset as i32,
-            counts: counts.get(first..=last).unwrap_or_default().to_vec(),
-        })
-    }
-}
-
 /// The `(gap, count)` pairs of a store, refused as soon as the declared length (or the
 /// element count) passes [`MAX_BUCKETS_PER_STORE`], so a hostile length allocates nothing.
 struct BoundedPairs(Vec<(u32, u64)>);
@@ -557,9 +531,6 @@ impl<'de> Deserialize<'de> for BucketStore {
         BucketStore::from_sparse(first_index, &buckets).map_err(D::Error::custom)
     }
 }
-
-/// A store's occupied range: its first index and the counts from there on.
-pub type DenseStore<'a> = (i32, &'a [u64]);
 
 /// A DDSketch at 1% relative accuracy with bounded memory (see the module docs).
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -715,29 +686,6 @@ impl Sketch {
         (&self.negative, &self.positive)
     }
 
-    /// The occupied range of the negative and the positive store, each as its first
-    /// index and the counts from there to its last non-zero count (`(_, [])` when empty):
-    /// the dense form, for code that keeps a sketch in memory in its own layout (the
-    /// agent packs closed windows while they wait for a commit).
-    pub fn dense_stores(&self) -> (DenseStore<'_>, DenseStore<'_>) {
-        (self.negative.occupied(), self.positive.occupied())
-    }
-
-    /// The sketch [`Sketch::dense_stores`] and [`Sketch::zero_count`] describe: equal to
-    /// the original, without slack. Refuses a store wider than [`MAX_BUCKETS_PER_STORE`]
-    /// or reaching past `i32::MAX`; zeros at either end of a store are dropped.
-    pub fn from_dense_stores(
-        zero_count: u64,
-        negative: DenseStore<'_>,
-        positive: DenseStore<'_>,
-    ) -> Result<Self, SketchError> {
-        Ok(Self {
-            zero_count,
-            positive: BucketStore::from_dense(positive.0, positive.1)?,
-            negative: BucketStore::from_dense(negative.0, negative.1)?,
-        })
-    }
-
     /// A sketch from parts the batch codec decoded (each store already validated by
     /// [`BucketStore::from_sparse`]).
     pub(crate) fn from_parts(
@@ -865,30 +813,6 @@ mod tests {
                 assert_eq!(merged.quantile(q), direct.quantile(q));
             }
         }
-    }
-
-    #[test]
-    fn dense_stores_round_trip_and_refuse_what_no_sketch_holds() {
-        let mut sketch = Sketch::new();
-        for value in [-3.5, -3.4, 0.0, 1e-310, 2.0, 2.01, 1e9, 7.0] {
-            sketch.add(value);
-        }
-        let mut merged = Sketch::from_value(5.0);
-        merged.merge(&sketch); // slack around the occupied ranges
-        for original in [Sketch::new(), sketch, merged] {
-            let (negative, positive) = original.dense_stores();
-            let copy = Sketch::from_dense_stores(original.zero_count(), negative, positive)
-                .expect("a sketch's own stores");
-            assert_eq!(copy, original);
-            assert_eq!(format!("{copy:?}"), format!("{original:?}"));
-        }
-        let padded = Sketch::from_dense_stores(0, (-5, &[0, 0]), (10, &[0, 3, 0, 1, 0]))
-            .expect("zeros at the ends are dropped");
-        assert_eq!(padded.positive_buckets(), vec![(11, 3), (13, 1)]);
-        assert!(padded.negative_buckets().is_empty());
-        let wide = vec![1u64; MAX_BUCKETS_PER_STORE + 1];
-        assert!(Sketch::from_dense_stores(0, (0, &[]), (0, &wide)).is_err());
-        assert!(Sketch::from_dense_stores(0, (i32::MAX - 1, &[1, 1, 1]), (0, &[])).is_err());
     }
 
     #[test]

@@ -21,10 +21,7 @@ pub mod cutter;
 pub mod registry;
 pub mod window;
 
-pub use cutter::{
-    BatchCutter, CutBatch, PackedSummaries, UnpackError, DEFAULT_MAX_BATCH_AGE_MS,
-    DEFAULT_MAX_ITEMS_PER_BATCH,
-};
+pub use cutter::{BatchCutter, CutBatch, DEFAULT_MAX_BATCH_AGE_MS, DEFAULT_MAX_ITEMS_PER_BATCH};
 pub use registry::{RegistryError, RegistryReader, SeriesRegistry};
 pub use window::{
     AggregateOutput, AggregatorCounters, ClosedWindow, ForwardedReading, WindowAggregator,
@@ -230,17 +227,11 @@ impl AggregationStage {
         created_ms: i64,
         include_definitions: bool,
     ) -> (Vec<u8>, BatchInfo) {
-        let oldest_event_ms = cut.oldest_event_ms();
-        // Unpacked one batch at a time, just before encoding (see `cutter`: why packed).
-        let summaries = cut.summaries.unpack().unwrap_or_else(|error| {
-            tracing::error!(%error, batch_seq, "window summaries of a batch are lost");
-            Vec::new()
-        });
         let info = BatchInfo {
             class: cut.class,
             created_ms,
-            oldest_event_ms,
-            reading_count: u32::try_from(cut.readings.len() + summaries.len()).unwrap_or(u32::MAX),
+            oldest_event_ms: cut.oldest_event_ms(),
+            reading_count: u32::try_from(cut.item_count()).unwrap_or(u32::MAX),
         };
         let mut batch = Batch {
             agent_id: agent_id.to_owned(),
@@ -248,7 +239,7 @@ impl AggregationStage {
             created_ms,
             series: Vec::new(),
             readings: cut.readings,
-            summaries,
+            summaries: cut.summaries,
         };
         if !include_definitions {
             return (self.encoder.encode(&batch), info);

@@ -757,6 +757,17 @@ mod tests {
     }
 
     #[test]
+    fn a_series_state_stays_small() {
+        // Two 152-byte windows inline and the series' own state: `docs/agent.md`, "Memory".
+        assert_eq!(std::mem::size_of::<OpenWindow>(), 152);
+        assert!(
+            std::mem::size_of::<SeriesState>() <= 384,
+            "{} bytes",
+            std::mem::size_of::<SeriesState>()
+        );
+    }
+
+    #[test]
     fn evicting_series_keeps_positions_in_step() {
         let config = WindowConfig {
             window_ms: 1_000,

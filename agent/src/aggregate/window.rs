@@ -353,14 +353,15 @@ struct SeriesState {
 }
 
 /// The windows and raw policy of every series of one source.
-#[derive(Debug)]
 ///
 /// Memory (`docs/agent.md`, "Memory"): the series' states sit side by side in one vector,
 /// each with room for two open windows inline, and a map from series id to position holds
-/// 8 bytes a series. A hash map holding the states themselves kept a third of its slots
-/// empty (it doubles at 7/8 full) and every slot was touched; the vector's spare room past
-/// its length is never written, and for a large vector glibc maps it lazily, so it costs
-/// address space, not memory.
+/// 8 bytes a series. A hash map holding the states themselves kept over a third of its
+/// slots empty (it doubles at 7/8 full) and every slot was touched; the vector's spare room
+/// past its length is never written, and for a large vector glibc maps it lazily, so it
+/// costs address space, not memory (1.5 MiB less at `bench agent`'s peak with 10k series,
+/// `docs/benchmarks.md`, "Session 7: window state and the closing burst").
+#[derive(Debug)]
 pub struct WindowAggregator {
     config: WindowConfig,
     /// Position in `states` of each tracked series.

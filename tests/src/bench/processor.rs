@@ -668,7 +668,7 @@ async fn measure_freshness(
     let consumer_outcome = tokio::time::timeout(Duration::from_secs(60), consumer).await;
     let _ = tokio::time::timeout(
         Duration::from_secs(30),
-        drop_clickhouse_database(&url, &database),
+        drop_clickhouse_database(url, &database),
     )
     .await;
     produced?;

@@ -48,7 +48,7 @@ mod definitions;
 pub mod dictionary;
 mod readings;
 mod summaries;
-mod varint;
+pub mod varint;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;

@@ -37,6 +37,7 @@ use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use thiserror::Error;
+use tributary_protocol::batch::varint;
 use tributary_protocol::model::{SeriesDef, SeriesId, SeriesKey};
 
 use crate::source::SeriesKeyRef;
@@ -85,12 +86,7 @@ impl std::hash::Hasher for PassThroughHasher {
 
 /// Appends `length` as LEB128 (one byte below 128, which every usual key field is).
 fn put_length(bytes: &mut Vec<u8>, length: usize) {
-    let mut rest = length;
-    while rest >= 0x80 {
-        bytes.push((rest as u8 & 0x7f) | 0x80);
-        rest >>= 7;
-    }
-    bytes.push(rest as u8);
+    varint::write_u64(bytes, length as u64);
 }
 
 /// Reads LEB128 lengths and the byte strings they announce; `None` at any malformation.

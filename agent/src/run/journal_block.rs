@@ -26,6 +26,7 @@
 //! first byte is the high byte of a source index, never [`BLOCK_TAG`] (a source index would
 //! have to reach 65,024).
 
+use tributary_protocol::batch::varint::{unzigzag, write_i64, write_u64};
 use tributary_protocol::model::Reading;
 
 use crate::aggregate::SourceIndex;
@@ -116,13 +117,13 @@ impl BlockWriter {
         }
         self.bytes.push(control);
         if control & SOURCE_CHANGED != 0 {
-            write_varint(&mut self.bytes, source as u64);
+            write_u64(&mut self.bytes, source as u64);
         }
         if control & SERIES_JUMP != 0 {
-            write_varint(&mut self.bytes, zigzag(series_jump));
+            write_i64(&mut self.bytes, series_jump);
         }
         if control & TIME_CHANGED != 0 {
-            write_varint(&mut self.bytes, zigzag(time_delta));
+            write_i64(&mut self.bytes, time_delta);
         }
         if control & FLAGS_FOLLOW != 0 {
             self.bytes.push(reading.flags);
@@ -290,22 +291,6 @@ impl Input<'_> {
         }
         Err(BlockDefect("a number is longer than 10 bytes".to_owned()))
     }
-}
-
-fn write_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8 & 0x7F) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn zigzag(value: i64) -> u64 {
-    ((value << 1) ^ (value >> 63)) as u64
-}
-
-fn unzigzag(value: u64) -> i64 {
-    ((value >> 1) as i64) ^ -((value & 1) as i64)
 }
 
 #[cfg(test)]

@@ -3,12 +3,16 @@
 //! Hand-written rather than borrowed from postcard because the column decoders run
 //! once per reading: they must be branch-light, never allocate, and report
 //! truncation as a typed error naming the column being read.
+//!
+//! The writers are public so that the agent's own stored formats (the series registry's
+//! packed keys, the acknowledgement journal's blocks) encode integers the same way; their
+//! readers report defects in their own error types.
 
 use super::BatchError;
 
 /// Appends `value` as an unsigned LEB128 varint (1 to 10 bytes).
 #[inline]
-pub(crate) fn write_u64(out: &mut Vec<u8>, mut value: u64) {
+pub fn write_u64(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;
@@ -17,17 +21,17 @@ pub(crate) fn write_u64(out: &mut Vec<u8>, mut value: u64) {
 }
 
 #[inline]
-pub(crate) fn zigzag(value: i64) -> u64 {
+pub fn zigzag(value: i64) -> u64 {
     ((value << 1) ^ (value >> 63)) as u64
 }
 
 #[inline]
-pub(crate) fn unzigzag(value: u64) -> i64 {
+pub fn unzigzag(value: u64) -> i64 {
     ((value >> 1) as i64) ^ -((value & 1) as i64)
 }
 
 #[inline]
-pub(crate) fn write_i64(out: &mut Vec<u8>, value: i64) {
+pub fn write_i64(out: &mut Vec<u8>, value: i64) {
     write_u64(out, zigzag(value));
 }
 

@@ -150,12 +150,7 @@ impl FleetFeed {
         for definition in fleet.series() {
             // Ids are dense (device index × metrics + metric index), in order.
             debug_assert_eq!(definition.id as usize, topic_ends.len());
-            let site = definition
-                .key
-                .tags
-                .iter()
-                .find(|(name, _)| name == "site")
-                .map_or("site", |(_, value)| value.as_str());
+            let site = FleetMessages::site_of(&definition);
             let _ = write!(
                 topics,
                 "{prefix}/{site}/{}/{}",

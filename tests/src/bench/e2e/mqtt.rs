@@ -181,7 +181,8 @@ impl FleetMessages {
         self.series.len()
     }
 
-    fn site_of(definition: &SeriesDef) -> &str {
+    /// The `site` tag of a fleet series (the fleet gives every series one).
+    pub(crate) fn site_of(definition: &SeriesDef) -> &str {
         definition
             .key
             .tags

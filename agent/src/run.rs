@@ -1067,14 +1067,17 @@ raw = {{ policy = "none" }}
             pipeline.tick(T0_MS + 100).await;
             assert_eq!(pipeline.journal.len(), 1);
             // The same reading and one more, as the first format stored them.
-            let mut legacy = Vec::new();
-            for (time_ms, value) in [(T0_MS + 10, 1.0f64), (T0_MS + 20, 2.0)] {
-                legacy.extend_from_slice(&0u16.to_be_bytes());
-                legacy.extend_from_slice(&0u32.to_be_bytes());
-                legacy.extend_from_slice(&time_ms.to_be_bytes());
-                legacy.extend_from_slice(&value.to_bits().to_be_bytes());
-                legacy.push(0);
-            }
+            let legacy = journal_block::legacy_block(
+                &[(T0_MS + 10, 1.0f64), (T0_MS + 20, 2.0)].map(|(time_ms, value)| {
+                    let reading = Reading {
+                        series: 0,
+                        time_ms,
+                        value,
+                        flags: 0,
+                    };
+                    (0, reading)
+                }),
+            );
             assert_eq!(legacy.len(), 2 * journal_block::LEGACY_READING_BYTES);
             pipeline
                 .journal

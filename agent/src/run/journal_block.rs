@@ -293,6 +293,20 @@ impl Input<'_> {
     }
 }
 
+/// A block as builds before this format wrote it (tests of the upgrade path).
+#[cfg(test)]
+pub(crate) fn legacy_block(readings: &[(SourceIndex, Reading)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (source, reading) in readings {
+        block.extend_from_slice(&(*source as u16).to_be_bytes());
+        block.extend_from_slice(&reading.series.to_be_bytes());
+        block.extend_from_slice(&reading.time_ms.to_be_bytes());
+        block.extend_from_slice(&reading.value.to_bits().to_be_bytes());
+        block.push(reading.flags);
+    }
+    block
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,18 +319,6 @@ mod tests {
             value,
             flags,
         }
-    }
-
-    fn legacy_block(readings: &[(SourceIndex, Reading)]) -> Vec<u8> {
-        let mut block = Vec::new();
-        for (source, reading) in readings {
-            block.extend_from_slice(&(*source as u16).to_be_bytes());
-            block.extend_from_slice(&reading.series.to_be_bytes());
-            block.extend_from_slice(&reading.time_ms.to_be_bytes());
-            block.extend_from_slice(&reading.value.to_bits().to_be_bytes());
-            block.push(reading.flags);
-        }
-        block
     }
 
     fn same(left: &[(SourceIndex, Reading)], right: &[(SourceIndex, Reading)]) -> bool {
